@@ -1,0 +1,35 @@
+"""sparkmpi: run unmodified mpi4py programs across Spark tasks.
+
+Public API::
+
+    import sparkmpi
+    results = sparkmpi.run(rdd, fn)   # fn(comm, partition_iterator) -> iterable
+
+See :func:`sparkmpi.launch.run` for details.
+"""
+
+from .config import Settings, load_settings
+from .errors import ConfigError, JobFailed, JobTimeout, PMIProtocolError, SparkMPIError
+
+__all__ = [
+    "run",
+    "Settings",
+    "load_settings",
+    "SparkMPIError",
+    "ConfigError",
+    "JobFailed",
+    "JobTimeout",
+    "PMIProtocolError",
+]
+__version__ = "0.1.0"
+
+
+def run(rdd, fn, **options):
+    """Run ``fn(comm, partition)`` as one MPI rank per partition of ``rdd``.
+
+    A thin forwarder so ``import sparkmpi`` stays cheap (pyspark and mpi4py
+    are imported only when a job runs).  See :func:`sparkmpi.launch.job.run`.
+    """
+    from .launch.job import run as _run
+
+    return _run(rdd, fn, **options)

@@ -1,0 +1,83 @@
+"""The ``sparkmpi`` command: ``sparkmpi <noun> <verb> [options]``.
+
+A thin argparse layer over library calls.  Each noun lives in its own module
+and registers itself through ``register(subparsers)``; benchmarks are modules
+of :mod:`sparkmpi.bench` found at start-up.  Machine-readable output goes to
+stdout (``--json``), progress to stderr.  Exit codes: 0 ok, 1 failure, 2 usage.
+Errors print as one line unless ``--verbose`` is given.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import os
+import sys
+import traceback
+
+from .errors import SparkMPIError
+
+# Modules that add a noun to the command line; a missing module is skipped so
+# the CLI works while sub-packages are being built.
+NOUN_MODULES = (
+    "sparkmpi.bench.cli",
+    "sparkmpi.ptycho.cli",
+    "sparkmpi.tomo.cli",
+    "sparkmpi.stream.cli",
+    "sparkmpi.viz.cli",
+    "sparkmpi.demo",
+)
+
+
+class UsageError(SparkMPIError):
+    """A command-line argument has a bad value (exit code 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="sparkmpi",
+        description="Run mpi4py programs across Spark tasks; reconstruction and streaming pipelines.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true",
+                        help="show full tracebacks and debug logging")
+    subparsers = parser.add_subparsers(dest="noun", metavar="COMMAND")
+    subparsers.required = True
+    for name in NOUN_MODULES:
+        try:
+            module = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name == name:
+                continue
+            raise
+        module.register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    verbose = args.verbose or bool(os.environ.get("SPARKMPI_VERBOSE"))
+    if verbose:
+        import logging
+
+        logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    try:
+        result = args.func(args)
+        return int(result or 0)
+    except UsageError as exc:
+        parser.print_usage(sys.stderr)
+        print(f"sparkmpi: error: {exc}", file=sys.stderr)
+        return 2
+    except (SparkMPIError, ValueError, OSError) as exc:
+        if verbose:
+            traceback.print_exc()
+        else:
+            print(f"sparkmpi: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("sparkmpi: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,136 @@
+"""One configuration object for the launcher and the PMI server.
+
+Precedence: explicit argument > ``SPARKMPI_*`` environment variable > default.
+An unknown ``SPARKMPI_*`` variable or a value that does not parse is an error
+naming it, so a typo never silently falls back to a default.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from dataclasses import dataclass, fields
+from typing import Any, Mapping
+
+from .errors import ConfigError
+
+ENV_PREFIX = "SPARKMPI_"
+
+# Variables with this prefix that belong to other parts of sparkmpi, not to
+# Settings; they are allowed in the environment.
+_OTHER_KNOWN = {"SPARKMPI_FFT_WORKERS", "SPARKMPI_TEST_STANDALONE", "SPARKMPI_HOME",
+                "SPARKMPI_KAFKA_HOME", "SPARKMPI_VERBOSE"}
+# Set by the launcher inside rank processes; never read as settings.
+_INTERNAL_PREFIXES = ("SPARKMPI_RANK_", "SPARKMPI_PARENT_")
+
+
+def _positive_or_none(name: str, value: float | None) -> float | None:
+    if value is None:
+        return None
+    if value <= 0:
+        raise ConfigError(f"{name} must be > 0 seconds (or unset for no limit), got {value}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    """Launcher settings.
+
+    Attributes
+    ----------
+    pmi_host : str
+        Address the driver's PMI server binds to and executors connect to.
+        ``"auto"``: 127.0.0.1 for ``local[...]`` masters, otherwise the
+        driver host Spark reports (``spark.driver.host``).
+    pmi_port : int
+        TCP port of the PMI server; 0 picks a free one.
+    job_timeout : float or None
+        Seconds an MPI job may run, from its first rank's start to the last
+        result; None means no limit.
+    start_timeout : float
+        Seconds to wait for every rank to connect to the PMI server (covers
+        executors that are still starting, as on a fresh standalone cluster).
+    warm_pool : int
+        Spare rank interpreters kept ready (numpy and mpi4py imported, MPI not
+        initialised) in each Spark Python worker; 0 starts a fresh interpreter
+        per rank per job.  A spare serves exactly one job and is never reused.
+    kill_grace : float
+        Seconds between SIGTERM and SIGKILL when ranks are stopped.
+    """
+
+    pmi_host: str = "auto"
+    pmi_port: int = 0
+    job_timeout: float | None = None
+    start_timeout: float = 120.0
+    warm_pool: int = 1
+    kill_grace: float = 1.0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.pmi_host, str) or not self.pmi_host:
+            raise ConfigError(f"pmi_host must be a non-empty host name or address, got {self.pmi_host!r}")
+        if not (0 <= int(self.pmi_port) <= 65535):
+            raise ConfigError(f"pmi_port must be in 0..65535, got {self.pmi_port}")
+        _positive_or_none("job_timeout", self.job_timeout)
+        if _positive_or_none("start_timeout", self.start_timeout) is None:
+            raise ConfigError("start_timeout must be set")
+        if not (0 <= int(self.warm_pool) <= 64):
+            raise ConfigError(f"warm_pool must be in 0..64, got {self.warm_pool}")
+        if self.kill_grace < 0:
+            raise ConfigError(f"kill_grace must be >= 0 seconds, got {self.kill_grace}")
+
+    def replace(self, **changes: Any) -> "Settings":
+        """Return a copy with ``changes`` applied (validated the same way)."""
+        unknown = set(changes) - {f.name for f in fields(self)}
+        if unknown:
+            raise ConfigError(f"unknown setting(s) {sorted(unknown)}; known: {[f.name for f in fields(self)]}")
+        return dataclasses.replace(self, **changes)
+
+
+def _parse(name: str, text: str, kind: type | str) -> Any:
+    try:
+        if kind == "float|None":
+            return None if text.strip().lower() in ("", "none", "0") else float(text)
+        if kind is int:
+            return int(text)
+        if kind is float:
+            return float(text)
+        return text
+    except ValueError:
+        raise ConfigError(f"{ENV_PREFIX}{name.upper()}={text!r} is not a valid {kind}") from None
+
+
+_KINDS = {"pmi_host": str, "pmi_port": int, "job_timeout": "float|None",
+          "start_timeout": float, "warm_pool": int, "kill_grace": float}
+
+
+def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
+    """Build :class:`Settings` from ``overrides`` > ``SPARKMPI_*`` variables > defaults.
+
+    Parameters
+    ----------
+    environ : mapping, optional
+        Environment to read (default ``os.environ``).
+    **overrides
+        Explicit values; ``None`` means "not given" and falls through.
+
+    Raises
+    ------
+    ConfigError
+        For an unknown ``SPARKMPI_*`` variable or setting, or a bad value.
+    """
+    env = os.environ if environ is None else environ
+    values: dict[str, Any] = {}
+    for key, text in env.items():
+        if not key.startswith(ENV_PREFIX) or key in _OTHER_KNOWN or key.startswith(_INTERNAL_PREFIXES):
+            continue
+        name = key[len(ENV_PREFIX):].lower()
+        if name not in _KINDS:
+            known = ", ".join(ENV_PREFIX + k.upper() for k in _KINDS)
+            raise ConfigError(f"unknown environment variable {key}; known settings: {known}")
+        values[name] = _parse(name, text, _KINDS[name])
+    for name, value in overrides.items():
+        if name not in _KINDS:
+            raise ConfigError(f"unknown setting {name!r}; known: {sorted(_KINDS)}")
+        if value is not None:
+            values[name] = value
+    return Settings(**values)
