@@ -1,0 +1,242 @@
+"""The driver side of a job: :func:`run`.
+
+``run(rdd, fn)`` opens a key space on the driver's PMI server, runs one Spark
+barrier stage with one task per partition (rank = partition index), and
+watches the job from the driver: the first failure of any rank, a job
+timeout, or ranks that never connect make it abort every rank (through their
+relays), cancel the Spark job, and raise :class:`~sparkmpi.errors.JobFailed`
+naming the rank, its partition and the cause.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+import threading
+import time
+from typing import Any, Callable, Iterable
+
+import cloudpickle
+
+from ..config import Settings, load_settings
+from ..errors import JobFailed, JobTimeout
+from ..pmi.server import PMIServer
+from .task import TaskSpec, run_rank_task
+
+log = logging.getLogger("sparkmpi.launch")
+
+_server: PMIServer | None = None
+_server_lock = threading.Lock()
+#: After a failure, how long to wait for Spark to wind the stage down.
+CANCEL_WAIT_S = 30.0
+
+RankFunction = Callable[[Any, Iterable[Any]], Iterable[Any] | None]
+
+
+def get_server(host: str, port: int = 0) -> PMIServer:
+    """The driver's PMI server on ``host`` (started on first use, shared by jobs)."""
+    global _server
+    with _server_lock:
+        if _server is not None and (_server.host != host or not _server.alive
+                                    or (port and _server.port != port)):
+            _server.close()
+            _server = None
+        if _server is None:
+            _server = PMIServer(host, port)
+        return _server
+
+
+def shutdown_server() -> None:
+    """Stop the driver's PMI server (a later job starts a new one)."""
+    global _server
+    with _server_lock:
+        if _server is not None:
+            _server.close()
+            _server = None
+
+
+def _local_cores(master: str) -> int | None:
+    match = re.fullmatch(r"local(?:\[(\*|\d+)(?:,\d+)?\])?", master.strip())
+    if not match:
+        return None
+    if match.group(1) in (None,):
+        return 1
+    if match.group(1) == "*":
+        return os.cpu_count() or 1
+    return int(match.group(1))
+
+
+def resolve_host(settings: Settings, sc) -> str:
+    if settings.pmi_host != "auto":
+        return settings.pmi_host
+    if _local_cores(sc.master) is not None:
+        return "127.0.0.1"
+    return sc.getConf().get("spark.driver.host", "127.0.0.1")
+
+
+def _is_importable_elsewhere(module_name: str) -> bool:
+    """True for modules a worker can import too (installed packages, sparkmpi)."""
+    module = sys.modules.get(module_name)
+    path = getattr(module, "__file__", None) or ""
+    return module_name.split(".")[0] in ("sparkmpi", "numpy", "mpi4py") or "site-packages" in path
+
+
+def pickle_function(fn: RankFunction) -> bytes:
+    """Pickle ``fn`` for the ranks; code from local modules travels by value.
+
+    Functions from a script or test module the workers cannot import are
+    pickled with their code, so users need no ``addPyFile`` for them.
+    """
+    module_name = getattr(fn, "__module__", None)
+    by_value = None
+    if module_name and module_name != "__main__" and not _is_importable_elsewhere(module_name):
+        by_value = sys.modules.get(module_name)
+    if by_value is not None:
+        cloudpickle.register_pickle_by_value(by_value)
+    try:
+        return cloudpickle.dumps(fn, protocol=5)
+    finally:
+        if by_value is not None:
+            cloudpickle.unregister_pickle_by_value(by_value)
+
+
+def run(rdd, fn: RankFunction, *, timeout: float | None = None, env: dict[str, str] | None = None,
+        settings: Settings | None = None, **setting_overrides: Any) -> list:
+    """Run ``fn(comm, partition)`` as one MPI rank per partition of ``rdd``.
+
+    Parameters
+    ----------
+    rdd : pyspark.RDD
+        Its partitions become the ranks: partition ``i`` runs as rank ``i``
+        of an ``MPI.COMM_WORLD`` of size ``rdd.getNumPartitions()``.  All
+        ranks are gang-scheduled as one Spark barrier stage, so the cluster
+        needs at least that many free task slots.
+    fn : callable
+        ``fn(comm, records)`` with ``comm`` mpi4py's ``MPI.COMM_WORLD`` and
+        ``records`` an iterator over the partition's records; it returns an
+        iterable of results (or None).  Plain mpi4py code inside it
+        (``from mpi4py import MPI; MPI.COMM_WORLD``) works unchanged.  Each
+        rank runs in a fresh process, so module state does not carry over
+        between jobs.
+    timeout : float, optional
+        Seconds the whole job may take; overrides ``SPARKMPI_JOB_TIMEOUT``.
+    env : dict, optional
+        Extra environment variables for the rank processes (for example
+        MPICH's ``MPIR_CVAR_*``), set before MPI is initialised.
+    settings : Settings, optional
+        Launcher settings; by default from ``SPARKMPI_*`` variables.
+    **setting_overrides
+        Individual settings (``start_timeout=``, ``warm_pool=``, ...).
+
+    Returns
+    -------
+    list
+        The results of all ranks, concatenated in rank order (like ``collect()``).
+
+    Raises
+    ------
+    JobFailed
+        A rank raised, exited, called ``MPI_Abort``, or never connected; the
+        message names the rank, its partition and the cause (with the
+        remote traceback).  :class:`JobTimeout` when the timeout passed.
+    ValueError, TypeError
+        For bad arguments, before anything runs.
+    """
+    if not callable(fn):
+        raise TypeError(f"fn must be a callable fn(comm, records), got {type(fn).__name__}")
+    if not hasattr(rdd, "barrier") or not hasattr(rdd, "getNumPartitions"):
+        raise TypeError(f"rdd must be a pyspark RDD, got {type(rdd).__name__}")
+    if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
+        raise TypeError("env must map str to str")
+    if settings is None:
+        settings = load_settings(job_timeout=timeout, **setting_overrides)
+    else:
+        overrides = {k: v for k, v in dict(job_timeout=timeout, **setting_overrides).items() if v is not None}
+        settings = settings.replace(**overrides) if overrides else settings
+
+    sc = rdd.context
+    size = rdd.getNumPartitions()
+    if size < 1:
+        raise ValueError("rdd has no partitions; an MPI job needs at least one rank")
+    cores = _local_cores(sc.master)
+    if cores is not None and size > cores:
+        raise ValueError(f"rdd has {size} partitions but master {sc.master!r} has {cores} task slots; "
+                         f"a barrier stage needs one slot per rank (repartition to <= {cores})")
+
+    host = resolve_host(settings, sc)
+    server = get_server(host, settings.pmi_port)
+    job = server.open_job(size)
+    spec = TaskSpec(server_host=host, server_port=server.port, kvsname=job.kvsname, token=job.token,
+                    size=size, fn=pickle_function(fn), env=dict(env or {}),
+                    warm_pool=settings.warm_pool, kill_grace=settings.kill_grace)
+    group = f"sparkmpi-{job.kvsname}"
+    outcome: dict[str, Any] = {}
+    spark_done = threading.Event()
+
+    def _spark_stage() -> None:
+        try:
+            sc.setJobGroup(group, f"sparkmpi MPI job {job.kvsname} ({size} ranks)", interruptOnCancel=True)
+            task = _bind(spec)
+            outcome["results"] = rdd.barrier().mapPartitions(task).collect()
+        except BaseException as exc:  # noqa: BLE001  (reported from the calling thread)
+            outcome["error"] = exc
+        finally:
+            spark_done.set()
+
+    started = time.monotonic()
+    thread = threading.Thread(target=_spark_stage, name=group, daemon=True)
+    thread.start()
+    try:
+        timed_out = _watch(job, spark_done, started, settings)
+        if not spark_done.is_set():
+            sc.cancelJobGroup(group)
+            if not spark_done.wait(CANCEL_WAIT_S):
+                log.warning("Spark did not wind down job %s within %.0f s", job.kvsname, CANCEL_WAIT_S)
+    finally:
+        job.close()
+
+    failure = job.failure
+    if failure is not None:
+        cls = JobTimeout if timed_out else JobFailed
+        raise cls(f"MPI job {job.kvsname} failed: {failure.cause}", job_id=job.kvsname,
+                  rank=failure.rank, partition=job.partitions.get(failure.rank) if failure.rank is not None else None,
+                  cause=failure.cause)
+    if "error" in outcome:
+        error = outcome["error"]
+        raise JobFailed(f"MPI job {job.kvsname}: the Spark stage failed: {_short(error)}",
+                        job_id=job.kvsname, cause=str(error)) from error
+    return outcome["results"]
+
+
+def _bind(spec: TaskSpec):
+    def task(iterator):
+        return run_rank_task(spec, iterator)
+
+    return task
+
+
+def _watch(job, spark_done: threading.Event, started: float, settings: Settings) -> bool:
+    """Wait for the stage to end or the job to fail; enforce timeouts.  True if it timed out."""
+    while not spark_done.wait(0.02):
+        if job.failed.is_set():
+            return False
+        elapsed = time.monotonic() - started
+        if settings.job_timeout is not None and elapsed > settings.job_timeout:
+            job.abort(f"the job timed out after {settings.job_timeout:g} s; {job.status()}")
+            return True
+        if not job.space.all_registered and elapsed > settings.start_timeout:
+            job.abort(f"not every rank connected within {settings.start_timeout:g} s "
+                      f"(is the cluster short of free task slots?); {job.status()}")
+            return True
+    return False
+
+
+def _short(error: BaseException) -> str:
+    text = str(error).strip()
+    lines = [ln for ln in text.splitlines() if ln.strip()]
+    for line in lines:
+        if "RankError" in line or "JobFailed" in line:
+            return line.strip()
+    return lines[0][:500] if lines else type(error).__name__

@@ -1,0 +1,109 @@
+"""Entry point of a rank process: ``python -m sparkmpi.launch.rank``.
+
+Started by a Spark task (directly, or ahead of time as a warm spare), it
+
+1. asks the kernel to kill it when its parent dies (``PR_SET_PDEATHSIG``) and
+   exits at once if the parent is already gone;
+2. imports NumPy and mpi4py with automatic MPI initialisation turned off, and
+   says READY;
+3. waits for one JOB message (rank, size, environment, the user's pickled
+   function, and the PMI socket as a passed file descriptor), then the DATA
+   message with the partition's records;
+4. initialises MPI over the inherited PMI socket (``PMI_FD``), checks that
+   ``COMM_WORLD``'s rank is the partition index, runs the function, finalises
+   MPI, and sends back RESULT, or ERROR with the traceback.
+
+A process serves one job only: MPI can be initialised once per process.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import signal
+import socket
+import sys
+import traceback
+
+PR_SET_PDEATHSIG = 1
+#: A warm spare that gets no job within this many seconds exits by itself.
+IDLE_EXIT_S = float(os.environ.get("SPARKMPI_RANK_IDLE_EXIT_S", "900"))
+
+
+def _die_with_parent(parent_pid: int) -> None:
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
+    # The parent may have died before prctl took effect.
+    if os.getppid() != parent_pid:
+        os._exit(70)
+
+
+def _thread_level(MPI, name: str) -> int:
+    return {"single": MPI.THREAD_SINGLE, "funneled": MPI.THREAD_FUNNELED,
+            "serialized": MPI.THREAD_SERIALIZED}.get(name, MPI.THREAD_MULTIPLE)
+
+
+def main() -> None:
+    parent_pid = int(os.environ.pop("SPARKMPI_PARENT_PID"))
+    _die_with_parent(parent_pid)
+    ctrl = socket.socket(fileno=int(os.environ.pop("SPARKMPI_RANK_CTRL_FD")))
+
+    import pickle
+
+    import mpi4py
+
+    mpi4py.rc.initialize = False  # MPI_Init waits for the job's PMI socket
+    mpi4py.rc.finalize = False    # finalised here, before results are sent
+    from mpi4py import MPI
+    import numpy  # noqa: F401  (warm import: most rank functions use it)
+    import cloudpickle  # noqa: F401  (the user's function was pickled with it)
+
+    from sparkmpi.launch import channel
+
+    channel.send_message(ctrl, channel.READY, os.getpid())
+    ctrl.settimeout(IDLE_EXIT_S)
+    try:
+        kind, job, fds = channel.recv_message(ctrl)
+    except (channel.ChannelClosed, socket.timeout, ConnectionError):
+        os._exit(0)  # an unused spare: nothing to report
+    ctrl.settimeout(None)
+    if kind != channel.JOB or len(fds) != 1:
+        os._exit(71)
+
+    rank, size = job["rank"], job["size"]
+    os.environ.update(job.get("env") or {})
+    os.environ.update({"PMI_FD": str(fds[0]), "PMI_RANK": str(rank), "PMI_SIZE": str(size)})
+    try:
+        kind, records, _ = channel.recv_message(ctrl)
+        if kind != channel.DATA:
+            raise RuntimeError(f"expected the partition's data, got message kind {kind}")
+        fn = pickle.loads(job["fn"])
+        MPI.Init_thread(_thread_level(MPI, mpi4py.rc.thread_level))
+        comm = MPI.COMM_WORLD
+        if comm.Get_rank() != rank or comm.Get_size() != size:
+            raise RuntimeError(f"MPI reports rank {comm.Get_rank()} of {comm.Get_size()}, "
+                               f"expected rank {rank} of {size} (partition {rank})")
+        out = fn(comm, iter(records))
+        results = [] if out is None else list(out)
+        del records
+        if not MPI.Is_finalized():
+            MPI.Finalize()
+        channel.send_message(ctrl, channel.RESULT, results)
+    except BaseException as exc:  # noqa: BLE001  (every failure is reported, then the process ends)
+        report = {"type": type(exc).__name__, "message": str(exc)[:2000],
+                  "traceback": traceback.format_exc()}
+        try:
+            channel.send_message(ctrl, channel.ERROR, report)
+        except OSError:
+            pass
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)  # skip atexit: MPI_Finalize would wait for ranks that may be gone
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,80 @@
+"""Lines of sparkmpi's own relay protocol, spoken between a Spark task's relay
+and the driver's PMI server on the same connection as the PMI-1 lines.
+
+They use the PMI-1 line format with command names starting ``sparkmpi-``, a
+prefix no PMI client uses, so one parser serves both.  Free text (tracebacks,
+reasons) travels base64-encoded, since PMI values cannot hold newlines.
+
+Relay to server::
+
+    cmd=sparkmpi-hello job=KVSNAME token=HEX rank=R partition=P host=H pid=N
+    cmd=sparkmpi-done
+    cmd=sparkmpi-failed reason64=B64
+
+Server to relay::
+
+    cmd=sparkmpi-welcome
+    cmd=sparkmpi-refused reason64=B64
+    cmd=sparkmpi-abort reason64=B64
+"""
+
+from __future__ import annotations
+
+import base64
+from dataclasses import dataclass
+
+from ..errors import PMIProtocolError
+from .wire import Command, format_command
+
+PREFIX = "sparkmpi-"
+HELLO, WELCOME, REFUSED, ABORT, DONE, FAILED = (
+    PREFIX + n for n in ("hello", "welcome", "refused", "abort", "done", "failed"))
+
+
+def is_control(command: Command) -> bool:
+    return command.name.startswith(PREFIX)
+
+
+def encode_text(text: str) -> str:
+    return base64.b64encode(text.encode("utf-8", "replace")).decode("ascii")
+
+
+def decode_text(command: Command, key: str = "reason64") -> str:
+    raw = command.get(key)
+    if raw is None:
+        return ""
+    try:
+        return base64.b64decode(raw, validate=True).decode("utf-8", "replace")
+    except ValueError:
+        raise PMIProtocolError(f"cmd={command.name}: {key} is not base64") from None
+
+
+@dataclass(frozen=True)
+class Hello:
+    job: str
+    token: str
+    rank: int
+    partition: int
+    host: str
+    pid: int
+
+    def encode(self) -> bytes:
+        return format_command(HELLO, {"job": self.job, "token": self.token, "rank": self.rank,
+                                      "partition": self.partition, "host": self.host, "pid": self.pid})
+
+    @classmethod
+    def from_command(cls, command: Command) -> "Hello":
+        if command.name != HELLO:
+            raise PMIProtocolError(f"expected cmd={HELLO} as the first line, got cmd={command.name}")
+        return cls(job=command.require("job"), token=command.require("token"),
+                   rank=command.require_int("rank"), partition=command.require_int("partition"),
+                   host=command.require("host"), pid=command.require_int("pid"))
+
+
+def text_line(name: str, text: str) -> bytes:
+    """A control line carrying free ``text`` (base64)."""
+    return format_command(name, {"reason64": encode_text(text)})
+
+
+def bare_line(name: str) -> bytes:
+    return format_command(name, {})

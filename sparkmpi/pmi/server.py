@@ -1,0 +1,361 @@
+"""The driver's PMI server: a thin socket loop around :class:`JobSpace`.
+
+One server per driver process serves any number of jobs, each with its own
+key-value space, random name and secret token.  Only relays that present the
+token of an open job are admitted (``cmd=sparkmpi-hello``); anything else is
+refused, logged and counted.  The loop runs in one daemon thread with a
+selector; other threads talk to it through :class:`JobHandle` methods, which
+take the lock and wake the loop.
+"""
+
+from __future__ import annotations
+
+import hmac
+import logging
+import secrets
+import selectors
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+
+from ..errors import PMIProtocolError
+from . import control
+from .space import JobSpace
+from .wire import LineBuffer, parse_line
+
+log = logging.getLogger("sparkmpi.pmi")
+
+#: Seconds a new connection has to introduce itself before it is dropped.
+HELLO_TIMEOUT = 10.0
+
+
+@dataclass
+class _Conn:
+    sock: socket.socket
+    peer: str
+    opened: float
+    lines: LineBuffer = field(default_factory=LineBuffer)
+    out: bytearray = field(default_factory=bytearray)
+    job: "JobHandle | None" = None
+    rank: int = -1
+    partition: int = -1
+    host: str = ""
+    closing: bool = False
+
+
+class JobHandle:
+    """The driver's view of one job on the server.
+
+    Attributes
+    ----------
+    kvsname : str
+        The job's PMI key-space name (also its id).
+    token : str
+        Secret each relay must present.
+    size : int
+        Number of ranks.
+    finished : threading.Event
+        Set when every rank reported its results delivered.
+    failed : threading.Event
+        Set on the first failure; see :attr:`failure`.
+    """
+
+    def __init__(self, server: "PMIServer", size: int):
+        self._server = server
+        self.space = JobSpace(size)
+        self.kvsname = self.space.kvsname
+        self.size = size
+        self.token = secrets.token_hex(16)
+        self.finished = threading.Event()
+        self.failed = threading.Event()
+        self.partitions: dict[int, int] = {}
+        self.hosts: dict[int, str] = {}
+        self.conns: dict[int, _Conn] = {}
+        self.closed = False
+
+    @property
+    def failure(self):
+        return self.space.failure
+
+    def where(self, rank: int | None) -> str:
+        """``"rank R (partition P on HOST)"`` as far as it is known."""
+        if rank is None:
+            return "the job"
+        part = self.partitions.get(rank)
+        host = self.hosts.get(rank)
+        if part is None:
+            return f"rank {rank}"
+        return f"rank {rank} (partition {part} on {host})"
+
+    def status(self) -> str:
+        """One line per rank on how far it got (for timeout messages)."""
+        with self._server._lock:
+            return "; ".join(f"{self.where(r)}: {self.space.describe_rank(r)}" for r in range(self.size))
+
+    def abort(self, reason: str, rank: int | None = None) -> None:
+        """Fail the job (if not failed already) and tell every relay to kill its rank."""
+        self._server._fail(self, rank, reason)
+
+    def close(self) -> None:
+        """Forget the job: its connections are closed and new ones refused."""
+        self._server._close_job(self)
+
+
+class PMIServer:
+    """A PMI-1 server for relays, listening on ``host:port`` (0 picks a port).
+
+    Use as a context manager or call :meth:`close`.
+    """
+
+    def __init__(self, host: str = "127.0.0.1", port: int = 0):
+        self._lock = threading.RLock()
+        self._jobs: dict[str, JobHandle] = {}
+        self._conns: dict[int, _Conn] = {}
+        self.refused: list[str] = []  # reasons, for tests and diagnostics
+        self._listener = socket.create_server((host, port), backlog=512, reuse_port=False)
+        self._listener.setblocking(False)
+        self.host, self.port = host, self._listener.getsockname()[1]
+        self._selector = selectors.DefaultSelector()
+        self._selector.register(self._listener, selectors.EVENT_READ, "listen")
+        self._wake_r, self._wake_w = socket.socketpair()
+        self._wake_r.setblocking(False)
+        self._wake_w.setblocking(False)
+        self._selector.register(self._wake_r, selectors.EVENT_READ, "wake")
+        self._stopping = False
+        self._thread = threading.Thread(target=self._loop, name=f"sparkmpi-pmi-{self.port}", daemon=True)
+        self._thread.start()
+        log.debug("PMI server listening on %s:%d", host, self.port)
+
+    # -- public ------------------------------------------------------------
+    @property
+    def address(self) -> str:
+        return f"{self.host}:{self.port}"
+
+    def open_job(self, size: int) -> JobHandle:
+        """Create a key space for a job of ``size`` ranks."""
+        job = JobHandle(self, size)
+        with self._lock:
+            self._jobs[job.kvsname] = job
+        return job
+
+    def close(self) -> None:
+        with self._lock:
+            if self._stopping:
+                return
+            self._stopping = True
+        self._wake()
+        self._thread.join(timeout=5)
+        for conn in list(self._conns.values()):
+            conn.sock.close()
+        self._selector.close()
+        self._listener.close()
+        self._wake_r.close()
+        self._wake_w.close()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive()
+
+    @property
+    def connection_count(self) -> int:
+        with self._lock:
+            return len(self._conns)
+
+    # -- used by JobHandle (any thread) ---------------------------------------
+    def _fail(self, job: JobHandle, rank: int | None, cause: str) -> None:
+        with self._lock:
+            self._fail_locked(job, rank, cause)
+        self._wake()
+
+    def _close_job(self, job: JobHandle) -> None:
+        with self._lock:
+            job.closed = True
+            self._jobs.pop(job.kvsname, None)
+            for conn in job.conns.values():
+                conn.closing = True
+        self._wake()
+
+    def _wake(self) -> None:
+        try:
+            self._wake_w.send(b"x")
+        except (BlockingIOError, OSError):
+            pass  # a wake-up is already pending, or we are closing
+
+    # -- the loop (server thread only) ----------------------------------------
+    def _loop(self) -> None:
+        while True:
+            with self._lock:
+                if self._stopping:
+                    return
+            events = self._selector.select(timeout=1.0)
+            with self._lock:
+                for key, mask in events:
+                    if key.data == "listen":
+                        self._accept()
+                    elif key.data == "wake":
+                        try:
+                            while self._wake_r.recv(4096):
+                                pass
+                        except BlockingIOError:
+                            pass
+                    else:
+                        conn: _Conn = key.data
+                        if mask & selectors.EVENT_READ:
+                            self._read(conn)
+                        if mask & selectors.EVENT_WRITE and conn.sock.fileno() >= 0:
+                            self._flush(conn)
+                self._housekeeping()
+
+    def _accept(self) -> None:
+        while True:
+            try:
+                sock, addr = self._listener.accept()
+            except BlockingIOError:
+                return
+            sock.setblocking(False)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            conn = _Conn(sock=sock, peer=f"{addr[0]}:{addr[1]}", opened=time.monotonic())
+            self._conns[sock.fileno()] = conn
+            self._selector.register(sock, selectors.EVENT_READ, conn)
+
+    def _read(self, conn: _Conn) -> None:
+        try:
+            data = conn.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError as exc:
+            self._lost(conn, f"connection error: {exc}")
+            return
+        if not data:
+            self._lost(conn, "connection closed")
+            return
+        try:
+            for raw in conn.lines.feed(data):
+                if conn.job is None:
+                    self._hello(conn, raw)
+                    if conn.job is None:
+                        return
+                else:
+                    self._command(conn, raw)
+        except PMIProtocolError as exc:
+            if conn.job is None:
+                self._refuse(conn, f"malformed first line: {exc}")
+            else:
+                job = conn.job
+                self._fail_locked(job, conn.rank, f"{job.where(conn.rank)} sent a malformed PMI command: {exc}")
+                conn.closing = True
+
+    def _refuse(self, conn: _Conn, reason: str) -> None:
+        message = f"refused PMI client {conn.peer}: {reason}"
+        log.warning(message)
+        self.refused.append(message)
+        conn.out += control.text_line(control.REFUSED, reason)
+        conn.closing = True
+
+    def _hello(self, conn: _Conn, raw: bytes) -> None:
+        hello = control.Hello.from_command(parse_line(raw))
+        job = self._jobs.get(hello.job)
+        if job is None or job.closed:
+            self._refuse(conn, f"no open job named {hello.job!r}")
+            return
+        if not hmac.compare_digest(hello.token.encode(), job.token.encode()):
+            self._refuse(conn, f"wrong token for job {hello.job}")
+            return
+        if job.space.failure is not None:
+            self._refuse(conn, f"job {hello.job} has already failed: {job.space.failure.cause.splitlines()[-1:]}")
+            return
+        try:
+            replies = job.space.register(hello.rank, hello.host)
+        except PMIProtocolError as exc:
+            self._refuse(conn, str(exc))
+            return
+        conn.job, conn.rank, conn.partition, conn.host = job, hello.rank, hello.partition, hello.host
+        job.conns[hello.rank] = conn
+        job.partitions[hello.rank] = hello.partition
+        job.hosts[hello.rank] = hello.host
+        conn.out += control.bare_line(control.WELCOME)
+        self._deliver(job, replies)
+
+    def _command(self, conn: _Conn, raw: bytes) -> None:
+        job = conn.job
+        command = parse_line(raw)
+        if control.is_control(command):
+            if command.name == control.DONE:
+                job.space.mark_done(conn.rank)
+                if job.space.all_done:
+                    job.finished.set()
+            elif command.name == control.FAILED:
+                self._fail_locked(job, conn.rank, control.decode_text(command))
+            else:
+                raise PMIProtocolError(f"unexpected control command {command.name}")
+            return
+        self._deliver(job, job.space.handle(conn.rank, command))
+        if job.space.failure is not None and not job.failed.is_set():
+            self._fail_locked(job, job.space.failure.rank, job.space.failure.cause, already_recorded=True)
+
+    def _fail_locked(self, job: JobHandle, rank: int | None, cause: str, already_recorded: bool = False) -> None:
+        if already_recorded or job.space.fail(rank, cause):
+            log.info("job %s failed at %s", job.kvsname, job.where(rank))
+            job.failed.set()
+            line = control.text_line(control.ABORT, job.space.failure.cause)
+            for other in job.conns.values():
+                other.out += line
+
+    def _deliver(self, job: JobHandle, replies) -> None:
+        for rank, line in replies:
+            target = job.conns.get(rank)
+            if target is not None:
+                target.out += line
+
+    def _lost(self, conn: _Conn, why: str) -> None:
+        job = conn.job
+        if job is not None and not job.closed and not job.space.ranks[conn.rank].done:
+            self._fail_locked(job, conn.rank, f"lost the relay of {job.where(conn.rank)}: {why}")
+        self._drop(conn)
+
+    def _drop(self, conn: _Conn) -> None:
+        fd = conn.sock.fileno()
+        if fd >= 0:
+            try:
+                self._selector.unregister(conn.sock)
+            except (KeyError, ValueError):
+                pass
+            self._conns.pop(fd, None)
+            conn.sock.close()
+        if conn.job is not None and conn.job.conns.get(conn.rank) is conn:
+            del conn.job.conns[conn.rank]
+
+    def _flush(self, conn: _Conn) -> None:
+        if conn.out:
+            try:
+                sent = conn.sock.send(conn.out)
+                del conn.out[:sent]
+            except (BlockingIOError, InterruptedError):
+                pass
+            except OSError:
+                conn.out.clear()
+                conn.closing = True
+
+    def _housekeeping(self) -> None:
+        now = time.monotonic()
+        for conn in list(self._conns.values()):
+            if conn.job is None and not conn.closing and now - conn.opened > HELLO_TIMEOUT:
+                self._refuse(conn, f"no hello within {HELLO_TIMEOUT:.0f} s")
+            if conn.out:
+                self._flush(conn)
+            if conn.closing and not conn.out:
+                self._drop(conn)
+                continue
+            want = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
+            try:
+                if self._selector.get_key(conn.sock).events != want:
+                    self._selector.modify(conn.sock, want, conn)
+            except (KeyError, ValueError):
+                pass
