@@ -191,6 +191,9 @@ def run(rdd, fn: RankFunction, *, timeout: float | None = None, env: dict[str, s
     try:
         timed_out = _watch(job, spark_done, started, settings)
         if not spark_done.is_set():
+            # The relays got the abort: let them stop their ranks and report
+            # before Spark kills the tasks, then cancel (no stage retries).
+            job.wait_relays_gone(settings.kill_grace + 3.0)
             sc.cancelJobGroup(group)
             if not spark_done.wait(CANCEL_WAIT_S):
                 log.warning("Spark did not wind down job %s within %.0f s", job.kvsname, CANCEL_WAIT_S)
@@ -200,7 +203,11 @@ def run(rdd, fn: RankFunction, *, timeout: float | None = None, env: dict[str, s
     failure = job.failure
     if failure is not None:
         cls = JobTimeout if timed_out else JobFailed
-        raise cls(f"MPI job {job.kvsname} failed: {failure.cause}", job_id=job.kvsname,
+        message = f"MPI job {job.kvsname} failed: {failure.cause}"
+        if timed_out and job.reports:
+            message += "\n\nStacks of the ranks when they were stopped:\n" + "\n".join(
+                f"--- {job.where(r)} ---\n{text}" for r, text in sorted(job.reports.items()))
+        raise cls(message, job_id=job.kvsname,
                   rank=failure.rank, partition=job.partitions.get(failure.rank) if failure.rank is not None else None,
                   cause=failure.cause)
     if "error" in outcome:
@@ -224,7 +231,7 @@ def _watch(job, spark_done: threading.Event, started: float, settings: Settings)
             return False
         elapsed = time.monotonic() - started
         if settings.job_timeout is not None and elapsed > settings.job_timeout:
-            job.abort(f"the job timed out after {settings.job_timeout:g} s; {job.status()}")
+            job.abort(f"the job timed out after {settings.job_timeout:g} s; {job.status()}", dump_stacks=True)
             return True
         if not job.space.all_registered and elapsed > settings.start_timeout:
             job.abort(f"not every rank connected within {settings.start_timeout:g} s "

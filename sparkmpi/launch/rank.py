@@ -19,6 +19,7 @@ A process serves one job only: MPI can be initialised once per process.
 from __future__ import annotations
 
 import ctypes
+import faulthandler
 import os
 import signal
 import socket
@@ -48,6 +49,8 @@ def main() -> None:
     parent_pid = int(os.environ.pop("SPARKMPI_PARENT_PID"))
     _die_with_parent(parent_pid)
     ctrl = socket.socket(fileno=int(os.environ.pop("SPARKMPI_RANK_CTRL_FD")))
+    # On a job timeout the relay asks for every thread's stack before the kill.
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
 
     import pickle
 

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import os
 import selectors
+import signal
 import socket
 import time
 from dataclasses import dataclass, field
@@ -161,11 +162,34 @@ class _Relay:
         if line.startswith(b"cmd=" + control.PREFIX.encode()):
             command = parse_line(line)
             if command.name == control.ABORT:
+                if command.get("stacks") == "1":
+                    self._report_stacks()
                 self.proc.stop(self.spec.kill_grace)
                 raise RankError(f"job {self.spec.kvsname} aborted; {self.where} was stopped. "
                                 f"Cause: {control.decode_text(command)}")
             raise RankError(f"unexpected control line from the PMI server: {line!r}")
         self.pmi.sendall(line + b"\n")
+
+    def _report_stacks(self) -> None:
+        """Ask the rank for its threads' stacks (faulthandler on SIGUSR1) and report them."""
+        if not self.proc.alive():
+            return
+        before = len(self.stderr_tail)
+        self.proc.popen.send_signal(signal.SIGUSR1)
+        deadline = time.monotonic() + 1.0
+        quiet_since = time.monotonic()
+        while time.monotonic() < deadline and time.monotonic() - quiet_since < 0.2:
+            size = len(self.stderr_tail)
+            self._drain_stderr()
+            if len(self.stderr_tail) != size:
+                quiet_since = time.monotonic()
+            time.sleep(0.02)
+        stacks = self.stderr_tail[before:].decode("utf-8", "replace").strip() if len(self.stderr_tail) > before \
+            else self.stderr_tail.decode("utf-8", "replace").strip()
+        try:
+            self.server.sendall(control.text_line(control.FAILED, stacks or "(no stack received)"))
+        except OSError:
+            pass
 
     def _ctrl_readable(self) -> bool:
         sel = selectors.DefaultSelector()
@@ -230,8 +254,6 @@ def _describe_status(status: int | None) -> str:
     if status is None:
         return "unknown"
     if status < 0:
-        import signal
-
         try:
             return f"{status} (killed by {signal.Signals(-status).name})"
         except ValueError:

@@ -15,7 +15,7 @@ Server to relay::
 
     cmd=sparkmpi-welcome
     cmd=sparkmpi-refused reason64=B64
-    cmd=sparkmpi-abort reason64=B64
+    cmd=sparkmpi-abort reason64=B64 stacks=0|1
 """
 
 from __future__ import annotations
@@ -71,9 +71,9 @@ class Hello:
                    host=command.require("host"), pid=command.require_int("pid"))
 
 
-def text_line(name: str, text: str) -> bytes:
-    """A control line carrying free ``text`` (base64)."""
-    return format_command(name, {"reason64": encode_text(text)})
+def text_line(name: str, text: str, **flags: int) -> bytes:
+    """A control line carrying free ``text`` (base64) and integer ``flags``."""
+    return format_command(name, {"reason64": encode_text(text), **flags})
 
 
 def bare_line(name: str) -> bytes:

@@ -73,6 +73,8 @@ class JobHandle:
         self.hosts: dict[int, str] = {}
         self.conns: dict[int, _Conn] = {}
         self.closed = False
+        #: What relays reported after the failure (e.g. their rank's stack).
+        self.reports: dict[int, str] = {}
 
     @property
     def failure(self):
@@ -93,9 +95,23 @@ class JobHandle:
         with self._server._lock:
             return "; ".join(f"{self.where(r)}: {self.space.describe_rank(r)}" for r in range(self.size))
 
-    def abort(self, reason: str, rank: int | None = None) -> None:
-        """Fail the job (if not failed already) and tell every relay to kill its rank."""
-        self._server._fail(self, rank, reason)
+    def abort(self, reason: str, rank: int | None = None, dump_stacks: bool = False) -> None:
+        """Fail the job (if not failed already) and tell every relay to kill its rank.
+
+        With ``dump_stacks`` the relays first ask their rank for the Python
+        stacks of all its threads and report them (see :attr:`reports`).
+        """
+        self._server._fail(self, rank, reason, dump_stacks)
+
+    def wait_relays_gone(self, timeout: float) -> bool:
+        """Wait until every relay of the job has disconnected; True if they all did."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._server._lock:
+                if not self.conns:
+                    return True
+            time.sleep(0.01)
+        return False
 
     def close(self) -> None:
         """Forget the job: its connections are closed and new ones refused."""
@@ -169,9 +185,9 @@ class PMIServer:
             return len(self._conns)
 
     # -- used by JobHandle (any thread) ---------------------------------------
-    def _fail(self, job: JobHandle, rank: int | None, cause: str) -> None:
+    def _fail(self, job: JobHandle, rank: int | None, cause: str, dump_stacks: bool = False) -> None:
         with self._lock:
-            self._fail_locked(job, rank, cause)
+            self._fail_locked(job, rank, cause, dump_stacks=dump_stacks)
         self._wake()
 
     def _close_job(self, job: JobHandle) -> None:
@@ -292,7 +308,11 @@ class PMIServer:
                 if job.space.all_done:
                     job.finished.set()
             elif command.name == control.FAILED:
-                self._fail_locked(job, conn.rank, control.decode_text(command))
+                text = control.decode_text(command)
+                if job.space.failure is not None:
+                    job.reports[conn.rank] = text
+                else:
+                    self._fail_locked(job, conn.rank, text)
             else:
                 raise PMIProtocolError(f"unexpected control command {command.name}")
             return
@@ -300,11 +320,12 @@ class PMIServer:
         if job.space.failure is not None and not job.failed.is_set():
             self._fail_locked(job, job.space.failure.rank, job.space.failure.cause, already_recorded=True)
 
-    def _fail_locked(self, job: JobHandle, rank: int | None, cause: str, already_recorded: bool = False) -> None:
+    def _fail_locked(self, job: JobHandle, rank: int | None, cause: str, already_recorded: bool = False,
+                     dump_stacks: bool = False) -> None:
         if already_recorded or job.space.fail(rank, cause):
             log.info("job %s failed at %s", job.kvsname, job.where(rank))
             job.failed.set()
-            line = control.text_line(control.ABORT, job.space.failure.cause)
+            line = control.text_line(control.ABORT, job.space.failure.cause, stacks=int(dump_stacks))
             for other in job.conns.values():
                 other.out += line
 

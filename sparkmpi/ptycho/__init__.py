@@ -1,0 +1,54 @@
+"""Ptychography: simulation, difference-map and RAAR engines, metrics, streaming.
+
+Public API::
+
+    from sparkmpi import ptycho
+    data = ptycho.simulate(frames=512, frame_size=128)
+    result = ptycho.reconstruct(data, algorithm="dm", iterations=100)
+    ptycho.nrmse(result.object, data.object_true, ptycho.illuminated_mask(data))
+
+Importing this package needs NumPy and SciPy only (no pyspark, no mpi4py).
+"""
+
+from .engines import (
+    ALGORITHMS,
+    ReconstructionState,
+    Result,
+    allreduce_sums,
+    initial_probe,
+    reconstruct,
+    reconstruct_partition,
+)
+from .errors import (
+    DataFormatError,
+    FrameMismatchError,
+    NegativeIntensityError,
+    NonFiniteError,
+    PositionOutOfBoundsError,
+    ProbeShapeError,
+    PtychoInputError,
+)
+from .simulate import PtychoData, fresnel_propagate, load, make_object, make_probe, simulate
+
+__all__ = [
+    "ALGORITHMS",
+    "DataFormatError",
+    "FrameMismatchError",
+    "NegativeIntensityError",
+    "NonFiniteError",
+    "PositionOutOfBoundsError",
+    "ProbeShapeError",
+    "PtychoData",
+    "PtychoInputError",
+    "ReconstructionState",
+    "Result",
+    "allreduce_sums",
+    "fresnel_propagate",
+    "initial_probe",
+    "load",
+    "make_object",
+    "make_probe",
+    "reconstruct",
+    "reconstruct_partition",
+    "simulate",
+]

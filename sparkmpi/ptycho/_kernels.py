@@ -1,0 +1,278 @@
+"""Backend-specific pieces of the engines: frame gathers, the object scatter-add,
+the Fourier-modulus projection, and the sum-over-ranks hook.
+
+Everything else in :mod:`sparkmpi.ptycho.engines` is written once over the
+array module ``xp``.  The few operations below have a faster form on one
+backend than the generic one, so each has a NumPy and a CuPy branch:
+
+* gather ``O_j = O[r_j : r_j + H, c_j : c_j + W]`` for all frames: NumPy
+  fancy-indexes a read-only ``sliding_window_view`` (row copies), CuPy takes
+  from precomputed flat indices;
+* scatter-add ``sum_j shift(X_j, r_j)`` into an object-sized array: NumPy
+  multiplies by a precomputed sparse 0/1 matrix in CSC layout (it streams the
+  frames once; two column blocks run in two threads because SciPy's sparse
+  kernels release the GIL), CuPy uses ``cupyx.scatter_add`` (atomic adds) on
+  the float32 view;
+* ``sum_j shift(|P|^2, r_j)``: a circular convolution of the scan's
+  position comb with ``|P|^2`` through object-sized real FFTs (exact, since
+  every frame lies inside the object).
+
+Measured on 2 cores for 512 frames of 128x128 into a 512x512 object (one
+process): ``np.add.at`` is far slower; ``np.bincount`` on real and imaginary
+parts 44 ms; sparse CSR (rows = object pixels) 34 ms; sparse CSC (columns =
+frame pixels) 17 ms, 9 ms in two threads; a Python loop over frames 10 ms
+(not used: no per-frame loops).  Gather: ``np.take`` with flat indices 18 ms,
+sliding-window fancy indexing 9 ms.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+from ..backend import Backend
+
+
+# --------------------------------------------------------------------------- the hook
+def allreduce_sums(comm, arrays, backend: Backend | None = None) -> None:
+    """Sum arrays element-wise across the ranks of ``comm``, in place.
+
+    This is the one place where partial sums over frames (the object and
+    probe numerators and denominators of Thibault et al. 2009, the paper's
+    eqs. 4 and 5, and the Fourier error) are combined across ranks.
+
+    Parameters
+    ----------
+    comm : mpi4py-like communicator or None
+        Needs ``size`` and ``Allreduce(sendbuf, recvbuf, op=...)`` accepting
+        ``MPI.IN_PLACE``.  ``None`` or ``size == 1``: nothing to do.
+    arrays : sequence of arrays
+        NumPy or CuPy arrays (any real or complex dtype), each C-contiguous.
+        Arrays of the same real dtype (complex64 counts as float32) travel in
+        one ``Allreduce``.  CuPy arrays go through host memory.
+    backend : Backend, optional
+        Needed to copy CuPy arrays to and from the host.
+    """
+    if comm is None or int(getattr(comm, "size", 1)) <= 1:
+        return
+    from mpi4py import MPI
+
+    groups: dict[np.dtype, list] = {}
+    for arr in arrays:
+        if arr.dtype.kind == "c":
+            real = np.dtype(np.float32) if arr.dtype == np.complex64 else np.dtype(np.float64)
+        else:
+            real = np.dtype(arr.dtype)
+        groups.setdefault(real, []).append(arr)
+    for real, members in groups.items():
+        on_gpu = backend is not None and backend.name == "cupy"
+        hosts = [backend.asnumpy(a) if on_gpu else a for a in members]
+        if len(hosts) == 1 and hosts[0].flags.c_contiguous and not on_gpu:
+            buf = hosts[0].reshape(-1).view(real)
+            comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+            continue
+        buf = np.concatenate([np.ascontiguousarray(h).reshape(-1).view(real) for h in hosts])
+        comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+        start = 0
+        for arr, host in zip(members, hosts):
+            n = host.size * (2 if host.dtype.kind == "c" else 1)
+            part = buf[start:start + n].view(host.dtype).reshape(host.shape)
+            start += n
+            if on_gpu:
+                arr.set(part)
+            else:
+                arr[...] = part
+
+
+# --------------------------------------------------------------------------- geometry
+class Geometry:
+    """Gathers frames out of, and scatter-adds frames into, an object array.
+
+    Parameters
+    ----------
+    backend : Backend
+    positions : ndarray, int, shape (N, 2)
+        Top-left (row, col) offsets, already validated.
+    frame_shape : (int, int)
+    object_shape : (int, int)
+    threads : int
+        Threads for the NumPy scatter (1 disables threading).
+    """
+
+    def __init__(self, backend: Backend, positions: np.ndarray, frame_shape, object_shape,
+                 threads: int = 1):
+        self.backend = backend
+        self.xp = backend.xp
+        self.positions = np.asarray(positions, dtype=np.int64)
+        self.frame_shape = tuple(frame_shape)
+        self.object_shape = tuple(object_shape)
+        n = len(self.positions)
+        h, w = self.frame_shape
+        oh, ow = self.object_shape
+        base = (np.arange(h)[:, None] * ow + np.arange(w)[None, :]).astype(np.int64)
+        start = self.positions[:, 0] * ow + self.positions[:, 1]
+        flat = (start[:, None, None] + base[None]).reshape(-1)
+        self._comb = np.bincount(start, minlength=oh * ow).reshape(oh, ow).astype(np.float32)
+        self._pool = None
+        if backend.name == "cupy":
+            xp = self.xp
+            self._flat = xp.asarray(flat.astype(np.int32 if oh * ow < 2**30 else np.int64))
+            ri = (2 * flat)[:, None] + np.arange(2)[None, :]
+            self._flat_ri = xp.asarray(ri.reshape(-1).astype(np.int32 if oh * ow < 2**29
+                                                              else np.int64))
+            del ri
+        else:
+            import scipy.sparse
+
+            k = flat.size
+            # CSC: column k (one frame pixel) has a single 1 in row flat[k].
+            ones = np.ones(k, dtype=np.complex64)
+            indptr = np.arange(k + 1, dtype=np.int64 if k >= 2**31 else np.int32)
+            self._csc = scipy.sparse.csc_matrix(
+                (ones, flat.astype(indptr.dtype), indptr), shape=(oh * ow, k))
+            self.threads = max(1, min(int(threads), n))
+            if self.threads > 1:
+                edges = np.linspace(0, n, self.threads + 1).astype(int) * (h * w)
+                self._parts = [(a, b, self._csc[:, a:b]) for a, b in zip(edges[:-1], edges[1:])]
+                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ptycho-scatter")
+        self._rows = self.positions[:, 0]
+        self._cols = self.positions[:, 1]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+    def gather(self, obj, out=None):
+        """Frames ``O[r_j:r_j+H, c_j:c_j+W]``, shape (N, H, W) (a new array if ``out`` is None)."""
+        if self.backend.name == "cupy":
+            res = self.xp.take(obj.reshape(-1), self._flat)
+            res = res.reshape((len(self.positions),) + self.frame_shape)
+        else:
+            from numpy.lib.stride_tricks import sliding_window_view
+
+            res = sliding_window_view(obj, self.frame_shape)[self._rows, self._cols]
+        if out is None:
+            return res
+        out[...] = res
+        return out
+
+    def gather_multiply(self, obj, probe, out):
+        """``out = probe * gather(obj)`` (the overlap-constrained exit waves)."""
+        if self.backend.name == "cupy":
+            self.xp.take(obj.reshape(-1), self._flat, out=out.reshape(-1))
+            self.xp.multiply(out, probe, out=out)
+        else:
+            frames = self.gather(obj)
+            np.multiply(frames, probe, out=out)
+        return out
+
+    def scatter(self, frames):
+        """``sum_j shift(frames_j, r_j)``: complex64 object-shaped array."""
+        shape = self.object_shape
+        if self.backend.name == "cupy":
+            import cupyx
+
+            acc = self.xp.zeros(shape, dtype=self.xp.complex64)
+            cupyx.scatter_add(acc.view(self.xp.float32).reshape(-1), self._flat_ri,
+                              frames.view(self.xp.float32).reshape(-1))
+            return acc
+        vec = frames.reshape(-1)
+        if self._pool is None:
+            return (self._csc @ vec).reshape(shape)
+        futures = [self._pool.submit(m.__matmul__, vec[a:b]) for a, b, m in self._parts[1:]]
+        a, b, m = self._parts[0]
+        acc = m @ vec[a:b]
+        for fut in futures:
+            acc += fut.result()
+        return acc.reshape(shape)
+
+    def scatter_probe_power(self, probe):
+        """``sum_j shift(|P|^2, r_j)``: float32 object-shaped array, via FFT convolution."""
+        xp, fft = self.xp, self.backend.fft
+        oh, ow = self.object_shape
+        h, w = self.frame_shape
+        power = xp.zeros((oh, ow), dtype=xp.float32)
+        power[:h, :w] = (probe.real ** 2 + probe.imag ** 2).astype(xp.float32)
+        comb = xp.asarray(self._comb)
+        conv = fft.irfft2(fft.rfft2(comb) * fft.rfft2(power), s=(oh, ow))
+        conv = conv.astype(xp.float32)
+        xp.maximum(conv, 0, out=conv)  # FFT round-off leaves tiny negatives
+        return conv
+
+
+# --------------------------------------------------------------------------- Fourier step
+def fft_kwargs(backend: Backend) -> dict:
+    kw = {"axes": (-2, -1), "norm": "ortho", "overwrite_x": True}
+    if backend.name == "numpy":
+        kw["workers"] = backend.fft_workers
+    return kw
+
+
+_CUPY_KERNELS: dict = {}
+
+
+def _cupy_modulus_kernel():
+    import cupy
+
+    if "modulus" not in _CUPY_KERNELS:
+        _CUPY_KERNELS["modulus"] = cupy.ElementwiseKernel(
+            "float32 a, float32 scale", "complex64 x, float32 d",
+            """
+            float m = abs(x);
+            d = (m - a) * (m - a);
+            x = x * (scale * a / (m + 1e-12f));
+            """,
+            "sparkmpi_ptycho_modulus")
+    return _CUPY_KERNELS["modulus"]
+
+
+class FourierProjector:
+    """In-place Fourier-modulus projection ``x <- scale * Pi_F(x)`` on a frame stack.
+
+    ``Pi_F(x) = F^-1[ a * F(x) / |F(x)| ]`` with ``a = sqrt(I)`` stored with
+    zero frequency at index 0 (the data's ``fftshift`` is undone once here).
+
+    Parameters
+    ----------
+    backend : Backend
+    amplitudes : backend array, float32, shape (N, H, W)
+        ``sqrt(I)`` already ``ifftshift``-ed.
+    """
+
+    def __init__(self, backend: Backend, amplitudes):
+        self.backend = backend
+        self.xp = backend.xp
+        self.a = amplitudes
+        self.kw = fft_kwargs(backend)
+        if backend.name == "numpy":
+            self.m = np.empty(amplitudes.shape, np.float32)
+            self.d = np.empty(amplitudes.shape, np.float32)
+        else:
+            self.d = self.xp.empty(amplitudes.shape, self.xp.float32)
+
+    def __call__(self, x, scale: float = 1.0) -> float:
+        """Project ``x`` (complex64, shape (N, H, W)) in place; returns sum (|F x| - a)^2."""
+        xp, fft = self.xp, self.backend.fft
+        spec = fft.fft2(x, **self.kw)
+        if spec is not x:  # only when the FFT could not work in place
+            x[...] = spec
+        if self.backend.name == "cupy":
+            _cupy_modulus_kernel()(self.a, np.float32(scale), x, self.d)
+            err = float(self.d.sum(dtype=xp.float64))
+        else:
+            m, d = self.m, self.d
+            np.abs(x, out=m)
+            np.subtract(m, self.a, out=d)
+            flat = d.reshape(-1)
+            err = float(np.dot(flat, flat))
+            m += np.float32(1e-12)
+            np.divide(self.a, m, out=m)
+            if scale != 1.0:
+                m *= np.float32(scale)
+            np.multiply(x, m, out=x)
+        back = fft.ifft2(x, **self.kw)
+        if back is not x:
+            x[...] = back
+        return err

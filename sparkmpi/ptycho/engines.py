@@ -1,0 +1,501 @@
+"""Iterative ptychographic reconstruction: difference map and RAAR.
+
+Both engines keep one exit wave ``psi_j`` per frame and alternate two
+projections:
+
+* the **overlap projection** ``Pi_O``: the object and probe that best explain
+  all exit waves in the least-squares sense (the paper's eqs. 4 and 5,
+  Thibault et al. 2009)::
+
+      O(r) = sum_j psi_j(r - r_j) P*(r - r_j) / sum_j |P(r - r_j)|^2
+      P(r) = sum_j psi_j(r) O*(r + r_j)     / sum_j |O(r + r_j)|^2
+
+  followed by ``psi_j <- P * O_j``.  Every sum over frames goes through
+  :func:`allreduce_sums`, so frames split across MPI ranks give the same
+  object and probe as one process;
+* the **Fourier-modulus projection** ``Pi_F``: keep the phase of
+  ``F(psi_j)`` and replace its modulus by the measured ``sqrt(I_j)``.
+
+Difference map (Thibault et al. 2009, the paper's eq. 6 with
+``gamma_O = -1/beta``, ``gamma_F = 1/beta`` in the usual simplified form)::
+
+    psi <- psi + beta * (Pi_F(2 Pi_O psi - psi) - Pi_O psi)
+
+RAAR (Luke 2005, with ``M`` the Fourier-modulus set and ``S`` the overlap
+set; ``beta = 1`` gives back a difference map)::
+
+    psi <- beta * Pi_O(2 Pi_F psi - psi) + (1 - 2 beta) Pi_F psi + beta * psi
+
+The object and probe updates are regularised as
+``O <- (num + d O_old) / (den + d)`` with ``d = regularization * max(den)``,
+which keeps unlit pixels at their previous value (1 at the start).
+
+Arrays are complex64 / float32 throughout, on NumPy (scipy.fft with
+threads) or CuPy, picked by :func:`sparkmpi.backend.get_backend`.  All work is
+vectorised over frames: an iteration is a fixed number of whole-stack
+operations, never a Python loop over frames.
+
+References
+----------
+1. P. Thibault, M. Dierolf, O. Bunk, A. Menzel, F. Pfeiffer, "Probe
+   retrieval in ptychographic coherent diffractive imaging",
+   Ultramicroscopy 109, 338-343 (2009).
+2. D. R. Luke, "Relaxed averaged alternating reflections for diffraction
+   imaging", Inverse Problems 21, 37-50 (2005).
+3. S. Marchesini et al., "SHARP: a distributed GPU-based ptychographic
+   solver", J. Appl. Cryst. 49, 1245-1252 (2016).
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+import numpy as np
+
+from ..backend import Backend, get_backend
+from ._kernels import FourierProjector, Geometry, allreduce_sums
+from ._validate import check_complex_image, check_frames, check_intensities, shape2
+from .errors import FrameMismatchError, PtychoInputError
+
+__all__ = [
+    "ALGORITHMS",
+    "ReconstructionState",
+    "Result",
+    "allreduce_sums",
+    "initial_probe",
+    "reconstruct",
+    "reconstruct_partition",
+]
+
+ALGORITHMS = ("dm", "raar")
+DEFAULT_BETA = {"dm": 1.0, "raar": 0.75}
+DEFAULT_PROBE_UPDATE_START = 10
+DEFAULT_REGULARIZATION = 1e-4
+
+
+@dataclass
+class ReconstructionState:
+    """Everything needed to continue a reconstruction where it stopped.
+
+    Arrays live on the backend that produced them (CuPy arrays stay on the
+    GPU).  ``exit_waves`` are in the same frame order as the input data.
+
+    Attributes
+    ----------
+    algorithm : str
+    iteration : int
+        Iterations done so far (the next one has this number).
+    object : array, complex64, shape (Hy, Wx)
+    probe : array, complex64, shape (H, W)
+    exit_waves : array, complex64, shape (N, H, W)
+    errors : list of float
+        Fourier-modulus error after each iteration so far.
+    backend : str
+    """
+
+    algorithm: str
+    iteration: int
+    object: Any
+    probe: Any
+    exit_waves: Any
+    errors: list = field(default_factory=list)
+    backend: str = "numpy"
+
+
+@dataclass
+class Result:
+    """Outcome of :func:`reconstruct`.
+
+    Attributes
+    ----------
+    object : ndarray, complex64, shape (Hy, Wx)
+    probe : ndarray, complex64, shape (H, W)
+    errors : ndarray, float64, shape (iterations so far,)
+        Relative Fourier-modulus error ``sqrt(sum (|F psi| - sqrt I)^2 / sum I)``
+        per iteration (summed over all ranks).
+    state : ReconstructionState
+        Pass back as ``state=`` to continue.
+    seconds : float
+        Wall time of the iterations of this call (set-up excluded).
+    iterations : int
+        Iterations done by this call.
+    """
+
+    object: np.ndarray
+    probe: np.ndarray
+    errors: np.ndarray
+    state: ReconstructionState
+    seconds: float
+    iterations: int
+
+    @property
+    def seconds_per_iteration(self) -> float:
+        return self.seconds / self.iterations if self.iterations else float("nan")
+
+    @property
+    def fourier_error(self) -> float:
+        return float(self.errors[-1]) if len(self.errors) else float("nan")
+
+
+# --------------------------------------------------------------------------- helpers
+def initial_probe(intensities, comm=None) -> np.ndarray:
+    """Probe guess from the mean diffraction pattern: ``F^-1 sqrt(mean_j I_j)``, centred.
+
+    A zero-phase guess with the right power and size; exact for an in-focus
+    aperture whose pupil has a flat phase.  With ``comm`` the mean is taken
+    over the frames of all ranks.
+
+    Parameters
+    ----------
+    intensities : ndarray, shape (N, H, W)
+        Zero frequency at the frame centre.
+    comm : mpi4py-like communicator, optional
+
+    Returns
+    -------
+    ndarray, complex64, shape (H, W)
+    """
+    arr = check_intensities(intensities)
+    total = arr.sum(axis=0, dtype=np.float64)
+    count = np.array([arr.shape[0]], dtype=np.float64)
+    allreduce_sums(comm, [total, count])
+    mean = total / count[0]
+    amp = np.fft.ifftshift(np.sqrt(mean))
+    probe = np.fft.fftshift(np.fft.ifft2(amp, norm="ortho"))
+    return probe.astype(np.complex64)
+
+
+def _check_options(algorithm, iterations, beta, probe_update_start, regularization):
+    if algorithm not in ALGORITHMS:
+        raise PtychoInputError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+    if int(iterations) != iterations or iterations < 0:
+        raise PtychoInputError(f"iterations must be an integer >= 0, got {iterations!r}")
+    beta = DEFAULT_BETA[algorithm] if beta is None else float(beta)
+    if not 0 < beta <= 1:
+        raise PtychoInputError(f"beta must be in (0, 1], got {beta!r}")
+    if probe_update_start is not None and (int(probe_update_start) != probe_update_start
+                                           or probe_update_start < 0):
+        raise PtychoInputError(f"probe_update_start must be an integer >= 0 or None, "
+                               f"got {probe_update_start!r}")
+    if not 0 < regularization < 1:
+        raise PtychoInputError(f"regularization must be in (0, 1), got {regularization!r}")
+    return beta
+
+
+# --------------------------------------------------------------------------- engine
+class _Engine:
+    """Buffers and steps of one reconstruction on one rank."""
+
+    def __init__(self, bk: Backend, intensities: np.ndarray, positions: np.ndarray,
+                 object_shape, probe, obj, exit_waves, comm, regularization: float,
+                 threads: int):
+        xp = bk.xp
+        self.bk, self.xp, self.comm = bk, xp, comm
+        self.reg = float(regularization)
+        amp = np.sqrt(intensities, dtype=np.float32)
+        amp = np.ascontiguousarray(np.fft.ifftshift(amp, axes=(-2, -1)))
+        self.a = xp.asarray(amp)
+        del amp
+        norm = np.array([float(np.asarray(intensities, dtype=np.float64).sum())])
+        allreduce_sums(comm, [norm])
+        self.norm = max(float(norm[0]), np.finfo(np.float64).tiny)
+        self.geom = Geometry(bk, positions, intensities.shape[1:], object_shape, threads=threads)
+        self.fourier = FourierProjector(bk, self.a)
+        self.P = xp.asarray(probe, dtype=xp.complex64)
+        self.O = xp.asarray(obj, dtype=xp.complex64)
+        self._den = None
+        self._conjP = xp.conj(self.P)
+        self.work = xp.empty(self.a.shape, dtype=xp.complex64)
+        self.tmp = None
+        if exit_waves is None:
+            self.psi = xp.empty(self.a.shape, dtype=xp.complex64)
+            self.geom.gather_multiply(self.O, self.P, out=self.psi)
+        else:
+            self.psi = xp.array(exit_waves, dtype=xp.complex64, copy=True)
+
+    def close(self):
+        self.geom.close()
+
+    # ---- overlap projection pieces
+    def object_update(self, src, scratch, sign: float = 1.0) -> None:
+        xp = self.xp
+        xp.multiply(src, self._conjP, out=scratch)
+        num = self.geom.scatter(scratch)
+        if sign != 1.0:
+            num *= np.float32(sign)
+        if self._den is None:
+            den = self.geom.scatter_probe_power(self.P)
+            allreduce_sums(self.comm, [num, den], self.bk)
+            self._den = den
+        else:
+            allreduce_sums(self.comm, [num], self.bk)
+        den = self._den
+        d = np.float32(self.reg * float(den.max()))
+        num += d * self.O
+        num /= den + d
+        self.O = num
+
+    def probe_update(self, src, scratch, sign: float = 1.0) -> None:
+        xp = self.xp
+        frames = self.geom.gather(self.O)
+        xp.conj(frames, out=frames)
+        xp.multiply(src, frames, out=scratch)
+        pnum = scratch.sum(axis=0)
+        if sign != 1.0:
+            pnum *= np.float32(sign)
+        pden = (frames.real ** 2 + frames.imag ** 2).sum(axis=0)
+        del frames
+        allreduce_sums(self.comm, [pnum, pden], self.bk)
+        d = np.float32(self.reg * float(pden.max()))
+        pnum += d * self.P
+        pnum /= pden + d
+        self.P = pnum.astype(xp.complex64, copy=False)
+        self._conjP = xp.conj(self.P)
+        self._den = None
+
+    # ---- iterations (each returns the local sum of squared modulus misfits)
+    def dm_step(self, beta: float, update_probe: bool):
+        psi, work = self.psi, self.work
+        self.object_update(psi, work)
+        if update_probe:
+            self.probe_update(psi, work)
+        self.geom.gather_multiply(self.O, self.P, out=work)      # phi = Pi_O psi
+        if beta == 1.0:
+            psi -= work                                          # psi - phi
+            work -= psi                                          # 2 phi - psi
+        else:
+            work *= np.float32(beta)
+            psi -= work                                          # psi - beta phi
+            work *= np.float32((2.0 - beta) / beta)
+            work -= psi                                          # 2 phi - psi
+        err = self.fourier(work, scale=beta)                     # beta Pi_F(2 phi - psi)
+        psi += work
+        return err
+
+    def raar_step(self, beta: float, update_probe: bool):
+        xp = self.xp
+        psi, work = self.psi, self.work
+        if self.tmp is None:
+            self.tmp = xp.empty_like(psi)
+        tmp = self.tmp
+        work[...] = psi
+        err = self.fourier(work)                                 # y = Pi_F psi
+        psi -= work
+        psi -= work                                              # s = psi - 2 y = -z
+        self.object_update(psi, tmp, sign=-1.0)                  # overlap of z = 2y - psi
+        if update_probe:
+            self.probe_update(psi, tmp, sign=-1.0)
+        self.geom.gather_multiply(self.O, self.P, out=tmp)       # Pi_O z
+        psi *= np.float32(beta)
+        psi += work                                              # beta psi + (1 - 2 beta) y
+        tmp *= np.float32(beta)
+        psi += tmp
+        return err
+
+
+def _to_numpy_state_array(bk_from: str, arr):
+    if bk_from == "cupy" and not isinstance(arr, np.ndarray):
+        return arr.get()
+    return np.asarray(arr)
+
+
+# --------------------------------------------------------------------------- public API
+def _run(intensities, positions, object_shape, *, algorithm, iterations, probe_update_start,
+         beta, backend, probe, object_init, state, comm, callback, regularization, threads,
+         refine_probe):
+    beta = _check_options(algorithm, iterations, beta, probe_update_start, regularization)
+    if callback is not None and not callable(callback):
+        raise PtychoInputError(f"callback must be callable, got {type(callback).__name__}")
+    arr, pos, object_shape = check_frames(intensities, positions, object_shape, probe)
+    frame_shape = arr.shape[1:]
+    exit_waves = None
+    errors: list = []
+    start_iteration = 0
+    if state is not None:
+        if not isinstance(state, ReconstructionState):
+            raise PtychoInputError(f"state must be a ReconstructionState from an earlier "
+                                   f"Result, got {type(state).__name__}")
+        if state.algorithm != algorithm:
+            raise PtychoInputError(f"state was made by algorithm {state.algorithm!r}, "
+                                   f"cannot continue it with {algorithm!r}")
+        probe = _to_numpy_state_array(state.backend, state.probe)
+        object_init = _to_numpy_state_array(state.backend, state.object)
+        exit_waves = state.exit_waves
+        if tuple(exit_waves.shape) != tuple(arr.shape):
+            raise FrameMismatchError(f"state.exit_waves has shape {tuple(exit_waves.shape)} "
+                                     f"but intensities has shape {arr.shape}; resume with the "
+                                     f"same frames")
+        if state.backend != backend:
+            exit_waves = _to_numpy_state_array(state.backend, exit_waves)
+        errors = list(state.errors)
+        start_iteration = int(state.iteration)
+    if probe is None:
+        probe = initial_probe(arr, comm)
+    probe = check_complex_image(probe, frame_shape, "probe")
+    if object_init is None:
+        object_init = np.ones(object_shape, dtype=np.complex64)
+    object_init = check_complex_image(object_init, object_shape, "object_init")
+    bk = get_backend(backend)
+    if threads is None:
+        threads = bk.fft_workers or 1
+    eng = _Engine(bk, arr, pos, object_shape, probe, object_init, exit_waves, comm,
+                  regularization, threads)
+    step = eng.dm_step if algorithm == "dm" else eng.raar_step
+    sync_each = comm is not None or callback is not None
+    pending = []
+    try:
+        bk.synchronize()
+        t0 = time.perf_counter()
+        for k in range(int(iterations)):
+            it = start_iteration + k
+            update_probe = (refine_probe and probe_update_start is not None
+                            and it >= probe_update_start)
+            err = step(beta, update_probe)
+            if sync_each:
+                buf = np.array([float(err)], dtype=np.float64)
+                allreduce_sums(comm, [buf])
+                e = math.sqrt(buf[0] / eng.norm)
+                errors.append(e)
+                if callback is not None:
+                    callback(it, e)
+            else:
+                pending.append(err)
+        bk.synchronize()
+        seconds = time.perf_counter() - t0
+    finally:
+        eng.close()
+    errors.extend(math.sqrt(float(e) / eng.norm) for e in pending)
+    new_state = ReconstructionState(algorithm, start_iteration + int(iterations), eng.O, eng.P,
+                                    eng.psi, errors, bk.name)
+    return Result(np.asarray(bk.asnumpy(eng.O)), np.asarray(bk.asnumpy(eng.P)),
+                  np.asarray(errors, dtype=np.float64), new_state, seconds, int(iterations))
+
+
+def reconstruct(data, *, algorithm: str = "dm", iterations: int = 100,
+                probe_update_start: int | None = DEFAULT_PROBE_UPDATE_START,
+                beta: float | None = None, backend: str = "numpy", probe=None,
+                object_init=None, state: ReconstructionState | None = None, comm=None,
+                callback: Callable[[int, float], Any] | None = None,
+                regularization: float = DEFAULT_REGULARIZATION, threads: int | None = None,
+                refine_probe: bool = True) -> Result:
+    """Reconstruct object and probe from a ptychographic scan.
+
+    Parameters
+    ----------
+    data : PtychoData or mapping
+        Needs ``intensities`` (float32, (N, H, W), zero frequency at the frame
+        centre), ``positions`` (int, (N, 2), top-left offsets in pixels) and
+        ``object_shape``.  Under MPI, this rank's frames only.
+    algorithm : {"dm", "raar"}
+        Difference map (Thibault et al. 2009) or RAAR (Luke 2005).
+    iterations : int
+        Iterations to run in this call.
+    probe_update_start : int or None
+        First iteration (counted over resumed calls too) that refines the
+        probe; ``None`` keeps the probe fixed.
+    beta : float, optional
+        Relaxation in (0, 1]; default 1.0 for DM, 0.75 for RAAR.
+    backend : {"numpy", "cupy", "auto"}
+    probe : array (H, W), optional
+        Initial probe; default :func:`initial_probe` of the data.
+    object_init : array (Hy, Wx), optional
+        Initial object; default all ones.
+    state : ReconstructionState, optional
+        Continue from an earlier :class:`Result` (same frames, same order).
+    comm : mpi4py-like communicator, optional
+        When given, sums over frames are combined across ranks (see
+        :func:`reconstruct_partition`).
+    callback : callable(iteration, fourier_error), optional
+        Called after each iteration.
+    regularization : float
+        Relative damping ``d / max(den)`` of the object and probe updates.
+    threads : int, optional
+        Threads for the NumPy scatter (default: the FFT worker count).
+    refine_probe : bool
+        False keeps the probe fixed whatever ``probe_update_start`` says.
+
+    Returns
+    -------
+    Result
+
+    Raises
+    ------
+    PtychoInputError
+        (a ``ValueError``) for inconsistent shapes, NaNs, negative
+        intensities, positions outside the object or a wrong probe shape,
+        before any iteration.
+    """
+    intensities, positions, object_shape = _unpack(data)
+    return _run(intensities, positions, object_shape, algorithm=algorithm,
+                iterations=iterations, probe_update_start=probe_update_start, beta=beta,
+                backend=backend, probe=probe, object_init=object_init, state=state, comm=comm,
+                callback=callback, regularization=regularization, threads=threads,
+                refine_probe=refine_probe)
+
+
+def reconstruct_partition(comm, intensities, positions, object_shape, **options) -> Result:
+    """One MPI rank's share of a distributed reconstruction.
+
+    Each rank passes its own frames; every sum over frames is combined with
+    ``comm.Allreduce`` each iteration, so all ranks end with the same object
+    and probe, equal to a one-process run on all frames up to float32
+    round-off.  Call it from ``mpiexec`` ranks or from a Spark-MPI task
+    (``sparkmpi.run(rdd, fn)``).
+
+    Parameters
+    ----------
+    comm : mpi4py-like communicator
+        ``rank``, ``size`` and ``Allreduce``; all ranks must call this
+        function with the same options and ``object_shape``.
+    intensities : ndarray, float32, shape (n, H, W)
+        This rank's frames (at least one).
+    positions : ndarray, int, shape (n, 2)
+        Their top-left offsets in the global object.
+    object_shape : (int, int)
+        Shape of the global object.
+    **options
+        As for :func:`reconstruct` (``algorithm``, ``iterations``,
+        ``probe_update_start``, ``beta``, ``backend``, ``probe``,
+        ``object_init``, ``state``, ``callback``, ...).  ``probe`` and
+        ``object_init``, when given, must be the same on every rank.
+
+    Returns
+    -------
+    Result
+        ``object``, ``probe`` and ``errors`` are global (the same on every
+        rank); ``state.exit_waves`` are this rank's.
+    """
+    if comm is None:
+        raise PtychoInputError("comm must be an MPI communicator, got None "
+                               "(use reconstruct() for one process)")
+    for attr in ("Allreduce", "size", "rank"):
+        if not hasattr(comm, attr):
+            raise PtychoInputError(f"comm must look like an mpi4py communicator; "
+                                   f"{type(comm).__name__} has no {attr!r}")
+    if "comm" in options:
+        raise PtychoInputError("pass the communicator as the first argument, not comm=")
+    object_shape = shape2(object_shape, "object_shape")
+    defaults = dict(algorithm="dm", iterations=100,
+                    probe_update_start=DEFAULT_PROBE_UPDATE_START, beta=None, backend="numpy",
+                    probe=None, object_init=None, state=None, callback=None,
+                    regularization=DEFAULT_REGULARIZATION, threads=None, refine_probe=True)
+    unknown = sorted(set(options) - set(defaults))
+    if unknown:
+        raise PtychoInputError(f"unknown option(s) {unknown}; expected some of {sorted(defaults)}")
+    defaults.update(options)
+    return _run(intensities, positions, object_shape, comm=comm, **defaults)
+
+
+def _unpack(data):
+    if hasattr(data, "intensities") and hasattr(data, "positions"):
+        return data.intensities, data.positions, data.object_shape
+    if isinstance(data, dict):
+        missing = [k for k in ("intensities", "positions", "object_shape") if k not in data]
+        if missing:
+            raise PtychoInputError(f"data is missing key(s) {missing}")
+        return data["intensities"], data["positions"], data["object_shape"]
+    raise PtychoInputError(f"data must be a PtychoData or a dict with intensities, positions "
+                           f"and object_shape, got {type(data).__name__}")
