@@ -213,32 +213,35 @@ def fft_kwargs(backend: Backend) -> dict:
 _CUPY_KERNELS: dict = {}
 
 
-def _cupy_modulus_kernel():
+def _cupy_kernels():
     import cupy
 
-    if "modulus" not in _CUPY_KERNELS:
-        _CUPY_KERNELS["modulus"] = cupy.ElementwiseKernel(
-            "float32 a, float32 scale", "complex64 x, float32 d",
-            """
-            float m = abs(x);
-            d = (m - a) * (m - a);
-            x = x * (scale * a / (m + 1e-12f));
-            """,
-            "sparkmpi_ptycho_modulus")
-    return _CUPY_KERNELS["modulus"]
+    if not _CUPY_KERNELS:
+        _CUPY_KERNELS["project"] = cupy.ElementwiseKernel(
+            "float32 a, float32 scale", "complex64 x",
+            "x = x * (scale * a / (abs(x) + 1e-12f));",
+            "sparkmpi_ptycho_modulus_project")
+        _CUPY_KERNELS["misfit"] = cupy.ReductionKernel(
+            "complex64 x, float32 a", "float64 s",
+            "((double)abs(x) - (double)a) * ((double)abs(x) - (double)a)",
+            "a + b", "s = a", "0", "sparkmpi_ptycho_modulus_misfit")
+    return _CUPY_KERNELS
 
 
-class FourierProjector:
-    """In-place Fourier-modulus projection ``x <- scale * Pi_F(x)`` on a frame stack.
+class Fourier:
+    """Frame-stack FFTs and the Fourier-modulus constraint.
 
-    ``Pi_F(x) = F^-1[ a * F(x) / |F(x)| ]`` with ``a = sqrt(I)`` stored with
-    zero frequency at index 0 (the data's ``fftshift`` is undone once here).
+    The engines keep their iterate in Fourier space, so the modulus
+    projection ``Pi_F(X) = a X / |X|`` needs no transform, and the misfit of
+    the overlap-consistent waves ``F(P O_j)`` is exact.  ``a = sqrt(I)`` is
+    stored with zero frequency at index 0 (the data's ``fftshift`` is undone
+    once, here).
 
     Parameters
     ----------
     backend : Backend
     amplitudes : backend array, float32, shape (N, H, W)
-        ``sqrt(I)`` already ``ifftshift``-ed.
+        ``sqrt(I)``, already ``ifftshift``-ed.
     """
 
     def __init__(self, backend: Backend, amplitudes):
@@ -248,31 +251,43 @@ class FourierProjector:
         self.kw = fft_kwargs(backend)
         if backend.name == "numpy":
             self.m = np.empty(amplitudes.shape, np.float32)
-            self.d = np.empty(amplitudes.shape, np.float32)
         else:
-            self.d = self.xp.empty(amplitudes.shape, self.xp.float32)
+            self._k = _cupy_kernels()
 
-    def __call__(self, x, scale: float = 1.0) -> float:
-        """Project ``x`` (complex64, shape (N, H, W)) in place; returns sum (|F x| - a)^2."""
-        xp, fft = self.xp, self.backend.fft
-        spec = fft.fft2(x, **self.kw)
+    def forward(self, x):
+        """In-place orthonormal 2-D FFT of each frame of ``x`` (complex64 (N, H, W))."""
+        spec = self.backend.fft.fft2(x, **self.kw)
         if spec is not x:  # only when the FFT could not work in place
             x[...] = spec
-        if self.backend.name == "cupy":
-            _cupy_modulus_kernel()(self.a, np.float32(scale), x, self.d)
-            err = float(self.d.sum(dtype=xp.float64))
-        else:
-            m, d = self.m, self.d
-            np.abs(x, out=m)
-            np.subtract(m, self.a, out=d)
-            flat = d.reshape(-1)
-            err = float(np.dot(flat, flat))
-            m += np.float32(1e-12)
-            np.divide(self.a, m, out=m)
-            if scale != 1.0:
-                m *= np.float32(scale)
-            np.multiply(x, m, out=x)
-        back = fft.ifft2(x, **self.kw)
+        return x
+
+    def inverse(self, x):
+        """In-place orthonormal inverse 2-D FFT of each frame of ``x``."""
+        back = self.backend.fft.ifft2(x, **self.kw)
         if back is not x:
             x[...] = back
-        return err
+        return x
+
+    def misfit(self, spec):
+        """``sum (|X| - a)^2`` over all frames (a float, or a 0-d CuPy array)."""
+        if self.backend.name == "cupy":
+            return self._k["misfit"](spec, self.a)
+        m = self.m
+        np.abs(spec, out=m)
+        m -= self.a
+        flat = m.reshape(-1)
+        return float(np.dot(flat, flat))
+
+    def project(self, spec, scale: float = 1.0):
+        """In place: ``X <- scale * a * X / |X|``."""
+        if self.backend.name == "cupy":
+            self._k["project"](self.a, np.float32(scale), spec)
+            return spec
+        m = self.m
+        np.abs(spec, out=m)
+        m += np.float32(1e-12)
+        np.divide(self.a, m, out=m)
+        if scale != 1.0:
+            m *= np.float32(scale)
+        np.multiply(spec, m, out=spec)
+        return spec

@@ -56,7 +56,7 @@ from typing import Any, Callable
 import numpy as np
 
 from ..backend import Backend, get_backend
-from ._kernels import FourierProjector, Geometry, allreduce_sums
+from ._kernels import Fourier, Geometry, allreduce_sums
 from ._validate import check_complex_image, check_frames, check_intensities, shape2
 from .errors import FrameMismatchError, PtychoInputError
 
@@ -187,11 +187,18 @@ def _check_options(algorithm, iterations, beta, probe_update_start, regularizati
 
 # --------------------------------------------------------------------------- engine
 class _Engine:
-    """Buffers and steps of one reconstruction on one rank."""
+    """Buffers and steps of one reconstruction on one rank.
+
+    The iterate is kept in Fourier space, ``Psi_j = F psi_j``: the modulus
+    projection then needs no transform and the misfit of ``F(P O_j)`` comes
+    for free.  Each iteration does one inverse FFT (``psi`` for the overlap
+    update) and one forward FFT (of ``P O_j``) of the whole stack.
+    Three stack-sized complex64 buffers: ``Psi``, ``work`` and ``tmp``.
+    """
 
     def __init__(self, bk: Backend, intensities: np.ndarray, positions: np.ndarray,
                  object_shape, probe, obj, exit_waves, comm, regularization: float,
-                 threads: int):
+                 threads: int, pin_ramp: bool = True):
         xp = bk.xp
         self.bk, self.xp, self.comm = bk, xp, comm
         self.reg = float(regularization)
@@ -203,29 +210,36 @@ class _Engine:
         allreduce_sums(comm, [norm])
         self.norm = max(float(norm[0]), np.finfo(np.float64).tiny)
         self.geom = Geometry(bk, positions, intensities.shape[1:], object_shape, threads=threads)
-        self.fourier = FourierProjector(bk, self.a)
+        self.fourier = Fourier(bk, self.a)
         self.P = xp.asarray(probe, dtype=xp.complex64)
         self.O = xp.asarray(obj, dtype=xp.complex64)
         self._den = None
         self._conjP = xp.conj(self.P)
+        self.pin_ramp = pin_ramp
+        self._centroid0 = self._spectrum_centroid(self.P) if pin_ramp else None
         self.work = xp.empty(self.a.shape, dtype=xp.complex64)
-        self.tmp = None
+        self.tmp = xp.empty(self.a.shape, dtype=xp.complex64)
         if exit_waves is None:
-            self.psi = xp.empty(self.a.shape, dtype=xp.complex64)
-            self.geom.gather_multiply(self.O, self.P, out=self.psi)
+            self.Psi = xp.empty(self.a.shape, dtype=xp.complex64)
+            self.geom.gather_multiply(self.O, self.P, out=self.Psi)
         else:
-            self.psi = xp.array(exit_waves, dtype=xp.complex64, copy=True)
+            self.Psi = xp.array(exit_waves, dtype=xp.complex64, copy=True)
+        self.fourier.forward(self.Psi)
 
     def close(self):
         self.geom.close()
 
+    def exit_waves(self):
+        """Real-space exit waves ``psi`` (a new backend array)."""
+        psi = self.Psi.copy()
+        return self.fourier.inverse(psi)
+
     # ---- overlap projection pieces
-    def object_update(self, src, scratch, sign: float = 1.0) -> None:
+    def object_update(self, src, scratch) -> None:
+        """``O <- (sum_j shift(src_j P*) + d O) / (sum_j shift(|P|^2) + d)``."""
         xp = self.xp
         xp.multiply(src, self._conjP, out=scratch)
         num = self.geom.scatter(scratch)
-        if sign != 1.0:
-            num *= np.float32(sign)
         if self._den is None:
             den = self.geom.scatter_probe_power(self.P)
             allreduce_sums(self.comm, [num, den], self.bk)
@@ -238,14 +252,13 @@ class _Engine:
         num /= den + d
         self.O = num
 
-    def probe_update(self, src, scratch, sign: float = 1.0) -> None:
+    def probe_update(self, src, scratch) -> None:
+        """``P <- (sum_j src_j O_j* + d P) / (sum_j |O_j|^2 + d)``."""
         xp = self.xp
         frames = self.geom.gather(self.O)
         xp.conj(frames, out=frames)
         xp.multiply(src, frames, out=scratch)
         pnum = scratch.sum(axis=0)
-        if sign != 1.0:
-            pnum *= np.float32(sign)
         pden = (frames.real ** 2 + frames.imag ** 2).sum(axis=0)
         del frames
         allreduce_sums(self.comm, [pnum, pden], self.bk)
@@ -253,46 +266,82 @@ class _Engine:
         pnum += d * self.P
         pnum /= pden + d
         self.P = pnum.astype(xp.complex64, copy=False)
+        if self.pin_ramp:
+            self._pin_probe_spectrum()
         self._conjP = xp.conj(self.P)
         self._den = None
 
-    # ---- iterations (each returns the local sum of squared modulus misfits)
-    def dm_step(self, beta: float, update_probe: bool):
-        psi, work = self.psi, self.work
-        self.object_update(psi, work)
+    def _spectrum_centroid(self, probe):
+        """Circular centroid (rows, cols) of ``|F P|^2``, in frequency pixels."""
+        xp = self.xp
+        power = xp.abs(xp.fft.fft2(probe)) ** 2
+        out = []
+        for axis, n in ((0, probe.shape[0]), (1, probe.shape[1])):
+            profile = power.sum(axis=1 - axis)
+            phase = xp.exp(2j * np.pi * xp.arange(n) / n)
+            out.append(float(xp.angle(xp.sum(profile * phase))) * n / (2 * np.pi))
+        return out
+
+    def _pin_probe_spectrum(self):
+        """Remove the linear phase ramp the probe picked up in this update.
+
+        ``P e^{-i q r}`` with ``O e^{i q r}`` explains the data as well as
+        ``P, O`` (each frame only gains a constant phase), so refining the
+        probe lets a phase ramp drift into the object.  A ramp on ``P`` is a
+        shift of ``|F P|^2``: the shift from the initial probe's spectrum
+        centroid is undone here (sub-pixel, by multiplying with the opposite
+        ramp), and the object follows in the next update.
+        """
+        xp = self.xp
+        cy, cx = self._spectrum_centroid(self.P)
+        dy = (cy - self._centroid0[0] + self.P.shape[0] / 2) % self.P.shape[0] - self.P.shape[0] / 2
+        dx = (cx - self._centroid0[1] + self.P.shape[1] / 2) % self.P.shape[1] - self.P.shape[1] / 2
+        if abs(dy) < 1e-3 and abs(dx) < 1e-3:
+            return
+        h, w = self.P.shape
+        ramp = xp.exp(-2j * np.pi * (dy * xp.arange(h)[:, None] / h + dx * xp.arange(w)[None, :] / w))
+        self.P = (self.P * ramp).astype(xp.complex64)
+
+    def _overlap(self, src, update_probe: bool):
+        """Overlap projection of real-space waves ``src``; leaves ``F(P O_j)`` in ``tmp``."""
+        self.object_update(src, self.tmp)
         if update_probe:
-            self.probe_update(psi, work)
-        self.geom.gather_multiply(self.O, self.P, out=work)      # phi = Pi_O psi
-        if beta == 1.0:
-            psi -= work                                          # psi - phi
-            work -= psi                                          # 2 phi - psi
-        else:
-            work *= np.float32(beta)
-            psi -= work                                          # psi - beta phi
-            work *= np.float32((2.0 - beta) / beta)
-            work -= psi                                          # 2 phi - psi
-        err = self.fourier(work, scale=beta)                     # beta Pi_F(2 phi - psi)
-        psi += work
+            self.probe_update(src, self.tmp)
+        self.geom.gather_multiply(self.O, self.P, out=self.tmp)
+        return self.fourier.forward(self.tmp)
+
+    # ---- iterations (each returns the local misfit sum (|F P O_j| - a)^2)
+    def dm_step(self, beta: float, update_probe: bool):
+        Psi, work = self.Psi, self.work
+        work[...] = Psi
+        self.fourier.inverse(work)                               # psi
+        Phi = self._overlap(work, update_probe)                  # F Pi_O psi
+        err = self.fourier.misfit(Phi)
+        if beta != 1.0:
+            Phi *= np.float32(beta)
+        Psi -= Phi                                               # Psi - beta Phi
+        if beta != 1.0:
+            Phi *= np.float32((2.0 - beta) / beta)
+        Phi -= Psi                                               # 2 Phi - Psi
+        self.fourier.project(Phi, scale=beta)                    # beta Pi_F(2 Phi - Psi)
+        Psi += Phi
         return err
 
     def raar_step(self, beta: float, update_probe: bool):
         xp = self.xp
-        psi, work = self.psi, self.work
-        if self.tmp is None:
-            self.tmp = xp.empty_like(psi)
-        tmp = self.tmp
-        work[...] = psi
-        err = self.fourier(work)                                 # y = Pi_F psi
-        psi -= work
-        psi -= work                                              # s = psi - 2 y = -z
-        self.object_update(psi, tmp, sign=-1.0)                  # overlap of z = 2y - psi
-        if update_probe:
-            self.probe_update(psi, tmp, sign=-1.0)
-        self.geom.gather_multiply(self.O, self.P, out=tmp)       # Pi_O z
-        psi *= np.float32(beta)
-        psi += work                                              # beta psi + (1 - 2 beta) y
-        tmp *= np.float32(beta)
-        psi += tmp
+        Psi, work, tmp = self.Psi, self.work, self.tmp
+        tmp[...] = Psi
+        self.fourier.project(tmp)                                # Y = Pi_F Psi
+        xp.multiply(tmp, np.float32(2.0), out=work)
+        work -= Psi                                              # Z = 2 Y - Psi
+        Psi *= np.float32(beta)
+        tmp *= np.float32(1.0 - 2.0 * beta)
+        Psi += tmp                                               # beta Psi + (1 - 2 beta) Y
+        self.fourier.inverse(work)                               # z
+        Phi = self._overlap(work, update_probe)                  # F Pi_O z
+        err = self.fourier.misfit(Phi)
+        Phi *= np.float32(beta)
+        Psi += Phi
         return err
 
 
@@ -305,7 +354,7 @@ def _to_numpy_state_array(bk_from: str, arr):
 # --------------------------------------------------------------------------- public API
 def _run(intensities, positions, object_shape, *, algorithm, iterations, probe_update_start,
          beta, backend, probe, object_init, state, comm, callback, regularization, threads,
-         refine_probe):
+         refine_probe, pin_probe_ramp):
     beta = _check_options(algorithm, iterations, beta, probe_update_start, regularization)
     if callback is not None and not callable(callback):
         raise PtychoInputError(f"callback must be callable, got {type(callback).__name__}")
@@ -342,7 +391,7 @@ def _run(intensities, positions, object_shape, *, algorithm, iterations, probe_u
     if threads is None:
         threads = bk.fft_workers or 1
     eng = _Engine(bk, arr, pos, object_shape, probe, object_init, exit_waves, comm,
-                  regularization, threads)
+                  regularization, threads, pin_ramp=bool(pin_probe_ramp))
     step = eng.dm_step if algorithm == "dm" else eng.raar_step
     sync_each = comm is not None or callback is not None
     pending = []
@@ -369,7 +418,7 @@ def _run(intensities, positions, object_shape, *, algorithm, iterations, probe_u
         eng.close()
     errors.extend(math.sqrt(float(e) / eng.norm) for e in pending)
     new_state = ReconstructionState(algorithm, start_iteration + int(iterations), eng.O, eng.P,
-                                    eng.psi, errors, bk.name)
+                                    eng.exit_waves(), errors, bk.name)
     return Result(np.asarray(bk.asnumpy(eng.O)), np.asarray(bk.asnumpy(eng.P)),
                   np.asarray(errors, dtype=np.float64), new_state, seconds, int(iterations))
 
@@ -380,7 +429,7 @@ def reconstruct(data, *, algorithm: str = "dm", iterations: int = 100,
                 object_init=None, state: ReconstructionState | None = None, comm=None,
                 callback: Callable[[int, float], Any] | None = None,
                 regularization: float = DEFAULT_REGULARIZATION, threads: int | None = None,
-                refine_probe: bool = True) -> Result:
+                refine_probe: bool = True, pin_probe_ramp: bool = True) -> Result:
     """Reconstruct object and probe from a ptychographic scan.
 
     Parameters
@@ -416,6 +465,11 @@ def reconstruct(data, *, algorithm: str = "dm", iterations: int = 100,
         Threads for the NumPy scatter (default: the FFT worker count).
     refine_probe : bool
         False keeps the probe fixed whatever ``probe_update_start`` says.
+    pin_probe_ramp : bool
+        After each probe update, undo any shift of the probe's far-field
+        centroid relative to the initial probe's, which stops the linear
+        phase-ramp ambiguity (``P e^{-iqr}``, ``O e^{iqr}``) drifting into
+        the object.
 
     Returns
     -------
@@ -433,7 +487,7 @@ def reconstruct(data, *, algorithm: str = "dm", iterations: int = 100,
                 iterations=iterations, probe_update_start=probe_update_start, beta=beta,
                 backend=backend, probe=probe, object_init=object_init, state=state, comm=comm,
                 callback=callback, regularization=regularization, threads=threads,
-                refine_probe=refine_probe)
+                refine_probe=refine_probe, pin_probe_ramp=pin_probe_ramp)
 
 
 def reconstruct_partition(comm, intensities, positions, object_shape, **options) -> Result:
@@ -481,7 +535,8 @@ def reconstruct_partition(comm, intensities, positions, object_shape, **options)
     defaults = dict(algorithm="dm", iterations=100,
                     probe_update_start=DEFAULT_PROBE_UPDATE_START, beta=None, backend="numpy",
                     probe=None, object_init=None, state=None, callback=None,
-                    regularization=DEFAULT_REGULARIZATION, threads=None, refine_probe=True)
+                    regularization=DEFAULT_REGULARIZATION, threads=None, refine_probe=True,
+                    pin_probe_ramp=True)
     unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise PtychoInputError(f"unknown option(s) {unknown}; expected some of {sorted(defaults)}")

@@ -52,7 +52,7 @@ from .errors import DataFormatError, PtychoInputError
 
 FORMAT_NAME = "sparkmpi-ptycho"
 FORMAT_VERSION = 1
-PROBES = ("aperture", "gaussian")
+PROBES = ("aperture", "focused", "gaussian")
 SCANS = ("spiral", "raster")
 # Probe power (sum of |P|^2) used for noise-free data, so intensities are O(1e2).
 DEFAULT_PROBE_POWER = 1.0e6
@@ -261,11 +261,15 @@ def make_probe(shape, *, kind: str = "aperture", diameter: float | None = None,
     ----------
     shape : (int, int)
         Frame shape ``(H, W)``.
-    kind : {"aperture", "gaussian"}
-        ``"aperture"``: the focus of a circular aperture (Airy pattern), built
-        as the inverse FFT of a circular pupil; ``diameter`` is the diameter of
-        its central lobe (first dark ring).  ``"gaussian"``: a Gaussian whose
-        full width at half maximum is ``diameter``.
+    kind : {"aperture", "focused", "gaussian"}
+        ``"aperture"``: a circular pinhole of the given ``diameter`` just
+        upstream of the sample (edge smoothed over about a pixel), usually
+        with some ``propagation_distance`` to give it Fresnel fringes.
+        ``"focused"``: the focus of a lens with a circular aperture (an Airy
+        pattern, the inverse FFT of a circular pupil); ``diameter`` is the
+        diameter of its central lobe; its rings fill the frame, which makes
+        the problem harder.  ``"gaussian"``: a Gaussian whose full width at
+        half maximum is ``diameter``.
     diameter : float, optional
         Pixels; default ``0.375 * min(H, W)`` (48 for 128x128 frames).
     power : float
@@ -291,9 +295,13 @@ def make_probe(shape, *, kind: str = "aperture", diameter: float | None = None,
         raise PtychoInputError(f"probe power must be > 0, got {power!r}")
     y = np.arange(h) - h // 2
     x = np.arange(w) - w // 2
+    r = np.sqrt(y[:, None] ** 2 + x[None, :] ** 2)
     if kind == "gaussian":
         sigma = d / (2 * math.sqrt(2 * math.log(2)))
-        probe = np.exp(-(y[:, None] ** 2 + x[None, :] ** 2) / (2 * sigma ** 2)).astype(np.complex128)
+        probe = np.exp(-r ** 2 / (2 * sigma ** 2)).astype(np.complex128)
+    elif kind == "aperture":
+        # a pinhole of diameter d, its edge smoothed over about one pixel
+        probe = (0.5 * (1.0 - np.tanh((r - d / 2) / 0.7))).astype(np.complex128)
     else:
         # Airy first zero at radius 0.61 * N / r_pupil pixels (pupil radius r_pupil in
         # Fourier pixels), so a central-lobe diameter d needs r_pupil = 1.22 * N / d.
