@@ -2,10 +2,11 @@
 
 MPICH's ch4 shared-memory transport names its segments
 ``/dev/shm/mpich_shm_<world id>_<node id>`` and ``mpich_vci_<...>``, where the
-world id is the 32-bit FNV-1a hash of ``"<kvsname>-<init count>"`` (init
-count 0 for a process's first MPI_Init).  Ranks that finalise remove them;
-ranks that are killed do not.  Knowing the job's kvsname we can compute the
-exact names and remove only that job's files.
+world id is the 32-bit FNV-1a hash of the kvsname (MPICH 5.0, verified with
+the PyPI wheel) or, in later sources, of ``"<kvsname>-<init count>"`` with
+the count starting at 1.  Ranks that finalise remove them; ranks that are
+killed do not.  Knowing the job's kvsname we can compute the exact names and
+remove only that job's files.
 """
 
 from __future__ import annotations
@@ -24,17 +25,17 @@ def fnv1a_32(data: bytes) -> int:
     return value
 
 
-def world_id(kvsname: str, init_count: int = 0) -> int:
-    """MPICH's world id for a job with key space ``kvsname``."""
-    return fnv1a_32(f"{kvsname}-{init_count}".encode())
+def world_ids(kvsname: str) -> list[int]:
+    """MPICH's possible world ids for a job with key space ``kvsname``."""
+    return [fnv1a_32(kvsname.encode()), fnv1a_32(f"{kvsname}-1".encode())]
 
 
 def job_segments(kvsname: str, shm_dir: str = SHM_DIR) -> list[str]:
     """Paths of the shared-memory files of the job ``kvsname`` that exist now."""
-    wid = f"{world_id(kvsname):x}"
     found: list[str] = []
-    for prefix in ("mpich_shm_", "mpich_vci_"):
-        found += glob.glob(os.path.join(shm_dir, f"{prefix}{wid}_*"))
+    for wid in world_ids(kvsname):
+        for prefix in ("mpich_shm_", "mpich_vci_"):
+            found += glob.glob(os.path.join(shm_dir, f"{prefix}{wid:x}_*"))
     return sorted(found)
 
 

@@ -1,0 +1,260 @@
+"""sparkmpi.run end to end: real Spark (local[2]), real MPICH ranks, real failures."""
+
+import os
+import time
+
+import pytest
+
+import sparkmpi
+from sparkmpi.launch import shm
+
+
+def _rank_processes():
+    """PIDs of every live rank process (fresh or warm spare) on this machine."""
+    pids = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/cmdline", "rb") as f:
+                cmdline = f.read()
+            with open(f"/proc/{entry}/stat") as f:
+                state = f.read().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            continue
+        if b"sparkmpi.launch.rank" in cmdline and state != "Z":
+            pids.append(int(entry))
+    return pids
+
+
+def _alive(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def _mpich_shm_files():
+    return {n for n in os.listdir("/dev/shm") if n.startswith(("mpich_shm_", "mpich_vci_"))}
+
+
+def _wait_until(predicate, timeout=10.0):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if predicate():
+            return True
+        time.sleep(0.05)
+    return predicate()
+
+
+# -- the functions the ranks run ------------------------------------------------
+def allreduce_example(comm, partition):
+    import numpy as np
+    from mpi4py import MPI
+
+    buf = np.full(2_000_000, comm.rank + 1, dtype=np.float32)
+    out = np.empty_like(buf)
+    comm.Allreduce(buf, out, op=MPI.SUM)
+    return [(comm.rank, float(out[0]), sum(partition))]
+
+
+def plain_mpi4py(comm, partition):
+    # Unmodified mpi4py style: ignores `comm` and uses COMM_WORLD directly.
+    from mpi4py import MPI
+
+    world = MPI.COMM_WORLD
+    total = world.allreduce(sum(partition), op=MPI.SUM)
+    gathered = world.gather(world.Get_rank(), root=0)
+    return [{"rank": world.Get_rank(), "size": world.Get_size(), "total": total, "gathered": gathered,
+             "pid": os.getpid(), "ppid": os.getppid(), "kvs": MPI.Get_processor_name() and os.environ["PMI_RANK"]}]
+
+
+def identity_ranks(comm, partition):
+    import numpy as np
+
+    return [(comm.rank, np.arange(3) + comm.rank, os.getpid(), os.getppid())]
+
+
+def raise_on_rank_one(comm, partition):
+    if comm.rank == 1:
+        raise ValueError("bad frame 17 on rank one")
+    comm.Barrier()
+    return [comm.rank]
+
+
+def exit_on_rank_one(comm, partition):
+    if comm.rank == 1:
+        os._exit(3)
+    comm.Barrier()
+    return [comm.rank]
+
+
+def hang_on_rank_one(comm, partition):
+    if comm.rank == 1:
+        time.sleep(600)
+    comm.Barrier()
+    return [comm.rank]
+
+
+def abort_on_rank_zero(comm, partition):
+    if comm.rank == 0:
+        comm.Abort(7)
+    comm.Barrier()
+    return [comm.rank]
+
+
+# -- tests -------------------------------------------------------------------------
+def test_issue_example_allreduce(sc):
+    rdd = sc.parallelize(range(8), 2)
+    assert sparkmpi.run(rdd, allreduce_example) == [(0, 3.0, 6), (1, 3.0, 22)]
+
+
+def test_unmodified_mpi4py_code_and_rank_is_partition(sc):
+    rdd = sc.parallelize(range(10), 2)
+    results = sparkmpi.run(rdd, plain_mpi4py)
+    assert [r["rank"] for r in results] == [0, 1]
+    assert all(r["size"] == 2 and r["total"] == 45 for r in results)
+    assert results[0]["gathered"] == [0, 1] and results[1]["gathered"] is None
+    assert [r["kvs"] for r in results] == ["0", "1"]
+
+
+def test_single_rank_and_results_in_rank_order(sc):
+    assert sparkmpi.run(sc.parallelize([5], 1), lambda comm, it: [(comm.size, list(it))]) == [(1, [5])]
+    out = sparkmpi.run(sc.parallelize(range(4), 2), lambda comm, it: iter([comm.rank] * (comm.rank + 1)))
+    assert out == [0, 1, 1]
+    assert sparkmpi.run(sc.parallelize(range(4), 2), lambda comm, it: None) == []
+
+
+def test_numpy_records_cross_without_pickling_into_the_stream(sc):
+    import numpy as np
+
+    frames = [np.full((64, 64), i, dtype=np.uint16) for i in range(6)]
+
+    def sums(comm, it):
+        return [int(sum(int(f.sum()) for f in it))]
+
+    out = sparkmpi.run(sc.parallelize(frames, 2), sums)
+    assert sum(out) == sum(int(f.sum()) for f in frames)
+
+
+def test_twenty_jobs_fresh_processes_and_no_leaks(sc):
+    rdd = sc.parallelize(range(4), 2)
+    shm_before = _mpich_shm_files()
+    sparkmpi.run(rdd, identity_ranks)  # warm-up: workers and spares exist now
+    fds_driver = len(os.listdir("/proc/self/fd"))
+    spares_before = len(_rank_processes())
+    seen_pids, worker_fds = set(), {}
+    for i in range(20):
+        results = sparkmpi.run(rdd, identity_ranks)
+        assert [r[0] for r in results] == [0, 1]
+        assert [list(r[1]) for r in results] == [[0, 1, 2], [1, 2, 3]]
+        pids = {r[2] for r in results}
+        assert not (pids & seen_pids), "a rank process served two jobs"
+        seen_pids |= pids
+        assert _wait_until(lambda: not any(_alive(p) for p in pids)), "rank processes outlived their job"
+        for r in results:
+            worker_fds.setdefault(r[3], []).append(len(os.listdir(f"/proc/{r[3]}/fd")))
+    assert len(seen_pids) == 40
+    # Only the bounded set of warm spares remains (one per Spark Python worker).
+    assert len(_rank_processes()) <= max(spares_before, 4)
+    assert len(os.listdir("/proc/self/fd")) <= fds_driver + 3
+    for counts in worker_fds.values():
+        assert counts[-1] <= counts[0] + 2, f"a Spark worker's fds grew: {counts}"
+    assert _mpich_shm_files() <= shm_before
+
+
+def _expect_failure(sc, fn, **kwargs):
+    rdd = sc.parallelize(range(4), 2)
+    started = time.monotonic()
+    with pytest.raises(sparkmpi.JobFailed) as info:
+        sparkmpi.run(rdd, fn, **kwargs)
+    return info.value, time.monotonic() - started
+
+
+def _assert_recovered(sc, error):
+    """Nothing left behind, and the SparkContext runs the next job."""
+    assert _wait_until(lambda: len(_rank_processes()) <= 4)
+    assert not shm.job_segments(error.job_id), "the failed job's shared memory was left in /dev/shm"
+    assert sparkmpi.run(sc.parallelize(range(4), 2), lambda comm, it: [comm.rank]) == [0, 1]
+
+
+def test_rank_that_raises_fails_the_job_with_its_traceback(sc):
+    error, elapsed = _expect_failure(sc, raise_on_rank_one)
+    assert error.rank == 1 and error.partition == 1
+    message = str(error)
+    assert "rank 1 (partition 1 on" in message
+    assert "raised ValueError: bad frame 17 on rank one" in message
+    assert "Remote traceback" in message and "raise_on_rank_one" in message
+    assert elapsed < 15
+    _assert_recovered(sc, error)
+
+
+def test_rank_that_exits_fails_the_job(sc):
+    error, elapsed = _expect_failure(sc, exit_on_rank_one)
+    assert error.rank == 1 and error.partition == 1
+    assert "exited with status 3 before returning results" in str(error)
+    assert elapsed < 15
+    _assert_recovered(sc, error)
+
+
+def test_rank_that_hangs_times_out_with_stacks(sc):
+    error, elapsed = _expect_failure(sc, hang_on_rank_one, timeout=3)
+    assert isinstance(error, sparkmpi.JobTimeout)
+    message = str(error)
+    assert "timed out after 3 s" in message
+    assert "rank 1 (partition 1 on" in message
+    assert "Stacks of the ranks" in message and "hang_on_rank_one" in message
+    assert elapsed < 3 + 10
+    _assert_recovered(sc, error)
+
+
+def test_mpi_abort_fails_the_job(sc):
+    error, elapsed = _expect_failure(sc, abort_on_rank_zero)
+    assert error.rank == 0 and error.partition == 0
+    assert "called MPI_Abort with exit code 7" in str(error)
+    assert elapsed < 15
+    _assert_recovered(sc, error)
+
+
+def test_unpicklable_result_is_reported(sc):
+    import threading
+
+    error, _ = _expect_failure(sc, lambda comm, it: [threading.Lock()])
+    assert "TypeError" in str(error) and "pickle" in str(error)
+    _assert_recovered(sc, error)
+
+
+def test_bad_arguments_fail_before_running(sc):
+    with pytest.raises(TypeError, match="fn must be a callable"):
+        sparkmpi.run(sc.parallelize(range(2), 2), 42)
+    with pytest.raises(TypeError, match="rdd must be a pyspark RDD"):
+        sparkmpi.run([1, 2], allreduce_example)
+    with pytest.raises(ValueError, match="has 3 partitions but master 'local\\[2\\]' has 2 task slots"):
+        sparkmpi.run(sc.parallelize(range(3), 3), allreduce_example)
+    with pytest.raises(sparkmpi.ConfigError, match="unknown setting"):
+        sparkmpi.run(sc.parallelize(range(2), 2), allreduce_example, bogus=1)
+
+
+def test_job_environment_reaches_ranks(sc):
+    out = sparkmpi.run(sc.parallelize(range(2), 2), lambda comm, it: [os.environ.get("MY_SETTING")],
+                       env={"MY_SETTING": "on"})
+    assert out == ["on", "on"]
+
+
+def test_shm_world_id_matches_mpich():
+    # FNV-1a 32 test vectors, and the name MPICH derives from a kvsname.
+    assert shm.fnv1a_32(b"") == 0x811C9DC5
+    assert shm.fnv1a_32(b"a") == 0xE40C292C
+    assert shm.world_ids("kvs_1") == [shm.fnv1a_32(b"kvs_1"), shm.fnv1a_32(b"kvs_1-1")]
+
+
+def test_shm_cleanup_removes_only_the_jobs_files(tmp_path):
+    wid = f"{shm.world_ids('sparkmpi_dead')[0]:x}"
+    ours = [tmp_path / f"mpich_shm_{wid}_0", tmp_path / f"mpich_vci_{wid}_0"]
+    other = tmp_path / "mpich_shm_deadbeef_0"
+    for path in ours + [other]:
+        path.write_bytes(b"x")
+    removed = shm.remove_job_segments("sparkmpi_dead", str(tmp_path))
+    assert sorted(removed) == sorted(str(p) for p in ours)
+    assert other.exists()
