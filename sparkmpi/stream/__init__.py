@@ -1,0 +1,1 @@
+"""Streaming: detector frames through Kafka or ZeroMQ into micro-batches."""
