@@ -140,7 +140,9 @@ def system_matrix(n: int, angles_deg, n_rays: int | None = None, dtype=np.float3
         ay_hi = np.where(dy == 0, np.where(inside_y, np.inf, -np.inf), ay_hi)
         s_in = np.maximum(ax_lo, ay_lo)                      # (b, r)
         s_out = np.minimum(ax_hi, ay_hi)
-        s_out = np.maximum(s_out, s_in)                      # missing rays: empty range
+        missing = ~(s_out > s_in)                            # rays that miss the square
+        s_in = np.where(missing, 0.0, s_in)
+        s_out = np.where(missing, 0.0, s_out)                # empty range: no segments
         # Crossings for axis-parallel rays are +-inf or NaN: clip them away.
         ax = np.where(np.isfinite(ax), ax, s_in[..., None])
         ay = np.where(np.isfinite(ay), ay, s_in[..., None])
