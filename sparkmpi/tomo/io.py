@@ -227,6 +227,33 @@ def _resolve_angles(path: Path, angles, angles_file, n_projections: int) -> np.n
 
 
 # ----------------------------------------------------------------------- TIFF
+def _check_ifd_chain(tif, last_page, path: Path, file_size: int, n_pages: int) -> None:
+    """Raise if the page chain goes on past the end of the file (tifffile only logs that)."""
+    import struct
+
+    fh = tif.filehandle
+    header = tif.tiff
+    try:
+        fh.seek(last_page.offset)
+        (count,) = struct.unpack(header.tagnoformat, fh.read(header.tagnosize))
+        fh.seek(last_page.offset + header.tagnosize + count * header.tagsize)
+        raw = fh.read(header.offsetsize)
+    except (OSError, struct.error) as exc:
+        raise TiltSeriesError(f"'{path}' is truncated: page {n_pages - 1}'s directory is cut off ({exc})") from exc
+    if len(raw) < header.offsetsize:
+        raise TiltSeriesError(f"'{path}' is truncated: page {n_pages - 1}'s directory is cut off")
+    (next_offset,) = struct.unpack(header.offsetformat, raw)
+    if next_offset != 0 and next_offset >= file_size:
+        raise TiltSeriesError(f"'{path}' is truncated: after page {n_pages - 1} the next page should start "
+                              f"at byte {next_offset} but the file has {file_size}")
+    shaped = tif.shaped_metadata or ()
+    if shaped and isinstance(shaped[0], dict) and isinstance(shaped[0].get("shape"), list) \
+            and len(shaped[0]["shape"]) == 3 and shaped[0]["shape"][0] != n_pages \
+            and tuple(shaped[0]["shape"][1:]) == tuple(last_page.shape):
+        raise TiltSeriesError(f"'{path}' is truncated: its description promises {shaped[0]['shape'][0]} pages, "
+                              f"the file holds {n_pages}")
+
+
 def _scan_tiff(path: Path):
     """Open a TIFF and check every page's shape, type and byte ranges; no pixel decoding.
 
@@ -249,6 +276,7 @@ def _scan_tiff(path: Path):
                                   f"directory ({exc})") from exc
         if not pages:
             raise TiltSeriesError(f"'{path}' holds no images")
+        _check_ifd_chain(tif, pages[-1], path, file_size, len(pages))
         shape = None
         dtype = None
         for index, page in enumerate(pages):
