@@ -1,0 +1,165 @@
+"""Thin helpers around confluent-kafka clients: configuration, reachability, topics.
+
+confluent-kafka (librdkafka) retries a dead broker forever and logs to stderr;
+every helper here bounds its wait and routes librdkafka's log lines to the
+``sparkmpi.stream.kafka.client`` logger, remembering the last error so a
+timeout can say *why* nothing answered.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import socket
+import time
+from typing import Any
+
+from ._errors import BrokerUnavailable, StreamTimeout
+
+LOG = logging.getLogger("sparkmpi.stream.kafka.client")
+_BOOTSTRAP = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
+
+
+def check_bootstrap(bootstrap: Any) -> str:
+    """Validate ``host:port[,host:port...]``; return it unchanged."""
+    if not isinstance(bootstrap, str) or not bootstrap:
+        raise ValueError(f"bootstrap: expected 'host:port', got {bootstrap!r}")
+    for part in bootstrap.split(","):
+        if not _BOOTSTRAP.match(part) or not 0 < int(part.rsplit(":", 1)[1]) <= 65535:
+            raise ValueError(f"bootstrap: expected 'host:port' with port 1..65535, got {part!r}")
+    return bootstrap
+
+
+class ErrorTrap:
+    """An ``error_cb`` that remembers librdkafka's last error."""
+
+    def __init__(self) -> None:
+        self.last: str = ""
+
+    def __call__(self, err) -> None:
+        self.last = str(err.str() if hasattr(err, "str") else err)
+        LOG.debug("librdkafka error: %s", self.last)
+
+
+def client_config(bootstrap: str, trap: ErrorTrap | None = None, **extra: Any) -> dict:
+    """Common client settings: quiet logging, fast reconnect, bounded socket timeouts."""
+    conf = {
+        "bootstrap.servers": check_bootstrap(bootstrap),
+        "logger": LOG,
+        "socket.timeout.ms": 10000,
+        "reconnect.backoff.ms": 50,
+        "reconnect.backoff.max.ms": 1000,
+        "broker.address.family": "v4",
+    }
+    if trap is not None:
+        conf["error_cb"] = trap
+    conf.update(extra)
+    return conf
+
+
+def check_broker(bootstrap: str, timeout: float = 5.0) -> int:
+    """Wait until a broker answers a metadata request; return the broker count.
+
+    Raises
+    ------
+    BrokerUnavailable
+        Naming the address, the seconds waited and librdkafka's last error.
+    """
+    from confluent_kafka.admin import AdminClient
+
+    if not timeout > 0:
+        raise ValueError(f"timeout: expected seconds > 0, got {timeout!r}")
+    trap = ErrorTrap()
+    admin = AdminClient(client_config(bootstrap, trap))
+    start = time.monotonic()
+    deadline = start + timeout
+    cause = ""
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            break
+        try:
+            meta = admin.list_topics(timeout=min(1.0, left))
+            if meta.brokers:
+                return len(meta.brokers)
+        except Exception as exc:  # KafkaException: transport, timeout
+            cause = exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else str(exc)
+    waited = time.monotonic() - start
+    raise BrokerUnavailable(
+        f"no Kafka broker answered at {bootstrap} within {waited:.1f} s: "
+        f"{_tcp_probe(bootstrap) or trap.last or cause or 'no metadata'} "
+        f"(is the broker running? `sparkmpi kafka status`)")
+
+
+def _tcp_probe(bootstrap: str, timeout: float = 1.0) -> str:
+    """Why a plain TCP connection to the first bootstrap address fails ('' if it connects)."""
+    host, _, port = bootstrap.split(",")[0].rpartition(":")
+    try:
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return ""
+    except OSError as exc:
+        return f"TCP connect to {host}:{port} failed: {exc.strerror or exc}"
+
+
+def topic_partitions(bootstrap: str, topic: str, timeout: float = 10.0) -> list[int]:
+    """Partition ids of ``topic`` (sorted); ``[]`` when the topic does not exist."""
+    from confluent_kafka.admin import AdminClient
+
+    trap = ErrorTrap()
+    admin = AdminClient(client_config(bootstrap, trap))
+    try:
+        meta = admin.list_topics(topic=topic, timeout=timeout)
+    except Exception as exc:
+        raise BrokerUnavailable(f"no metadata for topic {topic!r} from {bootstrap} within {timeout:.1f} s: "
+                                f"{trap.last or exc}") from None
+    info = meta.topics.get(topic)
+    if info is None or info.error is not None:
+        return []
+    return sorted(info.partitions)
+
+
+def ensure_topic(bootstrap: str, topic: str, partitions: int = 1, *, replication: int = 1,
+                 timeout: float = 10.0, config: dict | None = None) -> bool:
+    """Create ``topic`` with ``partitions`` partitions unless it exists; True if created.
+
+    An existing topic with a different partition count is an error (frames are
+    assigned to partitions by index, so the count matters).
+    """
+    from confluent_kafka import KafkaError, KafkaException
+    from confluent_kafka.admin import AdminClient, NewTopic
+
+    if not isinstance(topic, str) or not re.fullmatch(r"[A-Za-z0-9._\-]{1,249}", topic):
+        raise ValueError(f"topic: expected 1-249 characters of [A-Za-z0-9._-], got {topic!r}")
+    if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
+        raise ValueError(f"partitions: expected an integer >= 1, got {partitions!r}")
+    existing = topic_partitions(bootstrap, topic, timeout)
+    if existing:
+        if len(existing) != partitions:
+            raise ValueError(f"topic {topic!r} at {bootstrap} exists with {len(existing)} partitions, "
+                             f"expected {partitions}; delete it or pass --partitions {len(existing)}")
+        return False
+    trap = ErrorTrap()
+    admin = AdminClient(client_config(bootstrap, trap))
+    future = admin.create_topics([NewTopic(topic, num_partitions=partitions, replication_factor=replication,
+                                           config=config or {})], operation_timeout=timeout,
+                                 request_timeout=timeout)[topic]
+    try:
+        future.result(timeout=timeout + 1)
+    except KafkaException as exc:
+        if exc.args and exc.args[0].code() == KafkaError.TOPIC_ALREADY_EXISTS:
+            return False
+        raise BrokerUnavailable(f"could not create topic {topic!r} at {bootstrap}: {exc}") from None
+    except Exception as exc:  # concurrent.futures.TimeoutError
+        raise StreamTimeout(f"creating topic {topic!r} at {bootstrap} did not finish within {timeout:.1f} s: "
+                            f"{trap.last or type(exc).__name__}") from None
+    # metadata propagates asynchronously; wait until the partitions are visible
+    deadline = time.monotonic() + timeout
+    while len(topic_partitions(bootstrap, topic, timeout)) != partitions:
+        if time.monotonic() > deadline:
+            raise StreamTimeout(f"topic {topic!r} created at {bootstrap} but its {partitions} partitions "
+                                f"were not visible within {timeout:.1f} s")
+        time.sleep(0.05)
+    return True
+
+
+LOG.addHandler(logging.NullHandler())
