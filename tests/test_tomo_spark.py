@@ -75,3 +75,14 @@ def test_bad_input_fails_before_spark_work(spark, stack, tmp_path):
         reconstruct_spark(spark, tmp_path / "none.parquet")
     with pytest.raises(ValueError, match="algorithm must be one of"):
         reconstruct_spark(spark, read_tilt_series(path), algorithm="mlem")
+
+
+@pytest.mark.slow
+def test_sirt_mpi_mode_through_sparkmpi_run_equals_serial(spark, stack):
+    from sparkmpi.tomo.spark import reconstruct_mpi
+
+    path, series = stack
+    volume, info = reconstruct_mpi(spark, path, ranks=2, iterations=15, positivity=True, timeout=120)
+    serial = sirt(series.sinograms(), series.angles_deg, iterations=15, positivity=True)
+    assert info["ranks"] == 2
+    np.testing.assert_allclose(volume, serial, atol=1e-5)

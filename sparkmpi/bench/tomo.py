@@ -7,7 +7,10 @@ Python worker, or broadcast), collect in slice order, and write the volume as
 a float32 TIFF.  Not timed: simulating the phantom, starting the
 SparkSession (``spark_start_s``) and starting the Python workers with
 sparkmpi imported (``worker_start_s``), which a running pipeline has already
-paid.  ``recon_s`` and ``matrix_s`` are the slowest partition's.  For ART
+paid.  ``recon_s`` and ``matrix_s`` are the slowest partition's.  With
+``--mode mpi`` (SIRT only) the projections are split over ``--ranks`` MPI
+ranks started by :func:`sparkmpi.run`; ``recon_s`` is then the whole MPI
+job, matrix building included (``matrix_s`` is reported as 0).  For ART
 the figures include ``reference_rmse``: the straightforward one-slice
 Kaczmarz (:func:`sparkmpi.tomo.art_reference`) on a few slices, and the ratio
 of the batched result's RMSE to it on the same slices.
@@ -32,6 +35,9 @@ def add_arguments(parser) -> None:
     parser.add_argument("--iterations", type=int, default=None,
                         help="ART sweeps or SIRT iterations (default 1 for art, 100 for sirt)")
     parser.add_argument("--ranks", type=int, default=2, help="Spark partitions and local cores (default 2)")
+    parser.add_argument("--mode", choices=("spark-slices", "mpi"), default="spark-slices",
+                        help="slice partitions through Spark (default), or SIRT with projections split "
+                             "over --ranks MPI ranks launched by sparkmpi.run")
     parser.add_argument("--phantom", choices=("shepp-logan", "nanoparticles"), default="shepp-logan")
     parser.add_argument("--matrix", choices=("rebuild", "broadcast"), default="rebuild",
                         help="system matrix: built in each worker (default) or broadcast from the driver")
@@ -59,11 +65,16 @@ def _warm_workers(sc, ranks: int) -> float:
 
 def _one_run(spark, tiff: Path, out: Path, args, iterations: int, matrix_mode: str) -> tuple:
     from sparkmpi.tomo.output import write_volume_tiff
-    from sparkmpi.tomo.spark import reconstruct_spark
+    from sparkmpi.tomo.spark import reconstruct_mpi, reconstruct_spark
 
     t0 = time.perf_counter()
-    volume, info = reconstruct_spark(spark, tiff, algorithm=args.algorithm, iterations=iterations,
-                                     partitions=args.ranks, matrix_mode=matrix_mode)
+    if args.mode == "mpi":
+        volume, info = reconstruct_mpi(spark, tiff, ranks=args.ranks, iterations=iterations)
+        # the matrix is built inside each rank's timed SIRT call
+        info.update(matrix_s=0.0, broadcast_s=0.0, partitions=args.ranks)
+    else:
+        volume, info = reconstruct_spark(spark, tiff, algorithm=args.algorithm, iterations=iterations,
+                                         partitions=args.ranks, matrix_mode=matrix_mode)
     t1 = time.perf_counter()
     write_volume_tiff(out, volume)
     t2 = time.perf_counter()
@@ -81,6 +92,9 @@ def run(args) -> dict:
         value = getattr(args, name)
         if value < 1:
             raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+    if args.mode == "mpi" and (args.algorithm != "sirt" or args.compare_matrix):
+        raise ValueError(f"--mode mpi runs SIRT only, without --compare-matrix "
+                         f"(got --algorithm {args.algorithm})")
     iterations = args.iterations if args.iterations is not None else (1 if args.algorithm == "art" else 100)
     if iterations < 1:
         raise ValueError(f"--iterations must be a positive integer, got {iterations}")
@@ -106,7 +120,7 @@ def run(args) -> dict:
             volume, info = _one_run(spark, tiff, work / "volume.tif", args, iterations, args.matrix)
 
         report.update({
-            "benchmark": NAME, "mode": "spark-slices", "algorithm": args.algorithm,
+            "benchmark": NAME, "mode": args.mode, "algorithm": args.algorithm,
             "iterations": iterations if args.algorithm != "fbp" else 0, "size": args.size,
             "angles": args.angles, "ranks": args.ranks, "partitions": info["partitions"],
             "matrix_mode": args.matrix, "phantom": args.phantom,

@@ -140,7 +140,7 @@ def _cmd_reconstruct(args) -> int:
     iterations = args.iterations if args.iterations is not None else (1 if args.algorithm == "art" else 100)
     t0 = time.perf_counter()
     info: dict = {}
-    if args.spark_partitions == 0:
+    if args.spark_partitions == 0 and not args.mpi_ranks:
         series = _read_series(args)
         progress.message(f"read {series.n_angles} projections of {series.n_slices}x{series.n_rays}")
         sinos = series.sinograms()
@@ -153,6 +153,17 @@ def _cmd_reconstruct(args) -> int:
         else:
             volume = fbp(sinos, series.angles_deg, filter=args.filter, backend=args.backend)
         mode = "single-process"
+    elif args.mpi_ranks:
+        from .spark import reconstruct_mpi
+
+        if args.algorithm != "sirt":
+            raise TiltSeriesError(f"--mpi-ranks distributes SIRT only (got --algorithm {args.algorithm})")
+        with spark_session(args.master) as spark:
+            progress.message(f"SIRT over {args.mpi_ranks} MPI ranks launched through Spark")
+            volume, info = reconstruct_mpi(spark, args.input, ranks=args.mpi_ranks, iterations=iterations,
+                                           angles=args.angles, angles_file=args.angles_file,
+                                           relaxation=args.relaxation, positivity=args.positivity)
+        mode = "mpi"
     else:
         from .spark import reconstruct_spark
 
@@ -226,6 +237,9 @@ def register(subparsers) -> None:
     rec.add_argument("--filter", choices=FILTERS, default="ramp", help="FBP filter (default ramp)")
     rec.add_argument("--spark-partitions", type=_non_negative_int, default=2,
                      help="Spark partitions of neighbouring slices; 0 = one process, no Spark (default 2)")
+    rec.add_argument("--mpi-ranks", type=_positive_int, default=None,
+                     help="SIRT only: split the projections over this many MPI ranks (sparkmpi.run) "
+                          "instead of partitioning slices")
     rec.add_argument("--master", default="local[2]", help="Spark master when a session is started (default local[2])")
     rec.add_argument("--matrix", choices=("rebuild", "broadcast"), default="rebuild",
                      help="system matrix per Spark worker: build there, or broadcast from the driver")

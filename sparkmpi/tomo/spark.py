@@ -28,7 +28,8 @@ from .algorithms import ALGORITHMS, FILTERS, art, fbp, sirt
 from .io import TiltSeries, TiltSeriesError, decode_sinogram_row, parquet_metadata, read_tilt_series
 from .projector import cached_system_matrix, system_matrix
 
-__all__ = ["MATRIX_MODES", "load_sinograms_rdd", "partition_slices", "reconstruct_rdd", "reconstruct_spark"]
+__all__ = ["MATRIX_MODES", "load_sinograms_rdd", "partition_slices", "reconstruct_rdd", "reconstruct_spark",
+           "reconstruct_mpi"]
 
 MATRIX_MODES = ("rebuild", "broadcast")
 
@@ -302,3 +303,79 @@ def reconstruct_spark(spark, source, algorithm: str = "art", iterations: int = 1
     info["load_s"] = load_s
     info["angles_deg"] = meta["angles_deg"]
     return volume, info
+
+
+class _SirtRankTask:
+    """``fn(comm, records)`` for :func:`sparkmpi.run`: :func:`~sparkmpi.tomo.mpi.sirt_rank` with options.
+
+    A module-level class (not a ``functools.partial``) so that it pickles by
+    reference to this importable module.
+    """
+
+    def __init__(self, options: dict):
+        self.options = options
+
+    def __call__(self, comm, records):
+        from .mpi import sirt_rank
+
+        return list(sirt_rank(comm, records, **self.options))
+
+
+def reconstruct_mpi(spark, source, ranks: int = 2, iterations: int = 100, angles=None, angles_file=None,
+                    timeout: float | None = None, **options):
+    """SIRT with projections split across MPI ranks launched through Spark (:func:`sparkmpi.run`).
+
+    The tilt series is read and validated on the driver, its projections are
+    parallelised into ``ranks`` partitions of neighbouring angles, and every
+    partition runs :func:`sparkmpi.tomo.mpi.sirt_rank` as one rank of a
+    shared ``MPI.COMM_WORLD``: each rank back-projects its own projections and
+    the updates are summed by ``Allreduce`` every iteration.  This is the
+    mode for volumes whose projections do not fit one node.
+
+    Parameters
+    ----------
+    spark : pyspark.sql.SparkSession
+        Needs at least ``ranks`` free task slots (a barrier stage).
+    source : str, Path or TiltSeries
+        TIFF stack (with angles), Parquet sinogram table, or series in memory.
+    ranks : int
+        MPI ranks (Spark partitions).
+    iterations : int
+    angles, angles_file
+        For TIFF input.
+    timeout : float, optional
+        Seconds the MPI job may take.
+    **options
+        ``relaxation``, ``positivity``, ``n`` for :func:`sparkmpi.tomo.sirt`.
+
+    Returns
+    -------
+    (numpy.ndarray, dict)
+        Volume (n_slices, n, n) float32 and ``{"recon_s", "load_s", "ranks"}``.
+    """
+    import sparkmpi
+
+    from .io import read_parquet_sinograms
+    from .mpi import projection_records
+
+    if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
+        raise ValueError(f"ranks must be a positive integer, got {ranks!r}")
+    t0 = time.perf_counter()
+    if isinstance(source, TiltSeries):
+        series = source
+    elif Path(source).suffix.lower() == ".parquet":
+        series = read_parquet_sinograms(source)
+    else:
+        series = read_tilt_series(source, angles=angles, angles_file=angles_file)
+    if ranks > series.n_angles:
+        raise ValueError(f"ranks ({ranks}) must not exceed the number of projections ({series.n_angles})")
+    records = spark.sparkContext.parallelize(projection_records(series), ranks)
+    load_s = time.perf_counter() - t0
+    task = _SirtRankTask(dict(n_slices=series.n_slices, n_rays=series.n_rays, only_root=True,
+                              iterations=iterations, **options))
+    t1 = time.perf_counter()
+    results = sparkmpi.run(records, task, timeout=timeout)
+    recon_s = time.perf_counter() - t1
+    if len(results) != 1:
+        raise RuntimeError(f"expected one volume from rank 0, got {len(results)} results")
+    return np.asarray(results[0]), {"recon_s": recon_s, "load_s": load_s, "ranks": ranks}
