@@ -28,7 +28,18 @@ from .errors import (
     ProbeShapeError,
     PtychoInputError,
 )
-from .simulate import PtychoData, fresnel_propagate, load, make_object, make_probe, simulate
+from .metrics import illuminated_mask, illumination, nrmse, object_nrmse
+from .output import write_outputs
+from .simulate import (
+    PtychoData,
+    fresnel_propagate,
+    load,
+    make_object,
+    make_probe,
+    model_probe,
+    simulate,
+)
+from .streaming import StreamingReconstruction, micro_batches
 
 __all__ = [
     "ALGORITHMS",
@@ -51,4 +62,12 @@ __all__ = [
     "reconstruct",
     "reconstruct_partition",
     "simulate",
+    "model_probe",
+    "illuminated_mask",
+    "illumination",
+    "nrmse",
+    "object_nrmse",
+    "write_outputs",
+    "StreamingReconstruction",
+    "micro_batches",
 ]

@@ -193,13 +193,13 @@ class Geometry:
         xp, fft = self.xp, self.backend.fft
         oh, ow = self.object_shape
         h, w = self.frame_shape
-        power = xp.zeros((oh, ow), dtype=xp.float32)
-        power[:h, :w] = (probe.real ** 2 + probe.imag ** 2).astype(xp.float32)
-        comb = xp.asarray(self._comb)
+        # float64: the per-rank partial sums then agree with one process to ~1e-15
+        power = xp.zeros((oh, ow), dtype=xp.float64)
+        power[:h, :w] = probe.real.astype(xp.float64) ** 2 + probe.imag.astype(xp.float64) ** 2
+        comb = xp.asarray(self._comb, dtype=xp.float64)
         conv = fft.irfft2(fft.rfft2(comb) * fft.rfft2(power), s=(oh, ow))
-        conv = conv.astype(xp.float32)
         xp.maximum(conv, 0, out=conv)  # FFT round-off leaves tiny negatives
-        return conv
+        return conv.astype(xp.float32)
 
 
 # --------------------------------------------------------------------------- Fourier step

@@ -94,6 +94,9 @@ class ReconstructionState:
     errors : list of float
         Fourier-modulus error after each iteration so far.
     backend : str
+    probe_centroid : (float, float) or None
+        Far-field centroid of the first iteration's probe, the reference
+        that ``pin_probe_ramp`` keeps the probe at.
     """
 
     algorithm: str
@@ -103,6 +106,7 @@ class ReconstructionState:
     exit_waves: Any
     errors: list = field(default_factory=list)
     backend: str = "numpy"
+    probe_centroid: tuple | None = None
 
 
 @dataclass
@@ -198,7 +202,7 @@ class _Engine:
 
     def __init__(self, bk: Backend, intensities: np.ndarray, positions: np.ndarray,
                  object_shape, probe, obj, exit_waves, comm, regularization: float,
-                 threads: int, pin_ramp: bool = True):
+                 threads: int, pin_ramp: bool = True, centroid=None):
         xp = bk.xp
         self.bk, self.xp, self.comm = bk, xp, comm
         self.reg = float(regularization)
@@ -216,7 +220,9 @@ class _Engine:
         self._den = None
         self._conjP = xp.conj(self.P)
         self.pin_ramp = pin_ramp
-        self._centroid0 = self._spectrum_centroid(self.P) if pin_ramp else None
+        self._centroid0 = None
+        if pin_ramp:
+            self._centroid0 = centroid or self._spectrum_centroid(self.P)
         self.work = xp.empty(self.a.shape, dtype=xp.complex64)
         self.tmp = xp.empty(self.a.shape, dtype=xp.complex64)
         if exit_waves is None:
@@ -258,11 +264,12 @@ class _Engine:
         frames = self.geom.gather(self.O)
         xp.conj(frames, out=frames)
         xp.multiply(src, frames, out=scratch)
-        pnum = scratch.sum(axis=0)
-        pden = (frames.real ** 2 + frames.imag ** 2).sum(axis=0)
+        # float64 accumulation: partial sums over ranks then match one process closely
+        pnum = scratch.sum(axis=0, dtype=xp.complex128)
+        pden = (frames.real ** 2 + frames.imag ** 2).sum(axis=0, dtype=xp.float64)
         del frames
         allreduce_sums(self.comm, [pnum, pden], self.bk)
-        d = np.float32(self.reg * float(pden.max()))
+        d = self.reg * float(pden.max())
         pnum += d * self.P
         pnum /= pden + d
         self.P = pnum.astype(xp.complex64, copy=False)
@@ -296,8 +303,6 @@ class _Engine:
         cy, cx = self._spectrum_centroid(self.P)
         dy = (cy - self._centroid0[0] + self.P.shape[0] / 2) % self.P.shape[0] - self.P.shape[0] / 2
         dx = (cx - self._centroid0[1] + self.P.shape[1] / 2) % self.P.shape[1] - self.P.shape[1] / 2
-        if abs(dy) < 1e-3 and abs(dx) < 1e-3:
-            return
         h, w = self.P.shape
         ramp = xp.exp(-2j * np.pi * (dy * xp.arange(h)[:, None] / h + dx * xp.arange(w)[None, :] / w))
         self.P = (self.P * ramp).astype(xp.complex64)
@@ -363,6 +368,7 @@ def _run(intensities, positions, object_shape, *, algorithm, iterations, probe_u
     exit_waves = None
     errors: list = []
     start_iteration = 0
+    centroid = None
     if state is not None:
         if not isinstance(state, ReconstructionState):
             raise PtychoInputError(f"state must be a ReconstructionState from an earlier "
@@ -381,6 +387,7 @@ def _run(intensities, positions, object_shape, *, algorithm, iterations, probe_u
             exit_waves = _to_numpy_state_array(state.backend, exit_waves)
         errors = list(state.errors)
         start_iteration = int(state.iteration)
+        centroid = state.probe_centroid
     if probe is None:
         probe = initial_probe(arr, comm)
     probe = check_complex_image(probe, frame_shape, "probe")
@@ -391,7 +398,7 @@ def _run(intensities, positions, object_shape, *, algorithm, iterations, probe_u
     if threads is None:
         threads = bk.fft_workers or 1
     eng = _Engine(bk, arr, pos, object_shape, probe, object_init, exit_waves, comm,
-                  regularization, threads, pin_ramp=bool(pin_probe_ramp))
+                  regularization, threads, pin_ramp=bool(pin_probe_ramp), centroid=centroid)
     step = eng.dm_step if algorithm == "dm" else eng.raar_step
     sync_each = comm is not None or callback is not None
     pending = []
@@ -418,7 +425,8 @@ def _run(intensities, positions, object_shape, *, algorithm, iterations, probe_u
         eng.close()
     errors.extend(math.sqrt(float(e) / eng.norm) for e in pending)
     new_state = ReconstructionState(algorithm, start_iteration + int(iterations), eng.O, eng.P,
-                                    eng.exit_waves(), errors, bk.name)
+                                    eng.exit_waves(), errors, bk.name,
+                                    tuple(eng._centroid0) if eng._centroid0 else None)
     return Result(np.asarray(bk.asnumpy(eng.O)), np.asarray(bk.asnumpy(eng.P)),
                   np.asarray(errors, dtype=np.float64), new_state, seconds, int(iterations))
 

@@ -461,3 +461,23 @@ def simulate(frames: int = 512, frame_size: int = 128, *, overlap: float = 0.7,
         "intensity_convention": "|fftshift(fft2(P*O_j, norm='ortho'))|^2",
     }
     return PtychoData(intensities, pos, object_shape, obj, prb, meta)
+
+
+def model_probe(data: PtychoData) -> np.ndarray:
+    """Nominal probe of a simulated scan: its aperture kind and diameter, in focus.
+
+    What an experimenter knows before reconstructing (the optics, not the
+    exact defocus): the probe ``kind`` and ``probe_diameter`` from the
+    metadata, without the Fresnel propagation, with the power of the mean
+    measured frame.  Files without that metadata fall back to
+    :func:`sparkmpi.ptycho.initial_probe` (from the mean diffraction pattern).
+    """
+    from .engines import initial_probe
+
+    meta = data.metadata or {}
+    kind = meta.get("probe")
+    if kind not in PROBES or not meta.get("probe_diameter"):
+        return initial_probe(data.intensities)
+    power = float(data.intensities.sum(axis=(1, 2), dtype=np.float64).mean())
+    return make_probe(data.frame_shape, kind=kind, diameter=float(meta["probe_diameter"]),
+                      power=max(power, 1e-30))

@@ -1,0 +1,114 @@
+"""Run one distributed reconstruction as an MPI program (one process per rank).
+
+Usage (what the tests and ``sparkmpi bench ptycho --ranks N`` run)::
+
+    mpiexec -n 2 python -m sparkmpi.ptycho.mpi_job DATA.npz --out RESULT.npz \\
+        --algorithm dm --iterations 100
+
+Every rank loads the file, keeps its contiguous share of the frames
+(:func:`split_frames`), and calls
+:func:`sparkmpi.ptycho.reconstruct_partition`.  Rank 0 writes ``RESULT.npz``
+with ``object``, ``probe``, ``errors``, ``seconds`` (iterations only, the
+slowest rank) and ``ranks``.  A rank that fails aborts the whole job
+(``comm.Abort``), so no rank is left waiting in a collective.
+
+The same :func:`partition_job` body is what a Spark-MPI task runs per rank
+(``sparkmpi.run(rdd, fn)``): only where the frames come from differs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import traceback
+
+import numpy as np
+
+
+def split_frames(n_frames: int, size: int, rank: int) -> slice:
+    """Contiguous share of ``n_frames`` for ``rank`` of ``size`` (sizes differ by <= 1)."""
+    if not 0 <= rank < size:
+        raise ValueError(f"rank must be in [0, {size}), got {rank}")
+    if n_frames < size:
+        raise ValueError(f"{n_frames} frames cannot be split over {size} ranks "
+                         f"(each rank needs at least one frame)")
+    edges = np.linspace(0, n_frames, size + 1).round().astype(int)
+    return slice(int(edges[rank]), int(edges[rank + 1]))
+
+
+def partition_job(comm, intensities, positions, object_shape, **options):
+    """Per-rank body: reconstruct this rank's frames; returns the Result.
+
+    Times the iterations and keeps the slowest rank's time in
+    ``result.seconds``, so every rank reports the job's figure.
+    """
+    from .engines import reconstruct_partition
+
+    result = reconstruct_partition(comm, intensities, positions, object_shape, **options)
+    from mpi4py import MPI
+
+    result.seconds = comm.allreduce(result.seconds, op=MPI.MAX)
+    return result
+
+
+def _probe_init(data, how: str):
+    from .simulate import model_probe
+
+    if how == "data":
+        return None
+    if how == "true":
+        if data.probe_true is None:
+            raise ValueError("--probe-init true needs probe_true in the data file")
+        return data.probe_true
+    return model_probe(data)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m sparkmpi.ptycho.mpi_job",
+                                     description="distributed ptychographic reconstruction")
+    parser.add_argument("data", help="NPZ file written by 'sparkmpi ptycho simulate'")
+    parser.add_argument("--out", required=True, help="result NPZ written by rank 0")
+    parser.add_argument("--algorithm", choices=("dm", "raar"), default="dm")
+    parser.add_argument("--iterations", type=int, default=100)
+    parser.add_argument("--probe-update-start", type=int, default=10,
+                        help="first iteration that refines the probe (-1: never)")
+    parser.add_argument("--probe-init", choices=("model", "data", "true"), default="model")
+    parser.add_argument("--backend", default="numpy")
+    args = parser.parse_args(argv)
+
+    from mpi4py import MPI
+
+    comm = MPI.COMM_WORLD
+    os.environ.setdefault("SPARKMPI_FFT_WORKERS",
+                          str(max(1, (os.cpu_count() or 1) // comm.size)))
+    try:
+        from .simulate import load
+
+        data = load(args.data)
+        share = split_frames(data.n_frames, comm.size, comm.rank)
+        result = partition_job(comm, data.intensities[share], data.positions[share],
+                               data.object_shape, algorithm=args.algorithm,
+                               iterations=args.iterations,
+                               probe_update_start=(None if args.probe_update_start < 0
+                                                   else args.probe_update_start),
+                               probe=_probe_init(data, args.probe_init), backend=args.backend)
+        if comm.rank == 0:
+            tmp = args.out + ".part"
+            with open(tmp, "wb") as fh:
+                np.savez(fh, object=result.object, probe=result.probe, errors=result.errors,
+                         seconds=np.float64(result.seconds), ranks=np.int64(comm.size),
+                         frames_per_rank=np.asarray(comm.gather(share.stop - share.start)))
+            os.replace(tmp, args.out)
+        else:
+            comm.gather(share.stop - share.start)
+    except BaseException:
+        sys.stderr.write(f"rank {comm.rank} failed:\n{traceback.format_exc()}")
+        sys.stderr.flush()
+        comm.Abort(1)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
