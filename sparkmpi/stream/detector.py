@@ -47,8 +47,8 @@ def parse_shape(text: str) -> tuple[int, ...]:
         shape = tuple(int(p) for p in str(text).lower().split("x"))
     except ValueError:
         shape = ()
-    if not 1 <= len(shape) <= 3 or min(shape) < 1:
-        raise ValueError(f"frame shape: expected HxW like '128x128' with sizes >= 1, got {text!r}")
+    if len(shape) != 2 or min(shape) < 4:
+        raise ValueError(f"frame shape: expected HxW like '128x128' with sizes >= 4, got {text!r}")
     return shape
 
 

@@ -345,6 +345,31 @@ def read_offset_range(bootstrap: str, topic: str, partition: int, start: int, en
         consumer.close()
 
 
+_RETRY_CODES = ("NOT_COORDINATOR", "COORDINATOR_LOAD_IN_PROGRESS", "COORDINATOR_NOT_AVAILABLE",
+                "_WAIT_COORD", "_TIMED_OUT", "REQUEST_TIMED_OUT", "_TRANSPORT")
+
+
+def _with_retries(call, timeout: float, what: str, trap: ErrorTrap):
+    """Run ``call()`` until it succeeds, retrying transient group-coordinator errors
+    (the coordinator moves or loads right after a broker starts) with backoff."""
+    from confluent_kafka import KafkaError, KafkaException
+
+    deadline = time.monotonic() + timeout
+    delay = 0.05
+    while True:
+        try:
+            return call(max(0.1, deadline - time.monotonic()))
+        except KafkaException as exc:
+            err = exc.args[0] if exc.args else None
+            transient = isinstance(err, KafkaError) and (err.retriable() or err.name() in _RETRY_CODES)
+            if not transient or time.monotonic() + delay > deadline:
+                raise BrokerUnavailable(f"{what} failed after {timeout - (deadline - time.monotonic()):.1f} s: "
+                                        f"{err.str() if isinstance(err, KafkaError) else exc}"
+                                        f"{'; last client error: ' + trap.last if trap.last else ''}") from None
+            time.sleep(delay)
+            delay = min(delay * 2, 1.0)
+
+
 def watermarks(bootstrap: str, topic: str, partitions: Iterable[int] | None = None, *,
                timeout: float = 10.0) -> dict[TopicPartitionKey, tuple[int, int]]:
     """``{(topic, p): (low, high)}`` for the given (default: all) partitions."""
@@ -385,11 +410,9 @@ def committed_offsets(bootstrap: str, group: str, topic: str, partitions: Iterab
     trap = ErrorTrap()
     consumer = Consumer(client_config(bootstrap, trap, **{"group.id": group, "enable.auto.commit": False}))
     try:
-        try:
-            got = consumer.committed([TopicPartition(topic, p) for p in sorted(partitions)], timeout=timeout)
-        except Exception as exc:
-            raise StreamTimeout(f"committed offsets of group {group!r} for {topic!r} from {bootstrap} not "
-                                f"received within {timeout:.1f} s: {trap.last or exc}") from None
+        wanted = [TopicPartition(topic, p) for p in sorted(partitions)]
+        got = _with_retries(lambda left: consumer.committed(wanted, timeout=left), timeout,
+                            f"reading committed offsets of group {group!r} for {topic!r} from {bootstrap}", trap)
         return {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None) for tp in got}
     finally:
         consumer.close()
@@ -419,11 +442,8 @@ def commit_offsets(bootstrap: str, group: str, ranges: Iterable[OffsetRange], *,
     consumer = Consumer(client_config(bootstrap, trap, **{"group.id": group, "enable.auto.commit": False,
                                                           "socket.timeout.ms": int(timeout * 1000)}))
     try:
-        try:
-            result = consumer.commit(offsets=offsets, asynchronous=False)
-        except Exception as exc:
-            raise BrokerUnavailable(f"committing offsets of group {group!r} at {bootstrap} failed: "
-                                    f"{trap.last or exc}") from None
+        result = _with_retries(lambda left: consumer.commit(offsets=offsets, asynchronous=False), timeout,
+                               f"committing offsets of group {group!r} at {bootstrap}", trap)
         bad = [f"{tp.topic}[{tp.partition}]: {tp.error}" for tp in result or [] if tp.error is not None]
         if bad:
             raise BrokerUnavailable(f"committing offsets of group {group!r} at {bootstrap} failed for {bad}")
