@@ -1,0 +1,50 @@
+"""Driver run by test_standalone.py against a local standalone cluster.
+
+Prints one JSON line with what the jobs returned.  The rank functions live in
+this script and in a local helper module, neither installed on the workers.
+"""
+
+import json
+import os
+import sys
+
+from pyspark.sql import SparkSession
+
+import sparkmpi
+
+sys.path.insert(0, os.path.dirname(__file__))
+import rank_helpers  # noqa: E402  (a local module the executors cannot import)
+
+
+def allreduce(comm, partition):
+    import numpy as np
+    from mpi4py import MPI
+
+    buf = np.full(2_000_000, comm.rank + 1, dtype=np.float32)
+    out = np.empty_like(buf)
+    comm.Allreduce(buf, out, op=MPI.SUM)
+    return [(comm.rank, float(out[0]), sum(partition))]
+
+
+def main():
+    master = sys.argv[1]
+    spark = (SparkSession.builder.master(master).appName("sparkmpi-standalone-test")
+             .config("spark.executor.cores", "2").config("spark.cores.max", "2")
+             .config("spark.executor.memory", "1g").config("spark.ui.enabled", "false")
+             .config("spark.ui.showConsoleProgress", "false").getOrCreate())
+    spark.sparkContext.setLogLevel("ERROR")
+    rdd = spark.sparkContext.parallelize(range(8), 2)
+    report = {"allreduce": sparkmpi.run(rdd, allreduce, start_timeout=120)}
+    report["helper"] = sparkmpi.run(rdd, rank_helpers.rank_and_size)
+    try:
+        sparkmpi.run(rdd, rank_helpers.fail_on_rank_one)
+        report["failure"] = None
+    except sparkmpi.JobFailed as exc:
+        report["failure"] = {"rank": exc.rank, "partition": exc.partition, "message": str(exc)}
+    report["after_failure"] = sparkmpi.run(rdd, rank_helpers.rank_and_size)
+    print("REPORT " + json.dumps(report))
+    spark.stop()
+
+
+if __name__ == "__main__":
+    main()
