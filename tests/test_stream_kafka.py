@@ -259,3 +259,28 @@ def test_cli_start_status_simulate_stop(tmp_path, capsys, broker):
     assert "broker stopped" in capsys.readouterr().out
     assert _java_processes_using(Path(data).resolve()) == []
     assert cli_main(["kafka", "status", "--data-dir", data]) == 1
+
+
+def test_fetch_into_a_fresh_home_is_verified_and_cached(tmp_path, monkeypatch, broker):
+    """Maven copies into a temporary folder that is moved into place once verified."""
+    from sparkmpi.stream.kafka import MANIFEST, kafka_home, kafka_is_fetched
+
+    home = tmp_path / "kafka-home"
+    monkeypatch.setenv("SPARKMPI_KAFKA_HOME", str(home))
+    assert kafka_home() == home and not kafka_is_fetched(home=home)
+    assert fetch_kafka(progress=None) == home
+    manifest = json.loads((home / MANIFEST).read_text())
+    jars = sorted(p.name for p in (home / "lib").glob("*.jar"))
+    assert sorted(manifest["jars"]) == jars and "kafka_2.13-4.4.0.jar" in jars
+    assert any(j.startswith("log4j-slf4j-impl-") for j in jars)
+    assert [p.name for p in tmp_path.iterdir()] == ["kafka-home"]  # no temporary folder left behind
+    mtime = (home / MANIFEST).stat().st_mtime_ns
+    fetch_kafka(progress=None)  # cached: nothing happens
+    assert (home / MANIFEST).stat().st_mtime_ns == mtime
+    # a damaged jar makes the cache invalid; start_broker(fetch=False) says how to fix it
+    (home / "lib" / "kafka-clients-4.4.0.jar").write_bytes(b"not a zip")
+    assert not kafka_is_fetched(home=home)
+    with pytest.raises(BrokerError, match="run `sparkmpi kafka fetch`"):
+        start_broker(tmp_path / "d", 0, fetch=False)
+    with pytest.raises(ValueError, match="version: Kafka 4.0 or newer"):
+        fetch_kafka("3.9.1")
