@@ -1,0 +1,74 @@
+"""Settings precedence and the command line's contract (exit codes, one-line errors)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from sparkmpi.cli import main
+from sparkmpi.config import Settings, load_settings
+from sparkmpi.errors import ConfigError
+
+
+def test_precedence_argument_over_environment_over_default():
+    assert load_settings({}).start_timeout == Settings().start_timeout
+    assert load_settings({"SPARKMPI_START_TIMEOUT": "5"}).start_timeout == 5.0
+    assert load_settings({"SPARKMPI_START_TIMEOUT": "5"}, start_timeout=7).start_timeout == 7
+    assert load_settings({"SPARKMPI_JOB_TIMEOUT": "none"}).job_timeout is None
+    assert load_settings({"SPARKMPI_JOB_TIMEOUT": "2.5"}).job_timeout == 2.5
+
+
+@pytest.mark.parametrize("env, fragment", [
+    ({"SPARKMPI_START_TIMOUT": "5"}, "unknown environment variable SPARKMPI_START_TIMOUT"),
+    ({"SPARKMPI_PMI_PORT": "http"}, "SPARKMPI_PMI_PORT='http' is not a valid"),
+    ({"SPARKMPI_PMI_PORT": "70000"}, "pmi_port must be in 0..65535"),
+    ({"SPARKMPI_JOB_TIMEOUT": "-1"}, "job_timeout must be > 0"),
+    ({"SPARKMPI_WARM_POOL": "-2"}, "warm_pool must be in 0..64"),
+])
+def test_bad_settings_are_named(env, fragment):
+    with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):
+        load_settings(env)
+
+
+def test_unknown_override_and_replace():
+    with pytest.raises(ConfigError, match="unknown setting 'colour'"):
+        load_settings({}, colour="red")
+    assert Settings().replace(warm_pool=0).warm_pool == 0
+    with pytest.raises(ConfigError, match="unknown setting"):
+        Settings().replace(nope=1)
+
+
+def test_help_exits_zero(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["--help"])
+    assert info.value.code == 0
+    assert "bench" in capsys.readouterr().out
+
+
+def test_usage_error_exits_two_with_one_line(capsys):
+    assert main(["bench", "allreduce", "--ranks", "999"]) == 2
+    err = capsys.readouterr().err
+    assert "--ranks must be in 1.." in err and "Traceback" not in err
+
+
+def test_unknown_command_exits_two(capsys):
+    with pytest.raises(SystemExit) as info:
+        main(["frobnicate"])
+    assert info.value.code == 2
+
+
+@pytest.mark.slow
+def test_bench_allreduce_json_end_to_end():
+    cmd = [sys.executable, "-m", "sparkmpi.cli", "bench", "allreduce", "--ranks", "2", "--elements", "200000",
+           "--repeat", "3", "--jobs", "2", "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+                          env=dict(os.environ, PYSPARK_PYTHON=sys.executable))
+    assert done.returncode == 0, done.stderr[-3000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    for key in ("collect_s", "allreduce_s", "native_allreduce_s", "job_s", "trivial_barrier_job_s",
+                "collect_over_allreduce", "allreduce_over_native"):
+        assert report[key] > 0, key
+    assert report["ranks"] == 2 and report["elements"] == 200000
+    assert report["collect_over_allreduce"] == pytest.approx(report["collect_s"] / report["allreduce_s"])
