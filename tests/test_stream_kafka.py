@@ -49,7 +49,7 @@ def _java_processes_using(data_dir: Path) -> list[int]:
 def broker(tmp_path_factory):
     fetch_kafka()  # downloads once per machine; a no-op when cached
     data_dir = tmp_path_factory.mktemp("kafka")
-    info = start_broker(data_dir, 0, timeout=90)
+    info = start_broker(data_dir, 0, timeout=90, die_with_parent=True)
     try:
         yield info
     finally:

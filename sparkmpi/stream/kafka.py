@@ -353,6 +353,14 @@ def _java() -> str:
     return java
 
 
+def _kill_with_parent() -> None:
+    """In the child before exec: ask Linux for SIGKILL when the parent dies."""
+    import ctypes
+
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
+
+
 def _format_storage(java: str, classpath: str, data_dir: Path, timeout: float) -> None:
     if (data_dir / "logs" / "meta.properties").exists():
         return  # formatted by an earlier start: keep the topics and offsets
@@ -370,7 +378,8 @@ def _format_storage(java: str, classpath: str, data_dir: Path, timeout: float) -
 
 def start_broker(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, port: int = DEFAULT_PORT, *,
                  version: str = DEFAULT_VERSION, heap: str = DEFAULT_HEAP, timeout: float = 60.0,
-                 home: Path | None = None, fetch: bool = True, progress=None) -> BrokerInfo:
+                 home: Path | None = None, fetch: bool = True, die_with_parent: bool = False,
+                 progress=None) -> BrokerInfo:
     """Start a single-node KRaft broker on 127.0.0.1 as a daemon; return its :class:`BrokerInfo`.
 
     Parameters
@@ -388,6 +397,10 @@ def start_broker(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, port: int = DEF
         JVM maximum heap, e.g. ``"512m"``.
     timeout : float
         Seconds to wait for the broker to answer.
+    die_with_parent : bool
+        Linux: the kernel kills the broker when the calling process dies (tests,
+        demos), so a crashed caller leaves no broker behind.  False (the CLI):
+        the broker is a daemon that outlives the command.
 
     Raises
     ------
@@ -433,7 +446,7 @@ def start_broker(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, port: int = DEF
            f"-Dkafka.logs.dir={data_dir}", "-cp", classpath, "kafka.Kafka", str(data_dir / "server.properties")]
     with open(data_dir / OUT_FILE, "ab") as out:
         proc = subprocess.Popen(cmd, cwd=data_dir, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True)
+                                start_new_session=True, preexec_fn=_kill_with_parent if die_with_parent else None)
     _CHILDREN[proc.pid] = proc
     info = BrokerInfo(pid=proc.pid, host=HOST, port=port, controller_port=controller_port,
                       data_dir=str(data_dir), version=version, started=started)
@@ -547,7 +560,7 @@ class LocalBroker:
     def __init__(self, data_dir, port: int = 0, **options):
         self.data_dir = Path(data_dir)
         self.port = port
-        self.options = options
+        self.options = {"die_with_parent": True, **options}
         self.info: BrokerInfo | None = None
 
     @property
