@@ -236,6 +236,26 @@ def test_bad_arguments_fail_before_running(sc):
         sparkmpi.run(sc.parallelize(range(2), 2), allreduce_example, bogus=1)
 
 
+def scaled_rank(comm, records, factor):
+    return [comm.rank * factor]
+
+
+class RankTimes:
+    def __init__(self, factor):
+        self.factor = factor
+
+    def __call__(self, comm, records):
+        return [comm.rank * self.factor]
+
+
+def test_partials_and_callable_objects_from_local_modules(sc):
+    import functools
+
+    rdd = sc.parallelize(range(2), 2)
+    assert sparkmpi.run(rdd, functools.partial(scaled_rank, factor=10)) == [0, 10]
+    assert sparkmpi.run(rdd, RankTimes(5)) == [0, 5]
+
+
 def test_job_environment_reaches_ranks(sc):
     out = sparkmpi.run(sc.parallelize(range(2), 2), lambda comm, it: [os.environ.get("MY_SETTING")],
                        env={"MY_SETTING": "on"})

@@ -10,6 +10,7 @@ naming the rank, its partition and the cause.
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import re
@@ -77,10 +78,25 @@ def resolve_host(settings: Settings, sc) -> str:
 
 
 def _is_importable_elsewhere(module_name: str) -> bool:
-    """True for modules a worker can import too (installed packages, sparkmpi)."""
-    module = sys.modules.get(module_name)
-    path = getattr(module, "__file__", None) or ""
-    return module_name.split(".")[0] in ("sparkmpi", "numpy", "mpi4py") or "site-packages" in path
+    """True for modules a worker can import too (stdlib, installed packages, sparkmpi)."""
+    top = module_name.split(".")[0]
+    if top in sys.stdlib_module_names or top in ("sparkmpi", "pyspark", "builtins"):
+        return True
+    path = getattr(sys.modules.get(module_name), "__file__", None) or ""
+    return "site-packages" in path or "dist-packages" in path
+
+
+def _local_modules(fn) -> list:
+    """Modules whose code ``fn`` needs but a worker may not be able to import."""
+    targets = [fn]
+    while isinstance(targets[-1], functools.partial):
+        targets.append(targets[-1].func)
+    names = set()
+    for target in targets:
+        names.add(getattr(target, "__module__", None))
+        names.add(getattr(type(target), "__module__", None))  # callable instances
+    return [sys.modules[n] for n in names
+            if n and n != "__main__" and n in sys.modules and not _is_importable_elsewhere(n)]
 
 
 def pickle_function(fn: RankFunction) -> bytes:
@@ -89,17 +105,14 @@ def pickle_function(fn: RankFunction) -> bytes:
     Functions from a script or test module the workers cannot import are
     pickled with their code, so users need no ``addPyFile`` for them.
     """
-    module_name = getattr(fn, "__module__", None)
-    by_value = None
-    if module_name and module_name != "__main__" and not _is_importable_elsewhere(module_name):
-        by_value = sys.modules.get(module_name)
-    if by_value is not None:
-        cloudpickle.register_pickle_by_value(by_value)
+    modules = _local_modules(fn)
+    for module in modules:
+        cloudpickle.register_pickle_by_value(module)
     try:
         return cloudpickle.dumps(fn, protocol=5)
     finally:
-        if by_value is not None:
-            cloudpickle.unregister_pickle_by_value(by_value)
+        for module in modules:
+            cloudpickle.unregister_pickle_by_value(module)
 
 
 def run(rdd, fn: RankFunction, *, timeout: float | None = None, env: dict[str, str] | None = None,
