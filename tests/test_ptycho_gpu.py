@@ -41,6 +41,39 @@ def test_cupy_matches_numpy(algorithm):
     assert ptycho.nrmse(refined.object, data.object_true, mask) < 0.05
 
 
+def profile_steps(data, probe, reps=10):
+    """Milliseconds per call of each step of an iteration (CuPy, synchronised)."""
+    from sparkmpi.backend import get_backend
+    from sparkmpi.ptycho.engines import _Engine
+
+    bk = get_backend("cupy")
+    eng = _Engine(bk, data.intensities, data.positions, data.object_shape, probe,
+                  np.ones(data.object_shape, np.complex64), None, None, 1e-4, 1)
+    steps = {
+        "copy": lambda: eng.work.__setitem__(Ellipsis, eng.Psi),
+        "ifft": lambda: eng.fourier.inverse(eng.work),
+        "object_update": lambda: eng.object_update(eng.work, eng.tmp),
+        "probe_update": lambda: eng.probe_update(eng.work, eng.tmp),
+        "gather_mul": lambda: eng.geom.gather_multiply(eng.O, eng.P, out=eng.tmp),
+        "fft": lambda: eng.fourier.forward(eng.tmp),
+        "misfit": lambda: eng.fourier.misfit(eng.tmp),
+        "project": lambda: eng.fourier.project(eng.tmp),
+        "axpy": lambda: eng.Psi.__isub__(eng.tmp),
+        "dm_step": lambda: eng.dm_step(1.0, False),
+        "dm_step_probe": lambda: eng.dm_step(1.0, True),
+    }
+    out = {}
+    for name, fn in steps.items():
+        fn()
+        bk.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(reps):
+            fn()
+        bk.synchronize()
+        out[name] = 1e3 * (time.perf_counter() - t0) / reps
+    return out
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--frames", type=int, default=512)
@@ -54,6 +87,8 @@ def main(argv=None) -> int:
     report = {"simulate_seconds": time.perf_counter() - t0,
               "object_shape": list(data.object_shape)}
     ptycho.reconstruct(data, iterations=12, probe=probe, backend="cupy")   # warm-up
+    report["steps_ms"] = profile_steps(data, probe)
+    print(json.dumps(report["steps_ms"]), flush=True)
     for algorithm in ("dm", "raar"):
         t0 = time.perf_counter()
         res = ptycho.reconstruct(data, algorithm=algorithm, iterations=args.iterations,

@@ -244,8 +244,11 @@ class _Engine:
     def object_update(self, src, scratch) -> None:
         """``O <- (sum_j shift(src_j P*) + d O) / (sum_j shift(|P|^2) + d)``."""
         xp = self.xp
-        xp.multiply(src, self._conjP, out=scratch)
-        num = self.geom.scatter(scratch)
+        if self.bk.name == "cupy":   # fused product and scatter
+            num = self.geom.scatter_conj_mul(src, self.P)
+        else:
+            xp.multiply(src, self._conjP, out=scratch)
+            num = self.geom.scatter(scratch)
         if self._den is None:
             den = self.geom.scatter_probe_power(self.P)
             allreduce_sums(self.comm, [num, den], self.bk)
