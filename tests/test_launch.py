@@ -198,6 +198,47 @@ def test_rank_that_exits_fails_the_job(sc):
     _assert_recovered(sc, error)
 
 
+def killed_on_rank_one(comm, partition):
+    import signal
+
+    if comm.rank == 1:
+        os.kill(os.getpid(), signal.SIGKILL)
+    comm.Barrier()
+    return [comm.rank]
+
+
+def spark_worker_dies_on_rank_one(comm, partition):
+    import signal
+
+    if comm.rank == 1:
+        # The Spark Python worker (the relay) dies: its rank must die with it.
+        with open(os.environ["PID_FILE"], "w") as f:
+            f.write(str(os.getpid()))
+        os.kill(os.getppid(), signal.SIGKILL)
+        time.sleep(60)
+    comm.Barrier()
+    return [comm.rank]
+
+
+def test_rank_killed_by_a_signal(sc):
+    error, elapsed = _expect_failure(sc, killed_on_rank_one)
+    assert error.rank == 1
+    assert "killed by SIGKILL" in str(error)
+    assert elapsed < 15
+    _assert_recovered(sc, error)
+
+
+def test_lost_spark_worker_takes_its_rank_along(sc, tmp_path):
+    pid_file = tmp_path / "rank1.pid"
+    error, elapsed = _expect_failure(sc, spark_worker_dies_on_rank_one, env={"PID_FILE": str(pid_file)})
+    assert error.rank == 1
+    assert "lost the relay of rank 1 (partition 1" in str(error)
+    assert elapsed < 20
+    orphan = int(pid_file.read_text())
+    assert _wait_until(lambda: not _alive(orphan), 5), "the rank outlived its Spark worker"
+    _assert_recovered(sc, error)
+
+
 def test_rank_that_hangs_times_out_with_stacks(sc):
     error, elapsed = _expect_failure(sc, hang_on_rank_one, timeout=3)
     assert isinstance(error, sparkmpi.JobTimeout)
