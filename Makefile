@@ -18,6 +18,7 @@ demo: $(STAMP)
 	$(VENV)/bin/sparkmpi bench allreduce --ranks 2 --elements 2000000 --repeat 10
 
 test: $(STAMP)
+	sh scripts/install-browser.sh
 	$(VENV)/bin/python -m pytest -q
 
 clean:
