@@ -174,20 +174,20 @@ class _Relay:
         """Ask the rank for its threads' stacks (faulthandler on SIGUSR1) and report them."""
         if not self.proc.alive():
             return
-        before = len(self.stderr_tail)
         self.proc.popen.send_signal(signal.SIGUSR1)
+        stacks = bytearray()
         deadline = time.monotonic() + 1.0
         quiet_since = time.monotonic()
+        # Read until the dump has been quiet for 0.2 s (or 1 s in all).
         while time.monotonic() < deadline and time.monotonic() - quiet_since < 0.2:
-            size = len(self.stderr_tail)
-            self._drain_stderr()
-            if len(self.stderr_tail) != size:
+            chunk = self._drain_stderr()
+            if chunk:
+                stacks += chunk
                 quiet_since = time.monotonic()
             time.sleep(0.02)
-        stacks = self.stderr_tail[before:].decode("utf-8", "replace").strip() if len(self.stderr_tail) > before \
-            else self.stderr_tail.decode("utf-8", "replace").strip()
+        text = stacks.decode("utf-8", "replace").strip() or "(no stack received)"
         try:
-            self.server.sendall(control.text_line(control.FAILED, stacks or "(no stack received)"))
+            self.server.sendall(control.text_line(control.FAILED, text[-8000:]))
         except OSError:
             pass
 
@@ -227,18 +227,22 @@ class _Relay:
             pass
         raise RankError(cause)
 
-    def _drain_stderr(self) -> None:
+    def _drain_stderr(self) -> bytes:
+        """Read what the rank wrote to stderr so far; echo it, keep a tail, return it."""
         stream = self.proc.popen.stderr
+        read = bytearray()
         while True:
             try:
                 chunk = os.read(stream.fileno(), 65536)
             except BlockingIOError:
-                return
+                break
             if not chunk:
-                return
+                break
             os.write(2, chunk)  # keep the rank's stderr in the executor's log
-            self.stderr_tail += chunk
-            del self.stderr_tail[:-STDERR_TAIL]
+            read += chunk
+        self.stderr_tail += read
+        del self.stderr_tail[:-STDERR_TAIL]
+        return bytes(read)
 
     def _stderr_note(self) -> str:
         text = self.stderr_tail.decode("utf-8", "replace").strip()
