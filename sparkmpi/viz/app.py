@@ -145,8 +145,10 @@ def _slider(state_name, label, element_id, **kwargs):
     from trame.widgets import vuetify3 as v3
 
     with html.Div(id=element_id, classes="px-2"):
-        v3.VSlider(v_model=(state_name,), label=label, hide_details=True, density="compact",
-                   thumb_label=True, **kwargs)
+        with v3.VSlider(v_model=(state_name,), label=label, hide_details=True, density="compact", **kwargs):
+            with v3.Template(v_slot_append=True):
+                html.Span(f"{{{{ {state_name} }}}}", classes="text-body-2 text-right",
+                          style="min-width: 2.6em;")
 
 
 def _colormap_select(default: str):

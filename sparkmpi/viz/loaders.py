@@ -19,6 +19,7 @@ not trusted.
 from __future__ import annotations
 
 import json
+import logging
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -137,7 +138,12 @@ def _check_volume_array(vol, path: Path) -> np.ndarray:
 def _read_tiff(path: Path) -> np.ndarray:
     import tifffile
 
+    from ..tomo.io import TiltSeriesError, _check_ifd_chain
+
     size = path.stat().st_size
+    log = logging.getLogger("tifffile")
+    level = log.level
+    log.setLevel(logging.CRITICAL)  # it logs broken page chains; we raise about them instead
     try:
         with tifffile.TiffFile(str(path)) as tif:
             pages = list(tif.pages)
@@ -149,12 +155,18 @@ def _read_tiff(path: Path) -> np.ndarray:
                 if ends.size == 0 or int(ends.max()) > size:
                     raise UnreadableResultError(f"'{path}' is truncated: page {index} needs bytes up to "
                                                 f"{int(ends.max()) if ends.size else 0}, the file has {size}")
+            try:  # tifffile only logs a page chain that runs past the end of the file
+                _check_ifd_chain(tif, pages[-1], path, size, len(pages))
+            except TiltSeriesError as exc:
+                raise UnreadableResultError(str(exc)) from None
             return tif.asarray(key=range(len(pages)) if len(pages) > 1 else 0)
     except UnreadableResultError:
         raise
     except Exception as exc:  # tifffile raises many types for broken files
         raise UnreadableResultError(f"'{path}' is truncated or corrupt: cannot read it as TIFF "
                                     f"({type(exc).__name__}: {exc})") from exc
+    finally:
+        log.setLevel(level)
 
 
 def load_volume(path) -> np.ndarray:
