@@ -8,6 +8,7 @@ import sys
 from dataclasses import asdict
 
 from . import kafka as _kafka
+from .driver_cli import register_noun as _register_stream
 
 
 def _usage(message: str):
@@ -170,3 +171,4 @@ def _register_detector(subparsers) -> None:
 def register(subparsers) -> None:
     _register_kafka(subparsers)
     _register_detector(subparsers)
+    _register_stream(subparsers)

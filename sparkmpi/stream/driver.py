@@ -142,6 +142,11 @@ def _identity(items):
     return items
 
 
+def _noop_job(comm, items):
+    comm.Barrier()
+    return [sum(1 for _ in items)]
+
+
 def _check_expectations(frame: Frame, shape, dtype) -> tuple[str, str] | None:
     if shape is not None and tuple(frame.array.shape) != tuple(shape):
         return (f"frame {frame.header.index} has shape {tuple(frame.array.shape)}, expected {tuple(shape)}",
@@ -370,6 +375,16 @@ class _BatchCore:
         self.latencies: list[np.ndarray] = []
         self.first_start: float | None = None
 
+    def warm_up(self) -> float:
+        """Run one empty MPI job so Spark's Python workers and the spare rank
+        processes are up before the first frame arrives; return its seconds."""
+        import sparkmpi
+
+        t0 = time.monotonic()
+        sparkmpi.run(self.sc.parallelize([[] for _ in range(self.ranks)], self.ranks).flatMap(_identity),
+                     _noop_job, timeout=self.job_timeout, **self.job_settings)
+        return time.monotonic() - t0
+
     def run_job(self, rdd, batch: int, ranges) -> tuple[list, int]:
         """Run the batch's MPI job with retries; ``(per-rank results, attempts)``."""
         import sparkmpi
@@ -550,7 +565,11 @@ class StreamDriver(_BatchCore):
     progress : file, optional
         One progress line per batch (default ``sys.stderr``; None: quiet).
     json_lines : path or file, optional
-        One JSON object per event (``reconciled``, ``batch``, ``retry``, ``end``).
+        One JSON object per event (``reconciled``, ``started``, ``batch``, ``retry``,
+        ``broker_retry``, ``end``).
+    warm_up : bool
+        Run one empty MPI job at start (Spark workers and rank processes ready
+        before the first batch).
     after_write : callable, optional
         ``after_write(batch, path)`` right after the output is written and before
         the commit (tests simulate a crash there).
@@ -563,8 +582,9 @@ class StreamDriver(_BatchCore):
                  read_timeout: float = 30.0, start_timeout: float = 5.0, topic_timeout: float = 30.0,
                  job_timeout: float | None = 300.0, job_settings: dict | None = None,
                  consumer_config: dict | None = None, poll_interval: float = 0.02,
-                 progress=sys.stderr, json_lines=None, after_write=None):
+                 warm_up: bool = True, progress=sys.stderr, json_lines=None, after_write=None):
         self.bootstrap = check_bootstrap(bootstrap)
+        self.warm = bool(warm_up)
         if not isinstance(topic, str) or not topic:
             raise ValueError(f"topic: expected a non-empty string, got {topic!r}")
         if not isinstance(group, str) or not group:
@@ -733,6 +753,12 @@ class StreamDriver(_BatchCore):
         t0 = time.monotonic()
         try:
             reconciled = self.start()
+            warm = self.warm_up() if self.warm else None
+            self.reporter.event({"event": "started", "topic": self.topic, "group": self.group,
+                                 "partitions": self.partitions, "committed": self._committed_text(),
+                                 "next_batch": self.next_batch, "warm_up_s": warm},
+                                f"streaming {self.topic} ({len(self.partitions)} partitions) at {self.bootstrap} "
+                                f"as group {self.group}; committed {self._committed_text()}")
             poller = _WatermarkPoller(self.bootstrap, self.topic, self.partitions, timeout=5.0)
             try:
                 stopped = self._loop(poller, until_end_of_scan, idle_timeout, max_batches)
