@@ -27,6 +27,7 @@ sliding-window fancy indexing 9 ms.
 
 from __future__ import annotations
 
+import math
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -85,6 +86,97 @@ def allreduce_sums(comm, arrays, backend: Backend | None = None) -> None:
                 arr[...] = part
 
 
+def allreduce_max(comm, values) -> np.ndarray:
+    """Element-wise maximum of a short float64 vector over the ranks (exact in any order)."""
+    buf = np.array(values, dtype=np.float64).reshape(-1)
+    if comm is not None and int(getattr(comm, "size", 1)) > 1:
+        from mpi4py import MPI
+
+        comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX)
+    return buf
+
+
+class ExactSums:
+    """Sums over frames and ranks that do not depend on how the frames are split.
+
+    Each part (an array to be summed over frames: an object or probe
+    numerator, a denominator) gets a power-of-two ``scale``; the caller's
+    ``fill(scales)`` adds ``rint(contribution * scale)`` for each of its frames
+    into :attr:`views` (zeroed first) and returns the largest ``|q|`` it added
+    per part.  With every ``|q| <= 2**52 / cover`` (``cover``: the most frames
+    that add into one element, over all ranks) every partial sum, in any order,
+    is an integer below ``2**52``, so float64 adds it exactly: per-rank sums,
+    thread sums and the float64 ``MPI_Allreduce`` give the same numbers for
+    any number of ranks.  All parts travel in one ``Allreduce`` with one
+    overflow flag each.
+
+    The scale for the next call is set from the peak of this call's sums
+    (identical on every rank), with a margin of ``2**margin_bits``.  A call
+    whose contributions would exceed the bound anywhere (a global flag) is
+    redone with the scale from the global maximum (an extra ``MPI.MAX``);
+    the decision is the same on every rank and for every split.
+
+    Parameters
+    ----------
+    comm : mpi4py-like communicator or None
+    parts : list of (shape, is_complex)
+    covers : list of int
+        Upper bound on the number of contributions per element, all ranks.
+    estimates : list of float
+        Expected magnitude of one contribution per part, the same on every
+        rank (sets the first scale).
+    """
+
+    LIMIT = 2.0 ** 52
+
+    def __init__(self, comm, parts, covers, estimates, margin_bits: int = 4):
+        self.comm = comm
+        self.margin = int(margin_bits)
+        self.covers = [max(1.0, float(c)) for c in covers]
+        sizes = [int(np.prod(shape)) * (2 if cplx else 1) for shape, cplx in parts]
+        self.buf = np.zeros(sum(sizes) + len(parts), dtype=np.float64)
+        self.views = []
+        start = 0
+        for (shape, cplx), size in zip(parts, sizes):
+            part = self.buf[start:start + size]
+            self.views.append(part.view(np.complex128).reshape(shape) if cplx
+                              else part.reshape(shape))
+            start += size
+        self.flags = self.buf[start:]
+        self.exponents = [self._exponent(i, est) for i, est in enumerate(estimates)]
+
+    def _exponent(self, i: int, magnitude: float) -> int:
+        magnitude = float(magnitude)
+        if not math.isfinite(magnitude) or magnitude <= 0:
+            magnitude = 1.0
+        e = math.floor(52 - self.margin - math.log2(self.covers[i] * magnitude))
+        return int(min(max(e, -1000), 1000))
+
+    def reduce(self, fill) -> list:
+        """Run ``fill(scales)`` and sum over ranks; returns the sums (new float64 arrays)."""
+        while True:
+            self.buf.fill(0.0)
+            scales = [math.ldexp(1.0, e) for e in self.exponents]
+            tops = [float(t) for t in fill(scales)]
+            for i, top in enumerate(tops):
+                self.flags[i] = 1.0 if top * self.covers[i] > self.LIMIT else 0.0
+            allreduce_sums(self.comm, [self.buf])
+            over = [i for i in range(len(tops)) if self.flags[i] > 0]
+            if not over:
+                break
+            peak = allreduce_max(self.comm, [t / s for t, s in zip(tops, scales)])
+            for i in over:
+                self.exponents[i] = min(self._exponent(i, peak[i]), self.exponents[i] - 1)
+        out = []
+        for i, view in enumerate(self.views):
+            flat = view.view(np.float64) if view.dtype.kind == "c" else view
+            peak = float(np.abs(flat).max()) / scales[i] if flat.size else 0.0
+            if peak > 0:   # a part left empty this time keeps its scale
+                self.exponents[i] = self._exponent(i, peak)
+            out.append(view * (1.0 / scales[i]))   # a power of two: exact
+        return out
+
+
 # --------------------------------------------------------------------------- geometry
 class Geometry:
     """Gathers frames out of, and scatter-adds frames into, an object array.
@@ -123,21 +215,52 @@ class Geometry:
             self._px = xp.asarray(self.positions[:, 1].astype(np.int32))
             self._k = _cupy_geometry_kernels()
         else:
-            import scipy.sparse
-
-            k = flat.size
-            # CSC: column k (one frame pixel) has a single 1 in row flat[k].
-            ones = np.ones(k, dtype=np.complex64)
-            indptr = np.arange(k + 1, dtype=np.int64 if k >= 2**31 else np.int32)
-            self._csc = scipy.sparse.csc_matrix(
-                (ones, flat.astype(indptr.dtype), indptr), shape=(oh * ow, k))
+            self._flat = flat   # the sparse scatter matrix is built on first use
             self.threads = max(1, min(int(threads), n))
-            if self.threads > 1:
-                edges = np.linspace(0, n, self.threads + 1).astype(int) * (h * w)
-                self._parts = [(a, b, self._csc[:, a:b]) for a, b in zip(edges[:-1], edges[1:])]
-                self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ptycho-scatter")
+            self._csc = None
         self._rows = self.positions[:, 0]
         self._cols = self.positions[:, 1]
+        self._comb_spectrum = None
+
+    def _build_scatter(self) -> None:
+        import scipy.sparse
+
+        flat = self._flat
+        n = len(self.positions)
+        h, w = self.frame_shape
+        k = flat.size
+        # CSC: column k (one frame pixel) has a single 1 in row flat[k].
+        ones = np.ones(k, dtype=np.complex64)
+        indptr = np.arange(k + 1, dtype=np.int64 if k >= 2**31 else np.int32)
+        self._csc = scipy.sparse.csc_matrix(
+            (ones, flat.astype(indptr.dtype), indptr),
+            shape=(self.object_shape[0] * self.object_shape[1], k))
+        if self.threads > 1:
+            edges = np.linspace(0, n, self.threads + 1).astype(int) * (h * w)
+            self._parts = [(a, b, self._csc[:, a:b]) for a, b in zip(edges[:-1], edges[1:])]
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ptycho-scatter")
+
+    def set_comb(self, comb) -> None:
+        """Use ``comb`` (frames per top-left offset, float, object-shaped) for
+        :meth:`scatter_probe_power`: the scan's global comb (summed over ranks)
+        makes the object denominator the same on every rank, with no Allreduce."""
+        comb = np.asarray(comb, dtype=np.float64)
+        if comb.shape != self.object_shape:
+            raise ValueError(f"comb must have shape {self.object_shape}, got {comb.shape}")
+        self._comb = comb
+        self._comb_spectrum = None
+
+    def coverage(self) -> int:
+        """Most frames (of the comb) that cover one object pixel."""
+        oh, ow = self.object_shape
+        h, w = self.frame_shape
+        box = np.zeros((oh, ow), dtype=np.float64)
+        box[:h, :w] = 1.0
+        import scipy.fft
+
+        conv = scipy.fft.irfft2(scipy.fft.rfft2(np.asarray(self._comb, np.float64))
+                                * scipy.fft.rfft2(box), s=(oh, ow))
+        return int(np.rint(conv.max()))
 
     def close(self) -> None:
         if self._pool is not None:
@@ -179,6 +302,8 @@ class Geometry:
         if self.backend.name == "cupy":
             return self.scatter_conj_mul(frames, None)
         vec = frames.reshape(-1)
+        if self._csc is None:
+            self._build_scatter()
         if self._pool is None:
             return (self._csc @ vec).reshape(shape)
         futures = [self._pool.submit(m.__matmul__, vec[a:b]) for a, b, m in self._parts[1:]]
@@ -213,8 +338,9 @@ class Geometry:
         # float64: the per-rank partial sums then agree with one process to ~1e-15
         power = xp.zeros((oh, ow), dtype=xp.float64)
         power[:h, :w] = probe.real.astype(xp.float64) ** 2 + probe.imag.astype(xp.float64) ** 2
-        comb = xp.asarray(self._comb, dtype=xp.float64)
-        conv = fft.irfft2(fft.rfft2(comb) * fft.rfft2(power), s=(oh, ow))
+        if self._comb_spectrum is None:
+            self._comb_spectrum = fft.rfft2(xp.asarray(self._comb, dtype=xp.float64))
+        conv = fft.irfft2(self._comb_spectrum * fft.rfft2(power), s=(oh, ow))
         xp.maximum(conv, 0, out=conv)  # FFT round-off leaves tiny negatives
         return conv.astype(xp.float32)
 
@@ -291,14 +417,23 @@ class Fourier:
         ``sqrt(I)``, already ``ifftshift``-ed.
     """
 
-    def __init__(self, backend: Backend, amplitudes):
+    def __init__(self, backend: Backend, amplitudes, workers: int | None = None):
         self.backend = backend
         self.xp = backend.xp
         self.a = amplitudes
         self.kw = fft_kwargs(backend)
-        self.m = self.xp.empty(amplitudes.shape, self.xp.float32)
+        if workers is not None and "workers" in self.kw:
+            self.kw["workers"] = max(1, int(workers))
+        self._m = None
         if backend.name == "cupy":
             self._k = _cupy_kernels()
+
+    @property
+    def m(self):
+        """Stack-sized float32 scratch (allocated on first use)."""
+        if self._m is None:
+            self._m = self.xp.empty(self.a.shape, self.xp.float32)
+        return self._m
 
     def forward(self, x):
         """In-place orthonormal 2-D FFT of each frame of ``x`` (complex64 (N, H, W))."""

@@ -56,7 +56,8 @@ from typing import Any, Callable
 import numpy as np
 
 from ..backend import Backend, get_backend
-from ._kernels import Fourier, Geometry, allreduce_sums
+from ._fused import KERNELS, make_ops
+from ._kernels import ExactSums, Fourier, Geometry, allreduce_sums
 from ._validate import check_complex_image, check_frames, check_intensities, shape2
 from .errors import FrameMismatchError, PtychoInputError
 
@@ -202,7 +203,7 @@ class _Engine:
 
     def __init__(self, bk: Backend, intensities: np.ndarray, positions: np.ndarray,
                  object_shape, probe, obj, exit_waves, comm, regularization: float,
-                 threads: int, pin_ramp: bool = True, centroid=None):
+                 threads: int, pin_ramp: bool = True, centroid=None, kernels: str = "auto"):
         xp = bk.xp
         self.bk, self.xp, self.comm = bk, xp, comm
         self.reg = float(regularization)
@@ -213,8 +214,17 @@ class _Engine:
         norm = np.array([float(np.asarray(intensities, dtype=np.float64).sum())])
         allreduce_sums(comm, [norm])
         self.norm = max(float(norm[0]), np.finfo(np.float64).tiny)
-        self.geom = Geometry(bk, positions, intensities.shape[1:], object_shape, threads=threads)
-        self.fourier = Fourier(bk, self.a)
+        frame_shape = tuple(intensities.shape[1:])
+        self.geom = Geometry(bk, positions, frame_shape, object_shape, threads=threads)
+        # The scan's comb summed over ranks (integer counts: exact): the object
+        # denominator sum_j shift(|P|^2) is then computed whole, and identically, on
+        # every rank, with no Allreduce.
+        comb = np.asarray(self.geom._comb, dtype=np.float64).copy()
+        count = np.array([float(len(positions))])
+        allreduce_sums(comm, [comb, count])
+        self.geom.set_comb(comb)
+        self.n_total = int(count[0])
+        self.fourier = Fourier(bk, self.a, workers=threads)
         self.P = xp.asarray(probe, dtype=xp.complex64)
         self.O = xp.asarray(obj, dtype=xp.complex64)
         self._den = None
@@ -223,17 +233,40 @@ class _Engine:
         self._centroid0 = None
         if pin_ramp:
             self._centroid0 = centroid or self._spectrum_centroid(self.P)
+        # CPU: fused kernels (numba) or their NumPy reference, with quantised
+        # (order-independent) sums, so any split over ranks gives the same numbers.
+        self.exact = bk.name == "numpy"
+        self.ops = None
+        if self.exact:
+            self.ops = make_ops(kernels, self.geom.positions, frame_shape, object_shape, threads)
+            pmax = float(np.abs(probe).max())
+            omax = float(np.abs(obj).max())
+            cover = self.geom.coverage()
+            self.obj_sums = ExactSums(comm, [(tuple(object_shape), True),
+                                             (tuple(object_shape), False)],
+                                      [cover, cover], [pmax * pmax * omax, pmax * pmax])
+            self.probe_sums = ExactSums(comm, [(frame_shape, True), (frame_shape, False)],
+                                        [self.n_total, self.n_total],
+                                        [pmax * omax * omax, omax * omax])
         self.work = xp.empty(self.a.shape, dtype=xp.complex64)
         self.tmp = xp.empty(self.a.shape, dtype=xp.complex64)
         if exit_waves is None:
             self.Psi = xp.empty(self.a.shape, dtype=xp.complex64)
-            self.geom.gather_multiply(self.O, self.P, out=self.Psi)
+            self._gather_multiply(self.O, self.P, self.Psi)
         else:
             self.Psi = xp.array(exit_waves, dtype=xp.complex64, copy=True)
         self.fourier.forward(self.Psi)
+        self._work_is_psi = False   # True when work holds a copy of Psi (DM, fused path)
 
     def close(self):
         self.geom.close()
+        if self.ops is not None:
+            self.ops.close()
+
+    def _gather_multiply(self, obj, probe, out):
+        if self.exact:
+            return self.ops.gather_mul(obj, probe, out)
+        return self.geom.gather_multiply(obj, probe, out=out)
 
     def exit_waves(self):
         """Real-space exit waves ``psi`` (a new backend array)."""
@@ -244,19 +277,31 @@ class _Engine:
     def object_update(self, src, scratch) -> None:
         """``O <- (sum_j shift(src_j P*) + d O) / (sum_j shift(|P|^2) + d)``."""
         xp = self.xp
+        if self.exact:
+            # numerator and (after a probe change) denominator in one pass and one Allreduce
+            acc, dacc = self.obj_sums.views
+            need_den = self._den is None
+            num, den = self.obj_sums.reduce(lambda sc: self.ops.scatter_object(
+                src, self.P, sc[0], acc, sc[1] if need_den else 0.0, dacc))
+            if need_den:
+                self._den = den
+            den = self._den
+            d = float(self.reg * float(den.max()))
+            num += d * self.O
+            num /= den + d
+            self.O = num.astype(np.complex64)
+            return
+        if self._den is None:   # global comb: the same on every rank, no Allreduce
+            self._den = self.geom.scatter_probe_power(self.P)
+        den = self._den
+        d = float(self.reg * float(den.max()))
         if self.bk.name == "cupy":   # fused product and scatter
             num = self.geom.scatter_conj_mul(src, self.P)
         else:
             xp.multiply(src, self._conjP, out=scratch)
             num = self.geom.scatter(scratch)
-        if self._den is None:
-            den = self.geom.scatter_probe_power(self.P)
-            allreduce_sums(self.comm, [num, den], self.bk)
-            self._den = den
-        else:
-            allreduce_sums(self.comm, [num], self.bk)
-        den = self._den
-        d = np.float32(self.reg * float(den.max()))
+        allreduce_sums(self.comm, [num], self.bk)
+        d = np.float32(d)
         num += d * self.O
         num /= den + d
         self.O = num
@@ -264,6 +309,12 @@ class _Engine:
     def probe_update(self, src, scratch) -> None:
         """``P <- (sum_j src_j O_j* + d P) / (sum_j |O_j|^2 + d)``."""
         xp = self.xp
+        if self.exact:
+            views = self.probe_sums.views
+            pnum, pden = self.probe_sums.reduce(
+                lambda sc: self.ops.probe_sums(src, self.O, sc[0], sc[1], views[0], views[1]))
+            self._set_probe(pnum, pden)
+            return
         frames = self.geom.gather(self.O)
         xp.conj(frames, out=frames)
         xp.multiply(src, frames, out=scratch)
@@ -272,6 +323,10 @@ class _Engine:
         pden = (frames.real ** 2 + frames.imag ** 2).sum(axis=0, dtype=xp.float64)
         del frames
         allreduce_sums(self.comm, [pnum, pden], self.bk)
+        self._set_probe(pnum, pden)
+
+    def _set_probe(self, pnum, pden) -> None:
+        xp = self.xp
         d = self.reg * float(pden.max())
         pnum += d * self.P
         pnum /= pden + d
@@ -315,12 +370,21 @@ class _Engine:
         self.object_update(src, self.tmp)
         if update_probe:
             self.probe_update(src, self.tmp)
-        self.geom.gather_multiply(self.O, self.P, out=self.tmp)
+        self._gather_multiply(self.O, self.P, self.tmp)
         return self.fourier.forward(self.tmp)
 
     # ---- iterations (each returns the local misfit sum (|F P O_j| - a)^2)
     def dm_step(self, beta: float, update_probe: bool):
         Psi, work = self.Psi, self.work
+        if self.exact:
+            if not self._work_is_psi:
+                work[...] = Psi
+            self.fourier.inverse(work)                           # psi
+            Phi = self._overlap(work, update_probe)              # F Pi_O psi
+            # misfit, Psi += beta (Pi_F(2 Phi - Psi) - Phi), work <- Psi: one pass
+            err = self.ops.dm_update(Psi, Phi, self.a, beta, work)
+            self._work_is_psi = True
+            return err
         work[...] = Psi
         self.fourier.inverse(work)                               # psi
         Phi = self._overlap(work, update_probe)                  # F Pi_O psi
@@ -338,6 +402,12 @@ class _Engine:
     def raar_step(self, beta: float, update_probe: bool):
         xp = self.xp
         Psi, work, tmp = self.Psi, self.work, self.tmp
+        if self.exact:
+            self._work_is_psi = False
+            self.ops.raar_pre(Psi, self.a, beta, work)          # work = 2 Pi_F Psi - Psi, ...
+            self.fourier.inverse(work)                           # z
+            Phi = self._overlap(work, update_probe)              # F Pi_O z
+            return self.ops.raar_post(Psi, Phi, self.a, beta)    # misfit; Psi += beta Phi
         tmp[...] = Psi
         self.fourier.project(tmp)                                # Y = Pi_F Psi
         xp.multiply(tmp, np.float32(2.0), out=work)
@@ -362,8 +432,10 @@ def _to_numpy_state_array(bk_from: str, arr):
 # --------------------------------------------------------------------------- public API
 def _run(intensities, positions, object_shape, *, algorithm, iterations, probe_update_start,
          beta, backend, probe, object_init, state, comm, callback, regularization, threads,
-         refine_probe, pin_probe_ramp):
+         refine_probe, pin_probe_ramp, kernels="auto"):
     beta = _check_options(algorithm, iterations, beta, probe_update_start, regularization)
+    if kernels not in KERNELS:
+        raise PtychoInputError(f"kernels must be one of {KERNELS}, got {kernels!r}")
     if callback is not None and not callable(callback):
         raise PtychoInputError(f"callback must be callable, got {type(callback).__name__}")
     arr, pos, object_shape = check_frames(intensities, positions, object_shape, probe)
@@ -401,7 +473,8 @@ def _run(intensities, positions, object_shape, *, algorithm, iterations, probe_u
     if threads is None:
         threads = bk.fft_workers or 1
     eng = _Engine(bk, arr, pos, object_shape, probe, object_init, exit_waves, comm,
-                  regularization, threads, pin_ramp=bool(pin_probe_ramp), centroid=centroid)
+                  regularization, threads, pin_ramp=bool(pin_probe_ramp), centroid=centroid,
+                  kernels=kernels)
     step = eng.dm_step if algorithm == "dm" else eng.raar_step
     sync_each = comm is not None or callback is not None
     pending = []
@@ -440,7 +513,8 @@ def reconstruct(data, *, algorithm: str = "dm", iterations: int = 100,
                 object_init=None, state: ReconstructionState | None = None, comm=None,
                 callback: Callable[[int, float], Any] | None = None,
                 regularization: float = DEFAULT_REGULARIZATION, threads: int | None = None,
-                refine_probe: bool = True, pin_probe_ramp: bool = True) -> Result:
+                refine_probe: bool = True, pin_probe_ramp: bool = True,
+                kernels: str = "auto") -> Result:
     """Reconstruct object and probe from a ptychographic scan.
 
     Parameters
@@ -473,7 +547,13 @@ def reconstruct(data, *, algorithm: str = "dm", iterations: int = 100,
     regularization : float
         Relative damping ``d / max(den)`` of the object and probe updates.
     threads : int, optional
-        Threads for the NumPy scatter (default: the FFT worker count).
+        Threads per process for the FFTs and the CPU kernels (default
+        ``SPARKMPI_FFT_WORKERS``, else all cores).  Give 1 when there are as
+        many ranks on a node as cores.
+    kernels : {"auto", "numba", "numpy"}
+        CPU only: the fused numba kernels (``"auto"`` when numba is
+        installed) or the whole-stack NumPy reference.  Both use the
+        quantised, order-independent sums (see :mod:`sparkmpi.ptycho._fused`).
     refine_probe : bool
         False keeps the probe fixed whatever ``probe_update_start`` says.
     pin_probe_ramp : bool
@@ -498,7 +578,7 @@ def reconstruct(data, *, algorithm: str = "dm", iterations: int = 100,
                 iterations=iterations, probe_update_start=probe_update_start, beta=beta,
                 backend=backend, probe=probe, object_init=object_init, state=state, comm=comm,
                 callback=callback, regularization=regularization, threads=threads,
-                refine_probe=refine_probe, pin_probe_ramp=pin_probe_ramp)
+                refine_probe=refine_probe, pin_probe_ramp=pin_probe_ramp, kernels=kernels)
 
 
 def reconstruct_partition(comm, intensities, positions, object_shape, **options) -> Result:
@@ -547,7 +627,7 @@ def reconstruct_partition(comm, intensities, positions, object_shape, **options)
                     probe_update_start=DEFAULT_PROBE_UPDATE_START, beta=None, backend="numpy",
                     probe=None, object_init=None, state=None, callback=None,
                     regularization=DEFAULT_REGULARIZATION, threads=None, refine_probe=True,
-                    pin_probe_ramp=True)
+                    pin_probe_ramp=True, kernels="auto")
     unknown = sorted(set(options) - set(defaults))
     if unknown:
         raise PtychoInputError(f"unknown option(s) {unknown}; expected some of {sorted(defaults)}")

@@ -65,7 +65,8 @@ class StreamingReconstruction:
         self.frame_shape = shape2(frame_shape, "frame_shape")
         if algorithm not in ALGORITHMS:
             raise PtychoInputError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-        allowed = {"beta", "regularization", "threads", "pin_probe_ramp", "refine_probe"}
+        allowed = {"beta", "regularization", "threads", "pin_probe_ramp", "refine_probe",
+                   "kernels"}
         unknown = sorted(set(options) - allowed)
         if unknown:
             raise PtychoInputError(f"unknown option(s) {unknown}; expected some of {sorted(allowed)}")
@@ -157,7 +158,8 @@ class StreamingReconstruction:
                       regularization=self.options.get("regularization", 1e-4),
                       threads=self.options.get("threads"),
                       refine_probe=self.options.get("refine_probe", True),
-                      pin_probe_ramp=self.options.get("pin_probe_ramp", True))
+                      pin_probe_ramp=self.options.get("pin_probe_ramp", True),
+                      kernels=self.options.get("kernels", "auto"))
         self._state = result.state
         self._result = result
         self.history.append({"frames": self.n_frames, "iteration": result.state.iteration,

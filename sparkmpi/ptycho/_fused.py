@@ -1,0 +1,479 @@
+"""Fused CPU kernels of the engines (numba), with their NumPy reference forms.
+
+On the CPU an iteration is memory-bound apart from its two FFTs: each
+whole-stack NumPy pass (a product, an ``abs``, a division, a copy) streams
+64 MiB for 512 frames of 128x128.  The kernels below do one pass per step,
+frame by frame, so a frame (128 KiB) stays in the core's cache while all of
+its arithmetic is done:
+
+* :func:`gather_mul` -- ``out_j = O[r_j:r_j+H, c_j:c_j+W] * P``;
+* :func:`dm_update` -- misfit of ``Phi = F(P O_j)``, the difference-map
+  combination and the Fourier-modulus projection in one pass, and the copy of
+  the new iterate that the next inverse FFT works on;
+* :func:`raar_pre` / :func:`raar_post` -- the same for RAAR;
+* :func:`scatter_object` -- ``sum_j shift(psi_j conj(P))`` into the object
+  numerator, **quantised** (below);
+* :func:`probe_sums` -- ``sum_j psi_j conj(O_j)`` and ``sum_j |O_j|^2``, quantised.
+
+Quantised sums (why distributed equals serial)
+----------------------------------------------
+Every per-frame contribution ``c`` to the object or probe numerator or
+denominator is computed in float64 from the float32 inputs and rounded to an
+integer multiple of ``1 / scale`` (``scale`` a power of two):
+``q = rint(c * scale)``.  The accumulators hold integer-valued float64
+numbers, and the scale is chosen (:class:`sparkmpi.ptycho._kernels.ExactSums`)
+so that every possible partial sum stays below ``2**52`` in magnitude.  Sums of
+such integers are exact in float64, so **the order of the additions does not
+matter**: frames split over 1, 2 or 3 ranks (or 2 threads), summed per rank
+and combined by ``MPI_Allreduce`` in whatever tree MPI picks, give bit-for-bit
+the same object and probe as one process.  The rounding step is about
+``2**-40`` of the largest sum, far below float32 resolution.
+
+The kernels are compiled with ``parallel=False`` (one thread each): ranks
+already share the cores, and :class:`FusedOps` runs chunks of frames in a
+thread pool (``nogil``) when a rank owns more than one core.  Without numba,
+:class:`NumpyOps` runs the same steps as whole-stack NumPy operations; it is
+the reference the tests compare the kernels with.
+"""
+
+from __future__ import annotations
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+
+try:  # numba is optional: the NumPy forms below do the same work
+    import numba
+
+    HAVE_NUMBA = True
+except ImportError:  # pragma: no cover - exercised where numba is absent (GPU machines)
+    numba = None
+    HAVE_NUMBA = False
+
+KERNELS = ("auto", "numba", "numpy")
+_EPS = np.float32(1e-12)
+
+
+def _jit(fn):
+    if not HAVE_NUMBA:
+        return fn
+    return numba.njit(parallel=False, fastmath=False, cache=True, nogil=True,
+                      error_model="numpy")(fn)
+
+
+# --------------------------------------------------------------------------- numba kernels
+@_jit
+def _gather_mul(obj, probe, pos, out):  # pragma: no cover - compiled
+    n, h, w = out.shape
+    for j in range(n):
+        y0 = pos[j, 0]
+        x0 = pos[j, 1]
+        for r in range(h):
+            orow = obj[y0 + r, x0:x0 + w]
+            prow = probe[r]
+            drow = out[j, r]
+            for c in range(w):
+                drow[c] = orow[c] * prow[c]
+
+
+@_jit
+def _dm_update(Psi, Phi, a, beta, work, col):  # pragma: no cover - compiled
+    # per element: m = |Phi| - a (misfit); z = 2 Phi - Psi;
+    # Psi <- Psi + beta (a z / |z| - Phi); work <- Psi
+    n, h, w = Psi.shape
+    two = np.float32(2.0)
+    for c in range(w):
+        col[c] = 0.0
+    for j in range(n):
+        for r in range(h):
+            srow = Psi[j, r]
+            frow = Phi[j, r]
+            arow = a[j, r]
+            wrow = work[j, r]
+            for c in range(w):
+                f = frow[c]
+                s = srow[c]
+                fa = np.sqrt(f.real * f.real + f.imag * f.imag)
+                m = fa - arow[c]
+                col[c] += np.float64(m * m)
+                zr = two * f.real - s.real
+                zi = two * f.imag - s.imag
+                k = arow[c] / (np.sqrt(zr * zr + zi * zi) + _EPS)
+                nr = s.real + beta * (k * zr - f.real)
+                ni = s.imag + beta * (k * zi - f.imag)
+                v = complex(nr, ni)
+                srow[c] = v
+                wrow[c] = v
+    total = 0.0
+    for c in range(w):
+        total += col[c]
+    return total
+
+
+@_jit
+def _raar_pre(Psi, a, beta, work):  # pragma: no cover - compiled
+    # Y = Pi_F Psi; work <- 2 Y - Psi; Psi <- beta Psi + (1 - 2 beta) Y
+    n, h, w = Psi.shape
+    two = np.float32(2.0)
+    g = np.float32(1.0) - two * beta
+    for j in range(n):
+        for r in range(h):
+            srow = Psi[j, r]
+            arow = a[j, r]
+            wrow = work[j, r]
+            for c in range(w):
+                s = srow[c]
+                k = arow[c] / (np.sqrt(s.real * s.real + s.imag * s.imag) + _EPS)
+                yr = k * s.real
+                yi = k * s.imag
+                wrow[c] = complex(two * yr - s.real, two * yi - s.imag)
+                srow[c] = complex(beta * s.real + g * yr, beta * s.imag + g * yi)
+
+
+@_jit
+def _raar_post(Psi, Phi, a, beta, col):  # pragma: no cover - compiled
+    # misfit of Phi; Psi <- Psi + beta Phi
+    n, h, w = Psi.shape
+    for c in range(w):
+        col[c] = 0.0
+    for j in range(n):
+        for r in range(h):
+            srow = Psi[j, r]
+            frow = Phi[j, r]
+            arow = a[j, r]
+            for c in range(w):
+                f = frow[c]
+                fa = np.sqrt(f.real * f.real + f.imag * f.imag)
+                m = fa - arow[c]
+                col[c] += np.float64(m * m)
+                s = srow[c]
+                srow[c] = complex(s.real + beta * f.real, s.imag + beta * f.imag)
+    total = 0.0
+    for c in range(w):
+        total += col[c]
+    return total
+
+
+@_jit
+def _scatter_object(psi, cpr, cpi, pw, pos, scale, s_den, acc, den, col):  # pragma: no cover
+    # acc[y0 + r, x0 + c] += rint(psi * conj(P) * scale) (acc: float64 pairs);
+    # with s_den > 0 also den[...] += rint(|P|^2 * s_den).  Returns the two max |q|.
+    n, h, w = psi.shape
+    for c in range(2 * w):
+        col[c] = 0.0
+    for j in range(n):
+        y0 = pos[j, 0]
+        x0 = pos[j, 1]
+        for r in range(h):
+            prow = psi[j, r]
+            arow = acc[y0 + r]
+            rr = cpr[r]
+            ri = cpi[r]
+            for c in range(w):
+                v = prow[c]
+                vr = np.float64(v.real)
+                vi = np.float64(v.imag)
+                qr = np.rint((vr * rr[c] - vi * ri[c]) * scale)
+                qi = np.rint((vr * ri[c] + vi * rr[c]) * scale)
+                arow[2 * (x0 + c)] += qr
+                arow[2 * (x0 + c) + 1] += qi
+                col[c] = max(col[c], max(abs(qr), abs(qi)))
+            if s_den > 0:
+                drow = den[y0 + r]
+                wrow = pw[r]
+                for c in range(w):
+                    qd = np.rint(wrow[c] * s_den)
+                    drow[x0 + c] += qd
+                    col[w + c] = max(col[w + c], qd)
+    top = 0.0
+    top_d = 0.0
+    for c in range(w):
+        top = max(top, col[c])
+        top_d = max(top_d, col[w + c])
+    return top, top_d
+
+
+@_jit
+def _probe_sums(psi, obj, pos, s_num, s_den, pnum, pden, col):  # pragma: no cover - compiled
+    # pnum += rint(psi_j conj(O_j) s_num); pden += rint(|O_j|^2 s_den); returns the two max |q|
+    n, h, w = psi.shape
+    for c in range(2 * w):
+        col[c] = 0.0
+    for j in range(n):
+        y0 = pos[j, 0]
+        x0 = pos[j, 1]
+        for r in range(h):
+            prow = psi[j, r]
+            orow = obj[y0 + r, x0:x0 + w]
+            nrow = pnum[r]
+            drow = pden[r]
+            for c in range(w):
+                v = prow[c]
+                o = orow[c]
+                vr = np.float64(v.real)
+                vi = np.float64(v.imag)
+                o_r = np.float64(o.real)
+                o_i = np.float64(o.imag)
+                qr = np.rint((vr * o_r + vi * o_i) * s_num)
+                qi = np.rint((vi * o_r - vr * o_i) * s_num)
+                qd = np.rint((o_r * o_r + o_i * o_i) * s_den)
+                nrow[2 * c] += qr
+                nrow[2 * c + 1] += qi
+                drow[c] += qd
+                col[c] = max(col[c], max(abs(qr), abs(qi)))
+                col[w + c] = max(col[w + c], qd)
+    top_n = 0.0
+    top_d = 0.0
+    for c in range(w):
+        top_n = max(top_n, col[c])
+        top_d = max(top_d, col[w + c])
+    return top_n, top_d
+
+
+# --------------------------------------------------------------------------- drivers
+def _chunks(n: int, parts: int):
+    parts = max(1, min(parts, n))
+    edges = np.linspace(0, n, parts + 1).round().astype(int)
+    return [slice(int(a), int(b)) for a, b in zip(edges[:-1], edges[1:])]
+
+
+class NumpyOps:
+    """The fused steps as whole-stack NumPy operations (reference and fallback).
+
+    Parameters
+    ----------
+    positions : ndarray, int64, shape (N, 2)
+    frame_shape, object_shape : (int, int)
+    threads : int
+        Threads for the sparse scatter-add (SciPy releases the GIL).
+    """
+
+    name = "numpy"
+
+    def __init__(self, positions, frame_shape, object_shape, threads: int = 1):
+        import scipy.sparse
+
+        self.pos = np.ascontiguousarray(positions, dtype=np.int64)
+        self.frame_shape = tuple(frame_shape)
+        self.object_shape = tuple(object_shape)
+        n = len(self.pos)
+        h, w = self.frame_shape
+        oh, ow = self.object_shape
+        base = (np.arange(h)[:, None] * ow + np.arange(w)[None, :]).astype(np.int64)
+        start = self.pos[:, 0] * ow + self.pos[:, 1]
+        flat = (start[:, None, None] + base[None]).reshape(-1)
+        k = flat.size
+        itype = np.int64 if max(k, oh * ow) >= 2**31 else np.int32
+        # CSC: column k (one frame pixel) has a single 1 in row flat[k]; it multiplies
+        # a (k, 2) block of (real, imag) columns.
+        self._csc = scipy.sparse.csc_matrix(
+            (np.ones(k, dtype=np.float64), flat.astype(itype), np.arange(k + 1, dtype=itype)),
+            shape=(oh * ow, k))
+        self.threads = max(1, min(int(threads), n))
+        self._pool = None
+        if self.threads > 1:
+            edges = np.linspace(0, n, self.threads + 1).astype(int) * (h * w)
+            self._parts = [(a, b, self._csc[:, a:b]) for a, b in zip(edges[:-1], edges[1:])]
+            self._pool = ThreadPoolExecutor(self.threads, thread_name_prefix="ptycho-scatter")
+        from numpy.lib.stride_tricks import sliding_window_view
+
+        self._window = lambda obj: sliding_window_view(obj, self.frame_shape)[
+            self.pos[:, 0], self.pos[:, 1]]
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=False)
+            self._pool = None
+
+    def gather_mul(self, obj, probe, out):
+        np.multiply(self._window(obj), probe, out=out)
+        return out
+
+    def dm_update(self, Psi, Phi, a, beta: float, work) -> float:
+        m = np.abs(Phi)
+        m -= a
+        flat = m.reshape(-1)
+        err = float(np.dot(flat, flat))
+        z = np.float32(2.0) * Phi
+        z -= Psi
+        np.abs(z, out=m)
+        m += _EPS
+        np.divide(a, m, out=m)
+        z *= m
+        z -= Phi
+        z *= np.float32(beta)
+        Psi += z
+        work[...] = Psi
+        return err
+
+    def raar_pre(self, Psi, a, beta: float, work) -> None:
+        m = np.abs(Psi)
+        m += _EPS
+        np.divide(a, m, out=m)
+        y = Psi * m
+        np.multiply(y, np.float32(2.0), out=work)
+        work -= Psi
+        Psi *= np.float32(beta)
+        y *= np.float32(1.0 - 2.0 * beta)
+        Psi += y
+
+    def raar_post(self, Psi, Phi, a, beta: float) -> float:
+        m = np.abs(Phi)
+        m -= a
+        flat = m.reshape(-1)
+        err = float(np.dot(flat, flat))
+        Psi += np.float32(beta) * Phi
+        return err
+
+    def _sparse_sum(self, cols):
+        if self._pool is None:
+            return self._csc @ cols
+        futures = [self._pool.submit(m.__matmul__, cols[a:b]) for a, b, m in self._parts[1:]]
+        a, b, m = self._parts[0]
+        total = m @ cols[a:b]
+        for fut in futures:
+            total += fut.result()
+        return total
+
+    def scatter_object(self, psi, probe, scale: float, acc, s_den: float = 0.0, den=None):
+        """Quantised ``acc += sum_j shift(psi_j conj(P))`` and, when ``s_den > 0``,
+        ``den += sum_j shift(|P|^2)``; returns the largest ``|q|`` of each."""
+        p = probe.astype(np.complex128)
+        c = psi.astype(np.complex128)
+        c *= np.conj(p)
+        c *= scale
+        np.rint(c.view(np.float64), out=c.view(np.float64))
+        top = float(np.abs(c.view(np.float64)).max()) if c.size else 0.0
+        total = self._sparse_sum(c.view(np.float64).reshape(-1, 2))
+        acc += np.ascontiguousarray(total).view(np.complex128).reshape(acc.shape)
+        top_d = 0.0
+        if s_den > 0:
+            q = np.rint((p.real ** 2 + p.imag ** 2) * s_den)
+            top_d = float(q.max())
+            tiles = np.broadcast_to(q, (len(self.pos),) + q.shape).reshape(-1, 1)
+            den += self._sparse_sum(np.ascontiguousarray(tiles)).reshape(den.shape)
+        return top, top_d
+
+    def probe_sums(self, psi, obj, s_num: float, s_den: float, pnum, pden):
+        frames = self._window(obj).astype(np.complex128)
+        c = psi.astype(np.complex128) * np.conj(frames)
+        c *= s_num
+        np.rint(c.view(np.float64), out=c.view(np.float64))
+        d = frames.real ** 2 + frames.imag ** 2
+        d *= s_den
+        np.rint(d, out=d)
+        pnum += c.sum(axis=0)
+        pden += d.sum(axis=0)
+        return float(np.abs(c.view(np.float64)).max()), float(d.max())
+
+
+class FusedOps(NumpyOps):
+    """The same steps as :class:`NumpyOps`, as numba kernels over chunks of frames."""
+
+    name = "numba"
+
+    def __init__(self, positions, frame_shape, object_shape, threads: int = 1):
+        if not HAVE_NUMBA:
+            raise RuntimeError("kernels='numba' needs the numba package (pip install numba)")
+        self.pos = np.ascontiguousarray(positions, dtype=np.int64)
+        self.frame_shape = tuple(frame_shape)
+        self.object_shape = tuple(object_shape)
+        self.threads = max(1, min(int(threads), len(self.pos)))
+        self._slices = _chunks(len(self.pos), self.threads)
+        self._pool = (ThreadPoolExecutor(self.threads, thread_name_prefix="ptycho-fused")
+                      if self.threads > 1 else None)
+        w = self.frame_shape[1]
+        self._cols = [np.zeros(2 * w, np.float64) for _ in self._slices]
+        self._extra: dict = {}
+
+    def _map(self, fn):
+        """``fn(i, slice)`` for each chunk of frames (in threads when there are several)."""
+        if self._pool is None:
+            return [fn(0, self._slices[0])]
+        futures = [self._pool.submit(fn, i, s) for i, s in enumerate(self._slices[1:], 1)]
+        first = fn(0, self._slices[0])
+        return [first] + [f.result() for f in futures]
+
+    def gather_mul(self, obj, probe, out):
+        self._map(lambda i, s: _gather_mul(obj, probe, self.pos[s], out[s]))
+        return out
+
+    def dm_update(self, Psi, Phi, a, beta: float, work) -> float:
+        b = np.float32(beta)
+        return sum(self._map(lambda i, s: _dm_update(Psi[s], Phi[s], a[s], b, work[s],
+                                                      self._cols[i])))
+
+    def raar_pre(self, Psi, a, beta: float, work) -> None:
+        b = np.float32(beta)
+        self._map(lambda i, s: _raar_pre(Psi[s], a[s], b, work[s]))
+
+    def raar_post(self, Psi, Phi, a, beta: float) -> float:
+        b = np.float32(beta)
+        return sum(self._map(lambda i, s: _raar_post(Psi[s], Phi[s], a[s], b, self._cols[i])))
+
+    def _extras(self, shapes):
+        """Per-thread accumulators for chunks 1.. (chunk 0 adds into the caller's)."""
+        key = tuple(tuple(s) for s in shapes)
+        if key not in self._extra:
+            self._extra[key] = [[np.zeros(s, np.float64) for s in key] for _ in self._slices[1:]]
+        return self._extra[key]
+
+    def scatter_object(self, psi, probe, scale: float, acc, s_den: float = 0.0, den=None):
+        p = probe.astype(np.complex128)
+        cpr = np.ascontiguousarray(p.real)
+        cpi = np.ascontiguousarray(-p.imag)
+        pw = cpr * cpr + cpi * cpi
+        flat = acc.view(np.float64).reshape(acc.shape[0], -1)
+        s_den = float(s_den)
+        if den is None:
+            den = np.zeros((1, 1), np.float64)
+            s_den = 0.0
+        if self._pool is None:
+            return _scatter_object(psi, cpr, cpi, pw, self.pos, float(scale), s_den, flat, den,
+                                   self._cols[0])
+        extra = self._extras([flat.shape, den.shape])
+
+        def one(i, s):
+            dst, dd = (flat, den) if i == 0 else extra[i - 1]
+            if i:
+                dst.fill(0.0)
+                dd.fill(0.0)
+            return _scatter_object(psi[s], cpr, cpi, pw, self.pos[s], float(scale), s_den, dst,
+                                   dd, self._cols[i])
+
+        tops = self._map(one)
+        for dst, dd in extra:
+            flat += dst   # integer-valued: exact in any order
+            if s_den > 0:
+                den += dd
+        return max(t[0] for t in tops), max(t[1] for t in tops)
+
+    def probe_sums(self, psi, obj, s_num: float, s_den: float, pnum, pden):
+        nflat = pnum.view(np.float64).reshape(pnum.shape[0], -1)
+        if self._pool is None:
+            return _probe_sums(psi, obj, self.pos, float(s_num), float(s_den), nflat, pden,
+                               self._cols[0])
+        extra = self._extras([nflat.shape, pden.shape])
+
+        def one(i, s):
+            dn, dd = (nflat, pden) if i == 0 else extra[i - 1]
+            if i:
+                dn.fill(0.0)
+                dd.fill(0.0)
+            return _probe_sums(psi[s], obj, self.pos[s], float(s_num), float(s_den), dn, dd,
+                               self._cols[i])
+
+        tops = self._map(one)
+        for dn, dd in extra:
+            nflat += dn
+            pden += dd
+        return max(t[0] for t in tops), max(t[1] for t in tops)
+
+
+def make_ops(kernels: str, positions, frame_shape, object_shape, threads: int = 1):
+    """:class:`FusedOps` (``"numba"``, or ``"auto"`` with numba installed) or :class:`NumpyOps`."""
+    if kernels not in KERNELS:
+        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    if kernels == "numba" or (kernels == "auto" and HAVE_NUMBA):
+        return FusedOps(positions, frame_shape, object_shape, threads)
+    return NumpyOps(positions, frame_shape, object_shape, threads)
