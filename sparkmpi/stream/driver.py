@@ -558,6 +558,9 @@ class StreamDriver(_BatchCore):
         Seconds to wait for the broker at start (then a clear error naming it).
     topic_timeout : float
         Seconds to wait for ``topic`` to exist (a producer may create it).
+    broker_timeout : float
+        Seconds one driver-side broker call (watermarks, commit, dead letters)
+        may take before it counts as a failed attempt.
     job_timeout : float, optional
         Seconds one batch's MPI job may take.
     job_settings : dict, optional
@@ -580,6 +583,7 @@ class StreamDriver(_BatchCore):
                  expect_shape=None, expect_dtype=None, check_finite: bool = True, batch_retries: int = 2,
                  broker_retries: int = 5, retry_backoff: float = 0.5, max_backoff: float = 5.0,
                  read_timeout: float = 30.0, start_timeout: float = 5.0, topic_timeout: float = 30.0,
+                 broker_timeout: float = 10.0,
                  job_timeout: float | None = 300.0, job_settings: dict | None = None,
                  consumer_config: dict | None = None, poll_interval: float = 0.02,
                  warm_up: bool = True, progress=sys.stderr, json_lines=None, after_write=None):
@@ -596,6 +600,7 @@ class StreamDriver(_BatchCore):
         self.read_timeout = _check_positive("read_timeout", read_timeout)
         self.start_timeout = _check_positive("start_timeout", start_timeout)
         self.topic_timeout = _check_positive("topic_timeout", topic_timeout)
+        self.broker_timeout = _check_positive("broker_timeout", broker_timeout)
         self.poll_interval = _check_positive("poll_interval", poll_interval)
         self.consumer_config = dict(consumer_config or {})
         super().__init__(spark, out_dir, ranks=ranks, trigger=trigger, max_frames=max_frames, process=process,
@@ -634,7 +639,7 @@ class StreamDriver(_BatchCore):
 
     def _broker_alive(self) -> bool:
         try:
-            check_broker(self.bootstrap, timeout=2.0)
+            check_broker(self.bootstrap, timeout=min(self.broker_timeout, 2.0))
             return True
         except BrokerUnavailable:
             return False
@@ -675,13 +680,14 @@ class StreamDriver(_BatchCore):
         self.out_dir.mkdir(parents=True, exist_ok=True)
         remove_stale_temporaries(self.out_dir)
         committed = self._retrying("reading committed offsets", lambda: committed_offsets(
-            self.bootstrap, self.group, self.topic, self.partitions, timeout=10.0))
+            self.bootstrap, self.group, self.topic, self.partitions, timeout=self.broker_timeout))
         outputs = output_ranges(self.out_dir, topic=self.topic, group=self.group)
         rec = reconcile(committed, outputs)
         self.committed = dict(committed)
         if rec.to_commit:
             self._retrying("committing outputs found on disk",
-                           lambda: commit_offsets(self.bootstrap, self.group, rec.to_commit))
+                           lambda: commit_offsets(self.bootstrap, self.group, rec.to_commit,
+                                                  timeout=self.broker_timeout))
             self.reporter.note({"event": "reconciled", "ranges": [r.to_json() for r in rec.to_commit]},
                                "committed offsets already in the outputs (crash before commit): " +
                                ", ".join(f"{r.topic}[{r.partition}] [{r.start}, {r.end})" for r in rec.to_commit))
@@ -707,7 +713,7 @@ class StreamDriver(_BatchCore):
         dead = [d for r in results for d in r["dead"]]
         if dead:
             if self._dlq is None:
-                self._dlq = DeadLetterWriter(self.bootstrap)
+                self._dlq = DeadLetterWriter(self.bootstrap, timeout=self.broker_timeout)
             for letter in dead:
                 self._retrying(f"batch {batch}: writing a dead letter", lambda: self._dlq.write(letter))
             self._retrying(f"batch {batch}: flushing dead letters", self._dlq.flush)
@@ -716,7 +722,7 @@ class StreamDriver(_BatchCore):
         path, _, merged = self.write_output(batch, meta, results)
         t_write = time.monotonic()
         self._retrying(f"batch {batch}: committing offsets",
-                       lambda: commit_offsets(self.bootstrap, self.group, ranges))
+                       lambda: commit_offsets(self.bootstrap, self.group, ranges, timeout=self.broker_timeout))
         t_commit = time.monotonic()
         for r in ranges:
             self.committed[(r.topic, r.partition)] = r.end
@@ -759,7 +765,8 @@ class StreamDriver(_BatchCore):
                                  "next_batch": self.next_batch, "warm_up_s": warm},
                                 f"streaming {self.topic} ({len(self.partitions)} partitions) at {self.bootstrap} "
                                 f"as group {self.group}; committed {self._committed_text()}")
-            poller = _WatermarkPoller(self.bootstrap, self.topic, self.partitions, timeout=5.0)
+            poller = _WatermarkPoller(self.bootstrap, self.topic, self.partitions,
+                                      timeout=min(self.broker_timeout, 5.0))
             try:
                 stopped = self._loop(poller, until_end_of_scan, idle_timeout, max_batches)
             finally:
