@@ -155,9 +155,10 @@ def _raar_post(Psi, Phi, a, beta, col):  # pragma: no cover - compiled
 
 
 @_jit
-def _scatter_object(psi, cpr, cpi, pw, pos, scale, s_den, acc, den, col):  # pragma: no cover
-    # acc[y0 + r, x0 + c] += rint(psi * conj(P) * scale) (acc: float64 pairs);
-    # with s_den > 0 also den[...] += rint(|P|^2 * s_den).  Returns the two max |q|.
+def _scatter_object(psi, cpr, cpi, pw, pos, scale, s_den, are, aim, den, col):  # pragma: no cover
+    # are/aim[y0 + r, x0 + c] += rint(psi * conj(P) * scale) (real and imaginary planes);
+    # with s_den > 0 also den[...] += rint(|P|^2 * s_den).  Returns the max |q| of the
+    # numerator (the denominator's is rint(max |P|^2 * s_den), known without the frames).
     n, h, w = psi.shape
     for c in range(2 * w):
         col[c] = 0.0
@@ -166,7 +167,8 @@ def _scatter_object(psi, cpr, cpi, pw, pos, scale, s_den, acc, den, col):  # pra
         x0 = pos[j, 1]
         for r in range(h):
             prow = psi[j, r]
-            arow = acc[y0 + r]
+            rre = are[y0 + r, x0:x0 + w]
+            rim = aim[y0 + r, x0:x0 + w]
             rr = cpr[r]
             ri = cpi[r]
             for c in range(w):
@@ -175,27 +177,24 @@ def _scatter_object(psi, cpr, cpi, pw, pos, scale, s_den, acc, den, col):  # pra
                 vi = np.float64(v.imag)
                 qr = np.rint((vr * rr[c] - vi * ri[c]) * scale)
                 qi = np.rint((vr * ri[c] + vi * rr[c]) * scale)
-                arow[2 * (x0 + c)] += qr
-                arow[2 * (x0 + c) + 1] += qi
+                rre[c] += qr
+                rim[c] += qi
                 col[c] = max(col[c], max(abs(qr), abs(qi)))
             if s_den > 0:
-                drow = den[y0 + r]
+                drow = den[y0 + r, x0:x0 + w]
                 wrow = pw[r]
                 for c in range(w):
-                    qd = np.rint(wrow[c] * s_den)
-                    drow[x0 + c] += qd
-                    col[w + c] = max(col[w + c], qd)
+                    drow[c] += np.rint(wrow[c] * s_den)
     top = 0.0
-    top_d = 0.0
     for c in range(w):
         top = max(top, col[c])
-        top_d = max(top_d, col[w + c])
-    return top, top_d
+    return top
 
 
 @_jit
-def _probe_sums(psi, obj, pos, s_num, s_den, pnum, pden, col):  # pragma: no cover - compiled
-    # pnum += rint(psi_j conj(O_j) s_num); pden += rint(|O_j|^2 s_den); returns the two max |q|
+def _probe_sums(psi, obj, pos, s_num, s_den, pre, pim, pden, col):  # pragma: no cover
+    # pre/pim += rint(psi_j conj(O_j) s_num); pden += rint(|O_j|^2 s_den); returns the
+    # numerator's max |q| (the denominator's is bounded by rint(max |O|^2 s_den))
     n, h, w = psi.shape
     for c in range(2 * w):
         col[c] = 0.0
@@ -205,7 +204,8 @@ def _probe_sums(psi, obj, pos, s_num, s_den, pnum, pden, col):  # pragma: no cov
         for r in range(h):
             prow = psi[j, r]
             orow = obj[y0 + r, x0:x0 + w]
-            nrow = pnum[r]
+            rre = pre[r]
+            rim = pim[r]
             drow = pden[r]
             for c in range(w):
                 v = prow[c]
@@ -216,18 +216,18 @@ def _probe_sums(psi, obj, pos, s_num, s_den, pnum, pden, col):  # pragma: no cov
                 o_i = np.float64(o.imag)
                 qr = np.rint((vr * o_r + vi * o_i) * s_num)
                 qi = np.rint((vi * o_r - vr * o_i) * s_num)
-                qd = np.rint((o_r * o_r + o_i * o_i) * s_den)
-                nrow[2 * c] += qr
-                nrow[2 * c + 1] += qi
-                drow[c] += qd
+                rre[c] += qr
+                rim[c] += qi
                 col[c] = max(col[c], max(abs(qr), abs(qi)))
-                col[w + c] = max(col[w + c], qd)
-    top_n = 0.0
-    top_d = 0.0
+            for c in range(w):   # a separate loop vectorises better
+                o = orow[c]
+                o_r = np.float64(o.real)
+                o_i = np.float64(o.imag)
+                drow[c] += np.rint((o_r * o_r + o_i * o_i) * s_den)
+    top = 0.0
     for c in range(w):
-        top_n = max(top_n, col[c])
-        top_d = max(top_d, col[w + c])
-    return top_n, top_d
+        top = max(top, col[c])
+    return top
 
 
 # --------------------------------------------------------------------------- drivers
@@ -337,7 +337,10 @@ class NumpyOps:
 
     def scatter_object(self, psi, probe, scale: float, acc, s_den: float = 0.0, den=None):
         """Quantised ``acc += sum_j shift(psi_j conj(P))`` and, when ``s_den > 0``,
-        ``den += sum_j shift(|P|^2)``; returns the largest ``|q|`` of each."""
+        ``den += sum_j shift(|P|^2)``; returns the largest ``|q|`` of each.
+
+        ``acc`` is a float64 pair of planes (real, imaginary), shape (2, Hy, Wx).
+        """
         p = probe.astype(np.complex128)
         c = psi.astype(np.complex128)
         c *= np.conj(p)
@@ -345,7 +348,7 @@ class NumpyOps:
         np.rint(c.view(np.float64), out=c.view(np.float64))
         top = float(np.abs(c.view(np.float64)).max()) if c.size else 0.0
         total = self._sparse_sum(c.view(np.float64).reshape(-1, 2))
-        acc += np.ascontiguousarray(total).view(np.complex128).reshape(acc.shape)
+        acc += total.T.reshape(acc.shape)
         top_d = 0.0
         if s_den > 0:
             q = np.rint((p.real ** 2 + p.imag ** 2) * s_den)
@@ -355,6 +358,8 @@ class NumpyOps:
         return top, top_d
 
     def probe_sums(self, psi, obj, s_num: float, s_den: float, pnum, pden):
+        """Quantised ``pnum += sum_j psi_j conj(O_j)`` (planes (2, H, W)) and
+        ``pden += sum_j |O_j|^2``; returns the largest ``|q|`` of each."""
         frames = self._window(obj).astype(np.complex128)
         c = psi.astype(np.complex128) * np.conj(frames)
         c *= s_num
@@ -362,7 +367,9 @@ class NumpyOps:
         d = frames.real ** 2 + frames.imag ** 2
         d *= s_den
         np.rint(d, out=d)
-        pnum += c.sum(axis=0)
+        total = c.sum(axis=0)
+        pnum[0] += total.real
+        pnum[1] += total.imag
         pden += d.sum(axis=0)
         return float(np.abs(c.view(np.float64)).max()), float(d.max())
 
@@ -423,51 +430,52 @@ class FusedOps(NumpyOps):
         cpr = np.ascontiguousarray(p.real)
         cpi = np.ascontiguousarray(-p.imag)
         pw = cpr * cpr + cpi * cpi
-        flat = acc.view(np.float64).reshape(acc.shape[0], -1)
         s_den = float(s_den)
         if den is None:
-            den = np.zeros((1, 1), np.float64)
+            den = np.zeros(acc.shape[1:], np.float64)
             s_den = 0.0
+        top_d = float(np.rint(pw.max() * s_den))
         if self._pool is None:
-            return _scatter_object(psi, cpr, cpi, pw, self.pos, float(scale), s_den, flat, den,
-                                   self._cols[0])
-        extra = self._extras([flat.shape, den.shape])
+            return _scatter_object(psi, cpr, cpi, pw, self.pos, float(scale), s_den, acc[0],
+                                   acc[1], den, self._cols[0]), top_d
+        extra = self._extras([acc.shape, den.shape])
 
         def one(i, s):
-            dst, dd = (flat, den) if i == 0 else extra[i - 1]
+            da, dd = (acc, den) if i == 0 else extra[i - 1]
             if i:
-                dst.fill(0.0)
+                da.fill(0.0)
                 dd.fill(0.0)
-            return _scatter_object(psi[s], cpr, cpi, pw, self.pos[s], float(scale), s_den, dst,
-                                   dd, self._cols[i])
+            return _scatter_object(psi[s], cpr, cpi, pw, self.pos[s], float(scale), s_den,
+                                   da[0], da[1], dd, self._cols[i])
 
         tops = self._map(one)
-        for dst, dd in extra:
-            flat += dst   # integer-valued: exact in any order
+        for da, dd in extra:
+            acc += da   # integer-valued: exact in any order
             if s_den > 0:
                 den += dd
-        return max(t[0] for t in tops), max(t[1] for t in tops)
+        return max(tops), top_d
 
     def probe_sums(self, psi, obj, s_num: float, s_den: float, pnum, pden):
-        nflat = pnum.view(np.float64).reshape(pnum.shape[0], -1)
+        # a bound on |O_j|^2 over the whole object: the same on every rank
+        top_d = float(np.rint(float((obj.real ** 2 + obj.imag ** 2).max()) * s_den))
         if self._pool is None:
-            return _probe_sums(psi, obj, self.pos, float(s_num), float(s_den), nflat, pden,
-                               self._cols[0])
-        extra = self._extras([nflat.shape, pden.shape])
+            return _probe_sums(psi, obj, self.pos, float(s_num), float(s_den), pnum[0], pnum[1],
+                               pden, self._cols[0]), top_d
+        extra = self._extras([pnum.shape, pden.shape])
 
         def one(i, s):
-            dn, dd = (nflat, pden) if i == 0 else extra[i - 1]
+            dn, dd = (pnum, pden) if i == 0 else extra[i - 1]
             if i:
                 dn.fill(0.0)
                 dd.fill(0.0)
-            return _probe_sums(psi[s], obj, self.pos[s], float(s_num), float(s_den), dn, dd,
-                               self._cols[i])
+            return _probe_sums(psi[s], obj, self.pos[s], float(s_num), float(s_den), dn[0],
+                               dn[1], dd, self._cols[i])
 
         tops = self._map(one)
         for dn, dd in extra:
-            nflat += dn
+            pnum += dn
             pden += dd
-        return max(t[0] for t in tops), max(t[1] for t in tops)
+        return max(tops), top_d
 
 
 def make_ops(kernels: str, positions, frame_shape, object_shape, threads: int = 1):

@@ -120,6 +120,9 @@ class ExactSums:
     ----------
     comm : mpi4py-like communicator or None
     parts : list of (shape, is_complex)
+        A complex part's :attr:`views` entry is a pair of float64 planes
+        (real, imaginary), shape ``(2, *shape)``; :meth:`reduce` returns it as
+        complex128.
     covers : list of int
         Upper bound on the number of contributions per element, all ranks.
     estimates : list of float
@@ -139,9 +142,11 @@ class ExactSums:
         start = 0
         for (shape, cplx), size in zip(parts, sizes):
             part = self.buf[start:start + size]
-            self.views.append(part.view(np.complex128).reshape(shape) if cplx
+            # complex parts as two planes (real, imaginary): shape (2, *shape)
+            self.views.append(part.reshape((2,) + tuple(shape)) if cplx
                               else part.reshape(shape))
             start += size
+        self.complex = [bool(cplx) for _, cplx in parts]
         self.flags = self.buf[start:]
         self.exponents = [self._exponent(i, est) for i, est in enumerate(estimates)]
 
@@ -169,11 +174,17 @@ class ExactSums:
                 self.exponents[i] = min(self._exponent(i, peak[i]), self.exponents[i] - 1)
         out = []
         for i, view in enumerate(self.views):
-            flat = view.view(np.float64) if view.dtype.kind == "c" else view
-            peak = float(np.abs(flat).max()) / scales[i] if flat.size else 0.0
+            peak = float(np.abs(view).max()) / scales[i] if view.size else 0.0
             if peak > 0:   # a part left empty this time keeps its scale
                 self.exponents[i] = self._exponent(i, peak)
-            out.append(view * (1.0 / scales[i]))   # a power of two: exact
+            inv = 1.0 / scales[i]   # a power of two: exact
+            if self.complex[i]:
+                total = np.empty(view.shape[1:], dtype=np.complex128)
+                np.multiply(view[0], inv, out=total.real)
+                np.multiply(view[1], inv, out=total.imag)
+            else:
+                total = view * inv
+            out.append(total)
         return out
 
 

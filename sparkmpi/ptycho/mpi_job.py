@@ -37,14 +37,44 @@ def split_frames(n_frames: int, size: int, rank: int) -> slice:
     return slice(int(edges[rank]), int(edges[rank + 1]))
 
 
+def ranks_on_node(comm) -> int:
+    """How many ranks of ``comm`` share this rank's node (``MPI_COMM_TYPE_SHARED``)."""
+    try:
+        from mpi4py import MPI
+
+        local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+        try:
+            return int(local.Get_size())
+        finally:
+            local.Free()
+    except Exception:  # not a real communicator (tests), or no shared-memory split
+        return int(getattr(comm, "size", 1))
+
+
+def threads_per_rank(comm) -> int:
+    """Cores of this node divided by the ranks on it (at least 1).
+
+    With as many ranks on a node as cores each rank runs its FFTs and kernels
+    on one thread, so the node is not oversubscribed.
+    """
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        cores = os.cpu_count() or 1
+    return max(1, cores // max(1, ranks_on_node(comm)))
+
+
 def partition_job(comm, intensities, positions, object_shape, **options):
     """Per-rank body: reconstruct this rank's frames; returns the Result.
 
-    Times the iterations and keeps the slowest rank's time in
-    ``result.seconds``, so every rank reports the job's figure.
+    Uses :func:`threads_per_rank` threads unless ``threads`` is given.  Times
+    the iterations and keeps the slowest rank's time in ``result.seconds``,
+    so every rank reports the job's figure.
     """
     from .engines import reconstruct_partition
 
+    if options.get("threads") is None:
+        options["threads"] = threads_per_rank(comm)
     result = reconstruct_partition(comm, intensities, positions, object_shape, **options)
     from mpi4py import MPI
 
@@ -75,13 +105,15 @@ def main(argv=None) -> int:
                         help="first iteration that refines the probe (-1: never)")
     parser.add_argument("--probe-init", choices=("model", "data", "true"), default="model")
     parser.add_argument("--backend", default="numpy")
+    parser.add_argument("--kernels", choices=("auto", "numba", "numpy"), default="auto",
+                        help="CPU kernels: fused numba (auto when installed) or NumPy")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="threads per rank (default: cores / ranks on the node)")
     args = parser.parse_args(argv)
 
     from mpi4py import MPI
 
     comm = MPI.COMM_WORLD
-    os.environ.setdefault("SPARKMPI_FFT_WORKERS",
-                          str(max(1, (os.cpu_count() or 1) // comm.size)))
     try:
         from .simulate import load
 
@@ -92,7 +124,8 @@ def main(argv=None) -> int:
                                iterations=args.iterations,
                                probe_update_start=(None if args.probe_update_start < 0
                                                    else args.probe_update_start),
-                               probe=_probe_init(data, args.probe_init), backend=args.backend)
+                               probe=_probe_init(data, args.probe_init), backend=args.backend,
+                               kernels=args.kernels, threads=args.threads)
         if comm.rank == 0:
             tmp = args.out + ".part"
             with open(tmp, "wb") as fh:
