@@ -280,3 +280,38 @@ def test_cli_truncated_file_no_traceback_in_real_process(files, tmp_path):
     assert "Traceback" not in proc.stderr and proc.stdout == ""
     assert proc.stderr.strip().startswith("sparkmpi: error: ") and "truncated" in proc.stderr
     assert proc.stderr.strip().count("\n") == 0
+
+
+# ---------------------------------------------------------------------- fuzz
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+from sparkmpi.viz import ViewerError  # noqa: E402
+
+_MAGICS = [b"", b"II*\x00", b"MM\x00*", b"\x93NUMPY", b"PK\x03\x04", b'<?xml version="1.0"?><VTKFile type="ImageData">']
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(magic=st.sampled_from(_MAGICS), tail=st.binary(max_size=300))
+def test_garbage_only_raises_viewer_errors(tmp_path, magic, tail):
+    path = tmp_path / "garbage.bin"
+    path.write_bytes(magic + tail)
+    for read in (detect_kind, load_volume, load_ptycho):
+        try:
+            read(path)
+        except ViewerError:
+            pass
+
+
+def test_cut_real_files_raise_or_give_the_whole_data(files, tmp_path):
+    """A file cut anywhere raises a ViewerError, or (cut only in trailing markup) reads back exactly."""
+    for key in ("tif", "vti", "npy", "ptycho"):
+        data = open(files[key], "rb").read()
+        for cut in list(range(0, len(data), max(1, len(data) // 23))) + [len(data) - 1]:
+            path = tmp_path / f"cut-{key}"
+            path.write_bytes(data[:cut])
+            try:
+                got = load_ptycho(path).object if key == "ptycho" else load_volume(path)
+            except ViewerError:
+                continue
+            np.testing.assert_array_equal(got, files["obj"] if key == "ptycho" else files["vol"])
