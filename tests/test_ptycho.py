@@ -150,7 +150,11 @@ def test_callback_and_options(small):
 
 # --------------------------------------------------------------------------- distributed
 class _ThreadComm:
-    """In-process communicator: ranks are threads, Allreduce sums through a barrier."""
+    """In-process communicator: ranks are threads; Allreduce (SUM or MAX) through a barrier.
+
+    SUM adds the ranks' buffers in *reverse* rank order, unlike one process, so
+    a result that depends on the order of the additions shows up.
+    """
 
     def __init__(self, rank, size, shared):
         self.rank, self.size, self._s = rank, size, shared
@@ -162,27 +166,29 @@ class _ThreadComm:
         s = self._s
         s["parts"][self.rank] = recvbuf.copy()
         s["barrier"].wait()
-        total = sum(s["parts"])
+        if op == MPI.MAX:
+            total = np.maximum.reduce(s["parts"])
+        else:
+            total = s["parts"][-1].copy()
+            for part in s["parts"][-2::-1]:
+                total += part
         s["barrier"].wait()
         recvbuf[...] = total
 
+    def allreduce(self, value, op=None):
+        buf = np.array([value], dtype=np.float64)
+        self.Allreduce(__import__("mpi4py").MPI.IN_PLACE, buf, op=op)
+        return float(buf[0])
 
-def test_partition_equals_serial_in_process(small):
-    """Frames split over 3 thread 'ranks' give the serial object (hook logic only)."""
-    pytest.importorskip("mpi4py")
-    probe = ptycho.model_probe(small)
-    mask = ptycho.illuminated_mask(small)
-    serial = ptycho.reconstruct(small, iterations=20, probe=probe, probe_update_start=5)
-    size = 3
+
+def _run_ranks(edges, fn):
+    """Run ``fn(comm, slice)`` on len(edges) - 1 thread 'ranks'; returns their results."""
+    size = len(edges) - 1
     shared = {"parts": [None] * size, "barrier": threading.Barrier(size)}
     out = [None] * size
-    edges = [0, 20, 61, 96]
 
     def rank(r):
-        sl = slice(edges[r], edges[r + 1])
-        out[r] = ptycho.reconstruct_partition(
-            _ThreadComm(r, size, shared), small.intensities[sl], small.positions[sl],
-            small.object_shape, iterations=20, probe=probe, probe_update_start=5, threads=1)
+        out[r] = fn(_ThreadComm(r, size, shared), slice(edges[r], edges[r + 1]))
 
     threads = [threading.Thread(target=rank, args=(r,)) for r in range(size)]
     for t in threads:
@@ -190,36 +196,197 @@ def test_partition_equals_serial_in_process(small):
     for t in threads:
         t.join(60)
     assert all(o is not None for o in out)
+    return out
+
+
+@pytest.mark.parametrize("edges", [[0, 48, 96], [0, 20, 61, 96]], ids=["2ranks", "3ranks"])
+@pytest.mark.parametrize("algorithm,kernels", [("dm", "auto"), ("raar", "auto"), ("dm", "numpy")])
+def test_partition_equals_serial_in_process(small, edges, algorithm, kernels):
+    """Frames split over 2 or 3 thread 'ranks', probe refined from iteration 5 for 30
+    iterations: the same object and probe as one process, within 1e-4 relative (the
+    issue's bound; the quantised sums make it exact, so 1e-6 is asserted too)."""
+    pytest.importorskip("mpi4py")
+    probe = ptycho.model_probe(small)
+    mask = ptycho.illuminated_mask(small)
+    opts = dict(algorithm=algorithm, iterations=30, probe=probe, probe_update_start=5,
+                kernels=kernels)
+    serial = ptycho.reconstruct(small, **opts)
+    out = _run_ranks(edges, lambda comm, sl: ptycho.reconstruct_partition(
+        comm, small.intensities[sl], small.positions[sl], small.object_shape, threads=1,
+        **opts))
     for o in out:
-        assert _rel_in_mask(o.object, serial.object, mask) < 1e-3
-        np.testing.assert_allclose(o.errors[:8], serial.errors[:8], rtol=1e-4)
-        assert _rel_in_mask(o.probe, serial.probe, np.ones(o.probe.shape, bool)) < 1e-3
-    np.testing.assert_array_equal(out[0].object, out[2].object)   # all ranks agree exactly
+        rel_o = _rel_in_mask(o.object, serial.object, mask)
+        rel_p = _rel_in_mask(o.probe, serial.probe, np.ones(o.probe.shape, bool))
+        assert rel_o < 1e-4 and rel_p < 1e-4
+        assert rel_o < 1e-6 and rel_p < 1e-6
+        np.testing.assert_allclose(o.errors, serial.errors, rtol=1e-5)
+    np.testing.assert_array_equal(out[0].object, out[-1].object)   # all ranks agree exactly
+
+
+def test_threads_do_not_change_the_result(small):
+    """Chunks of frames summed in 1 or 2 threads: the same numbers (quantised sums)."""
+    probe = ptycho.model_probe(small)
+    one = ptycho.reconstruct(small, iterations=12, probe=probe, probe_update_start=3, threads=1)
+    two = ptycho.reconstruct(small, iterations=12, probe=probe, probe_update_start=3, threads=2)
+    assert np.abs(one.object - two.object).max() <= 1e-6 * np.abs(one.object).max()
+    assert np.abs(one.probe - two.probe).max() <= 1e-6 * np.abs(one.probe).max()
 
 
 @pytest.mark.slow
-def test_mpiexec_two_ranks_equal_serial(tmp_path, small):
-    """Real MPI: ``mpiexec -n 2`` (MPICH from the venv) matches one process."""
+@pytest.mark.parametrize("ranks,frames", [(2, [48, 48]), (3, [32, 32, 32])])
+def test_mpiexec_ranks_equal_serial(tmp_path, small, ranks, frames):
+    """Real MPI: ``mpiexec -n 2`` and ``-n 3`` (MPICH from the venv) match one process
+    within 1e-4 relative with the probe refined (and fixed)."""
     mpiexec = Path(sys.executable).with_name("mpiexec")
     if not mpiexec.exists():
         pytest.skip("no mpiexec next to the interpreter")
     data = small.save(tmp_path / "scan.npz")
     mask = ptycho.illuminated_mask(small)
     env = dict(os.environ, PYTHONPATH=str(ROOT))
-    # fixed probe: equal to 1e-4; refined probe: float32 round-off grows, 2e-3
-    for start, tol in (("-1", 1e-4), ("5", 2e-3)):
+    for start in ("5", "-1"):
         out = tmp_path / f"result{start}.npz"
-        cmd = [str(mpiexec), "-n", "2", sys.executable, "-m", "sparkmpi.ptycho.mpi_job",
+        cmd = [str(mpiexec), "-n", str(ranks), sys.executable, "-m", "sparkmpi.ptycho.mpi_job",
                str(data), "--out", str(out), "--iterations", "30", "--probe-update-start", start]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120, env=env, cwd=ROOT)
         assert proc.returncode == 0, proc.stderr[-3000:]
         got = np.load(out)
-        assert int(got["ranks"]) == 2 and list(got["frames_per_rank"]) == [48, 48]
+        assert int(got["ranks"]) == ranks and list(got["frames_per_rank"]) == frames
         serial = ptycho.reconstruct(small, iterations=30, probe=ptycho.model_probe(small),
                                     probe_update_start=None if start == "-1" else int(start))
-        assert _rel_in_mask(got["object"], serial.object, mask) < tol
-        np.testing.assert_allclose(got["errors"][:5], serial.errors[:5], rtol=1e-4)
+        assert _rel_in_mask(got["object"], serial.object, mask) < 1e-4
+        assert _rel_in_mask(got["probe"], serial.probe, np.ones(serial.probe.shape, bool)) < 1e-4
+        np.testing.assert_allclose(got["errors"], serial.errors, rtol=1e-5)
         assert got["errors"][-1] < 0.5 * got["errors"][0]
+
+
+def test_threads_per_rank_from_ranks_on_node():
+    from sparkmpi.ptycho.mpi_job import ranks_on_node, threads_per_rank
+
+    class Fake:
+        rank, size = 0, 2
+
+    cores = len(os.sched_getaffinity(0))
+    assert ranks_on_node(Fake()) == 2
+    assert threads_per_rank(Fake()) == max(1, cores // 2)
+    Fake.size = 64
+    assert threads_per_rank(Fake()) == 1
+
+
+# --------------------------------------------------------------------------- kernels, sums
+def _random_stack(seed=0, n=20, h=16, w=16, oshape=(40, 48)):
+    rng = np.random.default_rng(seed)
+    cplx = lambda *shape: (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)
+                           ).astype(np.complex64)
+    pos = np.stack([rng.integers(0, oshape[0] - h + 1, n), rng.integers(0, oshape[1] - w + 1, n)], 1)
+    return (cplx(n, h, w), cplx(h, w), cplx(*oshape), pos,
+            np.abs(rng.standard_normal((n, h, w))).astype(np.float32), oshape)
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_fused_kernels_match_numpy_reference(threads):
+    """Each numba kernel against its whole-stack NumPy form on random data."""
+    from sparkmpi.ptycho import _fused
+
+    if not _fused.HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    psi, P, O, pos, a, oshape = _random_stack()
+    h, w = P.shape
+    fast, ref = _fused.FusedOps(pos, (h, w), oshape, threads), _fused.NumpyOps(pos, (h, w), oshape)
+    g1, g2 = np.empty_like(psi), np.empty_like(psi)
+    fast.gather_mul(O, P, g1)
+    ref.gather_mul(O, P, g2)
+    np.testing.assert_allclose(g1, g2, rtol=1e-6, atol=1e-6 * np.abs(g2).max())
+    # quantised sums: float64 products of the same float32 inputs, then exact adds
+    acc = [np.zeros((2,) + oshape) for _ in range(2)]
+    den = [np.zeros(oshape) for _ in range(2)]
+    t1 = fast.scatter_object(psi, P, 2.0 ** 20, acc[0], 2.0 ** 18, den[0])
+    t2 = ref.scatter_object(psi, P, 2.0 ** 20, acc[1], 2.0 ** 18, den[1])
+    np.testing.assert_array_equal(acc[0], acc[1])
+    np.testing.assert_array_equal(den[0], den[1])
+    assert t1[0] == t2[0] and t1[1] >= t2[1] > 0
+    expect = np.zeros(oshape, np.complex128)
+    for j, (y, x) in enumerate(pos):
+        expect[y:y + h, x:x + w] += psi[j].astype(np.complex128) * np.conj(P.astype(np.complex128))
+    np.testing.assert_allclose(acc[0][0] + 1j * acc[0][1], expect * 2.0 ** 20, rtol=0,
+                               atol=len(pos))
+    pn = [np.zeros((2, h, w)) for _ in range(2)]
+    pd = [np.zeros((h, w)) for _ in range(2)]
+    fast.probe_sums(psi, O, 2.0 ** 20, 2.0 ** 18, pn[0], pd[0])
+    ref.probe_sums(psi, O, 2.0 ** 20, 2.0 ** 18, pn[1], pd[1])
+    np.testing.assert_array_equal(pn[0], pn[1])
+    np.testing.assert_array_equal(pd[0], pd[1])
+    # DM combination + modulus projection, RAAR halves (float32: a few ulps)
+    s1, s2, w1, w2 = psi.copy(), psi.copy(), np.empty_like(psi), np.empty_like(psi)
+    e1 = fast.dm_update(s1, g2, a, 0.8, w1)
+    e2 = ref.dm_update(s2, g2, a, 0.8, w2)
+    np.testing.assert_allclose(s1, s2, rtol=0, atol=1e-6 * np.abs(s2).max())
+    np.testing.assert_array_equal(s1, w1)
+    assert e1 == pytest.approx(e2, rel=1e-6)
+    s1, s2 = psi.copy(), psi.copy()
+    fast.raar_pre(s1, a, 0.75, w1)
+    ref.raar_pre(s2, a, 0.75, w2)
+    np.testing.assert_allclose(w1, w2, rtol=0, atol=1e-6 * np.abs(w2).max())
+    e1, e2 = fast.raar_post(s1, g2, a, 0.75), ref.raar_post(s2, g2, a, 0.75)
+    np.testing.assert_allclose(s1, s2, rtol=0, atol=1e-6 * np.abs(s2).max())
+    assert e1 == pytest.approx(e2, rel=1e-6)
+    fast.close()
+
+
+@pytest.mark.parametrize("algorithm", ["dm", "raar"])
+def test_numba_engine_matches_numpy_engine(small, algorithm):
+    """Whole reconstructions, fused kernels vs NumPy reference: float32 rounding only
+    (fixed probe 1e-4; refined probe, where differences grow, 5e-3)."""
+    from sparkmpi.ptycho import _fused
+
+    if not _fused.HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    probe = ptycho.model_probe(small)
+    mask = ptycho.illuminated_mask(small)
+    for start, tol in ((None, 1e-4), (5, 5e-3)):
+        fast = ptycho.reconstruct(small, algorithm=algorithm, iterations=30, probe=probe,
+                                  probe_update_start=start, kernels="numba")
+        ref = ptycho.reconstruct(small, algorithm=algorithm, iterations=30, probe=probe,
+                                 probe_update_start=start, kernels="numpy")
+        assert _rel_in_mask(fast.object, ref.object, mask) < tol
+        np.testing.assert_allclose(fast.errors, ref.errors, rtol=10 * tol)
+    with pytest.raises(ValueError, match="kernels must be one of"):
+        ptycho.reconstruct(small, iterations=1, kernels="fortran")
+
+
+def test_exact_sums_any_split_and_overflow_redo():
+    """Quantised sums: any split over 'ranks' gives identical bits; a first scale that is
+    far too large is detected by the global flag and the sum redone."""
+    from sparkmpi.ptycho._kernels import ExactSums
+
+    rng = np.random.default_rng(5)
+    values = rng.standard_normal((60, 8)) * np.exp(rng.uniform(-8, 8, (60, 1)))
+
+    def fill_from(rows, sums):
+        def fill(scales):
+            q = np.rint(values[rows] * scales[0])
+            sums.views[0] += q.sum(axis=0)
+            return [float(np.abs(q).max()) if len(q) else 0.0]
+        return fill
+
+    results = []
+    for edges in ([0, 60], [0, 13, 60], [0, 7, 31, 60]):
+        sums_per_rank = {}
+
+        def rank(comm, sl):
+            # estimate 1e-12: the first scale overflows, the flag forces a redo
+            sums = ExactSums(comm if comm.size > 1 else None, [((8,), False)], [60], [1e-12])
+            sums_per_rank[comm.rank] = sums
+            return sums.reduce(fill_from(np.arange(sl.start, sl.stop), sums))[0]
+
+        out = _run_ranks(edges, rank) if len(edges) > 2 else \
+            [rank(type("One", (), {"size": 1, "rank": 0})(), slice(0, 60))]
+        results.append(out[0])
+        for other in out[1:]:
+            np.testing.assert_array_equal(other, out[0])
+    for r in results[1:]:
+        np.testing.assert_array_equal(r, results[0])
+    np.testing.assert_allclose(results[0], values.sum(axis=0), rtol=0,
+                               atol=1e-9 * np.abs(values).max())
 
 
 def test_split_frames():
