@@ -11,7 +11,6 @@ from __future__ import annotations
 import numpy as np
 
 from .images import (
-    COLORMAPS,
     colorize,
     error_curve_svg,
     phase_image,
@@ -127,7 +126,3 @@ class PtychoModel:
             elif isinstance(value, (int, str)):
                 parts.append(f"{key} {value}")
         return " · ".join(parts)
-
-
-def colormap_names() -> list[str]:
-    return list(COLORMAPS)
