@@ -98,7 +98,7 @@ def test_save_load_roundtrip(tmp_path, small):
 
 
 # --------------------------------------------------------------------------- engines
-@pytest.mark.parametrize("algorithm,bound", [("dm", 0.05), ("raar", 0.05)])
+@pytest.mark.parametrize("algorithm,bound", [("dm", 0.01), ("raar", 0.01)])
 def test_engines_converge(small, algorithm, bound):
     mask = ptycho.illuminated_mask(small)
     start = ptycho.nrmse(np.ones(small.object_shape, np.complex64), small.object_true, mask)
@@ -109,6 +109,19 @@ def test_engines_converge(small, algorithm, bound):
     assert res.errors.shape == (60,)
     assert res.errors[-1] < 0.2 * res.errors[0]
     assert res.object.dtype == np.complex64 and res.probe.dtype == np.complex64
+
+
+@pytest.mark.slow
+def test_dm_reaches_issue_target_at_default_size():
+    """The issue's target: DM, 512 frames of 128x128 (noise-free, default overlap), probe
+    refined from the nominal aperture at iteration 10: NRMSE <= 0.05 after 100 iterations
+    (measured 0.0096; 0.071 before the probe-ramp pinning changed object and exit waves
+    along with the probe)."""
+    data = ptycho.simulate(512, 128, seed=0)
+    res = ptycho.reconstruct(data, algorithm="dm", iterations=100,
+                             probe=ptycho.model_probe(data))
+    assert ptycho.object_nrmse(res.object, data) <= 0.05
+    assert res.errors[-1] < 0.01
 
 
 def test_fixed_true_probe_recovers_object(small):
@@ -329,6 +342,18 @@ def test_fused_kernels_match_numpy_reference(threads):
     e1, e2 = fast.raar_post(s1, g2, a, 0.75), ref.raar_post(s2, g2, a, 0.75)
     np.testing.assert_allclose(s1, s2, rtol=0, atol=1e-6 * np.abs(s2).max())
     assert e1 == pytest.approx(e2, rel=1e-6)
+    # with a pending per-frame gauge phase
+    phase = np.exp(1j * np.linspace(0, 3, len(pos))).astype(np.complex64)
+    s1, s2 = psi.copy(), psi.copy()
+    fast.dm_update(s1, g2, a, 1.0, w1, phase)
+    ref.dm_update(s2, g2, a, 1.0, w2, phase)
+    np.testing.assert_allclose(s1, s2, rtol=0, atol=2e-6 * np.abs(s2).max())
+    s1, s2 = psi.copy(), psi.copy()
+    fast.raar_post(s1, g2, a, 0.75, phase)
+    ref.raar_post(s2, g2, a, 0.75, phase)
+    np.testing.assert_allclose(s1, s2, rtol=0, atol=2e-6 * np.abs(s2).max())
+    np.testing.assert_allclose(s2, psi * phase[:, None, None] + np.float32(0.75) * g2,
+                               rtol=0, atol=2e-6 * np.abs(s2).max())
     fast.close()
 
 

@@ -77,14 +77,20 @@ def _gather_mul(obj, probe, pos, out):  # pragma: no cover - compiled
 
 
 @_jit
-def _dm_update(Psi, Phi, a, beta, work, col):  # pragma: no cover - compiled
-    # per element: m = |Phi| - a (misfit); z = 2 Phi - Psi;
+def _dm_update(Psi, Phi, a, beta, work, col, phase, rotate):  # pragma: no cover - compiled
+    # per element: (rotate: Psi <- Psi phase_j); m = |Phi| - a (misfit); z = 2 Phi - Psi;
     # Psi <- Psi + beta (a z / |z| - Phi); work <- Psi
     n, h, w = Psi.shape
     two = np.float32(2.0)
     for c in range(w):
         col[c] = 0.0
     for j in range(n):
+        if rotate:
+            ph = phase[j]
+            for r in range(h):
+                srow = Psi[j, r]
+                for c in range(w):
+                    srow[c] = srow[c] * ph
         for r in range(h):
             srow = Psi[j, r]
             frow = Phi[j, r]
@@ -131,12 +137,18 @@ def _raar_pre(Psi, a, beta, work):  # pragma: no cover - compiled
 
 
 @_jit
-def _raar_post(Psi, Phi, a, beta, col):  # pragma: no cover - compiled
-    # misfit of Phi; Psi <- Psi + beta Phi
+def _raar_post(Psi, Phi, a, beta, col, phase, rotate):  # pragma: no cover - compiled
+    # misfit of Phi; (rotate: Psi <- Psi phase_j); Psi <- Psi + beta Phi
     n, h, w = Psi.shape
     for c in range(w):
         col[c] = 0.0
     for j in range(n):
+        if rotate:
+            ph = phase[j]
+            for r in range(h):
+                srow = Psi[j, r]
+                for c in range(w):
+                    srow[c] = srow[c] * ph
         for r in range(h):
             srow = Psi[j, r]
             frow = Phi[j, r]
@@ -289,7 +301,11 @@ class NumpyOps:
         np.multiply(self._window(obj), probe, out=out)
         return out
 
-    def dm_update(self, Psi, Phi, a, beta: float, work) -> float:
+    def dm_update(self, Psi, Phi, a, beta: float, work, phase=None) -> float:
+        """Misfit ``sum (|Phi| - a)^2``; ``Psi <- Psi + beta (Pi_F(2 Phi - Psi) - Phi)``;
+        ``work <- Psi``.  ``phase`` (N,): first ``Psi_j <- Psi_j phase_j`` (a gauge change)."""
+        if phase is not None:
+            Psi *= phase[:, None, None]
         m = np.abs(Phi)
         m -= a
         flat = m.reshape(-1)
@@ -307,6 +323,7 @@ class NumpyOps:
         return err
 
     def raar_pre(self, Psi, a, beta: float, work) -> None:
+        """``Y = Pi_F Psi``; ``work <- 2 Y - Psi``; ``Psi <- beta Psi + (1 - 2 beta) Y``."""
         m = np.abs(Psi)
         m += _EPS
         np.divide(a, m, out=m)
@@ -317,7 +334,10 @@ class NumpyOps:
         y *= np.float32(1.0 - 2.0 * beta)
         Psi += y
 
-    def raar_post(self, Psi, Phi, a, beta: float) -> float:
+    def raar_post(self, Psi, Phi, a, beta: float, phase=None) -> float:
+        """Misfit of ``Phi``; ``Psi <- Psi phase + beta Phi``."""
+        if phase is not None:
+            Psi *= phase[:, None, None]
         m = np.abs(Phi)
         m -= a
         flat = m.reshape(-1)
@@ -405,18 +425,26 @@ class FusedOps(NumpyOps):
         self._map(lambda i, s: _gather_mul(obj, probe, self.pos[s], out[s]))
         return out
 
-    def dm_update(self, Psi, Phi, a, beta: float, work) -> float:
+    def _phase(self, phase):
+        if phase is None:
+            return np.ones(len(self.pos), np.complex64), False
+        return np.ascontiguousarray(phase, dtype=np.complex64), True
+
+    def dm_update(self, Psi, Phi, a, beta: float, work, phase=None) -> float:
         b = np.float32(beta)
+        ph, rotate = self._phase(phase)
         return sum(self._map(lambda i, s: _dm_update(Psi[s], Phi[s], a[s], b, work[s],
-                                                      self._cols[i])))
+                                                      self._cols[i], ph[s], rotate)))
 
     def raar_pre(self, Psi, a, beta: float, work) -> None:
         b = np.float32(beta)
         self._map(lambda i, s: _raar_pre(Psi[s], a[s], b, work[s]))
 
-    def raar_post(self, Psi, Phi, a, beta: float) -> float:
+    def raar_post(self, Psi, Phi, a, beta: float, phase=None) -> float:
         b = np.float32(beta)
-        return sum(self._map(lambda i, s: _raar_post(Psi[s], Phi[s], a[s], b, self._cols[i])))
+        ph, rotate = self._phase(phase)
+        return sum(self._map(lambda i, s: _raar_post(Psi[s], Phi[s], a[s], b, self._cols[i],
+                                                      ph[s], rotate)))
 
     def _extras(self, shapes):
         """Per-thread accumulators for chunks 1.. (chunk 0 adds into the caller's)."""
