@@ -378,6 +378,30 @@ def test_numba_engine_matches_numpy_engine(small, algorithm):
         ptycho.reconstruct(small, iterations=1, kernels="fortran")
 
 
+def test_works_without_numba_and_pyspark():
+    """Where numba and pyspark are missing (GPU machines), the package imports and the
+    CPU engine falls back to the NumPy kernels; kernels='numba' is a clear error."""
+    code = (
+        "import sys; sys.modules['numba'] = None; sys.modules['pyspark'] = None\n"
+        "import numpy as np\n"
+        "from sparkmpi import ptycho\n"
+        "from sparkmpi.ptycho import _fused\n"
+        "assert not _fused.HAVE_NUMBA\n"
+        "d = ptycho.simulate(frames=16, frame_size=32, seed=2)\n"
+        "a = ptycho.reconstruct(d, iterations=4)\n"
+        "b = ptycho.reconstruct(d, iterations=4, kernels='numpy')\n"
+        "assert np.array_equal(a.object, b.object)\n"
+        "try:\n"
+        "    ptycho.reconstruct(d, iterations=1, kernels='numba')\n"
+        "except ptycho.PtychoInputError as exc:\n"
+        "    print('refused:', exc)\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          timeout=120, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "refused: kernels='numba' needs the numba package" in proc.stdout
+
+
 def test_exact_sums_any_split_and_overflow_redo():
     """Quantised sums: any split over 'ranks' gives identical bits; a first scale that is
     far too large is detected by the global flag and the sum redone."""

@@ -401,7 +401,10 @@ class FusedOps(NumpyOps):
 
     def __init__(self, positions, frame_shape, object_shape, threads: int = 1):
         if not HAVE_NUMBA:
-            raise RuntimeError("kernels='numba' needs the numba package (pip install numba)")
+            from .errors import PtychoInputError
+
+            raise PtychoInputError("kernels='numba' needs the numba package (pip install numba); "
+                                   "use kernels='auto' or 'numpy'")
         self.pos = np.ascontiguousarray(positions, dtype=np.int64)
         self.frame_shape = tuple(frame_shape)
         self.object_shape = tuple(object_shape)
