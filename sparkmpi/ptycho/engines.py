@@ -367,14 +367,17 @@ class _Engine:
         dy = (cy - self._centroid0[0] + self.P.shape[0] / 2) % self.P.shape[0] - self.P.shape[0] / 2
         dx = (cx - self._centroid0[1] + self.P.shape[1] / 2) % self.P.shape[1] - self.P.shape[1] / 2
         h, w = self.P.shape
-        ramp = xp.exp(-2j * np.pi * (dy * xp.arange(h)[:, None] / h + dx * xp.arange(w)[None, :] / w))
-        self.P = (self.P * ramp).astype(xp.complex64)
+        qy, qx = 2 * np.pi * dy / h, 2 * np.pi * dx / w
+
+        def ramp(shape, sign):   # e^{sign i (qy y + qx x)} as an outer product of 1-D factors
+            ey = xp.exp(sign * 1j * qy * xp.arange(shape[0])).astype(xp.complex64)
+            ex = xp.exp(sign * 1j * qx * xp.arange(shape[1])).astype(xp.complex64)
+            return ey[:, None] * ex[None, :]
+
+        self.P = self.P * ramp(self.P.shape, -1)
         # The same gauge change for the object and the exit waves, so the state stays
         # consistent: P(r) e^{-iqr} O(r + r_j) e^{iq(r + r_j)} = P O_j e^{i q r_j}.
-        qy, qx = 2 * np.pi * dy / h, 2 * np.pi * dx / w
-        oh, ow = self.O.shape
-        self.O = (self.O * xp.exp(1j * (qy * xp.arange(oh)[:, None]
-                                        + qx * xp.arange(ow)[None, :]))).astype(xp.complex64)
+        self.O = self.O * ramp(self.O.shape, 1)
         pos = self.geom.positions
         phase = np.exp(1j * (qy * pos[:, 0] + qx * pos[:, 1])).astype(np.complex64)
         if self.exact:   # applied by the next fused pass over Psi
