@@ -138,6 +138,10 @@ def _read_ranges(bootstrap: str, timeout: float, consumer_config: dict | None,
                                      consumer_config=consumer_config)
 
 
+def _read_empty(bootstrap: str, timeout: float, ranges: list, _ignored) -> Iterator[KafkaRecord]:
+    return _read_ranges(bootstrap, timeout, None, ranges)
+
+
 def _identity(items):
     return items
 
@@ -381,9 +385,12 @@ class _BatchCore:
         import sparkmpi
 
         t0 = time.monotonic()
-        sparkmpi.run(self.sc.parallelize([[] for _ in range(self.ranks)], self.ranks).flatMap(_identity),
+        sparkmpi.run(self.sc.parallelize([[] for _ in range(self.ranks)], self.ranks).flatMap(self._warm_reader()),
                      _noop_job, timeout=self.job_timeout, **self.job_settings)
         return time.monotonic() - t0
+
+    def _warm_reader(self):
+        return _identity
 
     def run_job(self, rdd, batch: int, ranges) -> tuple[list, int]:
         """Run the batch's MPI job with retries; ``(per-rank results, attempts)``."""
@@ -514,8 +521,8 @@ class _WatermarkPoller:
                                         f"{self.timeout:.1f} s: {self.trap.last or exc}") from None
         return out
 
-    def close(self) -> None:
-        self.consumer.close()
+    def close(self, wait: bool = True) -> None:
+        _close_client(self.consumer, wait)
 
 
 class _Committer:
@@ -558,22 +565,34 @@ class _Committer:
                                         f"within {self.timeout:.1f} s; last client error: {self.trap.last or 'none'}")
                 consumer.poll(0.02)
         except Exception:
-            self.close()   # a fresh client next time
+            self.close(wait=False)   # a fresh client next time
             raise
         err, parts = self._results[0]
         bad = [f"{tp.topic}[{tp.partition}]: {tp.error}" for tp in parts or [] if tp.error is not None]
         if err is not None or bad:
-            self.close()
+            self.close(wait=False)
             raise BrokerUnavailable(f"committing offsets of group {self.group!r} at {self.bootstrap} failed: "
                                     f"{err or bad}")
 
-    def close(self) -> None:
+    def close(self, wait: bool = True) -> None:
+        """Close the client; ``wait=False`` (broker gone) closes it in a daemon
+        thread, as librdkafka may block for long on a pending request."""
         if self.consumer is not None:
             consumer, self.consumer = self.consumer, None
-            try:
-                consumer.close()
-            except Exception:  # noqa: BLE001  (closing a client whose broker is gone)
-                pass
+            _close_client(consumer, wait)
+
+
+def _close_client(client, wait: bool) -> None:
+    def close():
+        try:
+            client.close()
+        except Exception:  # noqa: BLE001  (closing a client whose broker is gone)
+            pass
+
+    if wait:
+        close()
+    else:
+        threading.Thread(target=close, name="sparkmpi-kafka-close", daemon=True).start()
 
 
 class StreamDriver(_BatchCore):
@@ -720,6 +739,11 @@ class StreamDriver(_BatchCore):
             return
         super().on_job_failure(exc, batch, ranges, attempts - getattr(self, "_broker_failures", 0))
 
+    def _warm_reader(self):
+        # an empty range per task: loads confluent-kafka in the Spark workers
+        return functools.partial(_read_empty, self.bootstrap, self.read_timeout,
+                                 [OffsetRange(self.topic, self.partitions[0], 0, 0)])
+
     # -- start: broker, topic, reconciliation --------------------------------
     def start(self) -> list[OffsetRange]:
         """Check the broker, wait for the topic, reconcile outputs with commits.
@@ -815,6 +839,7 @@ class StreamDriver(_BatchCore):
         _check_positive("idle_timeout", idle_timeout, allow_none=True)
         _check_positive("max_batches", max_batches, integer=True, allow_none=True)
         t0 = time.monotonic()
+        healthy = False
         try:
             reconciled = self.start()
             warm = self.warm_up() if self.warm else None
@@ -827,12 +852,13 @@ class StreamDriver(_BatchCore):
                                       timeout=min(self.broker_timeout, 5.0))
             try:
                 stopped = self._loop(poller, until_end_of_scan, idle_timeout, max_batches)
+                healthy = True
             finally:
-                poller.close()
+                poller.close(wait=healthy)
             return self.final(reconciled, stopped, t0)
         finally:
             self._dlq = None
-            self._committer.close()
+            self._committer.close(wait=healthy)
             self.reporter.close()
 
     def _loop(self, poller, until_end_of_scan, idle_timeout, max_batches) -> str:
