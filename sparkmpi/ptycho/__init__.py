@@ -7,7 +7,13 @@ Public API::
     result = ptycho.reconstruct(data, algorithm="dm", iterations=100)
     ptycho.nrmse(result.object, data.object_true, ptycho.illuminated_mask(data))
 
-Importing this package needs NumPy and SciPy only (no pyspark, no mpi4py).
+Distributed through Spark (one MPI rank per partition, ``sparkmpi.run``)::
+
+    from sparkmpi.ptycho.spark import reconstruct_spark
+    out = reconstruct_spark(spark, "scan.npz", ranks=2, iterations=100)
+
+Importing this package needs NumPy and SciPy only (no pyspark, no mpi4py);
+numba, when installed, provides the fused CPU kernels.
 """
 
 from .engines import (
