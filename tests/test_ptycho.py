@@ -236,6 +236,19 @@ def test_partition_equals_serial_in_process(small, edges, algorithm, kernels):
     np.testing.assert_array_equal(out[0].object, out[-1].object)   # all ranks agree exactly
 
 
+def test_partition_equals_serial_with_probe_from_data(small):
+    """No probe given: the initial probe (mean diffraction pattern over all ranks) is
+    summed exactly too, so 2 ranks still equal one process."""
+    pytest.importorskip("mpi4py")
+    serial = ptycho.reconstruct(small, iterations=20, probe_update_start=3)
+    out = _run_ranks([0, 37, 96], lambda comm, sl: ptycho.reconstruct_partition(
+        comm, small.intensities[sl], small.positions[sl], small.object_shape, threads=1,
+        iterations=20, probe_update_start=3))
+    for o in out:
+        assert np.abs(o.object - serial.object).max() <= 1e-6 * np.abs(serial.object).max()
+        assert np.abs(o.probe - serial.probe).max() <= 1e-6 * np.abs(serial.probe).max()
+
+
 def test_threads_do_not_change_the_result(small):
     """Chunks of frames summed in 1 or 2 threads: the same numbers (quantised sums)."""
     probe = ptycho.model_probe(small)
@@ -548,3 +561,24 @@ def test_reconstruct_partition_checks_comm():
         ptycho.reconstruct_partition(None, i, p, o)
     with pytest.raises(perr.PtychoInputError, match="has no 'Allreduce'"):
         ptycho.reconstruct_partition(object(), i, p, o)
+
+
+# --------------------------------------------------------------------------- bench
+def test_bench_report_keys_one_process():
+    """``sparkmpi bench ptycho`` at a small size, one process only (the Spark and mpiexec
+    runs are covered by their own tests)."""
+    import argparse
+
+    from sparkmpi.bench import ptycho as bench
+
+    parser = argparse.ArgumentParser()
+    bench.add_arguments(parser)
+    args = parser.parse_args(["--frames", "48", "--frame-size", "32", "--iterations", "20",
+                              "--ranks", "2", "--no-spark", "--no-mpiexec"])
+    report = bench.run(args)
+    assert report["backend"] == "numpy" and report["frames"] == 48
+    assert report["seconds_per_iteration_1rank"] > 0
+    assert 0 < report["nrmse"] < 0.5 and 0 < report["fourier_error"] < 1
+    assert "seconds_per_iteration" not in report   # no Spark run asked for
+    with pytest.raises(ValueError, match="--frames must be a positive integer"):
+        bench.run(parser.parse_args(["--frames", "0"]))

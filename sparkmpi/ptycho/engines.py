@@ -57,7 +57,7 @@ import numpy as np
 
 from ..backend import Backend, get_backend
 from ._fused import KERNELS, make_ops
-from ._kernels import ExactSums, Fourier, Geometry, allreduce_sums
+from ._kernels import ExactSums, Fourier, Geometry, allreduce_max, allreduce_sums
 from ._validate import check_complex_image, check_frames, check_intensities, shape2
 from .errors import FrameMismatchError, PtychoInputError
 
@@ -164,10 +164,20 @@ def initial_probe(intensities, comm=None) -> np.ndarray:
     ndarray, complex64, shape (H, W)
     """
     arr = check_intensities(intensities)
-    total = arr.sum(axis=0, dtype=np.float64)
+    # Quantised sum (see ExactSums): integer multiples of 1/scale below 2**52 add exactly,
+    # so the mean is the same for any split of the frames over ranks.
     count = np.array([arr.shape[0]], dtype=np.float64)
-    allreduce_sums(comm, [total, count])
-    mean = total / count[0]
+    allreduce_sums(comm, [count])
+    top = allreduce_max(comm, [float(arr.max())])[0]
+    scale = math.ldexp(1.0, int(math.floor(51 - math.log2(count[0] * max(top, 1e-300)))))
+    total = np.zeros(arr.shape[1:], dtype=np.float64)
+    for start in range(0, arr.shape[0], 64):
+        block = arr[start:start + 64].astype(np.float64)
+        block *= scale
+        np.rint(block, out=block)
+        total += block.sum(axis=0)
+    allreduce_sums(comm, [total])
+    mean = total / scale / count[0]
     amp = np.fft.ifftshift(np.sqrt(mean))
     probe = np.fft.fftshift(np.fft.ifft2(amp, norm="ortho"))
     return probe.astype(np.complex64)
