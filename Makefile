@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(VENV)/bin/sparkmpi bench allreduce --ranks 2 --elements 2000000 --repeat 10
+	$(VENV)/bin/sparkmpi demo
 
 test: $(STAMP)
 	sh scripts/install-browser.sh

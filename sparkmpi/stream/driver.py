@@ -816,7 +816,8 @@ class StreamDriver(_BatchCore):
 
     # -- the loop --------------------------------------------------------------
     def run(self, *, until_end_of_scan: bool = False, idle_timeout: float | None = None,
-            max_batches: int | None = None) -> StreamReport:
+            max_batches: int | None = None,
+            on_batch: Callable[[BatchReport], object] | None = None) -> StreamReport:
         """Process batches until a stop condition; return the run's :class:`StreamReport`.
 
         Parameters
@@ -828,6 +829,10 @@ class StreamDriver(_BatchCore):
             Stop after this many seconds with no new message.
         max_batches : int, optional
             Stop after this many batches.
+        on_batch : callable, optional
+            ``on_batch(report)`` after each batch is written and committed
+            (e.g. to fold its output into a running reconstruction); it runs
+            in the driver's thread, so the next batch waits for it.
 
         Raises
         ------
@@ -851,7 +856,7 @@ class StreamDriver(_BatchCore):
             poller = _WatermarkPoller(self.bootstrap, self.topic, self.partitions,
                                       timeout=min(self.broker_timeout, 5.0))
             try:
-                stopped = self._loop(poller, until_end_of_scan, idle_timeout, max_batches)
+                stopped = self._loop(poller, until_end_of_scan, idle_timeout, max_batches, on_batch)
                 healthy = True
             finally:
                 poller.close(wait=healthy)
@@ -861,7 +866,7 @@ class StreamDriver(_BatchCore):
             self._committer.close(wait=healthy)
             self.reporter.close()
 
-    def _loop(self, poller, until_end_of_scan, idle_timeout, max_batches) -> str:
+    def _loop(self, poller, until_end_of_scan, idle_timeout, max_batches, on_batch=None) -> str:
         done = 0
         last_batch = -float("inf")
         last_new = time.monotonic()
@@ -877,7 +882,9 @@ class StreamDriver(_BatchCore):
             if trigger_due(pending, now - last_batch, trigger=self.trigger, max_frames=self.max_frames):
                 ranges = plan_batch(self.committed, marks, max_messages=self.max_frames)
                 last_batch = time.monotonic()
-                self.process_batch(ranges)
+                report = self.process_batch(ranges)
+                if on_batch is not None:
+                    on_batch(report)
                 done += 1
                 if max_batches is not None and done >= max_batches:
                     return "max_batches"

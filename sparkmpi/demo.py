@@ -1,0 +1,367 @@
+"""``sparkmpi demo``: the whole product on embedded defaults, end to end.
+
+1. starts local Spark and a local Kafka broker (jars from Maven Central on
+   first use);
+2. simulates a ptychographic scan and streams its frames into Kafka at a
+   detector-like rate (:mod:`sparkmpi.stream.detector`);
+3. cuts the stream into micro-batches by offset ranges; each batch becomes an
+   RDD whose partitions read their ranges inside the Spark tasks, and an MPI
+   job (:func:`sparkmpi.run`) validates and stacks the frames; outputs are
+   written atomically and only then are offsets committed
+   (:class:`sparkmpi.stream.driver.StreamDriver`);
+4. after each batch, a second Spark-MPI job refines the reconstruction over
+   every frame received so far (difference map, sums combined with
+   ``MPI_Allreduce``), warm-started from the previous batch, and publishes a
+   snapshot for the live viewer;
+5. simulates a TEM tilt series (Shepp-Logan, 74 angles over -73..+73 degrees)
+   and reconstructs it with ART through Spark, slice-partitioned;
+6. writes everything under ``--out`` and prints a summary: streaming
+   throughput and latency, the ptychography NRMSE (and its progression with
+   frames received) and the tomography RMSE.
+
+With ``--view`` the live viewer follows the reconstruction while the scan
+streams, and the viewers of both results stay up at the end until Ctrl+C.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+STEPS = 6
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser(
+        "demo", help="run the whole pipeline on embedded defaults (local Spark and Kafka)",
+        description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", default="demo-output", help="output folder (default ./demo-output)")
+    parser.add_argument("--ranks", type=int, default=2, help="MPI ranks = Spark task slots (default 2)")
+    parser.add_argument("--frames", type=int, default=256, help="ptychography frames in the scan (default 256)")
+    parser.add_argument("--frame-size", type=int, default=64, help="frame side in pixels (default 64)")
+    parser.add_argument("--rate", type=float, default=50.0, help="detector frames per second (default 50)")
+    parser.add_argument("--trigger", type=float, default=0.5, help="seconds between micro-batches (default 0.5)")
+    parser.add_argument("--iterations-per-batch", type=int, default=10,
+                        help="DM iterations after each micro-batch (default 10)")
+    parser.add_argument("--final-iterations", type=int, default=60,
+                        help="DM iterations over the whole scan at the end (default 60)")
+    parser.add_argument("--tomo-size", type=int, default=256, help="tilt-series side in pixels (default 256)")
+    parser.add_argument("--tomo-angles", type=int, default=74, help="projections (default 74, -73..+73 deg)")
+    parser.add_argument("--bootstrap", default=None,
+                        help="use this Kafka cluster (host:port) instead of starting a local broker")
+    parser.add_argument("--view", action="store_true",
+                        help="serve the live viewer while streaming and the result viewers at the end")
+    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
+    parser.set_defaults(func=_main)
+
+
+def _check(args) -> None:
+    from .cli import UsageError
+
+    cores = os.cpu_count() or 1
+    if not 1 <= args.ranks <= cores:
+        raise UsageError(f"--ranks must be in 1..{cores} (the cores of this machine), got {args.ranks}")
+    for name in ("frames", "frame_size", "iterations_per_batch", "final_iterations", "tomo_size", "tomo_angles"):
+        if getattr(args, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
+    if args.frames < 2 * args.ranks:
+        raise UsageError(f"--frames must be at least twice --ranks, got {args.frames}")
+    if args.rate <= 0 or args.trigger <= 0:
+        raise UsageError("--rate and --trigger must be > 0")
+
+
+class _Steps:
+    """Numbered progress lines on stderr, with elapsed times."""
+
+    def __init__(self):
+        self.t0 = time.monotonic()
+
+    def __call__(self, number: int, text: str) -> None:
+        print(f"[{number}/{STEPS} {time.monotonic() - self.t0:6.1f} s] {text}", file=sys.stderr, flush=True)
+
+    def note(self, text: str) -> None:
+        print(f"        {text}", file=sys.stderr, flush=True)
+
+
+def ptycho_frames(comm, frames) -> dict:
+    """MPI body of each streaming batch: check and stack the rank's frames.
+
+    Returns ``intensities`` (n, H, W) float32 and ``positions`` (n, 2) int64
+    per rank (concatenated in rank order by the driver).  All ranks agree on
+    the frame shape, so a rank without frames still returns arrays of the
+    right shape.
+    """
+    intensities, positions = [], []
+    for frame in frames:
+        array = np.asarray(frame.array, dtype=np.float32)
+        if not np.isfinite(array).all() or (array < 0).any():
+            raise ValueError(f"frame {frame.header.index} has non-finite or negative intensities")
+        intensities.append(array)
+        positions.append(np.rint(frame.header.position).astype(np.int64))
+    shapes = {s for s in comm.allgather(intensities[0].shape if intensities else None) if s is not None}
+    if len(shapes) > 1:
+        raise ValueError(f"frames of different shapes in one batch: {sorted(shapes)}")
+    shape = shapes.pop() if shapes else (0, 0)
+    return {"intensities": np.stack(intensities) if intensities else np.zeros((0, *shape), np.float32),
+            "positions": np.asarray(positions, dtype=np.int64).reshape(-1, 2)}
+
+
+class _LiveReconstruction:
+    """After each batch: a Spark-MPI reconstruction over all frames so far."""
+
+    def __init__(self, spark, scan, ranks: int, iterations: int, live_dir: Path, steps: _Steps):
+        self.spark, self.scan, self.ranks = spark, scan, ranks
+        self.iterations, self.live_dir, self.steps = iterations, live_dir, steps
+        self.intensities: list[np.ndarray] = []
+        self.positions: list[np.ndarray] = []
+        self.object = self.probe = None
+        self.errors: list[float] = []
+        self.history: list[dict] = []
+        self.seen: set[int] = set()
+
+    @property
+    def frames(self) -> int:
+        return sum(len(p) for p in self.positions)
+
+    def add_batch(self, path: str) -> int:
+        with np.load(path) as batch:
+            if "result.intensities" not in batch.files:
+                return 0
+            index = batch["frame_index"]
+            fresh = np.array([i not in self.seen for i in index.tolist()], dtype=bool)
+            self.seen.update(index.tolist())
+            self.intensities.append(batch["result.intensities"][fresh])
+            self.positions.append(batch["result.positions"][fresh])
+        return int(fresh.sum())
+
+    def refine(self, iterations: int):
+        from .ptycho import PtychoData
+        from .ptycho.metrics import object_nrmse
+        from .ptycho.simulate import model_probe
+        from .ptycho.spark import reconstruct_rdd, scan_rdd
+
+        data = PtychoData(np.concatenate(self.intensities), np.concatenate(self.positions),
+                          self.scan.object_shape)
+        rdd, _ = scan_rdd(self.spark, data, self.ranks)
+        if self.probe is None:
+            # The nominal probe of the beamline's optics (here: the
+            # simulator's aperture model), as a facility would start from.
+            options = {"algorithm": "dm", "iterations": iterations, "probe": model_probe(self.scan)}
+        else:
+            # Warm start: the object and probe of the previous batch; the probe
+            # is refined from the first iteration on.
+            options = {"algorithm": "dm", "iterations": iterations, "probe": self.probe,
+                       "object_init": self.object, "probe_update_start": 0}
+        result = reconstruct_rdd(rdd, self.scan.object_shape, **options)
+        self.object, self.probe = result.object, result.probe
+        self.errors.extend(float(e) for e in result.errors)
+        nrmse = float(object_nrmse(self.object, self.scan))
+        self.history.append({"frames": data.n_frames, "nrmse": nrmse, "iterations": len(self.errors),
+                             "seconds_per_iteration": result.seconds / max(result.iterations, 1)})
+        return nrmse
+
+    def on_batch(self, report) -> None:
+        added = self.add_batch(report.path)
+        if added == 0 or self.frames < self.ranks:
+            return
+        nrmse = self.refine(self.iterations)
+        self.publish()
+        self.steps.note(f"batch {report.batch}: +{added} frames ({self.frames} received), "
+                        f"{report.latency_s or 0:.2f} s latency; object NRMSE {nrmse:.3f}")
+
+    def publish(self) -> None:
+        from .viz import publish_snapshot
+
+        publish_snapshot(self.live_dir, {"object": self.object, "probe": self.probe,
+                                         "errors": np.asarray(self.errors)},
+                         {"frames": self.frames, "nrmse": self.history[-1]["nrmse"]})
+
+
+def _spark(ranks: int):
+    from pyspark.sql import SparkSession
+
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    session = (SparkSession.builder.master(f"local[{ranks}]").appName("sparkmpi-demo")
+               .config("spark.ui.showConsoleProgress", "false").getOrCreate())
+    session.sparkContext.setLogLevel("ERROR")
+    return session
+
+
+def _viewer(args: list[str]) -> tuple[subprocess.Popen, str]:
+    """Start ``sparkmpi view ARGS`` and return it with the address it printed."""
+    proc = subprocess.Popen([sys.executable, "-m", "sparkmpi.cli", "view", *args],
+                            stdout=subprocess.PIPE, text=True)
+    address = (proc.stdout.readline() or "").strip()
+    if not address:
+        proc.terminate()
+        raise RuntimeError(f"the viewer did not start (sparkmpi view {' '.join(args)})")
+    return proc, address
+
+
+def run_demo(args) -> dict:
+    """Run the demo; returns the summary (also written to ``<out>/summary.json``)."""
+    _check(args)
+    from .ptycho import simulate
+    from .ptycho.metrics import object_nrmse
+    from .ptycho.output import write_outputs as write_ptycho
+    from .stream._client import ensure_topic
+    from .stream.detector import NpzScan, publish_kafka
+    from .stream.driver import StreamDriver
+    from .stream.kafka import LocalBroker
+    from .tomo.algorithms import rmse
+    from .tomo.output import write_outputs as write_tomo
+    from .tomo.simulate import simulate_tilt_series
+    from .tomo.spark import reconstruct_spark
+
+    steps = _Steps()
+    out = Path(args.out).resolve()
+    for sub in ("stream", "live"):
+        shutil.rmtree(out / sub, ignore_errors=True)  # a fresh run; the broker data is per run too
+    out.mkdir(parents=True, exist_ok=True)
+    summary: dict = {"out": str(out)}
+    viewers: list[subprocess.Popen] = []
+    broker = None
+
+    steps(1, f"starting local Spark (local[{args.ranks}])"
+             + ("" if args.bootstrap else " and a local Kafka broker"))
+    spark = _spark(args.ranks)
+    try:
+        if args.bootstrap:
+            bootstrap = args.bootstrap
+        else:
+            broker_dir = out / "kafka"
+            shutil.rmtree(broker_dir, ignore_errors=True)
+            broker = LocalBroker(broker_dir, port=0).start()
+            bootstrap = broker.bootstrap
+        steps.note(f"Kafka at {bootstrap}")
+
+        steps(2, f"simulating a ptychographic scan: {args.frames} frames of {args.frame_size}x{args.frame_size}")
+        scan = simulate(frames=args.frames, frame_size=args.frame_size, seed=0)
+        scan_path = out / "ptycho" / "scan.npz"
+        scan_path.parent.mkdir(parents=True, exist_ok=True)
+        scan.save(scan_path)
+
+        steps(3, f"streaming the scan into Kafka at {args.rate:g} frames/s; micro-batches every "
+                 f"{args.trigger:g} s through Spark and {args.ranks} MPI ranks")
+        live = _LiveReconstruction(spark, scan, args.ranks, args.iterations_per_batch, out / "live", steps)
+        if args.view:
+            proc, address = _viewer(["--live", str(out / "live")])
+            viewers.append(proc)
+            steps.note(f"live viewer: {address}")
+        topic = "demo-frames"
+        publisher_error: list[BaseException] = []
+
+        def _publish():
+            try:
+                publish_kafka(NpzScan(scan_path, dtype="float32", scan_id="demo"), bootstrap, topic,
+                              rate=args.rate, partitions=args.ranks)
+            except BaseException as exc:  # noqa: BLE001  (re-raised in the main thread)
+                publisher_error.append(exc)
+
+        publisher = threading.Thread(target=_publish, name="sparkmpi-demo-detector", daemon=True)
+        driver = StreamDriver(spark, bootstrap, topic, "demo", out / "stream", ranks=args.ranks,
+                              trigger=args.trigger, process=ptycho_frames, progress=None, warm_up=False)
+        # Get the topic, the Spark workers and the rank spares ready before the
+        # detector starts, as a beamline would before the scan.
+        ensure_topic(bootstrap, topic, partitions=args.ranks)
+        driver.start()
+        driver.warm_up()
+        publisher.start()
+        report = driver.run(until_end_of_scan=True, idle_timeout=30, on_batch=live.on_batch)
+        publisher.join(timeout=30)
+        if publisher_error:
+            raise publisher_error[0]
+        summary["stream"] = {"frames": report.frames, "batches": report.batches,
+                             "frames_per_s": report.frames_per_s, "latency_p50_s": report.latency_p50_s,
+                             "latency_p99_s": report.latency_p99_s, "dead_letters": report.dead_letters}
+        if live.frames != args.frames:
+            raise RuntimeError(f"the stream delivered {live.frames} distinct frames, expected {args.frames}")
+
+        steps(4, f"refining over the whole scan: {args.final_iterations} DM iterations on {args.ranks} ranks")
+        nrmse = live.refine(args.final_iterations)
+        live.publish()
+        files = write_ptycho(out / "ptycho", live.object, live.probe, np.asarray(live.errors),
+                             summary={"nrmse": nrmse, "frames": live.frames})
+        summary["ptycho"] = {"nrmse": nrmse, "iterations": len(live.errors),
+                             "fourier_error": live.errors[-1], "history": live.history,
+                             "files": {k: str(v) for k, v in files.items()}}
+        steps.note(f"object NRMSE {nrmse:.4f} after {len(live.errors)} iterations")
+
+        steps(5, f"tomography: {args.tomo_size}^3 Shepp-Logan, {args.tomo_angles} projections, "
+                 f"ART through Spark")
+        tilt_path = out / "tomo" / "tilt_series.tif"
+        tilt_path.parent.mkdir(parents=True, exist_ok=True)
+        _, phantom = simulate_tilt_series(size=args.tomo_size, n_angles=args.tomo_angles, out=tilt_path)
+        t0 = time.perf_counter()
+        volume, timings = reconstruct_spark(spark, tilt_path, algorithm="art", iterations=1,
+                                            partitions=args.ranks)
+        tomo_s = time.perf_counter() - t0
+        tomo_files = write_tomo(out / "tomo", volume)
+        tomo_rmse = float(rmse(volume, phantom))
+        summary["tomo"] = {"rmse": tomo_rmse, "seconds": tomo_s, "size": args.tomo_size,
+                           "angles": args.tomo_angles, "files": tomo_files}
+        steps.note(f"volume RMSE {tomo_rmse:.4f} in {tomo_s:.1f} s")
+
+        summary["seconds"] = time.monotonic() - steps.t0
+        steps(6, "done")
+        (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
+    finally:
+        if broker is not None:
+            broker.stop()
+        spark.stop()
+        if not args.view:
+            for proc in viewers:
+                proc.terminate()
+    if args.view:
+        _serve_results(viewers, out, summary)
+    return summary
+
+
+def _serve_results(viewers, out: Path, summary: dict) -> None:
+    tomo_view, tomo_address = _viewer([summary["tomo"]["files"]["tiff"]])
+    ptycho_view, ptycho_address = _viewer([summary["ptycho"]["files"]["arrays"]])
+    viewers += [tomo_view, ptycho_view]
+    print(f"viewers: tomography {tomo_address} | ptychography {ptycho_address} | live {out / 'live'}"
+          " (Ctrl+C to stop)", file=sys.stderr, flush=True)
+    try:
+        signal.sigwait({signal.SIGINT, signal.SIGTERM})
+    except KeyboardInterrupt:
+        pass
+    finally:
+        for proc in viewers:
+            proc.terminate()
+        for proc in viewers:
+            proc.wait(timeout=10)
+
+
+def _print_summary(summary: dict) -> None:
+    stream, ptycho, tomo = summary["stream"], summary["ptycho"], summary["tomo"]
+    lines = [
+        "sparkmpi demo summary",
+        f"  streaming:    {stream['frames']} frames in {stream['batches']} micro-batches, "
+        f"{stream['frames_per_s']:.0f} frames/s, latency p50 {stream['latency_p50_s'] or 0:.2f} s "
+        f"p99 {stream['latency_p99_s'] or 0:.2f} s, {stream['dead_letters']} dead letters",
+        f"  ptychography: object NRMSE {ptycho['nrmse']:.4f} after {ptycho['iterations']} DM iterations "
+        f"(by frames received: " + ", ".join(f"{h['frames']}: {h['nrmse']:.3f}" for h in ptycho["history"]) + ")",
+        f"  tomography:   ART volume {tomo['size']}^3 RMSE {tomo['rmse']:.4f} in {tomo['seconds']:.1f} s",
+        f"  total {summary['seconds']:.0f} s; results in {summary['out']}",
+    ]
+    print("\n".join(lines))
+
+
+def _main(args) -> int:
+    summary = run_demo(args)
+    if args.json:
+        print(json.dumps(summary, default=float))
+    else:
+        _print_summary(summary)
+    return 0
