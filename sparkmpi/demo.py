@@ -256,6 +256,7 @@ def run_demo(args) -> dict:
         if args.view:
             proc, address = _viewer(["--live", str(out / "live")])
             viewers.append(proc)
+            summary["live_viewer"] = address
             steps.note(f"live viewer: {address}")
         topic = "demo-frames"
         publisher_error: list[BaseException] = []
@@ -330,8 +331,8 @@ def _serve_results(viewers, out: Path, summary: dict) -> None:
     tomo_view, tomo_address = _viewer([summary["tomo"]["files"]["tiff"]])
     ptycho_view, ptycho_address = _viewer([summary["ptycho"]["files"]["arrays"]])
     viewers += [tomo_view, ptycho_view]
-    print(f"viewers: tomography {tomo_address} | ptychography {ptycho_address} | live {out / 'live'}"
-          " (Ctrl+C to stop)", file=sys.stderr, flush=True)
+    print(f"viewers: tomography {tomo_address} | ptychography {ptycho_address} | "
+          f"live {summary.get('live_viewer')} (Ctrl+C to stop)", file=sys.stderr, flush=True)
     try:
         signal.sigwait({signal.SIGINT, signal.SIGTERM})
     except KeyboardInterrupt:
