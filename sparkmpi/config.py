@@ -53,7 +53,9 @@ class Settings:
     warm_pool : int
         Spare rank interpreters kept ready (numpy and mpi4py imported, MPI not
         initialised) in each Spark Python worker; 0 starts a fresh interpreter
-        per rank per job.  A spare serves exactly one job and is never reused.
+        per rank per job.  A spare serves exactly one job and is never reused;
+        two let back-to-back jobs (micro-batches) always find one that has
+        finished its imports while the used one is being replaced.
     kill_grace : float
         Seconds between SIGTERM and SIGKILL when ranks are stopped.
     """
@@ -62,7 +64,7 @@ class Settings:
     pmi_port: int = 0
     job_timeout: float | None = None
     start_timeout: float = 120.0
-    warm_pool: int = 1
+    warm_pool: int = 2
     kill_grace: float = 1.0
 
     def __post_init__(self) -> None:

@@ -94,9 +94,10 @@ def spawn() -> RankProcess:
 
 
 def acquire() -> RankProcess:
-    """A warm spare if one is alive, else a freshly started process."""
+    """The oldest live warm spare (the likeliest to have finished its imports),
+    else a freshly started process."""
     while _spares:
-        proc = _spares.pop()
+        proc = _spares.pop(0)
         if proc.alive():
             return proc
         proc.stop(0)

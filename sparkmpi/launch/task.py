@@ -42,7 +42,7 @@ class TaskSpec:
     size: int
     fn: bytes
     env: dict = field(default_factory=dict)
-    warm_pool: int = 1
+    warm_pool: int = 2
     kill_grace: float = 1.0
 
 
