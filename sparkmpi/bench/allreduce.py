@@ -17,6 +17,7 @@ Each figure is the median of ``--jobs`` measurements.
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import shutil
@@ -124,11 +125,20 @@ def run(args) -> dict:
         rdd.barrier().mapPartitions(count_records).collect()
         return time.perf_counter() - started
 
+    def settle() -> None:
+        # Every variant starts from the same quiet state: the previous one's
+        # garbage (16 MB arrays per collect) collected, the JVM idle.
+        gc.collect()
+        time.sleep(0.2)
+
     collect_once(), trivial_once(), sparkmpi.run(rdd, mpi_job)  # warm-up: workers, spares, JIT
     collect, trivial, jobs, inner = [], [], [], []
     for i in range(args.jobs):
+        settle()
         collect.append(collect_once())
+        settle()
         trivial.append(trivial_once())
+        settle()
         started = time.perf_counter()
         results = sparkmpi.run(rdd, mpi_job)
         jobs.append(time.perf_counter() - started)
