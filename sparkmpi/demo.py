@@ -211,7 +211,6 @@ def run_demo(args) -> dict:
     """Run the demo; returns the summary (also written to ``<out>/summary.json``)."""
     _check(args)
     from .ptycho import simulate
-    from .ptycho.metrics import object_nrmse
     from .ptycho.output import write_outputs as write_ptycho
     from .stream._client import ensure_topic
     from .stream.detector import NpzScan, publish_kafka
