@@ -30,8 +30,6 @@ log = logging.getLogger("sparkmpi.launch")
 
 _server: PMIServer | None = None
 _server_lock = threading.Lock()
-#: After a failure, how long to wait for Spark to wind the stage down.
-CANCEL_WAIT_S = 30.0
 
 RankFunction = Callable[[Any, Iterable[Any]], Iterable[Any] | None]
 
@@ -184,34 +182,32 @@ def run(rdd, fn: RankFunction, *, timeout: float | None = None, env: dict[str, s
     spec = TaskSpec(server_host=host, server_port=server.port, kvsname=job.kvsname, token=job.token,
                     size=size, fn=pickle_function(fn), env=dict(env or {}),
                     warm_pool=settings.warm_pool, kill_grace=settings.kill_grace)
-    group = f"sparkmpi-{job.kvsname}"
-    outcome: dict[str, Any] = {}
-    spark_done = threading.Event()
-
-    def _spark_stage() -> None:
-        try:
-            sc.setJobGroup(group, f"sparkmpi MPI job {job.kvsname} ({size} ranks)", interruptOnCancel=True)
-            task = _bind(spec)
-            outcome["results"] = rdd.barrier().mapPartitions(task).collect()
-        except BaseException as exc:  # noqa: BLE001  (reported from the calling thread)
-            outcome["error"] = exc
-        finally:
-            spark_done.set()
-
+    tag = f"sparkmpi-{job.kvsname}"
+    watch_state = {"timed_out": False}
+    stop_watching = threading.Event()
     started = time.monotonic()
-    thread = threading.Thread(target=_spark_stage, name=group, daemon=True)
-    thread.start()
+    # The stage runs in this thread: PySpark gives each new Python thread its
+    # own JVM connection, which would add a fixed cost to every job.  A
+    # watcher thread enforces the timeouts and cancels on failure.
+    watcher = threading.Thread(target=_watch, name=tag, daemon=True,
+                               args=(job, sc, tag, stop_watching, started, settings, watch_state))
+    previous_interrupt = sc.getLocalProperty("spark.job.interruptOnCancel")
+    sc.addJobTag(tag)
+    sc.setInterruptOnCancel(True)
+    spark_error: BaseException | None = None
+    results: list = []
+    watcher.start()
     try:
-        timed_out = _watch(job, spark_done, started, settings)
-        if not spark_done.is_set():
-            # The relays got the abort: let them stop their ranks and report
-            # before Spark kills the tasks, then cancel (no stage retries).
-            job.wait_relays_gone(settings.kill_grace + 3.0)
-            sc.cancelJobGroup(group)
-            if not spark_done.wait(CANCEL_WAIT_S):
-                log.warning("Spark did not wind down job %s within %.0f s", job.kvsname, CANCEL_WAIT_S)
+        results = rdd.barrier().mapPartitions(_bind(spec)).collect()
+    except Exception as exc:  # noqa: BLE001  (turned into JobFailed below)
+        spark_error = exc
     finally:
+        stop_watching.set()
+        watcher.join()
+        sc.removeJobTag(tag)
+        sc.setLocalProperty("spark.job.interruptOnCancel", previous_interrupt)
         job.close()
+    timed_out = watch_state["timed_out"]
 
     failure = job.failure
     if failure is not None:
@@ -223,11 +219,10 @@ def run(rdd, fn: RankFunction, *, timeout: float | None = None, env: dict[str, s
         raise cls(message, job_id=job.kvsname,
                   rank=failure.rank, partition=job.partitions.get(failure.rank) if failure.rank is not None else None,
                   cause=failure.cause)
-    if "error" in outcome:
-        error = outcome["error"]
-        raise JobFailed(f"MPI job {job.kvsname}: the Spark stage failed: {_short(error)}",
-                        job_id=job.kvsname, cause=str(error)) from error
-    return outcome["results"]
+    if spark_error is not None:
+        raise JobFailed(f"MPI job {job.kvsname}: the Spark stage failed: {_short(spark_error)}",
+                        job_id=job.kvsname, cause=str(spark_error)) from spark_error
+    return results
 
 
 def _bind(spec: TaskSpec):
@@ -237,20 +232,28 @@ def _bind(spec: TaskSpec):
     return task
 
 
-def _watch(job, spark_done: threading.Event, started: float, settings: Settings) -> bool:
-    """Wait for the stage to end or the job to fail; enforce timeouts.  True if it timed out."""
-    while not spark_done.wait(0.02):
-        if job.failed.is_set():
-            return False
+def _watch(job, sc, tag: str, stop: threading.Event, started: float, settings: Settings, state: dict) -> None:
+    """Watcher thread: on a failure or timeout, abort the ranks, then cancel the stage."""
+    while not stop.wait(0.02):
         elapsed = time.monotonic() - started
+        if job.failed.is_set():
+            break
         if settings.job_timeout is not None and elapsed > settings.job_timeout:
+            state["timed_out"] = True
             job.abort(f"the job timed out after {settings.job_timeout:g} s; {job.status()}", dump_stacks=True)
-            return True
+            break
         if not job.space.all_registered and elapsed > settings.start_timeout:
+            state["timed_out"] = True
             job.abort(f"not every rank connected within {settings.start_timeout:g} s "
                       f"(is the cluster short of free task slots?); {job.status()}")
-            return True
-    return False
+            break
+    else:
+        return  # the stage ended by itself
+    # The relays got the abort: let them stop their ranks and report before
+    # Spark kills the tasks, then cancel (which also stops stage retries).
+    job.wait_relays_gone(settings.kill_grace + 3.0)
+    if not stop.is_set():
+        sc.cancelJobsWithTag(tag)
 
 
 def _short(error: BaseException) -> str:
