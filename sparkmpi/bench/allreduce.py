@@ -35,6 +35,7 @@ def add_arguments(parser) -> None:
     parser.add_argument("--elements", type=int, default=2_000_000, help="float32 elements per array")
     parser.add_argument("--repeat", type=int, default=10, help="Allreduce calls timed per job")
     parser.add_argument("--jobs", type=int, default=7, help="measurements per figure (median reported)")
+    parser.add_argument("--warmup", type=int, default=3, help="unmeasured rounds first (default 3)")
     parser.add_argument("--master", default=None, help="Spark master (default local[RANKS])")
 
 
@@ -131,7 +132,10 @@ def run(args) -> dict:
         gc.collect()
         time.sleep(0.2)
 
-    collect_once(), trivial_once(), sparkmpi.run(rdd, mpi_job)  # warm-up: workers, spares, JIT
+    # Warm-up until the JVM's JIT compilers have settled: they keep a core busy
+    # for a while after new Spark work, which would disturb the ranks.
+    for _ in range(args.warmup):
+        collect_once(), trivial_once(), sparkmpi.run(rdd, mpi_job)
     collect, trivial, jobs, inner = [], [], [], []
     for i in range(args.jobs):
         settle()
