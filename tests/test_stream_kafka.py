@@ -9,52 +9,25 @@ folder, and stops it at the end, checking that no java process is left.
 from __future__ import annotations
 
 import json
-import os
 import time
 from pathlib import Path
 
 import numpy as np
 import pytest
+from stream_fixtures import broker, java_processes_using  # noqa: F401  (broker is a fixture)
 
 from sparkmpi.cli import main as cli_main
 from sparkmpi.stream._client import ensure_topic, topic_partitions
 from sparkmpi.stream._errors import BrokerError, BrokerUnavailable
 from sparkmpi.stream.detector import SyntheticScan, publish_kafka
 from sparkmpi.stream.frames import FrameHeader, encode_frame
-from sparkmpi.stream.kafka import fetch_kafka, free_port, start_broker, stop_broker
+from sparkmpi.stream.kafka import fetch_kafka, free_port, start_broker
 from sparkmpi.stream.offsets import (
     DeadLetter, DeadLetterWriter, EndMarker, Frame, OffsetError, StreamCounters, commit_offsets,
     committed_offsets, decode_record, plan_batch, read_offset_range, watermarks,
 )
 
 pytestmark = pytest.mark.slow
-
-
-def _java_processes_using(data_dir: Path) -> list[int]:
-    marker = str(data_dir / "server.properties").encode()
-    pids = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                cmdline = Path(f"/proc/{entry}/cmdline").read_bytes()
-                state = Path(f"/proc/{entry}/stat").read_text().rsplit(")", 1)[1].split()[0]
-            except OSError:
-                continue
-            if marker in cmdline.split(b"\0") and state != "Z":
-                pids.append(int(entry))
-    return pids
-
-
-@pytest.fixture(scope="session")
-def broker(tmp_path_factory):
-    fetch_kafka()  # downloads once per machine; a no-op when cached
-    data_dir = tmp_path_factory.mktemp("kafka")
-    info = start_broker(data_dir, 0, timeout=90, die_with_parent=True)
-    try:
-        yield info
-    finally:
-        stop_broker(data_dir, grace=15)
-        assert _java_processes_using(data_dir) == [], "a Kafka broker process outlived the test session"
 
 
 def _drain(bootstrap, topic, group, *, max_messages=None):
@@ -228,7 +201,7 @@ def test_broker_that_cannot_start_reports_its_log_quickly(tmp_path):
     assert waited < 30
     message = str(info.value)
     assert "the Kafka broker exited with status" in message and "last lines of" in message
-    assert _java_processes_using(tmp_path) == []
+    assert java_processes_using(tmp_path) == []
     assert not (tmp_path / "broker.json").exists()
 
 
@@ -257,7 +230,7 @@ def test_cli_start_status_simulate_stop(tmp_path, capsys, broker):
     finally:
         assert cli_main(["kafka", "stop", "--data-dir", data]) == 0
     assert "broker stopped" in capsys.readouterr().out
-    assert _java_processes_using(Path(data).resolve()) == []
+    assert java_processes_using(Path(data).resolve()) == []
     assert cli_main(["kafka", "status", "--data-dir", data]) == 1
 
 
