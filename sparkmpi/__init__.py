@@ -13,6 +13,7 @@ from .errors import ConfigError, JobFailed, JobTimeout, PMIProtocolError, SparkM
 
 __all__ = [
     "run",
+    "warm_up",
     "Settings",
     "load_settings",
     "SparkMPIError",
@@ -33,3 +34,13 @@ def run(rdd, fn, **options):
     from .launch.job import run as _run
 
     return _run(rdd, fn, **options)
+
+
+def warm_up(sc, **options):
+    """Start the Spark Python workers and their warm rank spares before the first job.
+
+    See :func:`sparkmpi.launch.job.warm_up`.
+    """
+    from .launch.job import warm_up as _warm_up
+
+    return _warm_up(sc, **options)

@@ -297,6 +297,14 @@ def test_partials_and_callable_objects_from_local_modules(sc):
     assert sparkmpi.run(rdd, RankTimes(5)) == [0, 5]
 
 
+def test_warm_up_prepares_every_worker_with_ready_spares(sc):
+    prepared = sparkmpi.warm_up(sc, warm_pool=2)
+    assert len(prepared) == sc.defaultParallelism
+    assert all(ready == 2 for _, ready in prepared), prepared
+    # A one-rank job now lands on a worker whose spares finished their imports.
+    assert sparkmpi.run(sc.parallelize([7], 1), lambda comm, it: [(comm.size, *it)]) == [(1, 7)]
+
+
 def test_job_environment_reaches_ranks(sc):
     out = sparkmpi.run(sc.parallelize(range(2), 2), lambda comm, it: [os.environ.get("MY_SETTING")],
                        env={"MY_SETTING": "on"})

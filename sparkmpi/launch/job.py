@@ -225,6 +225,33 @@ def run(rdd, fn: RankFunction, *, timeout: float | None = None, env: dict[str, s
     return results
 
 
+def _prepare_worker(warm_pool: int, timeout: float, iterator):
+    from . import pool
+
+    for _ in iterator:
+        pass  # read the partition, or PySpark discards this worker afterwards
+    pool.replenish(warm_pool)
+    return [(os.getpid(), pool.wait_ready(timeout))]
+
+
+def warm_up(sc, *, warm_pool: int | None = None, timeout: float = 30.0) -> list[tuple[int, int]]:
+    """Start every Spark Python worker and its warm rank spares ahead of the first job.
+
+    Runs one plain (non-barrier) task per task slot, so each concurrently
+    used Python worker imports sparkmpi and starts ``warm_pool`` spares, and
+    waits until the spares have finished their imports.  Useful before a
+    latency-sensitive loop (micro-batches): without it, the first jobs that
+    land on a fresh worker pay for starting Python, NumPy and mpi4py.
+
+    Returns ``(worker pid, ready spares)`` per task.
+    """
+    if warm_pool is None:
+        warm_pool = load_settings().warm_pool
+    slots = max(1, int(sc.defaultParallelism))
+    task = functools.partial(_prepare_worker, int(warm_pool), float(timeout))
+    return sc.parallelize(range(slots), slots).mapPartitions(task).collect()
+
+
 def _bind(spec: TaskSpec):
     def task(iterator):
         return run_rank_task(spec, iterator)

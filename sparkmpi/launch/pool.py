@@ -31,6 +31,7 @@ class RankProcess:
     ctrl: socket.socket
     pidfd: int
     started: float = field(default_factory=time.monotonic)
+    ready: bool = False  # its READY message was consumed (by wait_ready)
 
     @property
     def pid(self) -> int:
@@ -117,6 +118,33 @@ def discard_spares() -> None:
     """Stop every spare of this process."""
     while _spares:
         _spares.pop().stop(0.5)
+
+
+def wait_ready(timeout: float = 10.0) -> int:
+    """Wait until every spare has finished its imports (said READY); return how many are ready."""
+    import selectors
+
+    from . import channel
+
+    deadline = time.monotonic() + timeout
+    ready = 0
+    for proc in list(_spares):
+        if proc.ready:
+            ready += 1
+            continue
+        with selectors.DefaultSelector() as sel:
+            sel.register(proc.ctrl, selectors.EVENT_READ)
+            if not sel.select(max(0.0, deadline - time.monotonic())):
+                continue
+        try:
+            kind, _, fds = channel.recv_message(proc.ctrl)
+        except (channel.ChannelClosed, OSError, ValueError):
+            continue  # a dead spare: acquire() skips it
+        for fd in fds:
+            os.close(fd)
+        proc.ready = kind == channel.READY
+        ready += proc.ready
+    return ready
 
 
 def spare_pids() -> list[int]:

@@ -385,6 +385,9 @@ class _BatchCore:
         import sparkmpi
 
         t0 = time.monotonic()
+        # Every Python worker a batch may land on (not only the ones this
+        # job uses) gets its spares, so no early batch starts ranks cold.
+        sparkmpi.warm_up(self.sc, warm_pool=self.job_settings.get("warm_pool"))
         sparkmpi.run(self.sc.parallelize([[] for _ in range(self.ranks)], self.ranks).flatMap(self._warm_reader()),
                      _noop_job, timeout=self.job_timeout, **self.job_settings)
         return time.monotonic() - t0
