@@ -12,7 +12,9 @@ Side by side in one run, on the same RDD:
   the Allreduce loop, results back), and ``trivial_barrier_job_s``: a
   do-nothing barrier job in the same SparkSession, measured alternately.
 
-Each figure is the median of ``--jobs`` measurements.
+Each round measures every variant back to back (after a garbage collection
+and a short pause each); each figure is the median over ``--jobs`` rounds and
+each ratio the median of the rounds' ratios.
 """
 
 from __future__ import annotations
@@ -136,7 +138,7 @@ def run(args) -> dict:
     # for a while after new Spark work, which would disturb the ranks.
     for _ in range(args.warmup):
         collect_once(), trivial_once(), sparkmpi.run(rdd, mpi_job)
-    collect, trivial, jobs, inner = [], [], [], []
+    collect, trivial, jobs, inner, native = [], [], [], [], []
     for i in range(args.jobs):
         settle()
         collect.append(collect_once())
@@ -150,9 +152,11 @@ def run(args) -> dict:
         expected = float(ranks * (repeat - 1))
         if any(r[1] != expected for r in results):
             raise RuntimeError(f"Allreduce gave {[r[1] for r in results]}, expected {expected}")
+        settle()
+        native.append(native_allreduce(ranks, n, repeat, 1)[0])
         print(f"  round {i + 1}/{args.jobs}: collect {collect[-1]:.3f} s, allreduce {inner[-1] * 1e3:.2f} ms, "
-              f"job {jobs[-1]:.3f} s, trivial barrier job {trivial[-1]:.3f} s", file=sys.stderr)
-    native = native_allreduce(ranks, n, repeat, args.jobs)
+              f"native {native[-1] * 1e3:.2f} ms, job {jobs[-1]:.3f} s, trivial barrier job {trivial[-1]:.3f} s",
+              file=sys.stderr)
 
     report = {
         "ranks": ranks,
@@ -165,7 +169,12 @@ def run(args) -> dict:
         "job_s": statistics.median(jobs),
         "trivial_barrier_job_s": statistics.median(trivial),
     }
-    report["collect_over_allreduce"] = report["collect_s"] / report["allreduce_s"]
-    report["allreduce_over_native"] = report["allreduce_s"] / report["native_allreduce_s"]
-    report["job_over_trivial"] = report["job_s"] / report["trivial_barrier_job_s"]
+    # Ratios pair the figures of one round, which all saw the same machine
+    # state (the Allreduce speed on this shared machine varies between
+    # minutes, for native and Spark-MPI ranks alike), then take the median.
+    report["collect_over_allreduce"] = statistics.median(c / a for c, a in zip(collect, inner))
+    report["allreduce_over_native"] = statistics.median(a / b for a, b in zip(inner, native))
+    report["job_over_trivial"] = statistics.median(j / t for j, t in zip(jobs, trivial))
+    report["rounds"] = {"collect_s": collect, "allreduce_s": inner, "native_allreduce_s": native,
+                        "job_s": jobs, "trivial_barrier_job_s": trivial}
     return report
