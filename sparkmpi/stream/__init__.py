@@ -7,6 +7,8 @@ Public API (the code lives in the submodules)::
         start_broker, stop_broker, broker_status,         # local KRaft broker (kafka)
         SyntheticScan, publish_kafka, ZmqReceiver,        # detector simulator (detector)
         plan_batch, read_offset_range, commit_offsets,    # offset ranges (offsets)
+        StreamDriver, ZmqStreamDriver, integrate_frames,  # micro-batches -> Spark -> MPI (driver)
+        read_outputs,                                     # batch outputs read back (lost/duplicated)
     )
 
 Importing this package imports neither confluent-kafka nor pyzmq; they load
@@ -18,6 +20,8 @@ from ._errors import BrokerError, BrokerUnavailable, OffsetError, StreamTimeout
 from .detector import (
     NpzScan, PublishReport, SyntheticScan, ZmqDeadLetter, ZmqPublisher, ZmqReceiver, publish_kafka, publish_zmq,
 )
+from ._output import read_outputs
+from .driver import BatchFailed, BatchReport, StreamDriver, StreamReport, ZmqStreamDriver, integrate_frames
 from .frames import (
     EndOfScan, FrameError, FrameHeader, decode_frame, decode_message, encode_end_of_scan, encode_frame,
 )
@@ -44,4 +48,7 @@ __all__ = [
     # offsets
     "OffsetRange", "KafkaRecord", "Frame", "EndMarker", "DeadLetter", "StreamCounters", "plan_batch",
     "read_offset_range", "decode_record", "watermarks", "committed_offsets", "commit_offsets", "DeadLetterWriter",
+    # driver
+    "StreamDriver", "ZmqStreamDriver", "integrate_frames", "BatchReport", "StreamReport", "BatchFailed",
+    "read_outputs",
 ]
