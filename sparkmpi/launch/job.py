@@ -30,6 +30,7 @@ log = logging.getLogger("sparkmpi.launch")
 
 _server: PMIServer | None = None
 _server_lock = threading.Lock()
+_pickle_lock = threading.Lock()
 
 RankFunction = Callable[[Any, Iterable[Any]], Iterable[Any] | None]
 
@@ -104,13 +105,16 @@ def pickle_function(fn: RankFunction) -> bytes:
     pickled with their code, so users need no ``addPyFile`` for them.
     """
     modules = _local_modules(fn)
-    for module in modules:
-        cloudpickle.register_pickle_by_value(module)
-    try:
-        return cloudpickle.dumps(fn, protocol=5)
-    finally:
+    # cloudpickle's by-value registry is global: jobs submitted from several
+    # threads at once must not unregister a module under another's feet.
+    with _pickle_lock:
         for module in modules:
-            cloudpickle.unregister_pickle_by_value(module)
+            cloudpickle.register_pickle_by_value(module)
+        try:
+            return cloudpickle.dumps(fn, protocol=5)
+        finally:
+            for module in modules:
+                cloudpickle.unregister_pickle_by_value(module)
 
 
 def run(rdd, fn: RankFunction, *, timeout: float | None = None, env: dict[str, str] | None = None,
