@@ -305,6 +305,16 @@ def test_warm_up_prepares_every_worker_with_ready_spares(sc):
     assert sparkmpi.run(sc.parallelize([7], 1), lambda comm, it: [(comm.size, *it)]) == [(1, 7)]
 
 
+def test_a_stopped_pmi_server_is_replaced_by_the_next_job(sc):
+    from sparkmpi.launch.job import get_server, shutdown_server
+
+    first = get_server("127.0.0.1")
+    shutdown_server()
+    assert not first.alive
+    assert sparkmpi.run(sc.parallelize(range(2), 2), lambda comm, it: [comm.rank]) == [0, 1]
+    assert get_server("127.0.0.1") is not first
+
+
 def test_job_environment_reaches_ranks(sc):
     out = sparkmpi.run(sc.parallelize(range(2), 2), lambda comm, it: [os.environ.get("MY_SETTING")],
                        env={"MY_SETTING": "on"})

@@ -114,12 +114,6 @@ def replenish(count: int) -> None:
         _spares.append(spawn())
 
 
-def discard_spares() -> None:
-    """Stop every spare of this process."""
-    while _spares:
-        _spares.pop().stop(0.5)
-
-
 def wait_ready(timeout: float = 10.0) -> int:
     """Wait until every spare has finished its imports (said READY); return how many are ready."""
     import selectors
@@ -145,7 +139,3 @@ def wait_ready(timeout: float = 10.0) -> int:
         proc.ready = kind == channel.READY
         ready += proc.ready
     return ready
-
-
-def spare_pids() -> list[int]:
-    return [p.pid for p in _spares if p.alive()]

@@ -179,11 +179,6 @@ class PMIServer:
     def alive(self) -> bool:
         return self._thread.is_alive()
 
-    @property
-    def connection_count(self) -> int:
-        with self._lock:
-            return len(self._conns)
-
     # -- used by JobHandle (any thread) ---------------------------------------
     def _fail(self, job: JobHandle, rank: int | None, cause: str, dump_stacks: bool = False) -> None:
         with self._lock:
