@@ -84,11 +84,17 @@ def check_broker(bootstrap: str, timeout: float = 5.0) -> int:
                 return len(meta.brokers)
         except Exception as exc:  # KafkaException: transport, timeout
             cause = exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else str(exc)
-    waited = time.monotonic() - start
-    raise BrokerUnavailable(
-        f"no Kafka broker answered at {bootstrap} within {waited:.1f} s: "
-        f"{_tcp_probe(bootstrap) or trap.last or cause or 'no metadata'} "
-        f"(is the broker running? `sparkmpi kafka status`)")
+    raise broker_unavailable(bootstrap, time.monotonic() - start, trap.last or cause or "no metadata")
+
+
+def broker_unavailable(bootstrap: str, waited: float, cause: str) -> BrokerUnavailable:
+    """The error for a broker that did not answer: address, seconds waited, and why.
+
+    A plain TCP probe comes first in the reason since it names the usual
+    cause (connection refused) more plainly than librdkafka does.
+    """
+    return BrokerUnavailable(f"no Kafka broker answered at {bootstrap} within {waited:.1f} s: "
+                             f"{_tcp_probe(bootstrap) or cause} (is the broker running? `sparkmpi kafka status`)")
 
 
 def _tcp_probe(bootstrap: str, timeout: float = 1.0) -> str:
