@@ -3,6 +3,7 @@
 Public API::
 
     import sparkmpi
+    spark = sparkmpi.spark_session("local[2]")   # or any SparkSession
     results = sparkmpi.run(rdd, fn)   # fn(comm, partition_iterator) -> iterable
 
 See :func:`sparkmpi.launch.run` for details.
@@ -14,6 +15,7 @@ from .errors import ConfigError, JobFailed, JobTimeout, PMIProtocolError, SparkM
 __all__ = [
     "run",
     "warm_up",
+    "spark_session",
     "Settings",
     "load_settings",
     "SparkMPIError",
@@ -44,3 +46,13 @@ def warm_up(sc, **options):
     from .launch.job import warm_up as _warm_up
 
     return _warm_up(sc, **options)
+
+
+def spark_session(master: str = "local[2]", app: str = "sparkmpi", **options):
+    """A SparkSession with settings tuned for many short MPI jobs.
+
+    See :func:`sparkmpi.launch.session.spark_session`.
+    """
+    from .launch.session import spark_session as _spark_session
+
+    return _spark_session(master, app, **options)

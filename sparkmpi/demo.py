@@ -187,13 +187,9 @@ class _LiveReconstruction:
 
 
 def _spark(ranks: int):
-    from pyspark.sql import SparkSession
+    from .launch.session import spark_session
 
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    session = (SparkSession.builder.master(f"local[{ranks}]").appName("sparkmpi-demo")
-               .config("spark.ui.showConsoleProgress", "false").getOrCreate())
-    session.sparkContext.setLogLevel("ERROR")
-    return session
+    return spark_session(f"local[{ranks}]", "sparkmpi-demo")
 
 
 def _viewer(args: list[str]) -> tuple[subprocess.Popen, str]:

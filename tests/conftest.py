@@ -15,18 +15,10 @@ os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 @pytest.fixture(scope="session")
 def spark():
     """A ``local[2]`` SparkSession shared by every test that needs Spark."""
-    from pyspark.sql import SparkSession
+    from sparkmpi.launch.session import spark_session
 
-    session = (
-        SparkSession.builder.master("local[2]")
-        .appName("sparkmpi-tests")
-        .config("spark.ui.enabled", "false")
-        .config("spark.ui.showConsoleProgress", "false")
-        .config("spark.sql.shuffle.partitions", "4")
-        .config("spark.driver.memory", "2g")
-        .getOrCreate()
-    )
-    session.sparkContext.setLogLevel("ERROR")
+    session = spark_session("local[2]", "sparkmpi-tests", conf={
+        "spark.ui.enabled": "false", "spark.sql.shuffle.partitions": "4", "spark.driver.memory": "2g"})
     yield session
     session.stop()
 

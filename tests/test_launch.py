@@ -9,22 +9,26 @@ import sparkmpi
 from sparkmpi.launch import shm
 
 
-def _rank_processes():
-    """PIDs of every live rank process (fresh or warm spare) on this machine."""
+def _processes_named(name):
     pids = []
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
         try:
-            with open(f"/proc/{entry}/cmdline", "rb") as f:
-                cmdline = f.read()
+            with open(f"/proc/{entry}/comm") as f:
+                comm = f.read().strip()
             with open(f"/proc/{entry}/stat") as f:
                 state = f.read().rsplit(")", 1)[1].split()[0]
         except OSError:
             continue
-        if b"sparkmpi.launch.rank" in cmdline and state != "Z":
+        if comm == name and state != "Z":
             pids.append(int(entry))
     return pids
+
+
+def _rank_processes():
+    """PIDs of every live rank process (forked or fresh, running or a warm spare) on this machine."""
+    return _processes_named("sparkmpi-rank")
 
 
 def _alive(pid):
@@ -207,13 +211,26 @@ def killed_on_rank_one(comm, partition):
     return [comm.rank]
 
 
+def _children_named(parent, name):
+    return [pid for pid in _processes_named(name) if _parent_of(pid) == parent]
+
+
+def _parent_of(pid):
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return int(f.read().rsplit(")", 1)[1].split()[1])
+    except OSError:
+        return None
+
+
 def spark_worker_dies_on_rank_one(comm, partition):
     import signal
 
     if comm.rank == 1:
-        # The Spark Python worker (the relay) dies: its rank must die with it.
+        # The Spark Python worker (the relay) dies: its rank, spares and fork server must die with it.
+        others = _children_named(os.getppid(), "sparkmpi-rank") + _children_named(os.getppid(), "sparkmpi-zygote")
         with open(os.environ["PID_FILE"], "w") as f:
-            f.write(str(os.getpid()))
+            f.write(" ".join(str(pid) for pid in [os.getpid()] + others))
         os.kill(os.getppid(), signal.SIGKILL)
         time.sleep(60)
     comm.Barrier()
@@ -234,8 +251,11 @@ def test_lost_spark_worker_takes_its_rank_along(sc, tmp_path):
     assert error.rank == 1
     assert "lost the relay of rank 1 (partition 1" in str(error)
     assert elapsed < 20
-    orphan = int(pid_file.read_text())
-    assert _wait_until(lambda: not _alive(orphan), 5), "the rank outlived its Spark worker"
+    rank, *others = [int(pid) for pid in pid_file.read_text().split()]
+    assert _wait_until(lambda: not _alive(rank), 5), "the rank outlived its Spark worker"
+    assert len(others) >= 2, "expected the worker's fork server and spares"
+    assert _wait_until(lambda: not any(_alive(p) for p in others), 5), \
+        "the fork server or spares outlived their Spark worker"
     _assert_recovered(sc, error)
 
 
@@ -337,3 +357,108 @@ def test_shm_cleanup_removes_only_the_jobs_files(tmp_path):
     removed = shm.remove_job_segments("sparkmpi_dead", str(tmp_path))
     assert sorted(removed) == sorted(str(p) for p in ours)
     assert other.exists()
+
+
+def test_spark_session_applies_sparkmpi_defaults_and_checks_its_arguments(spark):
+    from sparkmpi.launch.session import SESSION_DEFAULTS, spark_session
+
+    conf = spark.sparkContext.getConf()
+    for key, value in SESSION_DEFAULTS.items():
+        assert conf.get(key) == value
+    assert conf.get("spark.ui.enabled") == "false"  # the caller's conf is applied too
+    assert spark_session("local[2]", "again") is spark  # getOrCreate: the running session
+    with pytest.raises(ValueError, match="master: expected a Spark master URL"):
+        spark_session("")
+    with pytest.raises(ValueError, match="conf: expected keys starting with 'spark.', got 'ui.enabled'"):
+        spark_session("local[2]", conf={"ui.enabled": "false"})
+
+
+def who_am_i(comm, partition):
+    import random
+
+    import numpy as np
+
+    with open("/proc/self/cmdline", "rb") as f:
+        cmdline = f.read()
+    with open("/proc/self/comm") as f:
+        name = f.read().strip()
+    return [{"pid": os.getpid(), "ppid": os.getppid(), "name": name, "fresh": b"sparkmpi.launch.rank" in cmdline,
+             "draws": (float(np.random.rand()), random.random())}]
+
+
+def test_ranks_are_forked_by_one_server_per_worker_with_fresh_random_state(sc):
+    rdd = sc.parallelize(range(4), 2)
+    ranks = sparkmpi.run(rdd, who_am_i) + sparkmpi.run(rdd, who_am_i)
+    workers = {r["ppid"] for r in ranks}
+    assert all(r["name"] == "sparkmpi-rank" and not r["fresh"] for r in ranks), ranks
+    # Re-parented to the Spark worker, not left a child of the fork server.
+    assert all(_processes_named("sparkmpi-zygote").count(w) == 0 for w in workers)
+    for worker in workers:
+        assert len(_children_named(worker, "sparkmpi-zygote")) == 1
+    draws = [d for r in ranks for d in r["draws"]]
+    assert len(set(draws)) == len(draws), "forked ranks share the fork server's random state"
+
+
+def test_fork_server_off_starts_fresh_interpreters(sc):
+    ranks = sparkmpi.run(sc.parallelize(range(4), 2), who_am_i, fork_server=False)
+    assert all(r["fresh"] and r["name"] == "sparkmpi-rank" for r in ranks), ranks
+    with pytest.raises(sparkmpi.ConfigError, match="SPARKMPI_FORK_SERVER='maybe' is not a valid"):
+        sparkmpi.load_settings({"SPARKMPI_FORK_SERVER": "maybe"})
+    assert sparkmpi.load_settings({"SPARKMPI_FORK_SERVER": "0"}).fork_server is False
+
+
+def test_a_killed_fork_server_is_replaced(sc):
+    import signal
+
+    rdd = sc.parallelize(range(4), 2)
+    workers = {r["ppid"] for r in sparkmpi.run(rdd, who_am_i)}
+    servers = [pid for w in workers for pid in _children_named(w, "sparkmpi-zygote")]
+    assert servers
+    for pid in servers:
+        os.kill(pid, signal.SIGKILL)
+    for _ in range(3):  # the spares made before still serve; then new servers fork
+        ranks = sparkmpi.run(rdd, who_am_i)
+        assert [r["name"] for r in ranks] == ["sparkmpi-rank"] * 2
+    assert _wait_until(lambda: all(len(_children_named(w, "sparkmpi-zygote")) == 1 for w in workers))
+    assert not set(servers) & set(_processes_named("sparkmpi-zygote"))
+
+
+POOL_SCRIPT = r"""
+import os, signal, subprocess
+from sparkmpi.launch import channel, pool
+
+# A forked rank says READY with its pid, is this process's child, and reports its death like one.
+proc = pool.spawn()
+kind, pid, _ = channel.recv_message(proc.ctrl)
+assert kind == channel.READY and pid == proc.pid, (kind, pid, proc.pid)
+assert isinstance(proc.popen, pool.ForkedChild)
+with open(f"/proc/{proc.pid}/stat") as f:
+    assert int(f.read().rsplit(")", 1)[1].split()[1]) == os.getpid(), "not re-parented to the worker"
+proc.popen.send_signal(signal.SIGKILL)
+assert proc.popen.wait(timeout=5) == -9
+proc.close()
+
+# A fork server that stops answering (stopped with SIGSTOP): each time the rank starts
+# fresh and the server is killed; after MAX_FORK_SERVER_FAILURES the worker stops trying.
+pool.FORK_SERVER_TIMEOUT = 1.0
+for attempt in range(pool.MAX_FORK_SERVER_FAILURES):
+    server = pool._fork_server(start=True)
+    assert server is not None, attempt
+    os.kill(server.popen.pid, signal.SIGSTOP)
+    proc = pool.spawn()
+    assert isinstance(proc.popen, subprocess.Popen), type(proc.popen)
+    assert server.popen.poll() is not None, "the stuck fork server was left running"
+    proc.stop(1)
+assert pool._fork_server(start=True) is None
+print("ok")
+"""
+
+
+def test_pool_forks_ranks_and_falls_back_to_fresh_interpreters(tmp_path):
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", POOL_SCRIPT], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "ok"
+    assert "failed 3 times" in done.stderr and "fresh interpreters from now on" in done.stderr

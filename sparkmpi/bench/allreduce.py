@@ -77,13 +77,9 @@ def native_allreduce(ranks: int, elements: int, repeat: int, runs: int) -> list[
 
 
 def _spark_session(master: str):
-    from pyspark.sql import SparkSession
+    from ..launch.session import spark_session
 
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    session = (SparkSession.builder.master(master).appName("sparkmpi-bench-allreduce")
-               .config("spark.ui.showConsoleProgress", "false").getOrCreate())
-    session.sparkContext.setLogLevel("ERROR")
-    return session
+    return spark_session(master, "sparkmpi-bench-allreduce")
 
 
 def run(args) -> dict:

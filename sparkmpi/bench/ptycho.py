@@ -67,17 +67,12 @@ def _distributed_spark(path: Path, args, probe) -> dict:
     """The reconstruction over ``args.ranks`` Spark-MPI ranks (``sparkmpi.run``)."""
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    from pyspark.sql import SparkSession
-
+    from sparkmpi.launch.session import spark_session
     from sparkmpi.ptycho.spark import reconstruct_spark
 
     t0 = time.perf_counter()
-    spark = (SparkSession.builder.master(args.master or f"local[{args.ranks}]")
-             .appName("sparkmpi-bench-ptycho")
-             .config("spark.ui.enabled", "false")
-             .config("spark.ui.showConsoleProgress", "false")
-             .getOrCreate())
-    spark.sparkContext.setLogLevel("ERROR")
+    spark = spark_session(args.master or f"local[{args.ranks}]", "sparkmpi-bench-ptycho",
+                          conf={"spark.ui.enabled": "false"})
     spark_start_s = time.perf_counter() - t0
     try:
         out = reconstruct_spark(spark, path, ranks=args.ranks, algorithm=args.algorithm,

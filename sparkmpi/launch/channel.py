@@ -19,8 +19,9 @@ _PREAMBLE = struct.Struct("!4sBI")  # magic, kind, segment count
 _MAGIC = b"SMPR"
 _MAX_SEGMENTS = 1 << 20
 
-JOB, DATA, RESULT, ERROR, READY = 1, 2, 3, 4, 5
-KIND_NAMES = {JOB: "job", DATA: "data", RESULT: "result", ERROR: "error", READY: "ready"}
+JOB, DATA, RESULT, ERROR, READY, FORK, FORKED = 1, 2, 3, 4, 5, 6, 7
+KIND_NAMES = {JOB: "job", DATA: "data", RESULT: "result", ERROR: "error", READY: "ready", FORK: "fork",
+              FORKED: "forked"}
 
 
 class ChannelClosed(EOFError):

@@ -185,7 +185,8 @@ def run(rdd, fn: RankFunction, *, timeout: float | None = None, env: dict[str, s
     job = server.open_job(size)
     spec = TaskSpec(server_host=host, server_port=server.port, kvsname=job.kvsname, token=job.token,
                     size=size, fn=pickle_function(fn), env=dict(env or {}),
-                    warm_pool=settings.warm_pool, kill_grace=settings.kill_grace)
+                    warm_pool=settings.warm_pool, kill_grace=settings.kill_grace,
+                    fork_server=settings.fork_server)
     tag = f"sparkmpi-{job.kvsname}"
     watch_state = {"timed_out": False}
     stop_watching = threading.Event()
@@ -229,30 +230,31 @@ def run(rdd, fn: RankFunction, *, timeout: float | None = None, env: dict[str, s
     return results
 
 
-def _prepare_worker(warm_pool: int, timeout: float, iterator):
+def _prepare_worker(warm_pool: int, fork_server: bool, timeout: float, iterator):
     from . import pool
 
     for _ in iterator:
         pass  # read the partition, or PySpark discards this worker afterwards
-    pool.replenish(warm_pool)
+    pool.replenish(warm_pool, fork_server, block=True)
     return [(os.getpid(), pool.wait_ready(timeout))]
 
 
-def warm_up(sc, *, warm_pool: int | None = None, timeout: float = 30.0) -> list[tuple[int, int]]:
+def warm_up(sc, *, warm_pool: int | None = None, fork_server: bool | None = None,
+            timeout: float = 30.0) -> list[tuple[int, int]]:
     """Start every Spark Python worker and its warm rank spares ahead of the first job.
 
     Runs one plain (non-barrier) task per task slot, so each concurrently
-    used Python worker imports sparkmpi and starts ``warm_pool`` spares, and
-    waits until the spares have finished their imports.  Useful before a
+    used Python worker imports sparkmpi, starts its fork server and
+    ``warm_pool`` spares, and waits until the spares have finished their
+    imports.  Useful before a
     latency-sensitive loop (micro-batches): without it, the first jobs that
     land on a fresh worker pay for starting Python, NumPy and mpi4py.
 
     Returns ``(worker pid, ready spares)`` per task.
     """
-    if warm_pool is None:
-        warm_pool = load_settings().warm_pool
+    settings = load_settings(warm_pool=warm_pool, fork_server=fork_server)
     slots = max(1, int(sc.defaultParallelism))
-    task = functools.partial(_prepare_worker, int(warm_pool), float(timeout))
+    task = functools.partial(_prepare_worker, int(settings.warm_pool), settings.fork_server, float(timeout))
     return sc.parallelize(range(slots), slots).mapPartitions(task).collect()
 
 

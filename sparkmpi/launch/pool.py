@@ -1,33 +1,104 @@
-"""Rank processes, started fresh or kept ready as warm spares.
+"""Rank processes: forked by the worker's fork server, or started fresh, kept ready as warm spares.
 
 PySpark reuses its Python workers, and MPI can be initialised only once per
-process, so every rank of every job runs in its own child interpreter.
-Starting one (Python, NumPy, mpi4py imports) costs more than a whole trivial
-Spark job, so each Spark Python worker keeps ``warm_pool`` spares that have
-done their imports and wait, MPI not initialised, for a job.  A spare serves
-exactly one job; it is then gone, and a new spare is started in its place
-after the task ends.  Spares die with their worker (``PR_SET_PDEATHSIG``) and
-exit by themselves when idle too long.
+process, so every rank of every job runs in its own process.  Starting an
+interpreter (Python, NumPy, mpi4py imports) costs about 0.2 s of CPU, more
+than a whole trivial Spark job, so
+
+* each Spark Python worker runs one fork server (:mod:`.zygote`) that has
+  done those imports and forks ranks on request (``fork_server``; when it
+  cannot be used, ranks start as fresh interpreters);
+* each worker keeps ``warm_pool`` spares that wait, MPI not initialised, for
+  a job.  A spare serves exactly one job; it is then gone, and a new spare
+  is made in its place after the task ends.
+
+Ranks and the fork server die with their worker (``PR_SET_PDEATHSIG``);
+spares exit by themselves when idle too long.
 """
 
 from __future__ import annotations
 
+import ctypes
 import os
+import select
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 
+from . import channel
+
 _spares: list["RankProcess"] = []
+_lock = threading.RLock()
+PR_SET_CHILD_SUBREAPER = 36
+#: Seconds to wait for the fork server's imports, and for one fork.
+FORK_SERVER_TIMEOUT = 60.0
+
+
+class ForkedChild:
+    """The ``subprocess.Popen`` subset the launcher uses, for a rank made by the fork server.
+
+    The rank is this process's child (re-parented to it, a subreaper), so it
+    is waited for and signalled like one.
+    """
+
+    def __init__(self, pid: int, stderr, pidfd: int):
+        self.pid, self.stderr, self._pidfd = pid, stderr, pidfd
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            try:
+                pid, status = os.waitpid(self.pid, os.WNOHANG)
+            except ChildProcessError:
+                # Never ours (it exited before it was re-parented): no status to read.
+                if not _exists(self.pid):
+                    self.returncode = 255
+                return self.returncode
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while self.poll() is None:
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                raise subprocess.TimeoutExpired(f"rank process {self.pid}", timeout)
+            # The pidfd turns readable when the process exits; the short cap
+            # covers the case where it is already closed.
+            select.select([self._pidfd] if self._pidfd >= 0 else [], [], [], min(left or 0.05, 0.05))
+        return self.returncode
+
+    def send_signal(self, sig: int) -> None:
+        if self.poll() is None:
+            try:
+                os.kill(self.pid, sig)
+            except ProcessLookupError:
+                pass
+
+    def kill(self) -> None:
+        self.send_signal(signal.SIGKILL)
+
+
+def _exists(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
 
 
 @dataclass
 class RankProcess:
-    """A child interpreter running :mod:`sparkmpi.launch.rank`."""
+    """A rank process: a child interpreter running :mod:`sparkmpi.launch.rank`, or forked by :mod:`.zygote`."""
 
-    popen: subprocess.Popen
+    popen: "subprocess.Popen | ForkedChild"
     ctrl: socket.socket
     pidfd: int
     started: float = field(default_factory=time.monotonic)
@@ -60,6 +131,8 @@ class RankProcess:
         if self.pidfd >= 0:
             os.close(self.pidfd)
             self.pidfd = -1
+            if isinstance(self.popen, ForkedChild):
+                self.popen._pidfd = -1
         if self.popen.stderr is not None:
             self.popen.stderr.close()
 
@@ -74,17 +147,22 @@ def _child_pythonpath() -> str:
     return os.pathsep.join(dict.fromkeys(paths))
 
 
-def spawn() -> RankProcess:
-    """Start a rank process now (it imports, says READY, waits for a job)."""
-    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+def _child_env(ctrl_fd: int) -> dict:
     env = dict(os.environ)
     env.update({"SPARKMPI_PARENT_PID": str(os.getpid()),
-                "SPARKMPI_RANK_CTRL_FD": str(child_end.fileno()),
+                "SPARKMPI_RANK_CTRL_FD": str(ctrl_fd),
                 "PYTHONPATH": _child_pythonpath()})
+    return env
+
+
+def spawn_fresh() -> RankProcess:
+    """Start a rank process as a new interpreter (it imports, says READY, waits for a job)."""
+    parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
     try:
         popen = subprocess.Popen([sys.executable, "-m", "sparkmpi.launch.rank"],
                                  stdin=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                                 pass_fds=(child_end.fileno(),), env=env, close_fds=True)
+                                 pass_fds=(child_end.fileno(),), env=_child_env(child_end.fileno()),
+                                 close_fds=True)
     except BaseException:
         parent_end.close()
         raise
@@ -94,31 +172,175 @@ def spawn() -> RankProcess:
     return RankProcess(popen=popen, ctrl=parent_end, pidfd=os.pidfd_open(popen.pid))
 
 
-def acquire() -> RankProcess:
+class ForkServerError(RuntimeError):
+    """The fork server could not start or answer; ranks start as fresh interpreters instead."""
+
+
+class _ForkServer:
+    """This worker's :mod:`.zygote` process and its control socket."""
+
+    def __init__(self) -> None:
+        libc = ctypes.CDLL(None, use_errno=True)
+        # Ranks forked by the server are re-parented to this process (see zygote).
+        if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+            raise ForkServerError(f"prctl(PR_SET_CHILD_SUBREAPER) failed: {os.strerror(ctypes.get_errno())}")
+        self.ctrl, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            # stderr stays the worker's: a server that fails says why in the executor log.
+            self.popen = subprocess.Popen([sys.executable, "-m", "sparkmpi.launch.zygote"],
+                                          stdin=subprocess.DEVNULL, pass_fds=(child_end.fileno(),),
+                                          env=_child_env(child_end.fileno()), close_fds=True)
+        except BaseException:
+            self.ctrl.close()
+            raise
+        finally:
+            child_end.close()
+        self.ready = False
+
+    def alive(self) -> bool:
+        return self.popen.poll() is None
+
+    def check_ready(self, timeout: float) -> bool:
+        """True once the server has finished its imports (waits up to ``timeout`` s)."""
+        if not self.ready:
+            if not select.select([self.ctrl], [], [], timeout)[0]:
+                return False
+            kind, _, fds = self._receive(timeout)
+            if kind != channel.READY:
+                raise ForkServerError(f"the fork server said {channel.KIND_NAMES.get(kind, kind)} instead of ready")
+            self.ready = True
+        return True
+
+    def _receive(self, timeout: float):
+        self.ctrl.settimeout(timeout)
+        try:
+            kind, payload, fds = channel.recv_message(self.ctrl)
+        except (OSError, EOFError, ValueError) as exc:
+            raise ForkServerError(f"the fork server stopped answering: {exc or type(exc).__name__}") from None
+        finally:
+            self.ctrl.settimeout(None)
+        for fd in fds:
+            os.close(fd)
+        return kind, payload, fds
+
+    def fork(self, timeout: float | None = None) -> RankProcess:
+        timeout = FORK_SERVER_TIMEOUT if timeout is None else timeout
+        if not self.check_ready(timeout):
+            raise ForkServerError(f"the fork server did not finish its imports within {timeout:.0f} s")
+        parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+        err_read, err_write = os.pipe()
+        try:
+            try:
+                channel.send_message(self.ctrl, channel.FORK, None, fds=(child_end.fileno(), err_write))
+            except OSError as exc:
+                raise ForkServerError(f"the fork server is gone: {exc}") from None
+            finally:
+                child_end.close()
+                os.close(err_write)
+            kind, pid, _ = self._receive(timeout)
+            if kind != channel.FORKED or not isinstance(pid, int) or pid <= 0:
+                raise ForkServerError(f"the fork server answered {channel.KIND_NAMES.get(kind, kind)} {pid!r}")
+            pidfd = os.pidfd_open(pid)
+        except BaseException:
+            parent_end.close()
+            os.close(err_read)
+            raise
+        os.set_blocking(err_read, False)
+        stderr = os.fdopen(err_read, "rb", buffering=0)
+        return RankProcess(popen=ForkedChild(pid, stderr, pidfd), ctrl=parent_end, pidfd=pidfd)
+
+    def close(self, kill: bool = False) -> None:
+        self.ctrl.close()  # the server exits when its channel closes
+        if kill:
+            self.popen.kill()
+        try:
+            self.popen.wait(timeout=2)
+        except subprocess.TimeoutExpired:
+            self.popen.kill()
+            self.popen.wait()
+
+
+_server: _ForkServer | None = None
+_server_failures = 0
+#: After this many failures of its fork server, a worker starts fresh interpreters only.
+MAX_FORK_SERVER_FAILURES = 3
+
+
+def _fork_server(start: bool) -> _ForkServer | None:
+    """This worker's fork server (a dead one is replaced when ``start``); None if unusable."""
+    global _server
+    if _server is not None and not _server.alive():
+        _server.close()
+        _server = None
+    if _server is None and start and _server_failures < MAX_FORK_SERVER_FAILURES:
+        try:
+            _server = _ForkServer()
+        except (OSError, ForkServerError) as exc:
+            _fork_server_failed(str(exc))
+    return _server
+
+
+def _fork_server_failed(reason: str) -> None:
+    global _server, _server_failures
+    _server_failures += 1
+    if _server_failures >= MAX_FORK_SERVER_FAILURES:
+        print(f"sparkmpi: the rank fork server failed {_server_failures} times (last: {reason}); "
+              f"this worker starts ranks as fresh interpreters from now on", file=sys.stderr, flush=True)
+    if _server is not None:
+        _server.close(kill=True)  # it failed: it may be stuck
+        _server = None
+
+
+def spawn(fork_server: bool = True) -> RankProcess:
+    """Make a rank process now: forked by the fork server if possible, else a fresh interpreter."""
+    with _lock:
+        server = _fork_server(start=True) if fork_server else None
+        if server is not None:
+            try:
+                return server.fork()
+            except (OSError, ForkServerError) as exc:
+                _fork_server_failed(str(exc))
+        return spawn_fresh()
+
+
+def acquire(fork_server: bool = True) -> RankProcess:
     """The oldest live warm spare (the likeliest to have finished its imports),
-    else a freshly started process."""
-    while _spares:
-        proc = _spares.pop(0)
-        if proc.alive():
-            return proc
-        proc.stop(0)
-    return spawn()
+    else a new rank process."""
+    with _lock:
+        for proc in list(_spares):
+            if not proc.alive():
+                _spares.remove(proc)
+                proc.stop(0)
+            elif fork_server or not isinstance(proc.popen, ForkedChild):
+                _spares.remove(proc)
+                return proc
+        return spawn(fork_server)
 
 
-def replenish(count: int) -> None:
-    """Start spares until ``count`` live ones wait (dead ones are reaped)."""
-    for proc in [p for p in _spares if not p.alive()]:
-        _spares.remove(proc)
-        proc.stop(0)
-    while len(_spares) < count:
-        _spares.append(spawn())
+def replenish(count: int, fork_server: bool = True, *, block: bool = False) -> None:
+    """Make spares until ``count`` live ones wait (dead ones are reaped).
 
-
+    With the fork server still importing, returns at once unless ``block``
+    (spares are made on the next call), so a task never waits for it here.
+    """
+    with _lock:
+        for proc in [p for p in _spares if not p.alive()]:
+            _spares.remove(proc)
+            proc.stop(0)
+        if len(_spares) >= count:
+            return
+        server = _fork_server(start=True) if fork_server else None
+        if server is not None:
+            try:
+                if not server.check_ready(FORK_SERVER_TIMEOUT if block else 0.0):
+                    return
+            except ForkServerError as exc:
+                _fork_server_failed(str(exc))
+        while len(_spares) < count:
+            _spares.append(spawn(fork_server))
 def wait_ready(timeout: float = 10.0) -> int:
     """Wait until every spare has finished its imports (said READY); return how many are ready."""
     import selectors
-
-    from . import channel
 
     deadline = time.monotonic() + timeout
     ready = 0

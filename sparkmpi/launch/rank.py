@@ -1,6 +1,8 @@
 """Entry point of a rank process: ``python -m sparkmpi.launch.rank``.
 
-Started by a Spark task (directly, or ahead of time as a warm spare), it
+Started by a Spark task (directly, or ahead of time as a warm spare; or
+forked by the worker's fork server, :mod:`.zygote`, which runs steps 1-2 once
+and :func:`serve` in each child), it
 
 1. asks the kernel to kill it when its parent dies (``PR_SET_PDEATHSIG``) and
    exits at once if the parent is already gone;
@@ -27,6 +29,9 @@ import sys
 import traceback
 
 PR_SET_PDEATHSIG = 1
+PR_SET_NAME = 15
+#: The process name (``/proc/PID/comm``, what ``ps``/``top`` show) of every rank.
+PROCESS_NAME = "sparkmpi-rank"
 #: A warm spare that gets no job within this many seconds exits by itself.
 IDLE_EXIT_S = float(os.environ.get("SPARKMPI_RANK_IDLE_EXIT_S", "900"))
 
@@ -40,27 +45,36 @@ def _die_with_parent(parent_pid: int) -> None:
         os._exit(70)
 
 
+def set_process_name(name: str) -> None:
+    """Name this process for ``ps`` and ``top`` (at most 15 bytes are kept)."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.prctl(PR_SET_NAME, ctypes.c_char_p(name.encode()[:15]), 0, 0, 0)
+
+
 def _thread_level(MPI, name: str) -> int:
     return {"single": MPI.THREAD_SINGLE, "funneled": MPI.THREAD_FUNNELED,
             "serialized": MPI.THREAD_SERIALIZED}.get(name, MPI.THREAD_MULTIPLE)
 
 
-def main() -> None:
-    parent_pid = int(os.environ.pop("SPARKMPI_PARENT_PID"))
-    _die_with_parent(parent_pid)
-    ctrl = socket.socket(fileno=int(os.environ.pop("SPARKMPI_RANK_CTRL_FD")))
-    # On a job timeout the relay asks for every thread's stack before the kill.
-    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
-
-    import pickle
-
+def load_modules() -> None:
+    """The imports a rank needs before its job; MPI stays uninitialised."""
     import mpi4py
 
     mpi4py.rc.initialize = False  # MPI_Init waits for the job's PMI socket
     mpi4py.rc.finalize = False    # finalised here, before results are sent
-    from mpi4py import MPI
+    from mpi4py import MPI  # noqa: F401
     import numpy  # noqa: F401  (warm import: most rank functions use it)
     import cloudpickle  # noqa: F401  (the user's function was pickled with it)
+
+    from sparkmpi.launch import channel  # noqa: F401
+
+
+def serve(ctrl: socket.socket) -> None:
+    """Say READY on ``ctrl``, run the one job that comes, report, and exit the process."""
+    import pickle
+
+    import mpi4py
+    from mpi4py import MPI
 
     from sparkmpi.launch import channel
 
@@ -106,6 +120,17 @@ def main() -> None:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def main() -> None:
+    parent_pid = int(os.environ.pop("SPARKMPI_PARENT_PID"))
+    _die_with_parent(parent_pid)
+    set_process_name(PROCESS_NAME)
+    ctrl = socket.socket(fileno=int(os.environ.pop("SPARKMPI_RANK_CTRL_FD")))
+    # On a job timeout the relay asks for every thread's stack before the kill.
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    load_modules()
+    serve(ctrl)
 
 
 if __name__ == "__main__":

@@ -44,6 +44,7 @@ class TaskSpec:
     env: dict = field(default_factory=dict)
     warm_pool: int = 2
     kill_grace: float = 1.0
+    fork_server: bool = True
 
 
 def connect_with_retry(host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> socket.socket:
@@ -274,7 +275,7 @@ def run_rank_task(spec: TaskSpec, iterator):
     if not (0 <= rank < spec.size):
         raise RankError(f"partition {rank} is outside the job's {spec.size} ranks")
     records = list(iterator)
-    proc = pool.acquire()
+    proc = pool.acquire(spec.fork_server)
     relay = _Relay(spec, rank, proc)
     try:
         relay.connect()
@@ -290,5 +291,5 @@ def run_rank_task(spec: TaskSpec, iterator):
         relay.close()
         proc.stop(spec.kill_grace)
         shm.remove_job_segments(spec.kvsname)
-        pool.replenish(spec.warm_pool)
+        pool.replenish(spec.warm_pool, spec.fork_server)
     return iter(results)

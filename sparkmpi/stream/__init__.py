@@ -11,28 +11,48 @@ Public API (the code lives in the submodules)::
         read_outputs,                                     # batch outputs read back (lost/duplicated)
     )
 
-Importing this package imports neither confluent-kafka nor pyzmq; they load
-when a function that talks to a broker or a socket is called.
+Importing this package imports none of its submodules, nor confluent-kafka
+or pyzmq; each loads when one of its names is first used.
 """
 
-from ._client import check_broker, ensure_topic, topic_partitions
-from ._errors import BrokerError, BrokerUnavailable, OffsetError, StreamTimeout
-from .detector import (
-    NpzScan, PublishReport, SyntheticScan, ZmqDeadLetter, ZmqPublisher, ZmqReceiver, publish_kafka, publish_zmq,
-)
-from ._output import read_outputs
-from .driver import BatchFailed, BatchReport, StreamDriver, StreamReport, ZmqStreamDriver, integrate_frames
-from .frames import (
-    EndOfScan, FrameError, FrameHeader, decode_frame, decode_message, encode_end_of_scan, encode_frame,
-)
-from .kafka import (
-    DEFAULT_VERSION as KAFKA_VERSION, BrokerInfo, BrokerStatus, LocalBroker, broker_status, fetch_kafka,
-    resolve_bootstrap, start_broker, stop_broker,
-)
-from .offsets import (
-    DeadLetter, DeadLetterWriter, EndMarker, Frame, KafkaRecord, OffsetRange, StreamCounters, commit_offsets,
-    committed_offsets, decode_record, plan_batch, read_offset_range, watermarks,
-)
+import importlib
+
+# Each public name and the submodule that defines it.  Names load on first use
+# (PEP 562), so a rank process that unpickles a function from one submodule
+# does not pay for importing the others (the whole package: 65 ms per rank).
+_EXPORTS = {
+    "_client": ("check_broker", "ensure_topic", "topic_partitions"),
+    "_errors": ("BrokerError", "BrokerUnavailable", "OffsetError", "StreamTimeout"),
+    "detector": ("NpzScan", "PublishReport", "SyntheticScan", "ZmqDeadLetter", "ZmqPublisher", "ZmqReceiver",
+                 "publish_kafka", "publish_zmq"),
+    "_output": ("read_outputs",),
+    "driver": ("BatchFailed", "BatchReport", "StreamDriver", "StreamReport", "ZmqStreamDriver"),
+    "_rank": ("integrate_frames",),
+    "frames": ("EndOfScan", "FrameError", "FrameHeader", "decode_frame", "decode_message", "encode_end_of_scan",
+               "encode_frame"),
+    "kafka": ("BrokerInfo", "BrokerStatus", "LocalBroker", "broker_status", "fetch_kafka", "resolve_bootstrap",
+              "start_broker", "stop_broker"),
+    "offsets": ("DeadLetter", "DeadLetterWriter", "EndMarker", "Frame", "KafkaRecord", "OffsetRange",
+                "StreamCounters", "commit_offsets", "committed_offsets", "decode_record", "plan_batch",
+                "read_offset_range", "watermarks"),
+}
+_WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
+_WHERE["KAFKA_VERSION"] = "kafka"
+
+
+def __getattr__(name: str):
+    module = _WHERE.get(name)
+    if module is None:
+        raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+    value = getattr(importlib.import_module(f"{__name__}.{module}"),
+                    "DEFAULT_VERSION" if name == "KAFKA_VERSION" else name)
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted(set(globals()) | set(_WHERE))
+
 
 __all__ = [
     # frames

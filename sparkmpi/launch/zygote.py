@@ -1,0 +1,125 @@
+"""The fork server of a Spark Python worker: ``python -m sparkmpi.launch.zygote``.
+
+Every rank of every job needs a fresh process (MPI initialises once per
+process), and a fresh interpreter spends about 0.2 s of CPU importing Python,
+NumPy and mpi4py.  At a few micro-batches per second on two cores that was
+some 40 % of the machine.  The zygote does those imports once and forks a
+rank per request instead (a few milliseconds).
+
+Protocol on its control socket (:mod:`.channel` messages): it says READY when
+its imports are done; each FORK message carries two descriptors, the rank's
+control socket and the write end of its stderr pipe; the answer is FORKED
+with the new rank's pid.
+
+The rank is forked twice so that it ends up a child of the Spark worker
+itself, not of the zygote: the worker is a child subreaper
+(``PR_SET_CHILD_SUBREAPER``), so when the intermediate process exits the
+rank is re-parented to it.  The worker can then wait for the rank and read
+its exit status like any child, and the rank's parent-death signal is tied to
+the worker, as for a rank started directly.
+"""
+
+from __future__ import annotations
+
+import faulthandler
+import os
+import signal
+import socket
+import struct
+import sys
+import time
+import traceback
+
+from . import rank
+
+#: The fork server's process name (``/proc/PID/comm``).
+PROCESS_NAME = "sparkmpi-zygote"
+#: Seconds a forked rank waits to be re-parented to the worker.
+REPARENT_TIMEOUT_S = 5.0
+
+
+def _become_rank(zygote_ctrl: socket.socket, worker_pid: int, ctrl_fd: int, stderr_fd: int) -> None:
+    """In the grandchild: take the rank's descriptors, attach to the worker, serve one job."""
+    try:
+        zygote_ctrl.close()
+        os.dup2(stderr_fd, 2)
+        os.close(stderr_fd)
+        deadline = time.monotonic() + REPARENT_TIMEOUT_S
+        while os.getppid() != worker_pid:
+            if time.monotonic() > deadline:
+                os._exit(72)  # not re-parented: the worker is gone (or no subreaper)
+            time.sleep(0.0002)
+        rank._die_with_parent(worker_pid)
+        rank.set_process_name(rank.PROCESS_NAME)
+        import numpy
+
+        numpy.random.seed()  # fresh entropy, as a new interpreter would have; not the zygote's state
+        rank.serve(socket.socket(fileno=ctrl_fd))
+    except BaseException:  # noqa: BLE001  (a rank that cannot start says why on its stderr)
+        traceback.print_exc()
+        sys.stderr.flush()
+    os._exit(74)
+
+
+def fork_rank(zygote_ctrl: socket.socket, worker_pid: int, ctrl_fd: int, stderr_fd: int) -> int:
+    """Fork a rank (via an intermediate process); return its pid."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    read_end, write_end = os.pipe()
+    middle = os.fork()
+    if middle == 0:
+        try:
+            os.close(read_end)
+            pid = os.fork()
+            if pid == 0:
+                os.close(write_end)
+                _become_rank(zygote_ctrl, worker_pid, ctrl_fd, stderr_fd)
+            os.write(write_end, struct.pack("!i", pid))
+        finally:
+            os._exit(0)
+    os.close(write_end)
+    try:
+        data = b""
+        while len(data) < 4:
+            chunk = os.read(read_end, 4 - len(data))
+            if not chunk:
+                raise RuntimeError("the intermediate process exited without reporting the rank's pid")
+            data += chunk
+    finally:
+        os.close(read_end)
+        os.waitpid(middle, 0)
+    return struct.unpack("!i", data)[0]
+
+
+def main() -> None:
+    from . import channel
+
+    worker_pid = int(os.environ.pop("SPARKMPI_PARENT_PID"))
+    rank._die_with_parent(worker_pid)
+    rank.set_process_name(PROCESS_NAME)
+    ctrl = socket.socket(fileno=int(os.environ.pop("SPARKMPI_RANK_CTRL_FD")))
+    # Inherited by every rank: on a job timeout the relay asks for stacks.
+    faulthandler.register(signal.SIGUSR1, file=sys.stderr, all_threads=True)
+    rank.load_modules()
+    channel.send_message(ctrl, channel.READY, os.getpid())
+    while True:
+        try:
+            kind, _, fds = channel.recv_message(ctrl)
+        except (channel.ChannelClosed, ConnectionError, ValueError):
+            os._exit(0)  # the worker closed the channel (or is gone)
+        if kind != channel.FORK or len(fds) != 2:
+            for fd in fds:
+                os.close(fd)
+            print(f"sparkmpi zygote: unexpected request kind {kind} with {len(fds)} descriptors",
+                  file=sys.stderr, flush=True)
+            os._exit(73)
+        try:
+            pid = fork_rank(ctrl, worker_pid, fds[0], fds[1])
+        finally:
+            for fd in fds:
+                os.close(fd)
+        channel.send_message(ctrl, channel.FORKED, pid)
+
+
+if __name__ == "__main__":
+    main()

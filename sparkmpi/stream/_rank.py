@@ -1,0 +1,158 @@
+"""The executor side of a micro-batch: code that runs inside Spark tasks and MPI ranks.
+
+Kept apart from :mod:`.driver` so that a rank, a fresh process per job,
+imports only this module, the frame format and NumPy when it unpickles its
+function (the driver module and its imports cost about 65 ms per rank per
+batch).
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable, Iterator, Mapping
+
+import numpy as np
+
+from .offsets import DeadLetter, EndMarker, Frame, KafkaRecord, OffsetRange, decode_record, read_offset_range
+
+ProcessFunction = Callable[[Any, Iterator[Frame]], "Mapping[str, Any] | None"]
+
+
+# ---------------------------------------------------------------- the default MPI function
+
+def integrate_frames(comm, frames: Iterable[Frame]) -> dict:
+    """Per frame: integrated intensity and centre of mass; per batch: the summed image.
+
+    Returns, per rank, ``intensity`` (n,) float64 (sum of counts), ``centre_of_mass``
+    (n, 2) float64 (row, column in pixels; NaN for an empty frame) for the rank's
+    n frames, and on rank 0 ``sum_image`` (H, W) float64: the sum of every frame
+    of the batch, combined over the ranks with ``MPI_Allreduce``.  When frames of
+    different shapes meet in one batch, ``sum_image`` is left out.
+    """
+    from mpi4py import MPI
+
+    intensity, com = [], []
+    total, shape, mixed = None, None, False
+    for frame in frames:
+        a = frame.array
+        rows = a.sum(axis=1, dtype=np.float64)
+        cols = a.sum(axis=0, dtype=np.float64)
+        s = float(rows.sum())
+        intensity.append(s)
+        if s:
+            com.append((float(rows @ np.arange(rows.size)) / s, float(cols @ np.arange(cols.size)) / s))
+        else:
+            com.append((np.nan, np.nan))
+        if total is None:
+            shape, total = a.shape, a.astype(np.float64)
+        elif a.shape == shape:
+            np.add(total, a, out=total)
+        else:
+            mixed = True
+    out = {"intensity": np.asarray(intensity, dtype=np.float64),
+           "centre_of_mass": np.asarray(com, dtype=np.float64).reshape(-1, 2)}
+    seen = comm.allgather((mixed, shape))
+    shapes = {s for _, s in seen if s is not None}
+    if not any(m for m, _ in seen) and len(shapes) == 1:
+        shape = shapes.pop()
+        local = total if total is not None else np.zeros(shape, np.float64)
+        summed = np.empty(shape, np.float64)
+        comm.Allreduce(local, summed, op=MPI.SUM)
+        if comm.rank == 0:
+            out["sum_image"] = summed
+    return out
+
+
+# ---------------------------------------------------------------- rank side
+
+def _read_ranges(bootstrap: str, timeout: float, consumer_config: dict | None,
+                 ranges: list[OffsetRange]) -> Iterator[KafkaRecord]:
+    """Inside a Spark task: read this partition's offset ranges, exactly."""
+    for r in ranges:
+        yield from read_offset_range(bootstrap, r.topic, r.partition, r.start, r.end, timeout=timeout,
+                                     consumer_config=consumer_config)
+
+
+def _read_empty(bootstrap: str, timeout: float, ranges: list, _ignored) -> Iterator[KafkaRecord]:
+    return _read_ranges(bootstrap, timeout, None, ranges)
+
+
+def _identity(items):
+    return items
+
+
+def _noop_job(comm, items):
+    comm.Barrier()
+    return [sum(1 for _ in items)]
+
+
+def _check_expectations(frame: Frame, shape, dtype) -> tuple[str, str] | None:
+    if shape is not None and tuple(frame.array.shape) != tuple(shape):
+        return (f"frame {frame.header.index} has shape {tuple(frame.array.shape)}, expected {tuple(shape)}",
+                "wrong_shape")
+    if dtype is not None:
+        got = frame.array.dtype
+        if got.kind != dtype.kind or got.itemsize != dtype.itemsize:
+            return f"frame {frame.header.index} has dtype {got.str}, expected {dtype.str}", "wrong_dtype"
+    return None
+
+
+class _RankJob:
+    """What every rank runs: decode, route bad messages aside, call ``process``, report."""
+
+    def __init__(self, process_pickle: bytes, expect_shape, expect_dtype, check_finite: bool):
+        self.process_pickle = process_pickle
+        self.expect_shape = tuple(expect_shape) if expect_shape is not None else None
+        self.expect_dtype = np.dtype(expect_dtype).str if expect_dtype is not None else None
+        self.check_finite = check_finite
+
+    def __call__(self, comm, items):
+        import cloudpickle
+
+        process = cloudpickle.loads(self.process_pickle)
+        dtype = np.dtype(self.expect_dtype) if self.expect_dtype is not None else None
+        index, part, offset, ts = [], [], [], []
+        dead, markers = [], []
+        counts = {"messages": 0, "bytes": 0}
+
+        def frames():
+            for item in items:
+                counts["messages"] += 1
+                record = item if isinstance(item, KafkaRecord) else None
+                if record is not None:
+                    item = decode_record(record, check_finite=self.check_finite)
+                if isinstance(item, Frame):
+                    bad = _check_expectations(item, self.expect_shape, dtype)
+                    if bad is not None:
+                        dead.append(DeadLetter(item.topic, item.partition, item.offset,
+                                               record.key if record else None,
+                                               record.value if record else None, *bad))
+                        continue
+                    index.append(item.header.index)
+                    part.append(item.partition)
+                    offset.append(item.offset)
+                    ts.append(item.header.timestamp)
+                    counts["bytes"] += item.array.nbytes
+                    yield item
+                elif isinstance(item, EndMarker):
+                    markers.append(item)
+                elif isinstance(item, DeadLetter):
+                    dead.append(item)
+                else:
+                    raise TypeError(f"unexpected record type {type(item).__name__} in the batch")
+
+        stream = frames()
+        result = process(comm, stream)
+        left = sum(1 for _ in stream)
+        if left:
+            raise RuntimeError(f"process returned before consuming all frames of rank {comm.rank}: "
+                               f"{left} left; a frame not consumed would be committed unprocessed")
+        if result is None:
+            result = {}
+        if not isinstance(result, Mapping):
+            raise TypeError(f"process must return a mapping of name -> array (or None), "
+                            f"got {type(result).__name__}")
+        result = {str(k): np.asarray(v) for k, v in result.items()}
+        return [{"rank": comm.rank, "index": np.asarray(index, np.int64), "partition": np.asarray(part, np.int32),
+                 "offset": np.asarray(offset, np.int64), "ts": np.asarray(ts, np.float64),
+                 "messages": counts["messages"], "bytes": counts["bytes"], "dead": dead, "markers": markers,
+                 "result": result}]
