@@ -50,7 +50,8 @@ except ImportError:  # pragma: no cover - exercised where numba is absent (GPU m
     numba = None
     HAVE_NUMBA = False
 
-KERNELS = ("auto", "numba", "numpy")
+#: "generic" runs the backend-generic array code (what CuPy runs) on NumPy; see engines.
+KERNELS = ("auto", "numba", "numpy", "generic")
 _EPS = np.float32(1e-12)
 
 
@@ -511,8 +512,8 @@ class FusedOps(NumpyOps):
 
 def make_ops(kernels: str, positions, frame_shape, object_shape, threads: int = 1):
     """:class:`FusedOps` (``"numba"``, or ``"auto"`` with numba installed) or :class:`NumpyOps`."""
-    if kernels not in KERNELS:
-        raise ValueError(f"kernels must be one of {KERNELS}, got {kernels!r}")
+    if kernels not in KERNELS or kernels == "generic":
+        raise ValueError(f"kernels must be one of {KERNELS[:3]}, got {kernels!r}")
     if kernels == "numba" or (kernels == "auto" and HAVE_NUMBA):
         return FusedOps(positions, frame_shape, object_shape, threads)
     return NumpyOps(positions, frame_shape, object_shape, threads)

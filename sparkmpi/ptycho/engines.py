@@ -246,7 +246,8 @@ class _Engine:
             self._centroid0 = centroid or self._spectrum_centroid(self.P)
         # CPU: fused kernels (numba) or their NumPy reference, with quantised
         # (order-independent) sums, so any split over ranks gives the same numbers.
-        self.exact = bk.name == "numpy"
+        # kernels="generic" keeps NumPy on the backend-generic code CuPy runs.
+        self.exact = bk.name == "numpy" and kernels != "generic"
         self.ops = None
         if self.exact:
             self.ops = make_ops(kernels, self.geom.positions, frame_shape, object_shape, threads)
@@ -585,10 +586,14 @@ def reconstruct(data, *, algorithm: str = "dm", iterations: int = 100,
         Threads per process for the FFTs and the CPU kernels (default
         ``SPARKMPI_FFT_WORKERS``, else all cores).  Give 1 when there are as
         many ranks on a node as cores.
-    kernels : {"auto", "numba", "numpy"}
+    kernels : {"auto", "numba", "numpy", "generic"}
         CPU only: the fused numba kernels (``"auto"`` when numba is
         installed) or the whole-stack NumPy reference.  Both use the
         quantised, order-independent sums (see :mod:`sparkmpi.ptycho._fused`).
+        ``"generic"`` runs the backend-generic array code that the CuPy
+        backend runs, on NumPy, with plain float sums (distributed results
+        then match one process to rounding, not bit for bit): it checks that
+        path on machines without a GPU.
     refine_probe : bool
         False keeps the probe fixed whatever ``probe_update_start`` says.
     pin_probe_ramp : bool

@@ -12,10 +12,10 @@ reconstruction of all frames.
 
 Usage::
 
-    from pyspark.sql import SparkSession
+    import sparkmpi
     from sparkmpi.ptycho.spark import reconstruct_spark
 
-    spark = SparkSession.builder.master("local[2]").getOrCreate()
+    spark = sparkmpi.spark_session("local[2]")
     out = reconstruct_spark(spark, "scan.npz", ranks=2, iterations=100)
     out.object, out.probe, out.errors, out.seconds_per_iteration, out.job_seconds
 
