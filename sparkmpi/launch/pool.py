@@ -27,6 +27,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections import deque
 from dataclasses import dataclass, field
 
 from . import channel
@@ -196,6 +197,7 @@ class _ForkServer:
         finally:
             child_end.close()
         self.ready = False
+        self.pending: deque[tuple[socket.socket, int]] = deque()  # requested, not yet collected
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -223,20 +225,33 @@ class _ForkServer:
             os.close(fd)
         return kind, payload, fds
 
-    def fork(self, timeout: float | None = None) -> RankProcess:
-        timeout = FORK_SERVER_TIMEOUT if timeout is None else timeout
-        if not self.check_ready(timeout):
-            raise ForkServerError(f"the fork server did not finish its imports within {timeout:.0f} s")
+    def request(self) -> None:
+        """Ask for one more rank; it is picked up, in order, by :meth:`collect`.
+
+        Asking does not wait: the server forks while the caller goes on (a
+        task returns its results meanwhile).
+        """
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         err_read, err_write = os.pipe()
         try:
-            try:
-                channel.send_message(self.ctrl, channel.FORK, None, fds=(child_end.fileno(), err_write))
-            except OSError as exc:
-                raise ForkServerError(f"the fork server is gone: {exc}") from None
-            finally:
-                child_end.close()
-                os.close(err_write)
+            channel.send_message(self.ctrl, channel.FORK, None, fds=(child_end.fileno(), err_write))
+        except OSError as exc:
+            parent_end.close()
+            os.close(err_read)
+            raise ForkServerError(f"the fork server is gone: {exc}") from None
+        finally:
+            child_end.close()
+            os.close(err_write)
+        self.pending.append((parent_end, err_read))
+
+    def answer_waiting(self) -> bool:
+        return bool(select.select([self.ctrl], [], [], 0)[0])
+
+    def collect(self, timeout: float | None = None) -> RankProcess:
+        """The rank of the oldest pending request (waits up to ``timeout`` s for it)."""
+        timeout = FORK_SERVER_TIMEOUT if timeout is None else timeout
+        parent_end, err_read = self.pending.popleft()
+        try:
             kind, pid, _ = self._receive(timeout)
             if kind != channel.FORKED or not isinstance(pid, int) or pid <= 0:
                 raise ForkServerError(f"the fork server answered {channel.KIND_NAMES.get(kind, kind)} {pid!r}")
@@ -249,7 +264,20 @@ class _ForkServer:
         stderr = os.fdopen(err_read, "rb", buffering=0)
         return RankProcess(popen=ForkedChild(pid, stderr, pidfd), ctrl=parent_end, pidfd=pidfd)
 
+    def fork(self, timeout: float | None = None) -> RankProcess:
+        """A rank now: the oldest pending one, else a new one."""
+        timeout = FORK_SERVER_TIMEOUT if timeout is None else timeout
+        if not self.check_ready(timeout):
+            raise ForkServerError(f"the fork server did not finish its imports within {timeout:.0f} s")
+        if not self.pending:
+            self.request()
+        return self.collect(timeout)
+
     def close(self, kill: bool = False) -> None:
+        while self.pending:
+            parent_end, err_read = self.pending.popleft()
+            parent_end.close()
+            os.close(err_read)
         self.ctrl.close()  # the server exits when its channel closes
         if kill:
             self.popen.kill()
@@ -303,10 +331,22 @@ def spawn(fork_server: bool = True) -> RankProcess:
         return spawn_fresh()
 
 
+def _collect_forks(block: bool) -> None:
+    """Move the fork server's finished forks to the spares (all pending ones if ``block``)."""
+    server = _server
+    while server is not None and server.pending and (block or server.answer_waiting()):
+        try:
+            _spares.append(server.collect())
+        except (OSError, ForkServerError) as exc:
+            _fork_server_failed(str(exc))
+            return
+
+
 def acquire(fork_server: bool = True) -> RankProcess:
     """The oldest live warm spare (the likeliest to have finished its imports),
     else a new rank process."""
     with _lock:
+        _collect_forks(block=False)
         for proc in list(_spares):
             if not proc.alive():
                 _spares.remove(proc)
@@ -318,26 +358,34 @@ def acquire(fork_server: bool = True) -> RankProcess:
 
 
 def replenish(count: int, fork_server: bool = True, *, block: bool = False) -> None:
-    """Make spares until ``count`` live ones wait (dead ones are reaped).
+    """Make spares until ``count`` live ones wait or are being forked (dead ones are reaped).
 
-    With the fork server still importing, returns at once unless ``block``
-    (spares are made on the next call), so a task never waits for it here.
+    Never waits for the fork server unless ``block``: forks are requested
+    and picked up by a later call, and with the server still importing
+    nothing is requested yet.  With ``block``, returns with every spare made.
     """
     with _lock:
+        _collect_forks(block=False)
         for proc in [p for p in _spares if not p.alive()]:
             _spares.remove(proc)
             proc.stop(0)
-        if len(_spares) >= count:
-            return
         server = _fork_server(start=True) if fork_server else None
-        if server is not None:
-            try:
-                if not server.check_ready(FORK_SERVER_TIMEOUT if block else 0.0):
+        pending = len(server.pending) if server is not None else 0
+        if len(_spares) + pending < count or (block and pending):
+            if server is not None:
+                try:
+                    if server.check_ready(FORK_SERVER_TIMEOUT if block else 0.0):
+                        for _ in range(count - len(_spares) - pending):
+                            server.request()
+                        if block:
+                            _collect_forks(block=True)
                     return
-            except ForkServerError as exc:
-                _fork_server_failed(str(exc))
-        while len(_spares) < count:
-            _spares.append(spawn(fork_server))
+                except ForkServerError as exc:
+                    _fork_server_failed(str(exc))
+            while len(_spares) < count:
+                _spares.append(spawn(fork_server))
+
+
 def wait_ready(timeout: float = 10.0) -> int:
     """Wait until every spare has finished its imports (said READY); return how many are ready."""
     import selectors
