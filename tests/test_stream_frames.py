@@ -210,3 +210,21 @@ def test_fuzz_mutated_frames_decode_or_raise_frame_error(data):
     hlen = struct.unpack_from("<I", raw, 6)[0]
     assert array.nbytes == len(raw) - PREFIX_SIZE - hlen  # decoded: the payload is exactly the array
     assert array.shape == header.shape
+
+
+def test_rank_side_code_imports_neither_the_driver_nor_the_broker_tooling():
+    """A rank (a fresh process per batch) imports only what it runs: the package's
+    other modules cost ~65 ms per rank per batch."""
+    import subprocess
+    import sys
+
+    code = ("import sys, sparkmpi.stream as s\n"
+            "assert not [m for m in sys.modules if m.startswith('sparkmpi.stream.')], 'package imported modules'\n"
+            "import sparkmpi.stream._rank\n"
+            "heavy = {'sparkmpi.stream.driver', 'sparkmpi.stream.kafka', 'sparkmpi.stream.detector',\n"
+            "         'sparkmpi.stream._output', 'confluent_kafka', 'zmq', 'pyspark'} & set(sys.modules)\n"
+            "assert not heavy, heavy\n"
+            "assert s.integrate_frames is sparkmpi.stream._rank.integrate_frames\n"
+            "assert s.StreamDriver.__module__ == 'sparkmpi.stream.driver'\n")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr

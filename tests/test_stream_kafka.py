@@ -257,3 +257,35 @@ def test_fetch_into_a_fresh_home_is_verified_and_cached(tmp_path, monkeypatch, b
         start_broker(tmp_path / "d", 0, fetch=False)
     with pytest.raises(ValueError, match="version: Kafka 4.0 or newer"):
         fetch_kafka("3.9.1")
+
+
+def test_range_reader_keeps_its_consumer_and_drops_one_that_failed(broker):
+    from sparkmpi.stream.offsets import _ReaderPool
+
+    topic = "frames-reuse"
+    publish_kafka(SyntheticScan(12, (8, 8)), broker.bootstrap, topic, end_marker=False)
+    _ReaderPool.close_all()
+    first = read_offset_range(broker.bootstrap, topic, 0, 0, 5, timeout=20)
+    idle = [r for readers in _ReaderPool._idle.values() for r in readers]
+    assert len(idle) == 1
+    consumer = idle[0].consumer
+    second = read_offset_range(broker.bootstrap, topic, 0, 5, 12, timeout=20)
+    assert [r.offset for r in first + second] == list(range(12))  # exact ranges, no prefetch leaking in
+    assert [r.consumer for readers in _ReaderPool._idle.values() for r in readers] == [consumer]
+    with pytest.raises(OffsetError):
+        read_offset_range(broker.bootstrap, topic, 0, 10, 20, timeout=20)
+    # A reader whose call failed is closed, not kept.
+    assert not any(_ReaderPool._idle.values())
+    assert [r.offset for r in read_offset_range(broker.bootstrap, topic, 0, 3, 4, timeout=20)] == [3]
+
+
+def test_producer_waits_for_its_producer_id_before_the_scan_clock():
+    from sparkmpi.stream.detector import _ProducerIdWatch
+
+    watch = _ProducerIdWatch()
+    watch(json.dumps({"eos": {"idemp_state": "WaitTransport", "producer_id": -1}}))
+    assert not watch.assigned
+    watch(json.dumps({"eos": {"idemp_state": "Assigned", "producer_id": 7}}))
+    assert watch.assigned
+    watch(json.dumps({"eos": {"idemp_state": "WaitTransport"}}))  # later states do not undo it
+    assert watch.assigned
