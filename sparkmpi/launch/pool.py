@@ -207,7 +207,9 @@ class _ForkServer:
         if not self.ready:
             if not select.select([self.ctrl], [], [], timeout)[0]:
                 return False
-            kind, _, fds = self._receive(timeout)
+            # The message has begun; its remaining parts follow at once (a timeout
+            # of 0 here would make a message split across reads look like a failure).
+            kind, _, fds = self._receive(max(timeout, 5.0))
             if kind != channel.READY:
                 raise ForkServerError(f"the fork server said {channel.KIND_NAMES.get(kind, kind)} instead of ready")
             self.ready = True
