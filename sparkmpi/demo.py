@@ -115,6 +115,10 @@ def ptycho_frames(comm, frames) -> dict:
             "positions": np.asarray(positions, dtype=np.int64).reshape(-1, 2)}
 
 
+#: Frames per rank before the first live reconstruction.
+MIN_FRAMES_PER_RANK = 8
+
+
 class _LiveReconstruction:
     """After each batch: a Spark-MPI reconstruction over all frames so far."""
 
@@ -171,7 +175,9 @@ class _LiveReconstruction:
 
     def on_batch(self, report) -> None:
         added = self.add_batch(report.path)
-        if added == 0 or self.frames < self.ranks:
+        # A reconstruction from a handful of frames is noise, and every later one
+        # starts from it: wait for a few frames per rank (or the whole scan).
+        if added == 0 or self.frames < min(MIN_FRAMES_PER_RANK * self.ranks, len(self.scan.positions)):
             return
         nrmse = self.refine(self.iterations)
         self.publish()
