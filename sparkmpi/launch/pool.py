@@ -30,6 +30,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
+from .._proc import pid_running
 from . import channel
 
 _spares: list["RankProcess"] = []
@@ -55,8 +56,8 @@ class ForkedChild:
             try:
                 pid, status = os.waitpid(self.pid, os.WNOHANG)
             except ChildProcessError:
-                # Never ours (it exited before it was re-parented): no status to read.
-                if not _exists(self.pid):
+                # Never ours (re-parented elsewhere): no status to read.
+                if not pid_running(self.pid):
                     self.returncode = 255
                 return self.returncode
             if pid:
@@ -83,16 +84,6 @@ class ForkedChild:
 
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
-
-
-def _exists(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
 
 
 @dataclass
