@@ -200,13 +200,14 @@ class _ForkServer:
                 return False
             # The message has begun; its remaining parts follow at once (a timeout
             # of 0 here would make a message split across reads look like a failure).
-            kind, _, fds = self._receive(max(timeout, 5.0))
+            kind, _ = self._receive(max(timeout, 5.0))
             if kind != channel.READY:
                 raise ForkServerError(f"the fork server said {channel.KIND_NAMES.get(kind, kind)} instead of ready")
             self.ready = True
         return True
 
-    def _receive(self, timeout: float):
+    def _receive(self, timeout: float) -> tuple[int, object]:
+        """One message from the server: ``(kind, payload)`` (it never sends descriptors)."""
         self.ctrl.settimeout(timeout)
         try:
             kind, payload, fds = channel.recv_message(self.ctrl)
@@ -216,7 +217,7 @@ class _ForkServer:
             self.ctrl.settimeout(None)
         for fd in fds:
             os.close(fd)
-        return kind, payload, fds
+        return kind, payload
 
     def request(self) -> None:
         """Ask for one more rank; it is picked up, in order, by :meth:`collect`.
@@ -245,7 +246,7 @@ class _ForkServer:
         timeout = FORK_SERVER_TIMEOUT if timeout is None else timeout
         parent_end, err_read = self.pending.popleft()
         try:
-            kind, pid, _ = self._receive(timeout)
+            kind, pid = self._receive(timeout)
             if kind != channel.FORKED or not isinstance(pid, int) or pid <= 0:
                 raise ForkServerError(f"the fork server answered {channel.KIND_NAMES.get(kind, kind)} {pid!r}")
             pidfd = os.pidfd_open(pid)

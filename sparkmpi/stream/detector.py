@@ -25,7 +25,7 @@ import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import Any, Iterator
 
 import numpy as np
 
@@ -359,7 +359,26 @@ def _zmq_endpoint(endpoint: str) -> str:
     return endpoint
 
 
-class ZmqPublisher:
+class _ZmqEndpoint:
+    """A ZeroMQ socket and, unless the caller passed one, its own context; closes both."""
+
+    socket: Any
+    context: Any
+    _own_context: bool
+
+    def close(self) -> None:
+        self.socket.close()
+        if self._own_context:
+            self.context.term()
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+
+class ZmqPublisher(_ZmqEndpoint):
     """A PUSH socket bound to ``endpoint`` (``tcp://127.0.0.1:0`` picks a free port).
 
     Sends block for at most ``send_timeout`` seconds when no receiver takes
@@ -402,16 +421,6 @@ class ZmqPublisher:
         self._send([json.dumps({"htype": ZMQ_END, "scan": scan_id, "frames": int(frames)}).encode()],
                    "end-of-series message")
 
-    def close(self) -> None:
-        self.socket.close()
-        if self._own_context:
-            self.context.term()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
 
 
 def publish_zmq(source, publisher: ZmqPublisher | str, *, rate: float | None = None) -> PublishReport:
@@ -445,7 +454,7 @@ class ZmqDeadLetter:
     code: str
 
 
-class ZmqReceiver:
+class ZmqReceiver(_ZmqEndpoint):
     """A PULL socket connected to a detector's PUSH endpoint; iterate for frames.
 
     Iteration yields ``(FrameHeader, array)`` per frame (the array is a view of
@@ -516,13 +525,3 @@ class ZmqReceiver:
             except FrameError as exc:
                 yield self._bad(parts, exc)
 
-    def close(self) -> None:
-        self.socket.close()
-        if self._own_context:
-            self.context.term()
-
-    def __enter__(self):
-        return self
-
-    def __exit__(self, *exc):
-        self.close()
