@@ -312,11 +312,10 @@ class _Engine:
         else:
             xp.multiply(src, self._conjP, out=scratch)
             num = self.geom.scatter(scratch)
-        allreduce_sums(self.comm, [num], self.bk)
-        d = np.float32(d)
+        allreduce_sums(self.comm, [num], self.bk)   # complex128: see Geometry.scatter
         num += d * self.O
-        num /= den + d
-        self.O = num
+        num /= den + np.float32(d)
+        self.O = num.astype(xp.complex64)
 
     def probe_update(self, src, scratch) -> None:
         """``P <- (sum_j src_j O_j* + d P) / (sum_j |O_j|^2 + d)``."""

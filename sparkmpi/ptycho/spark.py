@@ -240,7 +240,7 @@ def _check_rank_frames(rank, index, frames, positions, object_shape, probe):
                                  f"least one (use fewer partitions)")
     try:
         check_frames(frames, positions, object_shape, probe)
-    except _errors.NonFiniteError as exc:
+    except _errors.NonFiniteError:
         if frames.dtype.kind == "f" and not np.isfinite(frames).all():
             bad = ~np.isfinite(frames)
             g = int(index[np.argwhere(bad)[0][0]])
