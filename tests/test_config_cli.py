@@ -27,6 +27,7 @@ def test_precedence_argument_over_environment_over_default():
     ({"SPARKMPI_PMI_PORT": "70000"}, "pmi_port must be in 0..65535"),
     ({"SPARKMPI_JOB_TIMEOUT": "-1"}, "job_timeout must be > 0"),
     ({"SPARKMPI_WARM_POOL": "-2"}, "warm_pool must be in 0..64"),
+    ({"SPARKMPI_SINGLE_HOST_NETMOD": "tcp"}, "single_host_netmod must be one of"),
 ])
 def test_bad_settings_are_named(env, fragment):
     with pytest.raises(ConfigError, match=fragment.replace("(", r"\(")):

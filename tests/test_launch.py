@@ -341,6 +341,35 @@ def test_job_environment_reaches_ranks(sc):
     assert out == ["on", "on"]
 
 
+def test_single_host_jobs_get_the_quick_netmod_unless_one_was_chosen(sc, monkeypatch):
+    monkeypatch.delenv("MPIR_CVAR_CH4_NETMOD", raising=False)
+    rdd = sc.parallelize(range(2), 2)
+
+    def netmod(comm, it):
+        return [os.environ.get("MPIR_CVAR_CH4_NETMOD")]
+
+    assert sparkmpi.run(rdd, netmod) == ["ofi", "ofi"]   # local[2]: one host
+    assert sparkmpi.run(rdd, netmod, single_host_netmod="ucx") == ["ucx", "ucx"]
+    assert sparkmpi.run(rdd, netmod, single_host_netmod="") == [None, None]
+    assert sparkmpi.run(rdd, netmod, env={"MPIR_CVAR_CH4_NETMOD": "ucx"}) == ["ucx", "ucx"]
+
+
+def test_rank_environment_picks_the_netmod_only_for_one_host():
+    from sparkmpi.launch.task import TaskSpec, rank_environment
+
+    spec = TaskSpec("h", 1, "kvs", "t", 2, b"", env={"A": "1"}, single_host_netmod="ofi")
+    one, two = ["node1", "node1"], ["node1", "node2"]
+    assert rank_environment(spec, one, {}) == {"A": "1", "MPIR_CVAR_CH4_NETMOD": "ofi"}
+    assert rank_environment(spec, two, {}) == {"A": "1"}   # across hosts: MPICH's choice
+    assert rank_environment(spec, one, {"MPIR_CVAR_CH4_NETMOD": "ucx"}) == {"A": "1"}
+    chosen = TaskSpec("h", 1, "kvs", "t", 2, b"", env={"MPIR_CVAR_CH4_NETMOD": "ucx"},
+                      single_host_netmod="ofi")
+    assert rank_environment(chosen, one, {}) == {"MPIR_CVAR_CH4_NETMOD": "ucx"}
+    off = TaskSpec("h", 1, "kvs", "t", 2, b"", single_host_netmod="")
+    assert rank_environment(off, one, {}) == {}
+    assert spec.env == {"A": "1"}   # not modified
+
+
 def test_shm_world_id_matches_mpich():
     # FNV-1a 32 test vectors, and the name MPICH derives from a kvsname.
     assert shm.fnv1a_32(b"") == 0x811C9DC5

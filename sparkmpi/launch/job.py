@@ -186,7 +186,7 @@ def run(rdd, fn: RankFunction, *, timeout: float | None = None, env: dict[str, s
     spec = TaskSpec(server_host=host, server_port=server.port, kvsname=job.kvsname, token=job.token,
                     size=size, fn=pickle_function(fn), env=dict(env or {}),
                     warm_pool=settings.warm_pool, kill_grace=settings.kill_grace,
-                    fork_server=settings.fork_server)
+                    fork_server=settings.fork_server, single_host_netmod=settings.single_host_netmod)
     tag = f"sparkmpi-{job.kvsname}"
     watch_state = {"timed_out": False}
     stop_watching = threading.Event()

@@ -45,6 +45,7 @@ class TaskSpec:
     warm_pool: int = 2
     kill_grace: float = 1.0
     fork_server: bool = True
+    single_host_netmod: str = ""
 
 
 def connect_with_retry(host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> socket.socket:
@@ -100,10 +101,10 @@ class _Relay:
                 self._early = lines[1:]
                 return lines[0]
 
-    def start_rank(self, records: list) -> None:
+    def start_rank(self, records: list, env: dict) -> None:
         pmi_ours, pmi_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.pmi = pmi_ours
-        job = {"rank": self.rank, "size": self.spec.size, "env": self.spec.env, "fn": self.spec.fn}
+        job = {"rank": self.rank, "size": self.spec.size, "env": env, "fn": self.spec.fn}
         try:
             channel.send_message(self.proc.ctrl, channel.JOB, job, fds=(pmi_theirs.fileno(),))
         finally:
@@ -266,6 +267,26 @@ def _describe_status(status: int | None) -> str:
     return str(status)
 
 
+NETMOD_VARIABLE = "MPIR_CVAR_CH4_NETMOD"
+
+
+def rank_environment(spec: TaskSpec, task_hosts, environ=None) -> dict:
+    """The environment additions for this job's rank: the job's ``env``, plus
+    ``MPIR_CVAR_CH4_NETMOD=spec.single_host_netmod`` when every task of the
+    stage (``task_hosts``) is on one host and nobody chose a netmod already."""
+    env = dict(spec.env)
+    environ = os.environ if environ is None else environ
+    if (spec.single_host_netmod and len(set(task_hosts)) == 1
+            and NETMOD_VARIABLE not in env and NETMOD_VARIABLE not in environ):
+        env[NETMOD_VARIABLE] = spec.single_host_netmod
+    return env
+
+
+def _task_hosts(context) -> list:
+    """Host of every task in the barrier stage (``host:port`` addresses, port dropped)."""
+    return [info.address.rsplit(":", 1)[0] for info in context.getTaskInfos()]
+
+
 def run_rank_task(spec: TaskSpec, iterator):
     """Body of one barrier task: run rank = partition index; yield its results."""
     from pyspark import BarrierTaskContext
@@ -279,7 +300,7 @@ def run_rank_task(spec: TaskSpec, iterator):
     relay = _Relay(spec, rank, proc)
     try:
         relay.connect()
-        relay.start_rank(records)
+        relay.start_rank(records, rank_environment(spec, _task_hosts(context)))
         del records
         results = relay.run()
         # The rank finalised and is exiting; reap it.
