@@ -452,6 +452,66 @@ def test_a_killed_fork_server_is_replaced(sc):
     assert not set(servers) & set(_processes_named("sparkmpi-zygote"))
 
 
+def modules_at_entry(comm, partition):
+    import sys
+
+    return [sorted(m for m in ("colorsys", "sparkmpi.tomo.projector") if m in sys.modules)]
+
+
+def test_preloaded_modules_are_in_forked_ranks_before_their_job(sc):
+    rdd = sc.parallelize(range(2), 2)
+    sparkmpi.warm_up(sc, preload=("colorsys",))   # spares made before are replaced
+    seen = [sparkmpi.run(rdd, modules_at_entry, preload=("colorsys", "sparkmpi.tomo.projector"))
+            for _ in range(4)]
+    assert seen[0] == [["colorsys"], ["colorsys"]], seen
+    # sparkmpi.tomo.projector was asked for with the first job: forks from then on have it.
+    assert seen[-1] == [["colorsys", "sparkmpi.tomo.projector"]] * 2, seen
+
+
+def test_preload_modules_lists_the_settings_then_sparkmpi_modules_of_fn():
+    import functools
+
+    from sparkmpi.launch.job import preload_modules
+    from sparkmpi.tomo import mpi as tomo_mpi
+
+    fn = functools.partial(tomo_mpi.sirt_rank, iterations=3)
+    assert preload_modules(fn, ("colorsys",)) == ("colorsys", "sparkmpi.tomo.mpi")
+    assert preload_modules(who_am_i) == ()   # a test module: only if listed
+    assert sparkmpi.load_settings({"SPARKMPI_PRELOAD": "a.b, c"}).preload == ("a.b", "c")
+    with pytest.raises(sparkmpi.ConfigError, match="preload must be a sequence of dotted module names"):
+        sparkmpi.load_settings({"SPARKMPI_PRELOAD": "no-dashes"})
+    with pytest.raises(sparkmpi.ConfigError, match="preload must be a sequence"):
+        sparkmpi.load_settings(preload="colorsys")
+
+
+def test_fork_server_preloads_only_modules_that_leave_it_single_threaded(tmp_path, monkeypatch, capsys):
+    import sys
+
+    from sparkmpi.launch import zygote
+
+    (tmp_path / "quiet_module_x.py").write_text("VALUE = 1\n")
+    (tmp_path / "threaded_module_x.py").write_text(
+        "import threading, time\nthreading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n")
+    (tmp_path / "slow_module_x.py").write_text("import time\ntime.sleep(30)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(zygote, "PRELOAD_CHECK_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(zygote, "_preload_tried", set())
+    assert zygote._import_check("quiet_module_x") is None
+    assert "1 thread(s) running after import" in zygote._import_check("threaded_module_x")
+    assert "ModuleNotFoundError" in zygote._import_check("no_such_module_x")
+    started = time.monotonic()
+    assert "took more than 1 s" in zygote._import_check("slow_module_x")
+    assert time.monotonic() - started < 5
+    try:
+        zygote.preload(["quiet_module_x", "threaded_module_x", "quiet_module_x"])
+        assert "quiet_module_x" in sys.modules and "threaded_module_x" not in sys.modules
+        err = capsys.readouterr().err
+        assert "not preloading threaded_module_x: it leaves 1 thread(s) running" in err
+        assert "quiet_module_x" not in err
+    finally:
+        sys.modules.pop("quiet_module_x", None)
+
+
 POOL_SCRIPT = r"""
 import os, signal, subprocess
 from sparkmpi.launch import channel, pool

@@ -85,8 +85,8 @@ def _is_importable_elsewhere(module_name: str) -> bool:
     return "site-packages" in path or "dist-packages" in path
 
 
-def _local_modules(fn) -> list:
-    """Modules whose code ``fn`` needs but a worker may not be able to import."""
+def _function_modules(fn) -> set:
+    """Names of the modules that define ``fn`` (through partials; callable instances' classes)."""
     targets = [fn]
     while isinstance(targets[-1], functools.partial):
         targets.append(targets[-1].func)
@@ -94,8 +94,20 @@ def _local_modules(fn) -> list:
     for target in targets:
         names.add(getattr(target, "__module__", None))
         names.add(getattr(type(target), "__module__", None))  # callable instances
-    return [sys.modules[n] for n in names
-            if n and n != "__main__" and n in sys.modules and not _is_importable_elsewhere(n)]
+    return {n for n in names if n and n in sys.modules}
+
+
+def _local_modules(fn) -> list:
+    """Modules whose code ``fn`` needs but a worker may not be able to import."""
+    return [sys.modules[n] for n in _function_modules(fn)
+            if n != "__main__" and not _is_importable_elsewhere(n)]
+
+
+def preload_modules(fn, listed=()) -> tuple:
+    """What the fork servers should import for ``fn``'s ranks: ``listed``, then
+    the modules of ``fn`` that are sparkmpi's own (known to start no threads)."""
+    own = sorted(n for n in _function_modules(fn) if n.startswith("sparkmpi."))
+    return tuple(dict.fromkeys([*listed, *own]))
 
 
 def pickle_function(fn: RankFunction) -> bytes:
@@ -186,7 +198,8 @@ def run(rdd, fn: RankFunction, *, timeout: float | None = None, env: dict[str, s
     spec = TaskSpec(server_host=host, server_port=server.port, kvsname=job.kvsname, token=job.token,
                     size=size, fn=pickle_function(fn), env=dict(env or {}),
                     warm_pool=settings.warm_pool, kill_grace=settings.kill_grace,
-                    fork_server=settings.fork_server, single_host_netmod=settings.single_host_netmod)
+                    fork_server=settings.fork_server, single_host_netmod=settings.single_host_netmod,
+                    preload=preload_modules(fn, settings.preload))
     tag = f"sparkmpi-{job.kvsname}"
     watch_state = {"timed_out": False}
     stop_watching = threading.Event()
@@ -230,17 +243,19 @@ def run(rdd, fn: RankFunction, *, timeout: float | None = None, env: dict[str, s
     return results
 
 
-def _prepare_worker(warm_pool: int, fork_server: bool, timeout: float, iterator):
+def _prepare_worker(warm_pool: int, fork_server: bool, timeout: float, preload: tuple, iterator):
     from . import pool
 
     for _ in iterator:
         pass  # read the partition, or PySpark discards this worker afterwards
-    pool.replenish(warm_pool, fork_server, block=True)
+    if preload and fork_server:
+        pool.drop_spares_without(preload)
+    pool.replenish(warm_pool, fork_server, block=True, preload=preload)
     return [(os.getpid(), pool.wait_ready(timeout))]
 
 
 def warm_up(sc, *, warm_pool: int | None = None, fork_server: bool | None = None,
-            timeout: float = 30.0) -> list[tuple[int, int]]:
+            preload=None, timeout: float = 30.0) -> list[tuple[int, int]]:
     """Start every Spark Python worker and its warm rank spares ahead of the first job.
 
     Runs one plain (non-barrier) task per task slot, so each concurrently
@@ -249,12 +264,15 @@ def warm_up(sc, *, warm_pool: int | None = None, fork_server: bool | None = None
     imports.  Useful before a
     latency-sensitive loop (micro-batches): without it, the first jobs that
     land on a fresh worker pay for starting Python, NumPy and mpi4py.
+    ``preload`` (module names; default the ``preload`` setting) has the fork
+    servers import those modules too, and replaces spares made without them.
 
     Returns ``(worker pid, ready spares)`` per task.
     """
-    settings = load_settings(warm_pool=warm_pool, fork_server=fork_server)
+    settings = load_settings(warm_pool=warm_pool, fork_server=fork_server, preload=preload)
     slots = max(1, int(sc.defaultParallelism))
-    task = functools.partial(_prepare_worker, int(settings.warm_pool), settings.fork_server, float(timeout))
+    task = functools.partial(_prepare_worker, int(settings.warm_pool), settings.fork_server, float(timeout),
+                             settings.preload)
     return sc.parallelize(range(slots), slots).mapPartitions(task).collect()
 
 

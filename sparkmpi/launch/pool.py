@@ -95,6 +95,7 @@ class RankProcess:
     pidfd: int
     started: float = field(default_factory=time.monotonic)
     ready: bool = False  # its READY message was consumed (by wait_ready)
+    preload: tuple = ()  # modules the fork server was asked to import before forking it
 
     @property
     def pid(self) -> int:
@@ -188,7 +189,8 @@ class _ForkServer:
         finally:
             child_end.close()
         self.ready = False
-        self.pending: deque[tuple[socket.socket, int]] = deque()  # requested, not yet collected
+        # requested, not yet collected: (control socket, stderr pipe, modules preloaded)
+        self.pending: deque[tuple[socket.socket, int, tuple]] = deque()
 
     def alive(self) -> bool:
         return self.popen.poll() is None
@@ -219,16 +221,18 @@ class _ForkServer:
             os.close(fd)
         return kind, payload
 
-    def request(self) -> None:
+    def request(self, preload=()) -> None:
         """Ask for one more rank; it is picked up, in order, by :meth:`collect`.
 
         Asking does not wait: the server forks while the caller goes on (a
-        task returns its results meanwhile).
+        task returns its results meanwhile).  The server first imports the
+        modules of ``preload`` it has not imported yet (see :mod:`.zygote`).
         """
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         err_read, err_write = os.pipe()
+        request = {"preload": list(preload)} if preload else None
         try:
-            channel.send_message(self.ctrl, channel.FORK, None, fds=(child_end.fileno(), err_write))
+            channel.send_message(self.ctrl, channel.FORK, request, fds=(child_end.fileno(), err_write))
         except OSError as exc:
             parent_end.close()
             os.close(err_read)
@@ -236,7 +240,7 @@ class _ForkServer:
         finally:
             child_end.close()
             os.close(err_write)
-        self.pending.append((parent_end, err_read))
+        self.pending.append((parent_end, err_read, tuple(preload)))
 
     def answer_waiting(self) -> bool:
         return bool(select.select([self.ctrl], [], [], 0)[0])
@@ -244,7 +248,7 @@ class _ForkServer:
     def collect(self, timeout: float | None = None) -> RankProcess:
         """The rank of the oldest pending request (waits up to ``timeout`` s for it)."""
         timeout = FORK_SERVER_TIMEOUT if timeout is None else timeout
-        parent_end, err_read = self.pending.popleft()
+        parent_end, err_read, preload = self.pending.popleft()
         try:
             kind, pid = self._receive(timeout)
             if kind != channel.FORKED or not isinstance(pid, int) or pid <= 0:
@@ -256,7 +260,8 @@ class _ForkServer:
             raise
         os.set_blocking(err_read, False)
         stderr = os.fdopen(err_read, "rb", buffering=0)
-        return RankProcess(popen=ForkedChild(pid, stderr, pidfd), ctrl=parent_end, pidfd=pidfd)
+        return RankProcess(popen=ForkedChild(pid, stderr, pidfd), ctrl=parent_end, pidfd=pidfd,
+                           preload=preload)
 
     def fork(self, timeout: float | None = None) -> RankProcess:
         """A rank now: the oldest pending one, else a new one."""
@@ -264,12 +269,12 @@ class _ForkServer:
         if not self.check_ready(timeout):
             raise ForkServerError(f"the fork server did not finish its imports within {timeout:.0f} s")
         if not self.pending:
-            self.request()
+            self.request()   # needed now: no preloading, which would delay this job
         return self.collect(timeout)
 
     def close(self, kill: bool = False) -> None:
         while self.pending:
-            parent_end, err_read = self.pending.popleft()
+            parent_end, err_read, _ = self.pending.popleft()
             parent_end.close()
             os.close(err_read)
         self.ctrl.close()  # the server exits when its channel closes
@@ -351,12 +356,13 @@ def acquire(fork_server: bool = True) -> RankProcess:
         return spawn(fork_server)
 
 
-def replenish(count: int, fork_server: bool = True, *, block: bool = False) -> None:
+def replenish(count: int, fork_server: bool = True, *, block: bool = False, preload=()) -> None:
     """Make spares until ``count`` live ones wait or are being forked (dead ones are reaped).
 
     Never waits for the fork server unless ``block``: forks are requested
     and picked up by a later call, and with the server still importing
     nothing is requested yet.  With ``block``, returns with every spare made.
+    The fork server imports the modules of ``preload`` before it forks them.
     """
     with _lock:
         _collect_forks(block=False)
@@ -370,7 +376,7 @@ def replenish(count: int, fork_server: bool = True, *, block: bool = False) -> N
                 try:
                     if server.check_ready(FORK_SERVER_TIMEOUT if block else 0.0):
                         for _ in range(count - len(_spares) - pending):
-                            server.request()
+                            server.request(preload)
                         if block:
                             _collect_forks(block=True)
                     return
@@ -378,6 +384,19 @@ def replenish(count: int, fork_server: bool = True, *, block: bool = False) -> N
                     _fork_server_failed(str(exc))
             while len(_spares) < count:
                 _spares.append(spawn(fork_server))
+
+
+def drop_spares_without(preload) -> int:
+    """Stop the spares forked before the modules of ``preload`` were asked for
+    (so the next ones have them); returns how many were stopped."""
+    wanted = set(preload)
+    with _lock:
+        _collect_forks(block=False)
+        stale = [p for p in _spares if isinstance(p.popen, ForkedChild) and not wanted <= set(p.preload)]
+        for proc in stale:
+            _spares.remove(proc)
+            proc.stop(0)
+    return len(stale)
 
 
 def wait_ready(timeout: float = 10.0) -> int:

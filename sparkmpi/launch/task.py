@@ -46,6 +46,7 @@ class TaskSpec:
     kill_grace: float = 1.0
     fork_server: bool = True
     single_host_netmod: str = ""
+    preload: tuple = ()
 
 
 def connect_with_retry(host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> socket.socket:
@@ -312,5 +313,5 @@ def run_rank_task(spec: TaskSpec, iterator):
         relay.close()
         proc.stop(spec.kill_grace)
         shm.remove_job_segments(spec.kvsname)
-        pool.replenish(spec.warm_pool, spec.fork_server)
+        pool.replenish(spec.warm_pool, spec.fork_server, preload=spec.preload)
     return iter(results)

@@ -8,8 +8,15 @@ rank per request instead (a few milliseconds).
 
 Protocol on its control socket (:mod:`.channel` messages): it says READY when
 its imports are done; each FORK message carries two descriptors, the rank's
-control socket and the write end of its stderr pipe; the answer is FORKED
-with the new rank's pid.
+control socket and the write end of its stderr pipe, and optionally a list of
+modules to import first (``{"preload": [...]}``); the answer is FORKED with
+the new rank's pid.
+
+A module to preload is first imported in a throwaway child: only if that
+child is still single-threaded afterwards (forking a process with threads
+leaves their locks held in the child) is it imported in the server itself.
+A module that fails either way is not tried again; the ranks import it
+themselves, and a failure then reaches the job's caller with its traceback.
 
 The rank is forked twice so that it ends up a child of the Spark worker
 itself, not of the zygote: the worker is a child subreaper
@@ -36,6 +43,70 @@ from . import rank
 PROCESS_NAME = "sparkmpi-zygote"
 #: Seconds a forked rank waits to be re-parented to the worker.
 REPARENT_TIMEOUT_S = 5.0
+#: Seconds the throwaway child may take to import a module to preload.
+PRELOAD_CHECK_TIMEOUT_S = 60.0
+
+_preload_tried: set[str] = set()
+
+
+def _thread_count() -> int:
+    return len(os.listdir("/proc/self/task"))
+
+
+def _import_check(name: str) -> str | None:
+    """Import ``name`` in a throwaway child; None if it imports and starts no
+    thread there, else why not."""
+    import importlib
+    import select
+
+    read_end, write_end = os.pipe()
+    pid = os.fork()
+    if pid == 0:
+        code = 1
+        try:
+            os.close(read_end)
+            importlib.import_module(name)
+            threads = _thread_count()
+            reason = "" if threads == 1 else f"it leaves {threads - 1} thread(s) running after import"
+        except BaseException as exc:  # noqa: BLE001  (reported to the server)
+            reason = f"importing it failed: {type(exc).__name__}: {exc}"
+        try:
+            os.write(write_end, reason.encode()[:4000] or b"ok")
+            code = 0
+        finally:
+            os._exit(code)
+    os.close(write_end)
+    try:
+        if not select.select([read_end], [], [], PRELOAD_CHECK_TIMEOUT_S)[0]:
+            os.kill(pid, signal.SIGKILL)
+            return f"importing it took more than {PRELOAD_CHECK_TIMEOUT_S:.0f} s"
+        answer = os.read(read_end, 4096).decode(errors="replace")
+    finally:
+        os.close(read_end)
+        os.waitpid(pid, 0)
+    if answer == "ok":
+        return None
+    return answer or "the import check died"
+
+
+def preload(names) -> None:
+    """Import each module of ``names`` not tried yet, if it is safe to fork after (see above)."""
+    import importlib
+
+    for name in names:
+        if not isinstance(name, str) or name in _preload_tried:
+            continue
+        _preload_tried.add(name)
+        if name in sys.modules:
+            continue
+        reason = _import_check(name)
+        if reason is None:
+            try:
+                importlib.import_module(name)
+            except BaseException as exc:  # noqa: BLE001
+                reason = f"importing it failed: {type(exc).__name__}: {exc}"
+        if reason is not None:
+            print(f"sparkmpi fork server: not preloading {name}: {reason}", file=sys.stderr, flush=True)
 
 
 def _become_rank(zygote_ctrl: socket.socket, worker_pid: int, ctrl_fd: int, stderr_fd: int) -> None:
@@ -104,7 +175,7 @@ def main() -> None:
     channel.send_message(ctrl, channel.READY, os.getpid())
     while True:
         try:
-            kind, _, fds = channel.recv_message(ctrl)
+            kind, request, fds = channel.recv_message(ctrl)
         except (channel.ChannelClosed, ConnectionError, ValueError):
             os._exit(0)  # the worker closed the channel (or is gone)
         if kind != channel.FORK or len(fds) != 2:
@@ -114,6 +185,8 @@ def main() -> None:
                   file=sys.stderr, flush=True)
             os._exit(73)
         try:
+            if isinstance(request, dict) and request.get("preload"):
+                preload(request["preload"])
             pid = fork_rank(ctrl, worker_pid, fds[0], fds[1])
         finally:
             for fd in fds:

@@ -211,7 +211,8 @@ class _BatchCore:
 
     def __init__(self, spark, out_dir, *, ranks, trigger, max_frames, process, expect_shape, expect_dtype,
                  check_finite, batch_retries, job_timeout, job_settings, progress, json_lines, after_write):
-        from ..launch.job import pickle_function
+        from ..config import load_settings
+        from ..launch.job import pickle_function, preload_modules
 
         self.sc = getattr(spark, "sparkContext", spark)
         if not hasattr(self.sc, "parallelize"):
@@ -231,6 +232,9 @@ class _BatchCore:
         self.batch_retries = _check_positive("batch_retries", batch_retries, integer=True, minimum=0)
         self.job_timeout = _check_positive("job_timeout", job_timeout, allow_none=True)
         self.job_settings = dict(job_settings or {})
+        # The ranks run _RankJob, which unpickles `process`: its module is preloaded too.
+        self.job_settings["preload"] = preload_modules(
+            process, load_settings(preload=self.job_settings.get("preload")).preload)
         self.process = process
         self._job = _RankJob(pickle_function(process), expect_shape, expect_dtype, check_finite)
         self.reporter = _Reporter(progress, json_lines)
@@ -248,7 +252,8 @@ class _BatchCore:
         t0 = time.monotonic()
         # Every Python worker a batch may land on (not only the ones this
         # job uses) gets its spares, so no early batch starts ranks cold.
-        sparkmpi.warm_up(self.sc, warm_pool=self.job_settings.get("warm_pool"))
+        sparkmpi.warm_up(self.sc, warm_pool=self.job_settings.get("warm_pool"),
+                         preload=self.job_settings["preload"])
         sparkmpi.run(self.sc.parallelize([[] for _ in range(self.ranks)], self.ranks).flatMap(self._warm_reader()),
                      _noop_job, timeout=self.job_timeout, **self.job_settings)
         return time.monotonic() - t0
