@@ -9,8 +9,6 @@ which prints one JSON object (rank 0) with the per-run mean Allreduce times.
 
 from __future__ import annotations
 
-import argparse
-import json
 import time
 
 
@@ -39,6 +37,11 @@ def timed_allreduce(comm, elements: int, repeat: int) -> tuple[float, float]:
 
 
 def main(argv=None) -> None:
+    # Imported here: the ranks of the Spark-MPI job import this module for
+    # timed_allreduce alone, and argparse plus json cost them a few ms each job.
+    import argparse
+    import json
+
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--elements", type=int, default=2_000_000)
     parser.add_argument("--repeat", type=int, default=10)

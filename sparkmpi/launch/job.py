@@ -248,9 +248,10 @@ def _prepare_worker(warm_pool: int, fork_server: bool, timeout: float, preload: 
 
     for _ in iterator:
         pass  # read the partition, or PySpark discards this worker afterwards
-    if preload and fork_server:
-        pool.drop_spares_without(preload)
-    pool.replenish(warm_pool, fork_server, block=True, preload=preload)
+    with pool._lock:   # no spares from the replenish timer between the two calls
+        if preload and fork_server:
+            pool.drop_spares_without(preload)
+        pool.replenish(warm_pool, fork_server, block=True, preload=preload)
     return [(os.getpid(), pool.wait_ready(timeout))]
 
 

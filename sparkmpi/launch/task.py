@@ -297,7 +297,7 @@ def run_rank_task(spec: TaskSpec, iterator):
     if not (0 <= rank < spec.size):
         raise RankError(f"partition {rank} is outside the job's {spec.size} ranks")
     records = list(iterator)
-    proc = pool.acquire(spec.fork_server)
+    proc = pool.acquire(spec.fork_server, spec.preload)
     relay = _Relay(spec, rank, proc)
     try:
         relay.connect()
@@ -313,5 +313,5 @@ def run_rank_task(spec: TaskSpec, iterator):
         relay.close()
         proc.stop(spec.kill_grace)
         shm.remove_job_segments(spec.kvsname)
-        pool.replenish(spec.warm_pool, spec.fork_server, preload=spec.preload)
+        pool.replenish_soon(spec.warm_pool, spec.fork_server, preload=spec.preload)
     return iter(results)
