@@ -22,7 +22,11 @@ def test_demo_small_end_to_end(tmp_path):
     assert summary["stream"]["frames"] == 96 and summary["stream"]["dead_letters"] == 0
     assert summary["stream"]["batches"] >= 1
     assert summary["ptycho"]["nrmse"] < 0.05
-    assert summary["ptycho"]["history"][-1]["frames"] == 96
+    history = summary["ptycho"]["history"]
+    assert history[-1]["frames"] == 96 and history[-1]["coverage"] == 1.0
+    # Quality is reported over the part of the object scanned so far (coverage apart).
+    assert [h["coverage"] for h in history] == sorted(h["coverage"] for h in history)
+    assert all(h["nrmse"] < 0.3 for h in history), history
     assert summary["tomo"]["rmse"] < 0.2
     for path in list(summary["ptycho"]["files"].values()) + list(summary["tomo"]["files"].values()):
         assert os.path.getsize(path) > 0, path
