@@ -1,6 +1,7 @@
 """sparkmpi.run end to end: real Spark (local[2]), real MPICH ranks, real failures."""
 
 import os
+import re
 import time
 
 import pytest
@@ -442,6 +443,30 @@ def test_spares_are_replaced_a_moment_after_each_job(sc):
                            timeout=5), {w: _children_named(w, "sparkmpi-rank") for w in workers}
 
 
+def start_background_sleep(comm, partition):
+    import subprocess
+
+    child = subprocess.Popen(["sleep", "300"])   # never waited for: left behind by the rank
+    if comm.rank == 1 and list(partition) == ["fail"]:
+        raise RuntimeError(f"failing with background process {child.pid}")
+    return [child.pid]
+
+
+def _gone(pid):
+    return not os.path.exists(f"/proc/{pid}")   # neither running nor a zombie
+
+
+def test_processes_a_rank_leaves_behind_are_killed_and_reaped(sc):
+    pids = sparkmpi.run(sc.parallelize(range(2), 2), start_background_sleep)
+    assert len(pids) == 2
+    assert _wait_until(lambda: all(_gone(p) for p in pids), timeout=5), \
+        [open(f"/proc/{p}/stat").read() for p in pids if not _gone(p)]
+    with pytest.raises(sparkmpi.JobFailed, match=r"background process (\d+)") as info:
+        sparkmpi.run(sc.parallelize(["ok", "fail"], 2), start_background_sleep)
+    failed_pid = int(re.search(r"background process (\d+)", str(info.value)).group(1))
+    assert _wait_until(lambda: _gone(failed_pid), timeout=5)
+
+
 def test_fork_server_off_starts_fresh_interpreters(sc):
     ranks = sparkmpi.run(sc.parallelize(range(4), 2), who_am_i, fork_server=False)
     assert all(r["fresh"] and r["name"] == "sparkmpi-rank" for r in ranks), ranks
@@ -455,8 +480,9 @@ def test_a_killed_fork_server_is_replaced(sc):
 
     rdd = sc.parallelize(range(4), 2)
     workers = {r["ppid"] for r in sparkmpi.run(rdd, who_am_i)}
+    # A worker whose earlier jobs ran without the fork server starts it after this task.
+    assert _wait_until(lambda: all(len(_children_named(w, "sparkmpi-zygote")) == 1 for w in workers))
     servers = [pid for w in workers for pid in _children_named(w, "sparkmpi-zygote")]
-    assert servers
     for pid in servers:
         os.kill(pid, signal.SIGKILL)
     for _ in range(3):  # the spares made before still serve; then new servers fork

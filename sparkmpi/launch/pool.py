@@ -13,7 +13,10 @@ than a whole trivial Spark job, so
   is made in its place after the task ends.
 
 Ranks and the fork server die with their worker (``PR_SET_PDEATHSIG``);
-spares exit by themselves when idle too long.
+spares exit by themselves when idle too long.  Each rank leads its own
+process group, so what its code started in the background and left running
+is killed with it at the end of the task (:func:`end_rank_group`); those
+processes were re-parented to this worker (a subreaper), which reaps them.
 """
 
 from __future__ import annotations
@@ -346,6 +349,7 @@ def acquire(fork_server: bool = True, preload=()) -> RankProcess:
     """The oldest live warm spare (the likeliest to have finished its imports),
     else a new rank process."""
     with _lock:
+        reap_ended_groups()
         _collect_forks(block=False)
         for proc in list(_spares):
             if not proc.alive():
@@ -421,6 +425,7 @@ def replenish_soon(count: int, fork_server: bool = True, *, preload=(), delay: f
 def _replenish_from_server(count: int, preload: tuple) -> None:
     """Timer body: request spares from the running fork server only (starts no process)."""
     with _lock:
+        reap_ended_groups()
         try:
             _collect_forks(block=False)
             server = _server
@@ -433,6 +438,48 @@ def _replenish_from_server(count: int, preload: tuple) -> None:
             print(f"sparkmpi: could not ask the fork server for spares: {exc}", file=sys.stderr, flush=True)
 
 
+#: Process groups of finished ranks that may still have members to reap: pgid -> when ended.
+_ended_groups: dict[int, float] = {}
+#: Seconds after which an ended group is no longer watched (its members are not ours to reap).
+ENDED_GROUP_WATCH_S = 60.0
+
+
+def end_rank_group(pgid: int) -> None:
+    """Kill what is left of a finished rank's process group (background
+    processes its code started) and reap those that became this worker's
+    children.  Call after the rank itself has been reaped: the rank is a
+    member of its own group, and its exit status is read by its owner."""
+    try:
+        os.killpg(pgid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        return   # nothing left of the group
+    with _lock:
+        _ended_groups[pgid] = time.monotonic()
+        reap_ended_groups()
+
+
+def reap_ended_groups() -> None:
+    """Reap the killed members of ended rank groups that were re-parented here
+    (called again later for those that had not died yet)."""
+    with _lock:
+        now = time.monotonic()
+        for pgid, ended in list(_ended_groups.items()):
+            while True:
+                try:
+                    pid, _ = os.waitpid(-pgid, os.WNOHANG)
+                except ChildProcessError:
+                    pid = 0
+                if pid == 0:
+                    break
+            try:
+                os.killpg(pgid, 0)
+                gone = now - ended > ENDED_GROUP_WATCH_S
+            except (ProcessLookupError, PermissionError):
+                gone = True
+            if gone:
+                del _ended_groups[pgid]
+
+
 def drop_spares_without(preload) -> int:
     """Stop the spares forked before the modules of ``preload`` were asked for
     (so the next ones have them), and any spares due from the timer; returns
@@ -443,7 +490,7 @@ def drop_spares_without(preload) -> int:
         if _later is not None:
             _later.cancel()
         _collect_forks(block=False)
-        stale = [p for p in _spares if isinstance(p.popen, ForkedChild) and not wanted <= set(p.preload)]
+        stale = [p for p in _spares if not wanted <= set(p.preload)]   # fresh interpreters too
         for proc in stale:
             _spares.remove(proc)
             proc.stop(0)

@@ -79,6 +79,9 @@ def serve(ctrl: socket.socket) -> None:
 
     from sparkmpi.launch import channel
 
+    # Lead a process group of our own: whatever the job's code starts and leaves
+    # behind is killed with the group when the task ends (pool.end_rank_group).
+    os.setpgid(0, 0)
     channel.send_message(ctrl, channel.READY, os.getpid())
     ctrl.settimeout(IDLE_EXIT_S)
     try:

@@ -312,6 +312,7 @@ def run_rank_task(spec: TaskSpec, iterator):
     finally:
         relay.close()
         proc.stop(spec.kill_grace)
+        pool.end_rank_group(proc.pid)
         shm.remove_job_segments(spec.kvsname)
         pool.replenish_soon(spec.warm_pool, spec.fork_server, preload=spec.preload)
     return iter(results)
