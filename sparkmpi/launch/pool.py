@@ -400,8 +400,9 @@ def replenish_soon(count: int, fork_server: bool = True, *, preload=(), delay: f
     """:func:`replenish`, a moment after the task that called it has returned.
 
     Forking a spare right away (fork, copy-on-write faults, the child's start)
-    took CPU from the Spark task's own return: a trivial 2-rank job took 87 ms
-    with the replacement forked at once and 77 ms without.  With a ready fork
+    took CPU from the Spark task's own return: a trivial 2-rank job took
+    86-93 ms with the replacement forked at once, 80-89 ms with it requested
+    0.1 s later (three paired runs of 20 jobs).  With a ready fork
     server the request is sent ``delay`` s later from a timer thread (the next
     task in between uses the other spare, or forks its rank itself: 3-4 ms).
     Processes are never *started* from that thread, since a child's
