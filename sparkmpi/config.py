@@ -84,7 +84,9 @@ class Settings:
         environment, not the job's ``env``, and only modules that start no
         threads can be preloaded (one that does is refused and the ranks
         import it themselves).  The modules of ``fn`` that belong to
-        sparkmpi are preloaded without being listed.
+        sparkmpi are preloaded without being listed.  A module may define
+        ``_sparkmpi_fork_server_warm_up()`` for once-per-server work, such
+        as loading JIT-compiled code (see :mod:`sparkmpi.launch.zygote`).
     """
 
     pmi_host: str = "auto"

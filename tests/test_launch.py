@@ -542,7 +542,17 @@ def test_fork_server_preloads_only_modules_that_leave_it_single_threaded(tmp_pat
     started = time.monotonic()
     assert "took more than 1 s" in zygote._import_check("slow_module_x")
     assert time.monotonic() - started < 5
+    (tmp_path / "warmed_module_x.py").write_text(
+        "WARMED = 0\ndef _sparkmpi_fork_server_warm_up():\n    global WARMED\n    WARMED += 1\n")
+    (tmp_path / "warm_starts_thread_x.py").write_text(
+        "def _sparkmpi_fork_server_warm_up():\n    import threading, time\n"
+        "    threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n")
+    assert "1 thread(s) running" in zygote._import_check("warm_starts_thread_x")
+    # sparkmpi's own warm-up (numba kernels loaded by a tiny reconstruction) passes the check.
+    assert zygote._import_check("sparkmpi.ptycho.spark") is None
     try:
+        zygote.preload(["warmed_module_x"])
+        assert sys.modules["warmed_module_x"].WARMED == 1   # once, in this process
         zygote.preload(["quiet_module_x", "threaded_module_x", "quiet_module_x"])
         assert "quiet_module_x" in sys.modules and "threaded_module_x" not in sys.modules
         err = capsys.readouterr().err
@@ -550,6 +560,7 @@ def test_fork_server_preloads_only_modules_that_leave_it_single_threaded(tmp_pat
         assert "quiet_module_x" not in err
     finally:
         sys.modules.pop("quiet_module_x", None)
+        sys.modules.pop("warmed_module_x", None)
 
 
 POOL_SCRIPT = r"""

@@ -13,10 +13,16 @@ modules to import first (``{"preload": [...]}``); the answer is FORKED with
 the new rank's pid.
 
 A module to preload is first imported in a throwaway child: only if that
-child is still single-threaded afterwards (forking a process with threads
-leaves their locks held in the child) is it imported in the server itself.
+child has started no threads afterwards (forking a process with threads
+leaves their locks held in the child; the pools of OpenBLAS and scipy.fft
+are the exception, as they stop themselves before a fork) is it imported in
+the server itself.
 A module that fails either way is not tried again; the ranks import it
 themselves, and a failure then reaches the job's caller with its traceback.
+A preloaded module may define ``_sparkmpi_fork_server_warm_up()``, called
+once after its import (in the throwaway child first, so the same thread
+check covers it) for work every rank would otherwise repeat, such as loading
+JIT-compiled code.
 
 The rank is forked twice so that it ends up a child of the Spark worker
 itself, not of the zygote: the worker is a child subreaper
@@ -46,17 +52,43 @@ REPARENT_TIMEOUT_S = 5.0
 #: Seconds the throwaway child may take to import a module to preload.
 PRELOAD_CHECK_TIMEOUT_S = 60.0
 
+#: Optional function of a preloaded module, called once after its import.
+WARM_UP_HOOK = "_sparkmpi_fork_server_warm_up"
+
 _preload_tried: set[str] = set()
+
+
+def _import_and_warm(name: str) -> None:
+    import importlib
+
+    module = importlib.import_module(name)
+    hook = getattr(module, WARM_UP_HOOK, None)
+    if callable(hook):
+        hook()
 
 
 def _thread_count() -> int:
     return len(os.listdir("/proc/self/task"))
 
 
+def _start_fork_safe_pools() -> None:
+    """Start the worker threads of OpenBLAS (NumPy's BLAS) and of scipy.fft's
+    pocketfft, so a module check counts only threads beyond them.  Both stop
+    their threads before a fork and start them again after it
+    (``pthread_atfork``), so a server that has them can fork safely."""
+    import numpy
+
+    numpy.dot(numpy.ones((256, 256)), numpy.ones((256, 256)))
+    try:
+        import scipy.fft
+    except ImportError:
+        return
+    scipy.fft.fft(numpy.ones(64, dtype=numpy.complex64), workers=1)
+
+
 def _import_check(name: str) -> str | None:
-    """Import ``name`` in a throwaway child; None if it imports and starts no
-    thread there, else why not."""
-    import importlib
+    """Import (and warm up) ``name`` in a throwaway child; None if that works
+    and leaves the child single-threaded, else why not."""
     import select
 
     read_end, write_end = os.pipe()
@@ -65,9 +97,12 @@ def _import_check(name: str) -> str | None:
         code = 1
         try:
             os.close(read_end)
-            importlib.import_module(name)
+            _start_fork_safe_pools()
+            baseline = _thread_count()
+            _import_and_warm(name)
             threads = _thread_count()
-            reason = "" if threads == 1 else f"it leaves {threads - 1} thread(s) running after import"
+            reason = "" if threads <= baseline else \
+                f"it leaves {threads - baseline} thread(s) running after import"
         except BaseException as exc:  # noqa: BLE001  (reported to the server)
             reason = f"importing it failed: {type(exc).__name__}: {exc}"
         try:
@@ -91,8 +126,6 @@ def _import_check(name: str) -> str | None:
 
 def preload(names) -> None:
     """Import each module of ``names`` not tried yet, if it is safe to fork after (see above)."""
-    import importlib
-
     for name in names:
         if not isinstance(name, str) or name in _preload_tried:
             continue
@@ -102,7 +135,7 @@ def preload(names) -> None:
         reason = _import_check(name)
         if reason is None:
             try:
-                importlib.import_module(name)
+                _import_and_warm(name)
             except BaseException as exc:  # noqa: BLE001
                 reason = f"importing it failed: {type(exc).__name__}: {exc}"
         if reason is not None:

@@ -30,6 +30,7 @@ frame.  Other failures raise :class:`sparkmpi.JobFailed`.
 from __future__ import annotations
 
 import functools
+import os
 import time
 import zipfile
 from dataclasses import dataclass, field
@@ -294,6 +295,38 @@ def _rank_fn(comm, records, *, object_shape, options):
         out.update(object=result.object, probe=result.probe, errors=result.errors,
                    seconds=float(result.seconds), iterations=int(result.iterations))
     return [out]
+
+
+def _sparkmpi_fork_server_warm_up() -> None:
+    """Called once by a rank fork server that preloads this module: a tiny
+    reconstruction, one thread, loads the engines' numba kernels (from numba's
+    cache, or compiles them), which every forked rank then has.  Each rank
+    spent about 0.16 s on that in its first iteration otherwise (more where
+    numba's cache is cold)."""
+    from ._fused import HAVE_NUMBA
+    from .engines import reconstruct
+    from .simulate import PtychoData
+
+    if not HAVE_NUMBA:
+        return
+    # Any small scan runs the same kernels (the simulator is not used: its
+    # BLAS calls start OpenBLAS's threads).
+    positions = np.array([(r, c) for r in (0, 4, 8) for c in (0, 4, 8)], dtype=np.int64)
+    frames = np.random.default_rng(0).random((len(positions), 16, 16)).astype(np.float32)
+    data = PtychoData(frames, positions, (24, 24))
+    probe = np.ones((16, 16), dtype=np.complex64)
+    # One FFT worker: scipy.fft's pool of worker threads would outlive the call.
+    previous = os.environ.get("SPARKMPI_FFT_WORKERS")
+    os.environ["SPARKMPI_FFT_WORKERS"] = "1"
+    try:
+        for algorithm in ("dm", "raar"):
+            reconstruct(data, algorithm=algorithm, iterations=2, probe=probe,
+                        probe_update_start=0, threads=1, kernels="numba")
+    finally:
+        if previous is None:
+            del os.environ["SPARKMPI_FFT_WORKERS"]
+        else:
+            os.environ["SPARKMPI_FFT_WORKERS"] = previous
 
 
 def reconstruct_rdd(rdd, object_shape, *, timeout: float | None = None, env=None,
