@@ -281,8 +281,11 @@ def run_demo(args) -> dict:
                 publisher_error.append(exc)
 
         publisher = threading.Thread(target=_publish, name="sparkmpi-demo-detector", daemon=True)
+        # The live reconstruction's rank module is preloaded (and its numba kernels
+        # loaded) by the fork servers along with the stream's, during the warm-up.
         driver = StreamDriver(spark, bootstrap, topic, "demo", out / "stream", ranks=args.ranks,
-                              trigger=args.trigger, process=ptycho_frames, progress=None, warm_up=False)
+                              trigger=args.trigger, process=ptycho_frames, progress=None, warm_up=False,
+                              job_settings={"preload": ("sparkmpi.ptycho.spark",)})
         # Get the topic, the Spark workers and the rank spares ready before the
         # detector starts, as a beamline would before the scan.
         ensure_topic(bootstrap, topic, partitions=args.ranks)
