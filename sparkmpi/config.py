@@ -82,8 +82,9 @@ class Settings:
         heavy rank functions: ``sparkmpi.ptycho.spark`` costs a rank about
         0.2 s to import.  The fork server imports them with the executor's
         environment, not the job's ``env``, and only modules that start no
-        threads can be preloaded (one that does is refused and the ranks
-        import it themselves).  The modules of ``fn`` that belong to
+        threads (beyond the fork-safe pools of OpenBLAS and scipy.fft) can be
+        preloaded (one that does is refused and the ranks import it
+        themselves).  The modules of ``fn`` that belong to
         sparkmpi are preloaded without being listed.  A module may define
         ``_sparkmpi_fork_server_warm_up()`` for once-per-server work, such
         as loading JIT-compiled code (see :mod:`sparkmpi.launch.zygote`).

@@ -88,7 +88,7 @@ def _start_fork_safe_pools() -> None:
 
 def _import_check(name: str) -> str | None:
     """Import (and warm up) ``name`` in a throwaway child; None if that works
-    and leaves the child single-threaded, else why not."""
+    and starts no threads beyond the fork-safe pools, else why not."""
     import select
 
     read_end, write_end = os.pipe()

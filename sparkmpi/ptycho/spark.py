@@ -309,13 +309,13 @@ def _sparkmpi_fork_server_warm_up() -> None:
 
     if not HAVE_NUMBA:
         return
-    # Any small scan runs the same kernels (the simulator is not used: its
-    # BLAS calls start OpenBLAS's threads).
+    # Any small scan runs the same kernels.
     positions = np.array([(r, c) for r in (0, 4, 8) for c in (0, 4, 8)], dtype=np.int64)
     frames = np.random.default_rng(0).random((len(positions), 16, 16)).astype(np.float32)
     data = PtychoData(frames, positions, (24, 24))
     probe = np.ones((16, 16), dtype=np.complex64)
-    # One FFT worker: scipy.fft's pool of worker threads would outlive the call.
+    # One FFT worker: the fork server's thread check allows scipy.fft's pool as
+    # one worker leaves it; more workers leave more threads behind.
     previous = os.environ.get("SPARKMPI_FFT_WORKERS")
     os.environ["SPARKMPI_FFT_WORKERS"] = "1"
     try:
