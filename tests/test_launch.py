@@ -524,7 +524,7 @@ def test_preload_modules_lists_the_settings_then_sparkmpi_modules_of_fn():
         sparkmpi.load_settings(preload="colorsys")
 
 
-def test_fork_server_preloads_only_modules_that_leave_it_single_threaded(tmp_path, monkeypatch, capsys):
+def test_fork_server_preloads_only_modules_that_start_no_threads(tmp_path, monkeypatch, capsys):
     import sys
 
     from sparkmpi.launch import zygote
