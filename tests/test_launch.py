@@ -503,7 +503,8 @@ def test_preloaded_modules_are_in_forked_ranks_before_their_job(sc):
     sparkmpi.warm_up(sc, preload=("colorsys",))   # spares made before are replaced
     seen = [sparkmpi.run(rdd, modules_at_entry, preload=("colorsys", "sparkmpi.tomo.projector"))
             for _ in range(4)]
-    assert seen[0] == [["colorsys"], ["colorsys"]], seen
+    # Spares made by warm_up have colorsys (a rank forked on demand would have both).
+    assert all("colorsys" in modules for modules in seen[0]), seen
     # sparkmpi.tomo.projector was asked for with the first job: forks from then on have it.
     assert seen[-1] == [["colorsys", "sparkmpi.tomo.projector"]] * 2, seen
 
