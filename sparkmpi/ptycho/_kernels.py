@@ -378,6 +378,25 @@ _OFFSET = """
 """
 
 
+# float64 atomicAdd exists from compute capability 6.0 (Pascal) on; older GPUs
+# get the compare-and-swap loop of CUDA's programming guide.
+_ATOMIC_ADD_F64 = """
+__device__ __forceinline__ void sparkmpi_add_f64(double* address, double value) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ < 600
+    unsigned long long int* bits = (unsigned long long int*)address;
+    unsigned long long int seen = *bits, expected;
+    do {
+        expected = seen;
+        seen = atomicCAS(bits, expected,
+                         __double_as_longlong(value + __longlong_as_double(expected)));
+    } while (expected != seen);
+#else
+    atomicAdd(address, value);
+#endif
+}
+"""
+
+
 def _cupy_geometry_kernels():
     import cupy
 
@@ -393,9 +412,9 @@ def _cupy_geometry_kernels():
             "complex64 v, raw complex64 probe, " + args, "raw float64 acc",
             _OFFSET + """
             complex<float> x = v * conj(probe[rem]);
-            atomicAdd(&acc[2 * o], (double)x.real());
-            atomicAdd(&acc[2 * o + 1], (double)x.imag());
-            """, "sparkmpi_ptycho_scatter")
+            sparkmpi_add_f64(&acc[2 * o], (double)x.real());
+            sparkmpi_add_f64(&acc[2 * o + 1], (double)x.imag());
+            """, "sparkmpi_ptycho_scatter", preamble=_ATOMIC_ADD_F64)
     return _CUPY_KERNELS
 
 
