@@ -267,8 +267,11 @@ class _ForkServer:
                            preload=preload)
 
     def fork(self, timeout: float | None = None, preload=()) -> RankProcess:
-        """A rank now: the oldest pending one, else a new one (with ``preload``
-        imported first: the rank would spend that time importing them anyway)."""
+        """A rank now: the oldest pending one, else a new one, with ``preload``
+        imported first.  A one-off job waits for that (a first 10-iteration
+        ptychography job: 1.5 s instead of 1.2 s), but the next jobs start warm
+        (0.16 s instead of 0.52 s).  Leaving the preload to the spares forked
+        after the task made the second job wait for it instead (1.5 s)."""
         timeout = FORK_SERVER_TIMEOUT if timeout is None else timeout
         if not self.check_ready(timeout):
             raise ForkServerError(f"the fork server did not finish its imports within {timeout:.0f} s")
