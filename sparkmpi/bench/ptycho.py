@@ -65,9 +65,7 @@ def _distributed_mpiexec(path: Path, args, out: Path) -> dict:
 
 def _distributed_spark(path: Path, args, probe) -> dict:
     """The reconstruction over ``args.ranks`` Spark-MPI ranks (``sparkmpi.run``)."""
-    os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
-    os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
-    from sparkmpi.launch.session import spark_session
+    from sparkmpi.launch.session import spark_session   # also points Spark at this interpreter
     from sparkmpi.ptycho.spark import reconstruct_spark
 
     t0 = time.perf_counter()

@@ -83,8 +83,13 @@ def check_broker(bootstrap: str, timeout: float = 5.0) -> int:
             if meta.brokers:
                 return len(meta.brokers)
         except Exception as exc:  # KafkaException: transport, timeout
-            cause = exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else str(exc)
+            cause = kafka_error_text(exc)
     raise broker_unavailable(bootstrap, time.monotonic() - start, trap.last or cause or "no metadata")
+
+
+def kafka_error_text(exc: BaseException) -> str:
+    """librdkafka's own text for a KafkaException (its KafkaError's ``str()``), else ``str(exc)``."""
+    return exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else str(exc)
 
 
 def broker_unavailable(bootstrap: str, waited: float, cause: str) -> BrokerUnavailable:

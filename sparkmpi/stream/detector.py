@@ -422,7 +422,6 @@ class ZmqPublisher(_ZmqEndpoint):
                    "end-of-series message")
 
 
-
 def publish_zmq(source, publisher: ZmqPublisher | str, *, rate: float | None = None) -> PublishReport:
     """Send ``source`` over ZeroMQ: series header, one frame message per frame, end of series."""
     own = isinstance(publisher, str)
@@ -524,4 +523,3 @@ class ZmqReceiver(_ZmqEndpoint):
                                      "bad_kind")
             except FrameError as exc:
                 yield self._bad(parts, exc)
-

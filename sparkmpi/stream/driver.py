@@ -62,13 +62,12 @@ from ._errors import BrokerUnavailable, OffsetError, StreamTimeout
 from ._output import (
     list_outputs, output_ranges, read_meta, remove_stale_temporaries, write_atomic_npz,
 )
+from ._rank import ProcessFunction, _identity, _noop_job, _RankJob, _read_empty, _read_ranges, integrate_frames
 from .offsets import (
     DeadLetter, DeadLetterWriter, Frame, OffsetRange, commit_offsets, committed_offsets, plan_batch,
 )
 
 log = logging.getLogger("sparkmpi.stream.driver")
-
-from ._rank import ProcessFunction, _identity, _noop_job, _RankJob, _read_empty, _read_ranges, integrate_frames
 
 __all__ = ["StreamDriver", "ZmqStreamDriver", "run_stream", "integrate_frames", "BatchReport", "StreamReport",
            "BatchFailed"]

@@ -27,7 +27,9 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from ._client import ErrorTrap, broker_unavailable, check_bootstrap, check_broker, client_config, ensure_topic
+from ._client import (
+    ErrorTrap, broker_unavailable, check_bootstrap, check_broker, client_config, ensure_topic, kafka_error_text,
+)
 from ._errors import BrokerUnavailable, OffsetError, StreamTimeout
 from .frames import EndOfScan, FrameError, FrameHeader, decode_message
 
@@ -314,7 +316,7 @@ def read_offset_range(bootstrap: str, topic: str, partition: int, start: int, en
         try:
             low, high = consumer.get_watermark_offsets(TopicPartition(topic, partition), timeout=probe)
         except Exception as exc:  # KafkaException: transport down, timed out
-            raise broker_unavailable(bootstrap, time.monotonic() - t0, trap.last or _kafka_error_text(exc)) \
+            raise broker_unavailable(bootstrap, time.monotonic() - t0, trap.last or kafka_error_text(exc)) \
                 from None
         if start < low or end > high:
             raise OffsetError(f"{topic}[{partition}] holds offsets [{low}, {high}) at {bootstrap}; "
@@ -354,10 +356,6 @@ def read_offset_range(bootstrap: str, topic: str, partition: int, start: int, en
         return out
     finally:
         _ReaderPool.give_back(reader, reusable)
-
-
-def _kafka_error_text(exc: BaseException) -> str:
-    return exc.args[0].str() if exc.args and hasattr(exc.args[0], "str") else str(exc)
 
 
 @dataclass
