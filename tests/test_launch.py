@@ -579,6 +579,18 @@ proc.popen.send_signal(signal.SIGKILL)
 assert proc.popen.wait(timeout=5) == -9
 proc.close()
 
+# warm_up's preload: a fork requested earlier without the module (by the replenish
+# timer, say) and still pending is dropped too, not handed out as a spare later.
+pool._server.request(())
+with pool._lock:
+    pool.drop_spares_without(("colorsys",))
+    pool.replenish(2, True, block=True, preload=("colorsys",))
+assert not pool._server.pending
+assert [p.preload for p in pool._spares] == [("colorsys",)] * 2, [p.preload for p in pool._spares]
+for spare in list(pool._spares):
+    pool._spares.remove(spare)
+    spare.stop(0)
+
 # A fork server that stops answering (stopped with SIGSTOP): each time the rank starts
 # fresh and the server is killed; after MAX_FORK_SERVER_FAILURES the worker stops trying.
 pool.FORK_SERVER_TIMEOUT = 1.0

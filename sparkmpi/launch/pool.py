@@ -493,7 +493,9 @@ def drop_spares_without(preload) -> int:
     with _lock:
         if _later is not None:
             _later.cancel()
-        _collect_forks(block=False)
+        # Forks requested earlier (by the timer, say) may lack them too: collect
+        # them now, so they are judged with the rest instead of becoming spares later.
+        _collect_forks(block=True)
         stale = [p for p in _spares if not wanted <= set(p.preload)]   # fresh interpreters too
         for proc in stale:
             _spares.remove(proc)
