@@ -88,6 +88,9 @@ class Settings:
         sparkmpi are preloaded without being listed.  A module may define
         ``_sparkmpi_fork_server_warm_up()`` for once-per-server work, such
         as loading JIT-compiled code (see :mod:`sparkmpi.launch.zygote`).
+    world_idle_timeout : float or None
+        Seconds a :class:`~sparkmpi.World` may wait for its next call before
+        it closes itself and frees its task slots; None keeps it open.
     """
 
     pmi_host: str = "auto"
@@ -99,6 +102,7 @@ class Settings:
     fork_server: bool = True
     single_host_netmod: str = "ofi"
     preload: tuple = ()
+    world_idle_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.pmi_host, str) or not self.pmi_host:
@@ -106,6 +110,7 @@ class Settings:
         if not (0 <= int(self.pmi_port) <= 65535):
             raise ConfigError(f"pmi_port must be in 0..65535, got {self.pmi_port}")
         _positive_or_none("job_timeout", self.job_timeout)
+        _positive_or_none("world_idle_timeout", self.world_idle_timeout)
         if _positive_or_none("start_timeout", self.start_timeout) is None:
             raise ConfigError("start_timeout must be set")
         if not (0 <= int(self.warm_pool) <= 64):
@@ -151,7 +156,8 @@ def _parse(name: str, text: str, kind: type | str) -> Any:
 
 _KINDS = {"pmi_host": str, "pmi_port": int, "job_timeout": "float|None",
           "start_timeout": float, "warm_pool": int, "kill_grace": float,
-          "fork_server": bool, "single_host_netmod": str, "preload": "modules"}
+          "fork_server": bool, "single_host_netmod": str, "preload": "modules",
+          "world_idle_timeout": "float|None"}
 
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -45,3 +45,11 @@ class JobFailed(SparkMPIError):
 
 class JobTimeout(JobFailed):
     """An MPI job ran past its configured timeout."""
+
+
+class WorldClosed(SparkMPIError):
+    """A call went to a :class:`~sparkmpi.World` that is closed; ``reason`` says why it closed."""
+
+    def __init__(self, message: str, *, reason: str = ""):
+        super().__init__(message)
+        self.reason = reason
