@@ -27,7 +27,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from ._client import (
+from .kafka_client import (
     ErrorTrap, broker_unavailable, check_bootstrap, check_broker, client_config, ensure_topic, kafka_error_text,
 )
 from ._errors import BrokerUnavailable, OffsetError, StreamTimeout
@@ -454,7 +454,7 @@ def watermarks(bootstrap: str, topic: str, partitions: Iterable[int] | None = No
     """``{(topic, p): (low, high)}`` for the given (default: all) partitions."""
     from confluent_kafka import Consumer, TopicPartition
 
-    from ._client import topic_partitions
+    from .kafka_client import topic_partitions
 
     timeout = _check_timeout(timeout)
     check_broker(bootstrap, timeout=min(timeout, 5.0))
