@@ -6,7 +6,7 @@ Public API::
     spark = sparkmpi.spark_session("local[2]")   # or any SparkSession
     results = sparkmpi.run(rdd, fn)   # fn(comm, partition_iterator) -> iterable
 
-See :func:`sparkmpi.launch.run` for details.
+See :func:`sparkmpi.run` for details.
 """
 
 from .config import Settings, load_settings
