@@ -301,9 +301,8 @@ def _records_rank(comm, records, *, object_shape, options: Options, probe, objec
 def _sparkmpi_fork_server_warm_up() -> None:
     """Called once by a rank fork server that preloads this module: a tiny
     reconstruction, one thread, loads the engines' numba kernels (from numba's
-    cache, or compiles them), which every forked rank then has.  Each rank
-    spent about 0.16 s on that in its first iteration otherwise (more where
-    numba's cache is cold)."""
+    cache, or compiles them), which every forked rank then has instead of
+    loading them in its first iteration (BENCHMARKS.md, live jobs)."""
     from ._fused import HAVE_NUMBA
     from .engines import reconstruct
     from .simulate import PtychoData

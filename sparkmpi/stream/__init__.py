@@ -19,7 +19,7 @@ import importlib
 
 # Each public name and the submodule that defines it.  Names load on first use
 # (PEP 562), so a rank process that unpickles a function from one submodule
-# does not pay for importing the others (the whole package: 65 ms per rank).
+# does not pay for importing the others (BENCHMARKS.md, streaming: rank-side imports).
 _EXPORTS = {
     "kafka_client": ("check_broker", "ensure_topic", "topic_partitions"),
     "_errors": ("BrokerError", "BrokerUnavailable", "OffsetError", "StreamTimeout"),

@@ -262,10 +262,8 @@ READER_DEFAULTS = {
     "enable.auto.commit": False,
     "enable.auto.offset.store": False,
     "enable.partition.eof": False,
-    # 8 MiB per fetch: 64 MiB made every read of a small range from the middle
-    # of a log pull far past its end (48 ms instead of 8 ms for 150 frames of
-    # 32 KiB); a larger range takes several pipelined fetches at no loss.  A
-    # single message larger than this still comes back whole.
+    # 8 MiB per fetch, so a small range read from inside a log stops near its end
+    # (BENCHMARKS.md, streaming); a message larger than this still comes back whole.
     "fetch.max.bytes": 8 * 1024 * 1024,
     "max.partition.fetch.bytes": 8 * 1024 * 1024,
     "fetch.wait.max.ms": 50,
