@@ -183,11 +183,11 @@ def initial_probe(intensities, comm=None) -> np.ndarray:
     probe = np.fft.fftshift(np.fft.ifft2(amp, norm="ortho"))
     return probe.astype(np.complex64)
 
+
 def _to_numpy_state_array(bk_from: str, arr):
     if bk_from == "cupy" and not isinstance(arr, np.ndarray):
         return arr.get()
     return np.asarray(arr)
-
 
 
 # --------------------------------------------------------------------------- public API
