@@ -8,7 +8,7 @@ Public API::
         world.call(fn, *args)        # fn(comm, state, *args) on every rank -> [rank 0's value, ...]
     results = sparkmpi.run(rdd, fn)   # one-call world: fn(comm, partition_iterator) -> iterable
 
-See :class:`sparkmpi.launch.world.World` and :func:`sparkmpi.launch.world.run`.
+See :class:`sparkmpi.World` and :func:`sparkmpi.run`.
 """
 
 from .config import Settings, load_settings

@@ -225,10 +225,10 @@ def run_demo(args) -> dict:
     _check(args)
     from .ptycho import simulate
     from .ptycho.output import write_outputs as write_ptycho
-    from .stream._client import ensure_topic
+    from .stream.kafka_client import ensure_topic
     from .stream.detector import NpzScan, publish_kafka
     from .stream.driver import StreamDriver
-    from .stream.kafka import LocalBroker
+    from .stream.broker import LocalBroker
     from .tomo.algorithms import rmse
     from .tomo.output import write_outputs as write_tomo
     from .tomo.simulate import simulate_tilt_series

@@ -21,13 +21,13 @@ import pytest
 from stream_fixtures import broker  # noqa: F401  (fixture)
 
 from sparkmpi.cli import main as cli_main
-from sparkmpi.stream._client import ensure_topic
+from sparkmpi.stream.kafka_client import ensure_topic
 from sparkmpi.stream._errors import BrokerUnavailable
 from sparkmpi.stream._output import list_outputs, read_meta, read_outputs
 from sparkmpi.stream.detector import SyntheticScan, ZmqPublisher, publish_kafka, publish_zmq
 from sparkmpi.stream.driver import BatchFailed, StreamDriver, ZmqStreamDriver
 from sparkmpi.stream.frames import FrameHeader, encode_end_of_scan, encode_frame
-from sparkmpi.stream.kafka import free_port, start_broker, stop_broker
+from sparkmpi.stream.broker import free_port, start_broker, stop_broker
 from sparkmpi.stream.offsets import committed_offsets, read_offset_range, watermarks
 
 pytestmark = pytest.mark.slow

@@ -126,10 +126,10 @@ def _kill_group(proc: subprocess.Popen, sig=signal.SIGKILL, wait: float = 30.0) 
 
 
 def run(args) -> dict:
-    from sparkmpi.stream._client import ensure_topic
+    from sparkmpi.stream.kafka_client import ensure_topic
     from sparkmpi.stream._output import read_outputs
     from sparkmpi.stream.detector import parse_shape
-    from sparkmpi.stream.kafka import fetch_kafka, start_broker, stop_broker
+    from sparkmpi.stream.broker import fetch_kafka, start_broker, stop_broker
 
     shape = parse_shape(args.frame_shape)
     if args.frames < 1:

@@ -42,6 +42,8 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from .options import KERNELS
+
 try:  # numba is optional: the NumPy forms below do the same work
     import numba
 
@@ -50,8 +52,6 @@ except ImportError:  # pragma: no cover - exercised where numba is absent (GPU m
     numba = None
     HAVE_NUMBA = False
 
-#: "generic" runs the backend-generic array code (what CuPy runs) on NumPy; see engines.
-KERNELS = ("auto", "numba", "numpy", "generic")
 _EPS = np.float32(1e-12)
 
 

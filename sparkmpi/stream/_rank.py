@@ -2,8 +2,8 @@
 
 Kept apart from :mod:`.driver` so that a rank, a fresh process per job,
 imports only this module, the frame format and NumPy when it unpickles its
-function (the driver module and its imports cost about 65 ms per rank per
-batch).
+function (the driver module's imports would cost every rank of every batch;
+BENCHMARKS.md, streaming).
 """
 
 from __future__ import annotations

@@ -29,7 +29,7 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ._client import ErrorTrap, check_broker, client_config, ensure_topic
+from .kafka_client import ErrorTrap, check_broker, client_config, ensure_topic
 from ._errors import BrokerUnavailable, StreamTimeout
 from .frames import (
     FrameError, FrameHeader, SUPPORTED_DTYPES, encode_end_of_scan, encode_frame, frame_header_dict,

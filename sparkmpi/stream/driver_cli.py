@@ -25,7 +25,7 @@ def _spark(master: str, app: str):
 
 
 def _run(args) -> int:
-    from . import kafka as _kafka
+    from . import broker as _broker
     from .detector import parse_shape
     from .driver import StreamDriver, ZmqStreamDriver
 
@@ -59,9 +59,9 @@ def _run(args) -> int:
         driver = ZmqStreamDriver(spark, args.zmq, args.out, receive_timeout=args.receive_timeout, **common)
         report = driver.run(max_batches=args.max_batches)
     else:
-        bootstrap = _kafka.resolve_bootstrap(args.bootstrap, args.data_dir)
+        bootstrap = _broker.resolve_bootstrap(args.bootstrap, args.data_dir)
         # fail fast (before starting Spark) when the broker is down
-        from ._client import check_broker
+        from .kafka_client import check_broker
 
         check_broker(bootstrap, timeout=args.start_timeout)
         spark = _spark(args.master or f"local[{args.ranks}]", "sparkmpi-stream")

@@ -27,7 +27,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from ._client import (
+from .kafka_client import (
     ErrorTrap, broker_unavailable, check_bootstrap, check_broker, client_config, ensure_topic, kafka_error_text,
 )
 from ._errors import BrokerUnavailable, OffsetError, StreamTimeout
@@ -262,10 +262,8 @@ READER_DEFAULTS = {
     "enable.auto.commit": False,
     "enable.auto.offset.store": False,
     "enable.partition.eof": False,
-    # 8 MiB per fetch: 64 MiB made every read of a small range from the middle
-    # of a log pull far past its end (48 ms instead of 8 ms for 150 frames of
-    # 32 KiB); a larger range takes several pipelined fetches at no loss.  A
-    # single message larger than this still comes back whole.
+    # 8 MiB per fetch, so a small range read from inside a log stops near its end
+    # (BENCHMARKS.md, streaming); a message larger than this still comes back whole.
     "fetch.max.bytes": 8 * 1024 * 1024,
     "max.partition.fetch.bytes": 8 * 1024 * 1024,
     "fetch.wait.max.ms": 50,
@@ -454,7 +452,7 @@ def watermarks(bootstrap: str, topic: str, partitions: Iterable[int] | None = No
     """``{(topic, p): (low, high)}`` for the given (default: all) partitions."""
     from confluent_kafka import Consumer, TopicPartition
 
-    from ._client import topic_partitions
+    from .kafka_client import topic_partitions
 
     timeout = _check_timeout(timeout)
     check_broker(bootstrap, timeout=min(timeout, 5.0))

@@ -35,7 +35,7 @@ import numpy as np
 from ..backend import get_backend
 from .projector import cached_system_matrix
 
-__all__ = ["art", "art_reference", "sirt", "sirt_partition", "fbp", "rmse", "FILTERS", "ALGORITHMS"]
+__all__ = ["art", "art_reference", "sirt", "sirt_projections_rank", "fbp", "rmse", "FILTERS", "ALGORITHMS"]
 
 FILTERS = ("ramp", "hann")
 ALGORITHMS = ("art", "sirt", "fbp")
@@ -342,9 +342,9 @@ def sirt(sinograms, angles_deg, n: int | None = None, iterations: int = 100, rel
     return _finish(be.asnumpy(x), n, single)
 
 
-def sirt_partition(comm, sinogram_subset, angles_subset, n: int | None = None, iterations: int = 100,
-                   relaxation: float = 1.0, positivity: bool = False, x0=None, backend: str = "numpy",
-                   progress: ProgressFn | None = None):
+def sirt_projections_rank(comm, sinogram_subset, angles_subset, n: int | None = None,
+                          iterations: int = 100, relaxation: float = 1.0, positivity: bool = False,
+                          x0=None, backend: str = "numpy", progress: ProgressFn | None = None):
     """One MPI rank's share of a projection-distributed SIRT reconstruction.
 
     Every rank calls this with its own, disjoint subset of the projections of

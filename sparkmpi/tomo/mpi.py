@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .algorithms import sirt_partition
+from .algorithms import sirt_projections_rank
 from .io import TiltSeries
 
 __all__ = ["projection_records", "split_records", "sirt_rank"]
@@ -35,7 +35,8 @@ def split_records(records, rank: int, size: int):
 
 def sirt_rank(comm, records, n_slices: int | None = None, n_rays: int | None = None, only_root: bool = True,
               **options):
-    """One rank of a projection-distributed SIRT: gathers its records, runs :func:`sirt_partition`.
+    """One rank of a projection-distributed SIRT from records: stacks them, runs
+    :func:`~sparkmpi.tomo.algorithms.sirt_projections_rank`.
 
     Parameters
     ----------
@@ -63,6 +64,6 @@ def sirt_rank(comm, records, n_slices: int | None = None, n_rays: int | None = N
             raise ValueError(f"rank {comm.rank} got no projections; pass n_slices and n_rays")
         proj = np.zeros((0, n_slices, n_rays), dtype=np.float32)
         angles = np.zeros(0)
-    volume = sirt_partition(comm, proj, angles, **options)
+    volume = sirt_projections_rank(comm, proj, angles, **options)
     if not only_root or comm is None or comm.rank == 0:
         yield volume

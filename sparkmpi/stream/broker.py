@@ -39,7 +39,7 @@ from importlib import resources
 from pathlib import Path
 
 from .._proc import pid_running
-from ._client import check_broker
+from .kafka_client import check_broker
 from ._errors import BrokerError, BrokerUnavailable
 
 #: Newest ``org.apache.kafka:kafka_2.13`` on Maven Central when this was

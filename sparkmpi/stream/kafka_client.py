@@ -2,7 +2,7 @@
 
 confluent-kafka (librdkafka) retries a dead broker forever and logs to stderr;
 every helper here bounds its wait and routes librdkafka's log lines to the
-``sparkmpi.stream.kafka.client`` logger, remembering the last error so a
+``sparkmpi.stream.kafka_client`` logger, remembering the last error so a
 timeout can say *why* nothing answered.
 """
 
@@ -16,7 +16,7 @@ from typing import Any
 
 from ._errors import BrokerUnavailable, StreamTimeout
 
-LOG = logging.getLogger("sparkmpi.stream.kafka.client")
+LOG = logging.getLogger("sparkmpi.stream.kafka_client")
 _BOOTSTRAP = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
 
 
