@@ -15,7 +15,7 @@ import os
 import sys
 import traceback
 
-from .errors import SparkMPIError
+from .errors import SparkMPIError, UsageError
 
 # Modules that add a noun to the command line; a missing module is skipped so
 # the CLI works while sub-packages are being built.
@@ -27,10 +27,6 @@ NOUN_MODULES = (
     "sparkmpi.viz.cli",
     "sparkmpi.demo",
 )
-
-
-class UsageError(SparkMPIError):
-    """A command-line argument has a bad value (exit code 2)."""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -37,6 +37,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ._proc import stop_process
+
 STEPS = 6
 
 
@@ -215,7 +217,7 @@ def _viewer(args: list[str]) -> tuple[subprocess.Popen, str]:
                             stdout=subprocess.PIPE, text=True)
     address = (proc.stdout.readline() or "").strip()
     if not address:
-        proc.terminate()
+        stop_process(proc)
         raise RuntimeError(f"the viewer did not start (sparkmpi view {' '.join(args)})")
     return proc, address
 
@@ -336,7 +338,7 @@ def run_demo(args) -> dict:
         spark.stop()
         if not args.view:
             for proc in viewers:
-                proc.terminate()
+                stop_process(proc)
     if args.view:
         _serve_results(viewers, out, summary)
     return summary
@@ -354,9 +356,7 @@ def _serve_results(viewers, out: Path, summary: dict) -> None:
         pass
     finally:
         for proc in viewers:
-            proc.terminate()
-        for proc in viewers:
-            proc.wait(timeout=10)
+            stop_process(proc)
 
 
 def _print_summary(summary: dict) -> None:

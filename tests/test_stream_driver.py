@@ -27,7 +27,8 @@ from sparkmpi.stream._output import list_outputs, read_meta, read_outputs
 from sparkmpi.stream.detector import SyntheticScan, ZmqPublisher, publish_kafka, publish_zmq
 from sparkmpi.stream.driver import BatchFailed, StreamDriver, ZmqStreamDriver
 from sparkmpi.stream.frames import FrameHeader, encode_end_of_scan, encode_frame
-from sparkmpi.stream.kafka import free_port, start_broker, stop_broker
+from sparkmpi._proc import free_port
+from sparkmpi.stream.kafka import start_broker, stop_broker
 from sparkmpi.stream.offsets import committed_offsets, read_offset_range, watermarks
 
 pytestmark = pytest.mark.slow

@@ -21,7 +21,8 @@ from sparkmpi.stream._client import ensure_topic, topic_partitions
 from sparkmpi.stream._errors import BrokerError, BrokerUnavailable
 from sparkmpi.stream.detector import SyntheticScan, publish_kafka
 from sparkmpi.stream.frames import FrameHeader, encode_frame
-from sparkmpi.stream.kafka import fetch_kafka, free_port, start_broker
+from sparkmpi._proc import free_port
+from sparkmpi.stream.kafka import fetch_kafka, start_broker
 from sparkmpi.stream.offsets import (
     DeadLetter, DeadLetterWriter, EndMarker, Frame, OffsetError, StreamCounters, commit_offsets,
     committed_offsets, decode_record, plan_batch, read_offset_range, watermarks,

@@ -38,6 +38,8 @@ from pathlib import Path
 
 import numpy as np
 
+from .._proc import stop_process
+
 NAME = "stream"
 HELP = "Kafka -> Spark micro-batches -> MPI: frames/s, latency percentiles, lost/duplicated (optionally across a kill)"
 
@@ -111,18 +113,8 @@ def _kill_group(proc: subprocess.Popen, sig=signal.SIGKILL, wait: float = 30.0) 
         os.kill(proc.pid, sig)
     except ProcessLookupError:
         pass
-    proc.wait(timeout=wait)
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    # The rest of the session gets ``wait`` s to notice the driver is gone by itself.
+    stop_process(proc, wait, sig=0, group=True)
 
 
 def run(args) -> dict:

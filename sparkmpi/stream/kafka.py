@@ -10,8 +10,8 @@
   daemon on 127.0.0.1, records it in ``broker.json`` and waits until the broker
   answers a metadata request.  A broker that dies or hangs is reported within
   seconds with the last lines of its log.
-* :func:`stop_broker` sends SIGTERM, then SIGKILL after a grace period, and
-  waits for the process to go.  :func:`broker_status` reads ``broker.json``.
+* :func:`stop_broker` stops it with :func:`sparkmpi._proc.stop_process`
+  (SIGTERM, SIGKILL after a grace period, reaped).  :func:`broker_status` reads ``broker.json``.
 
 Cache folder: ``$SPARKMPI_KAFKA_HOME`` if set, else
 ``~/.cache/sparkmpi/kafka-<version>``.
@@ -20,13 +20,11 @@ Cache folder: ``$SPARKMPI_KAFKA_HOME`` if set, else
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -38,7 +36,8 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-from .._proc import pid_running
+from .._proc import free_port, parent_death_hook, pid_running, stop_process
+from ..errors import ProcessError
 from ._client import check_broker
 from ._errors import BrokerError, BrokerUnavailable
 
@@ -208,13 +207,6 @@ class BrokerStatus:
     detail: str
 
 
-def free_port(host: str = HOST) -> int:
-    """A TCP port that is free on ``host`` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 def _port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -342,14 +334,6 @@ def _java() -> str:
     return java
 
 
-def _kill_with_parent() -> None:
-    """In the child before exec: ask Linux for SIGKILL when the parent dies."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def _format_storage(java: str, classpath: str, data_dir: Path, timeout: float) -> None:
     if (data_dir / "logs" / "meta.properties").exists():
         return  # formatted by an earlier start: keep the topics and offsets
@@ -435,7 +419,7 @@ def start_broker(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, port: int = DEF
            f"-Dkafka.logs.dir={data_dir}", "-cp", classpath, "kafka.Kafka", str(data_dir / "server.properties")]
     with open(data_dir / OUT_FILE, "ab") as out:
         proc = subprocess.Popen(cmd, cwd=data_dir, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_kill_with_parent if die_with_parent else None)
+                                start_new_session=True, preexec_fn=parent_death_hook() if die_with_parent else None)
     _CHILDREN[proc.pid] = proc
     info = BrokerInfo(pid=proc.pid, host=HOST, port=port, controller_port=controller_port,
                       data_dir=str(data_dir), version=version, started=started)
@@ -483,22 +467,10 @@ def stop_broker(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, *, grace: float 
         _CHILDREN.pop(pid, None)
         (data_dir / STATE_FILE).unlink(missing_ok=True)
         return False
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if _alive(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + timeout
-        while _alive(pid):
-            if time.monotonic() > deadline:
-                raise BrokerError(f"Kafka broker pid {pid} ({data_dir}) is still alive {timeout:.0f} s after SIGKILL")
-            time.sleep(0.05)
-    child = _CHILDREN.pop(pid, None)
-    if child is not None:
-        child.wait(timeout=timeout)
+    try:
+        stop_process(_CHILDREN.pop(pid, None) or pid, grace, kill_timeout=timeout)
+    except ProcessError as exc:
+        raise BrokerError(f"Kafka broker pid {pid} ({data_dir}): {exc}") from exc
     (data_dir / STATE_FILE).unlink(missing_ok=True)
     return True
 
