@@ -14,6 +14,7 @@ import socket
 import time
 from typing import Any
 
+from .._retry import retry
 from ._errors import BrokerUnavailable, StreamTimeout
 
 LOG = logging.getLogger("sparkmpi.stream.kafka.client")
@@ -65,26 +66,23 @@ def check_broker(bootstrap: str, timeout: float = 5.0) -> int:
     BrokerUnavailable
         Naming the address, the seconds waited and librdkafka's last error.
     """
+    from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
     if not timeout > 0:
         raise ValueError(f"timeout: expected seconds > 0, got {timeout!r}")
     trap = ErrorTrap()
     admin = AdminClient(client_config(bootstrap, trap))
-    start = time.monotonic()
-    deadline = start + timeout
-    cause = ""
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        try:
-            meta = admin.list_topics(timeout=min(1.0, left))
-            if meta.brokers:
-                return len(meta.brokers)
-        except Exception as exc:  # KafkaException: transport, timeout
-            cause = kafka_error_text(exc)
-    raise broker_unavailable(bootstrap, time.monotonic() - start, trap.last or cause or "no metadata")
+
+    def ask(left: float) -> int:
+        meta = admin.list_topics(timeout=min(1.0, left))
+        if not meta.brokers:
+            raise BrokerUnavailable("no broker in the metadata")
+        return len(meta.brokers)
+
+    return retry(ask, what="reach the Kafka broker at", address=bootstrap, timeout=timeout,
+                 retry_on=(KafkaException, BrokerUnavailable), first_delay=0.05, max_delay=0.5, error=BrokerUnavailable,
+                 describe=lambda exc: broker_cause(bootstrap, trap.last or kafka_error_text(exc)))
 
 
 def kafka_error_text(exc: BaseException) -> str:
@@ -93,13 +91,19 @@ def kafka_error_text(exc: BaseException) -> str:
 
 
 def broker_unavailable(bootstrap: str, waited: float, cause: str) -> BrokerUnavailable:
-    """The error for a broker that did not answer: address, seconds waited, and why.
+    """The error for a broker that did not answer: address, seconds waited, and why
+    (worded as :func:`sparkmpi._retry.retry` words its timeouts)."""
+    return BrokerUnavailable(f"timed out trying to reach the Kafka broker at {bootstrap} after {waited:.1f} s: "
+                             f"{broker_cause(bootstrap, cause)}")
 
-    A plain TCP probe comes first in the reason since it names the usual
-    cause (connection refused) more plainly than librdkafka does.
+
+def broker_cause(bootstrap: str, cause: str) -> str:
+    """Why a broker does not answer, with the hint to check it.
+
+    A plain TCP probe comes first since it names the usual cause
+    (connection refused) more plainly than librdkafka does.
     """
-    return BrokerUnavailable(f"no Kafka broker answered at {bootstrap} within {waited:.1f} s: "
-                             f"{_tcp_probe(bootstrap) or cause} (is the broker running? `sparkmpi kafka status`)")
+    return f"{_tcp_probe(bootstrap) or cause} (is the broker running? `sparkmpi kafka status`)"
 
 
 def _tcp_probe(bootstrap: str, timeout: float = 1.0) -> str:

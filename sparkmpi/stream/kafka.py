@@ -37,7 +37,8 @@ from importlib import resources
 from pathlib import Path
 
 from .._proc import free_port, parent_death_hook, pid_running, stop_process
-from ..errors import ProcessError
+from .._retry import retry
+from ..errors import ProcessError, RetryTimeout
 from ._client import check_broker
 from ._errors import BrokerError, BrokerUnavailable
 
@@ -424,24 +425,23 @@ def start_broker(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, port: int = DEF
     info = BrokerInfo(pid=proc.pid, host=HOST, port=port, controller_port=controller_port,
                       data_dir=str(data_dir), version=version, started=started)
     (data_dir / STATE_FILE).write_text(json.dumps(asdict(info), indent=1))
-    deadline = t0 + timeout
-    while True:
+    def exited() -> None:
         if proc.poll() is not None:
             _CHILDREN.pop(proc.pid, None)
             (data_dir / STATE_FILE).unlink(missing_ok=True)
             raise BrokerError(f"the Kafka broker exited with status {proc.returncode} "
                               f"{time.monotonic() - t0:.1f} s after start (data dir {data_dir}):\n"
                               f"{_log_tail(data_dir)}")
-        left = deadline - time.monotonic()
-        if left <= 0:
-            stop_broker(data_dir, grace=5.0)
-            raise BrokerError(f"the Kafka broker at {info.bootstrap} did not answer within {timeout:.0f} s; "
-                              f"stopped it:\n{_log_tail(data_dir)}")
-        try:
-            check_broker(info.bootstrap, timeout=min(1.0, left))
-            break
-        except BrokerUnavailable:
-            continue
+
+    try:
+        retry(lambda left: check_broker(info.bootstrap, timeout=min(1.0, left)),
+              what="reach the new Kafka broker at", address=info.bootstrap,
+              timeout=max(t0 + timeout - time.monotonic(), 0.1), retry_on=(BrokerUnavailable,),
+              first_delay=0.05, max_delay=0.25, check=exited)
+    except RetryTimeout as exc:
+        exited()
+        stop_broker(data_dir, grace=5.0)
+        raise BrokerError(f"{exc}; stopped it:\n{_log_tail(data_dir)}") from exc
     info.start_seconds = round(time.monotonic() - t0, 3)
     (data_dir / STATE_FILE).write_text(json.dumps(asdict(info), indent=1))
     return info

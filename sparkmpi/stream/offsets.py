@@ -27,6 +27,7 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
+from .._retry import retry
 from ._client import (
     ErrorTrap, broker_unavailable, check_bootstrap, check_broker, client_config, ensure_topic, kafka_error_text,
 )
@@ -428,25 +429,24 @@ _RETRY_CODES = ("NOT_COORDINATOR", "COORDINATOR_LOAD_IN_PROGRESS", "COORDINATOR_
                 "_WAIT_COORD", "_TIMED_OUT", "REQUEST_TIMED_OUT", "_TRANSPORT")
 
 
-def _with_retries(call, timeout: float, what: str, trap: ErrorTrap):
-    """Run ``call()`` until it succeeds, retrying transient group-coordinator errors
-    (the coordinator moves or loads right after a broker starts) with backoff."""
+def _with_retries(call, timeout: float, what: str, trap: ErrorTrap, bootstrap: str):
+    """Run ``call(seconds_left)`` until it succeeds, retrying transient group-coordinator
+    errors (the coordinator moves or loads right after a broker starts) with backoff."""
     from confluent_kafka import KafkaError, KafkaException
 
-    deadline = time.monotonic() + timeout
-    delay = 0.05
-    while True:
-        try:
-            return call(max(0.1, deadline - time.monotonic()))
-        except KafkaException as exc:
-            err = exc.args[0] if exc.args else None
-            transient = isinstance(err, KafkaError) and (err.retriable() or err.name() in _RETRY_CODES)
-            if not transient or time.monotonic() + delay > deadline:
-                raise BrokerUnavailable(f"{what} failed after {timeout - (deadline - time.monotonic()):.1f} s: "
-                                        f"{err.str() if isinstance(err, KafkaError) else exc}"
-                                        f"{'; last client error: ' + trap.last if trap.last else ''}") from None
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
+    def transient(exc) -> bool:
+        err = exc.args[0] if exc.args else None
+        return isinstance(err, KafkaError) and (err.retriable() or err.name() in _RETRY_CODES)
+
+    def describe(exc) -> str:
+        return kafka_error_text(exc) + (f"; last client error: {trap.last}" if trap.last else "")
+
+    try:
+        return retry(lambda left: call(max(0.1, left)), what=what, address=bootstrap, timeout=timeout,
+                     retry_on=(KafkaException,), transient=transient, first_delay=0.05, max_delay=1.0,
+                     describe=describe, error=BrokerUnavailable)
+    except KafkaException as exc:  # not transient
+        raise BrokerUnavailable(f"could not {what} {bootstrap}: {describe(exc)}") from exc
 
 
 def watermarks(bootstrap: str, topic: str, partitions: Iterable[int] | None = None, *,
@@ -491,7 +491,7 @@ def committed_offsets(bootstrap: str, group: str, topic: str, partitions: Iterab
     try:
         wanted = [TopicPartition(topic, p) for p in sorted(partitions)]
         got = _with_retries(lambda left: consumer.committed(wanted, timeout=left), timeout,
-                            f"reading committed offsets of group {group!r} for {topic!r} from {bootstrap}", trap)
+                            f"read the committed offsets of group {group!r} for {topic!r} from", trap, bootstrap)
         return {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None) for tp in got}
     finally:
         consumer.close()
@@ -522,7 +522,7 @@ def commit_offsets(bootstrap: str, group: str, ranges: Iterable[OffsetRange], *,
                                                           "socket.timeout.ms": int(timeout * 1000)}))
     try:
         result = _with_retries(lambda left: consumer.commit(offsets=offsets, asynchronous=False), timeout,
-                               f"committing offsets of group {group!r} at {bootstrap}", trap)
+                               f"commit the offsets of group {group!r} at", trap, bootstrap)
         bad = [f"{tp.topic}[{tp.partition}]: {tp.error}" for tp in result or [] if tp.error is not None]
         if bad:
             raise BrokerUnavailable(f"committing offsets of group {group!r} at {bootstrap} failed for {bad}")
