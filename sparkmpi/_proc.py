@@ -16,7 +16,7 @@ import signal
 import socket
 import time
 
-from .errors import ProcessError
+from .errors import InvalidArgument, InvalidArgumentType, ProcessError
 
 __all__ = ["pid_running", "die_with_parent", "parent_death_hook", "free_port", "stop_process"]
 
@@ -81,7 +81,7 @@ def parent_death_hook(sig: int = signal.SIGKILL):
 def free_port(host: str = "127.0.0.1") -> int:
     """A TCP port that is free on ``host`` right now (another process may take it later)."""
     if not isinstance(host, str) or not host:
-        raise ValueError(f"host: expected a host name or address, got {host!r}")
+        raise InvalidArgument(f"host: expected a host name or address, got {host!r}")
     with socket.socket(socket.AF_INET6 if ":" in host else socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind((host, 0))
         return sock.getsockname()[1]
@@ -194,9 +194,9 @@ def stop_process(proc, grace: float = 5.0, *, sig: int = signal.SIGTERM, group: 
         after SIGKILL (stuck in the kernel).
     """
     if not grace >= 0:
-        raise ValueError(f"grace: expected seconds >= 0, got {grace!r}")
+        raise InvalidArgument(f"grace: expected seconds >= 0, got {grace!r}")
     if isinstance(proc, bool) or not (isinstance(proc, int) or hasattr(proc, "poll")):
-        raise TypeError(f"proc: expected a subprocess.Popen or a pid, got {proc!r}")
+        raise InvalidArgumentType(f"proc: expected a subprocess.Popen or a pid, got {proc!r}")
     handle = _Pid(proc) if isinstance(proc, int) else proc
     pid = handle.pid
 

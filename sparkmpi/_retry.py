@@ -11,7 +11,7 @@ import random
 import time
 from typing import Callable, TypeVar
 
-from .errors import RetryTimeout
+from .errors import InvalidArgument, RetryTimeout
 
 __all__ = ["retry"]
 
@@ -66,9 +66,9 @@ def retry(fn: Callable[[float], T], *, what: str, address: str, timeout: float,
         "timed out trying to WHAT ADDRESS after N s: CAUSE", from the last failure.
     """
     if not timeout > 0:
-        raise ValueError(f"timeout: expected seconds > 0, got {timeout!r}")
+        raise InvalidArgument(f"timeout: expected seconds > 0, got {timeout!r}")
     if not 0 < first_delay <= max_delay:
-        raise ValueError(f"first_delay, max_delay: expected 0 < first_delay <= max_delay, "
+        raise InvalidArgument(f"first_delay, max_delay: expected 0 < first_delay <= max_delay, "
                          f"got {first_delay!r}, {max_delay!r}")
     rng = rng or random.Random()
     start = clock()

@@ -13,6 +13,8 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from .errors import InvalidArgument
+
 BACKENDS = ("numpy", "cupy")
 
 
@@ -84,10 +86,10 @@ def get_backend(name: str = "numpy") -> Backend:
         return Backend("numpy", numpy, scipy.fft)
     if name == "cupy":
         if not cupy_available():
-            raise ValueError("backend='cupy' needs CuPy and a CUDA GPU; none is usable here "
+            raise InvalidArgument("backend='cupy' needs CuPy and a CUDA GPU; none is usable here "
                              "(use backend='numpy' or 'auto')")
         import cupy
         import cupyx.scipy.fft
 
         return Backend("cupy", cupy, cupyx.scipy.fft)
-    raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {name!r}")
+    raise InvalidArgument(f"backend must be one of {BACKENDS + ('auto',)}, got {name!r}")

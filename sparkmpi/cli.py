@@ -4,7 +4,9 @@ A thin argparse layer over library calls.  Each noun lives in its own module
 and registers itself through ``register(subparsers)``; benchmarks are modules
 of :mod:`sparkmpi.bench` found at start-up.  Machine-readable output goes to
 stdout (``--json``), progress to stderr.  Exit codes: 0 ok, 1 failure, 2 usage.
-Errors print as one line unless ``--verbose`` is given.
+Errors of sparkmpi (:class:`~sparkmpi.errors.SparkMPIError`) print as one
+line unless ``--verbose`` is given; any other exception is a bug and shows
+its traceback.
 """
 
 from __future__ import annotations
@@ -64,15 +66,28 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_usage(sys.stderr)
         print(f"sparkmpi: error: {exc}", file=sys.stderr)
         return 2
-    except (SparkMPIError, ValueError, OSError) as exc:
-        if verbose:
-            traceback.print_exc()
-        else:
-            print(f"sparkmpi: error: {exc}", file=sys.stderr)
-        return 1
     except KeyboardInterrupt:
         print("sparkmpi: interrupted", file=sys.stderr)
         return 130
+    except Exception as exc:  # noqa: BLE001  (shown as a user error or as a bug, never swallowed)
+        if not is_user_error(exc):
+            traceback.print_exc()
+            print(f"sparkmpi: this is a bug in sparkmpi ({type(exc).__name__} above); please report it "
+                  f"with the traceback", file=sys.stderr)
+            return 1
+        if verbose:
+            traceback.print_exc()
+        print(f"sparkmpi: error: {exc}", file=sys.stderr)
+        return 1
+
+
+def is_user_error(exc: BaseException) -> bool:
+    """True for errors that are the user's to fix, shown as one line.
+
+    sparkmpi's own errors, and a file the user named that cannot be opened
+    (an ``OSError`` carrying a file name).  Anything else is a bug.
+    """
+    return isinstance(exc, SparkMPIError) or (isinstance(exc, OSError) and exc.filename is not None)
 
 
 if __name__ == "__main__":

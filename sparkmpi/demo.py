@@ -38,6 +38,7 @@ from pathlib import Path
 import numpy as np
 
 from ._proc import stop_process
+from .errors import InvalidArgument, UsageError
 
 STEPS = 6
 
@@ -67,8 +68,6 @@ def register(subparsers) -> None:
 
 
 def _check(args) -> None:
-    from .cli import UsageError
-
     cores = os.cpu_count() or 1
     if not 1 <= args.ranks <= cores:
         raise UsageError(f"--ranks must be in 1..{cores} (the cores of this machine), got {args.ranks}")
@@ -106,12 +105,12 @@ def ptycho_frames(comm, frames) -> dict:
     for frame in frames:
         array = np.asarray(frame.array, dtype=np.float32)
         if not np.isfinite(array).all() or (array < 0).any():
-            raise ValueError(f"frame {frame.header.index} has non-finite or negative intensities")
+            raise InvalidArgument(f"frame {frame.header.index} has non-finite or negative intensities")
         intensities.append(array)
         positions.append(np.rint(frame.header.position).astype(np.int64))
     shapes = {s for s in comm.allgather(intensities[0].shape if intensities else None) if s is not None}
     if len(shapes) > 1:
-        raise ValueError(f"frames of different shapes in one batch: {sorted(shapes)}")
+        raise InvalidArgument(f"frames of different shapes in one batch: {sorted(shapes)}")
     shape = shapes.pop() if shapes else (0, 0)
     return {"intensities": np.stack(intensities) if intensities else np.zeros((0, *shape), np.float32),
             "positions": np.asarray(positions, dtype=np.int64).reshape(-1, 2)}

@@ -7,8 +7,9 @@ users can catch one class.  Sub-packages subclass these in their own
 ``TypeError`` from a bug) is shown with its traceback as a bug.
 
 Argument checks in public functions raise :class:`InvalidArgument` (also a
-``ValueError``, so callers that catch ``ValueError`` keep working), made by
-:func:`bad_argument` so every message reads "NAME: expected WHAT, got VALUE".
+``ValueError``; :class:`InvalidArgumentType` also a ``TypeError``), so
+callers that catch ``ValueError`` keep working and the CLI can tell a
+rejected argument from a bug.
 """
 
 from __future__ import annotations
@@ -23,12 +24,15 @@ class UsageError(SparkMPIError):
 
 
 class InvalidArgument(SparkMPIError, ValueError):
-    """A public function was called with an argument it does not accept."""
+    """A public function got an argument (or input data) it does not accept.
+
+    Its message reads "NAME: expected WHAT, got VALUE", or names the input and
+    what is wrong with it.
+    """
 
 
-def bad_argument(name: str, expected: str, got) -> InvalidArgument:
-    """The error for argument ``name``: "NAME: expected EXPECTED, got GOT" (``got`` shown with repr)."""
-    return InvalidArgument(f"{name}: expected {expected}, got {got!r}")
+class InvalidArgumentType(InvalidArgument, TypeError):
+    """An argument of the wrong type (also a ``TypeError``)."""
 
 
 class ConfigError(SparkMPIError, ValueError):

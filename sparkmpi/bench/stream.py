@@ -39,6 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from .._proc import stop_process
+from ..errors import UsageError
 
 NAME = "stream"
 HELP = "Kafka -> Spark micro-batches -> MPI: frames/s, latency percentiles, lost/duplicated (optionally across a kill)"
@@ -125,9 +126,9 @@ def run(args) -> dict:
 
     shape = parse_shape(args.frame_shape)
     if args.frames < 1:
-        raise ValueError(f"--frames: expected >= 1, got {args.frames}")
+        raise UsageError(f"--frames: expected >= 1, got {args.frames}")
     if args.kill_driver_at is not None and not 0 < args.kill_driver_at < 1:
-        raise ValueError(f"--kill-driver-at: expected a fraction in (0, 1), got {args.kill_driver_at}")
+        raise UsageError(f"--kill-driver-at: expected a fraction in (0, 1), got {args.kill_driver_at}")
     if args.trigger is None:
         args.trigger = 0.05 if args.rate else 0.5
     if args.max_frames is None:

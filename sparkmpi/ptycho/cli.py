@@ -11,6 +11,8 @@ import json
 import sys
 import time
 
+from ..errors import UsageError
+
 
 def _photons(value: str):
     if value.lower() in ("none", "inf", "0"):
@@ -18,9 +20,9 @@ def _photons(value: str):
     try:
         out = float(value)
     except ValueError:
-        raise ValueError(f"--photons must be a number or 'none', got {value!r}") from None
+        raise UsageError(f"--photons must be a number or 'none', got {value!r}") from None
     if out <= 0:
-        raise ValueError(f"--photons must be > 0 or 'none', got {value!r}")
+        raise UsageError(f"--photons must be > 0 or 'none', got {value!r}")
     return out
 
 

@@ -16,6 +16,7 @@ from typing import Any
 
 from .._retry import retry
 from ._errors import BrokerUnavailable, StreamTimeout
+from ..errors import InvalidArgument
 
 LOG = logging.getLogger("sparkmpi.stream.kafka.client")
 _BOOTSTRAP = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
@@ -24,10 +25,10 @@ _BOOTSTRAP = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
 def check_bootstrap(bootstrap: Any) -> str:
     """Validate ``host:port[,host:port...]``; return it unchanged."""
     if not isinstance(bootstrap, str) or not bootstrap:
-        raise ValueError(f"bootstrap: expected 'host:port', got {bootstrap!r}")
+        raise InvalidArgument(f"bootstrap: expected 'host:port', got {bootstrap!r}")
     for part in bootstrap.split(","):
         if not _BOOTSTRAP.match(part) or not 0 < int(part.rsplit(":", 1)[1]) <= 65535:
-            raise ValueError(f"bootstrap: expected 'host:port' with port 1..65535, got {part!r}")
+            raise InvalidArgument(f"bootstrap: expected 'host:port' with port 1..65535, got {part!r}")
     return bootstrap
 
 
@@ -70,7 +71,7 @@ def check_broker(bootstrap: str, timeout: float = 5.0) -> int:
     from confluent_kafka.admin import AdminClient
 
     if not timeout > 0:
-        raise ValueError(f"timeout: expected seconds > 0, got {timeout!r}")
+        raise InvalidArgument(f"timeout: expected seconds > 0, got {timeout!r}")
     trap = ErrorTrap()
     admin = AdminClient(client_config(bootstrap, trap))
 
@@ -144,13 +145,13 @@ def ensure_topic(bootstrap: str, topic: str, partitions: int = 1, *, replication
     from confluent_kafka.admin import AdminClient, NewTopic
 
     if not isinstance(topic, str) or not re.fullmatch(r"[A-Za-z0-9._\-]{1,249}", topic):
-        raise ValueError(f"topic: expected 1-249 characters of [A-Za-z0-9._-], got {topic!r}")
+        raise InvalidArgument(f"topic: expected 1-249 characters of [A-Za-z0-9._-], got {topic!r}")
     if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
-        raise ValueError(f"partitions: expected an integer >= 1, got {partitions!r}")
+        raise InvalidArgument(f"partitions: expected an integer >= 1, got {partitions!r}")
     existing = topic_partitions(bootstrap, topic, timeout)
     if existing:
         if len(existing) != partitions:
-            raise ValueError(f"topic {topic!r} at {bootstrap} exists with {len(existing)} partitions, "
+            raise InvalidArgument(f"topic {topic!r} at {bootstrap} exists with {len(existing)} partitions, "
                              f"expected {partitions}; delete it or pass --partitions {len(existing)}")
         return False
     trap = ErrorTrap()

@@ -9,12 +9,7 @@ from dataclasses import asdict
 
 from . import kafka as _kafka
 from .driver_cli import register_noun as _register_stream
-
-
-def _usage(message: str):
-    from ..cli import UsageError
-
-    return UsageError(message)
+from ..errors import UsageError
 
 
 def add_bootstrap_argument(parser: argparse.ArgumentParser) -> None:
@@ -112,13 +107,13 @@ def _simulate(args) -> int:
     try:
         shape = parse_shape(args.frame_shape)
     except ValueError as exc:
-        raise _usage(f"--frame-shape: {exc}") from None
+        raise UsageError(f"--frame-shape: {exc}") from None
     if args.frames < 1:
-        raise _usage(f"--frames: expected >= 1, got {args.frames}")
+        raise UsageError(f"--frames: expected >= 1, got {args.frames}")
     if args.rate is not None and args.rate <= 0:
-        raise _usage(f"--rate: expected frames/s > 0, got {args.rate}")
+        raise UsageError(f"--rate: expected frames/s > 0, got {args.rate}")
     if args.partitions < 1:
-        raise _usage(f"--partitions: expected >= 1, got {args.partitions}")
+        raise UsageError(f"--partitions: expected >= 1, got {args.partitions}")
     if args.from_npz:
         source = NpzScan(args.from_npz, dtype=args.dtype, scan_id=args.scan_id)
     else:
@@ -126,7 +121,7 @@ def _simulate(args) -> int:
     progress = None if args.json else sys.stderr
     if args.zmq:
         if args.bootstrap:
-            raise _usage("--zmq and --bootstrap exclude each other")
+            raise UsageError("--zmq and --bootstrap exclude each other")
         print(f"sparkmpi: waiting for a ZeroMQ receiver at {args.zmq} ...", file=sys.stderr, flush=True)
         report = publish_zmq(source, args.zmq, rate=args.rate)
     else:

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from .._proc import free_port, parent_death_hook, pid_running, stop_process
 from .._retry import retry
-from ..errors import ProcessError, RetryTimeout
+from ..errors import InvalidArgument, ProcessError, RetryTimeout
 from ._client import check_broker
 from ._errors import BrokerError, BrokerUnavailable
 
@@ -62,9 +62,9 @@ _CHILDREN: dict[int, subprocess.Popen] = {}  # brokers this process started (rea
 def _check_version(version: str) -> str:
     match = _VERSION_RE.match(str(version))
     if not match:
-        raise ValueError(f"version: expected MAJOR.MINOR.PATCH like {DEFAULT_VERSION!r}, got {version!r}")
+        raise InvalidArgument(f"version: expected MAJOR.MINOR.PATCH like {DEFAULT_VERSION!r}, got {version!r}")
     if int(match.group(1)) < 4:
-        raise ValueError(f"version: Kafka 4.0 or newer is supported (KRaft-only configuration), got {version!r}")
+        raise InvalidArgument(f"version: Kafka 4.0 or newer is supported (KRaft-only configuration), got {version!r}")
     return version
 
 
@@ -385,11 +385,11 @@ def start_broker(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, port: int = DEF
     """
     _check_version(version)
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ValueError(f"port: expected an integer in 0..65535 (0 = any free port), got {port!r}")
+        raise InvalidArgument(f"port: expected an integer in 0..65535 (0 = any free port), got {port!r}")
     if not isinstance(heap, str) or not _HEAP_RE.match(heap):
-        raise ValueError(f"heap: expected a JVM size like '512m' or '1g', got {heap!r}")
+        raise InvalidArgument(f"heap: expected a JVM size like '512m' or '1g', got {heap!r}")
     if not timeout > 0:
-        raise ValueError(f"timeout: expected seconds > 0, got {timeout!r}")
+        raise InvalidArgument(f"timeout: expected seconds > 0, got {timeout!r}")
     data_dir = Path(data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     old = _read_state(data_dir)

@@ -33,6 +33,7 @@ from ._client import (
 )
 from ._errors import BrokerUnavailable, OffsetError, StreamTimeout
 from .frames import EndOfScan, FrameError, FrameHeader, decode_message
+from ..errors import InvalidArgument, InvalidArgumentType
 
 TopicPartitionKey = tuple  # (topic: str, partition: int)
 
@@ -48,13 +49,13 @@ class OffsetRange:
 
     def __post_init__(self):
         if not isinstance(self.topic, str) or not self.topic:
-            raise ValueError(f"topic: expected a non-empty string, got {self.topic!r}")
+            raise InvalidArgument(f"topic: expected a non-empty string, got {self.topic!r}")
         for name in ("partition", "start", "end"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
+                raise InvalidArgument(f"{name}: expected an integer >= 0, got {value!r}")
         if self.end < self.start:
-            raise ValueError(f"end ({self.end}) must be >= start ({self.start}) for {self.topic}[{self.partition}]")
+            raise InvalidArgument(f"end ({self.end}) must be >= start ({self.start}) for {self.topic}[{self.partition}]")
 
     @property
     def count(self) -> int:
@@ -118,16 +119,16 @@ def plan_batch(committed: Mapping[TopicPartitionKey, int | None],
     """
     if max_messages is not None and (isinstance(max_messages, bool) or not isinstance(max_messages, int)
                                      or max_messages < 1):
-        raise ValueError(f"max_messages: expected an integer >= 1 or None, got {max_messages!r}")
+        raise InvalidArgument(f"max_messages: expected an integer >= 1 or None, got {max_messages!r}")
     keys = sorted(watermarks)
     starts, ends = [], []
     for key in keys:
         if not (isinstance(key, tuple) and len(key) == 2):
-            raise ValueError(f"watermarks: keys must be (topic, partition), got {key!r}")
+            raise InvalidArgument(f"watermarks: keys must be (topic, partition), got {key!r}")
         mark = watermarks[key]
         low, high = (0, mark) if isinstance(mark, int) else mark
         if not 0 <= low <= high:
-            raise ValueError(f"watermarks[{key!r}]: expected 0 <= low <= high, got {mark!r}")
+            raise InvalidArgument(f"watermarks[{key!r}]: expected 0 <= low <= high, got {mark!r}")
         start = committed.get(key)
         if start is None or start < 0:  # never committed (librdkafka reports -1001 as None upstream)
             start = low
@@ -240,7 +241,7 @@ class StreamCounters:
             self.dead_letters += 1
             self.reasons[item.code] += 1
         else:
-            raise TypeError(f"item: expected Frame, EndMarker or DeadLetter, got {type(item).__name__}")
+            raise InvalidArgumentType(f"item: expected Frame, EndMarker or DeadLetter, got {type(item).__name__}")
 
     def merge(self, other: "StreamCounters") -> "StreamCounters":
         self.messages += other.messages
@@ -277,7 +278,7 @@ READER_DEFAULTS = {
 
 def _check_timeout(timeout) -> float:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ValueError(f"timeout: expected seconds > 0, got {timeout!r}")
+        raise InvalidArgument(f"timeout: expected seconds > 0, got {timeout!r}")
     return float(timeout)
 
 
@@ -484,7 +485,7 @@ def committed_offsets(bootstrap: str, group: str, topic: str, partitions: Iterab
 
     timeout = _check_timeout(timeout)
     if not isinstance(group, str) or not group:
-        raise ValueError(f"group: expected a non-empty consumer group id, got {group!r}")
+        raise InvalidArgument(f"group: expected a non-empty consumer group id, got {group!r}")
     check_broker(bootstrap, timeout=min(timeout, 5.0))
     trap = ErrorTrap()
     consumer = Consumer(client_config(bootstrap, trap, **{"group.id": group, "enable.auto.commit": False}))
@@ -512,7 +513,7 @@ def commit_offsets(bootstrap: str, group: str, ranges: Iterable[OffsetRange], *,
 
     timeout = _check_timeout(timeout)
     if not isinstance(group, str) or not group:
-        raise ValueError(f"group: expected a non-empty consumer group id, got {group!r}")
+        raise InvalidArgument(f"group: expected a non-empty consumer group id, got {group!r}")
     offsets = [TopicPartition(r.topic, r.partition, r.end) for r in ranges]
     if not offsets:
         return
@@ -557,7 +558,7 @@ class DeadLetterWriter:
 
     def write(self, letter: DeadLetter) -> None:
         if not isinstance(letter, DeadLetter):
-            raise TypeError(f"letter: expected DeadLetter, got {type(letter).__name__}")
+            raise InvalidArgumentType(f"letter: expected DeadLetter, got {type(letter).__name__}")
         target = self.topic_for(letter.topic)
         if target not in self._topics:
             ensure_topic(self.bootstrap, target, 1, timeout=self.timeout)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UsageError
+
 __all__ = ["register", "spark_session"]
 
 
@@ -119,11 +121,10 @@ def _read_series(args):
 
 def _cmd_reconstruct(args) -> int:
     from .algorithms import art, fbp, rmse, sirt
-    from .io import TiltSeriesError
     from .output import Progress, write_outputs
 
     if args.input.lower().endswith(".parquet") and (args.angles or args.angles_file):
-        raise TiltSeriesError("a Parquet table carries its own angles; drop --angles/--angles-file")
+        raise UsageError("a Parquet table carries its own angles; drop --angles/--angles-file")
     truth = None
     if args.truth:
         import tifffile
@@ -150,7 +151,7 @@ def _cmd_reconstruct(args) -> int:
         from .spark import reconstruct_mpi
 
         if args.algorithm != "sirt":
-            raise TiltSeriesError(f"--mpi-ranks distributes SIRT only (got --algorithm {args.algorithm})")
+            raise UsageError(f"--mpi-ranks distributes SIRT only (got --algorithm {args.algorithm})")
         with spark_session(args.master) as spark:
             progress.message(f"SIRT over {args.mpi_ranks} MPI ranks launched through Spark")
             volume, info = reconstruct_mpi(spark, args.input, ranks=args.mpi_ranks, iterations=iterations,

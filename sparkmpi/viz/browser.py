@@ -27,6 +27,7 @@ import numpy as np
 
 from .._proc import parent_death_hook, stop_process
 from .errors import ViewerError
+from ..errors import InvalidArgument, InvalidArgumentType
 
 __all__ = ["CHROMIUM", "CHROMIUM_FLAGS", "ViewerProcess", "Browser", "open_app", "element_png",
            "picture_variance", "wait_for_picture", "press_slider", "chromium_pids"]
@@ -56,7 +57,7 @@ class ViewerProcess:
 
     def __init__(self, args, timeout: float = 60.0, env: dict | None = None):
         if isinstance(args, (str, bytes)) or not all(isinstance(a, (str, os.PathLike)) for a in args):
-            raise TypeError(f"args must be a list of str, got {args!r}")
+            raise InvalidArgumentType(f"args must be a list of str, got {args!r}")
         self.args = [str(a) for a in args]
         self.timeout = float(timeout)
         self.env = env
@@ -150,7 +151,7 @@ class Browser:
 
     def __init__(self, executable: str = CHROMIUM, viewport=(1280, 860)):
         if len(viewport) != 2 or min(viewport) < 200:
-            raise ValueError(f"viewport must be (width, height) of at least 200 px, got {viewport!r}")
+            raise InvalidArgument(f"viewport must be (width, height) of at least 200 px, got {viewport!r}")
         self.executable = executable
         self.viewport = {"width": int(viewport[0]), "height": int(viewport[1])}
         self.user_data_dir = ""

@@ -10,6 +10,8 @@ import argparse
 import sys
 import time
 
+from ..errors import UsageError
+
 __all__ = ["register"]
 
 
@@ -49,7 +51,6 @@ def register(subparsers) -> None:
 
 
 def _view(args) -> int:
-    from ..cli import UsageError
     from .app import serve
 
     if (args.path is None) == (args.live is None):

@@ -27,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ResultNotFoundError, UnreadableResultError, WrongKindError
+from ..errors import InvalidArgumentType
 
 __all__ = ["KINDS", "detect_kind", "load_volume", "load_ptycho", "ptycho_from_arrays", "PtychoResult"]
 
@@ -42,7 +43,7 @@ _HEAD = 4096
 
 def _as_path(path, name: str = "path") -> Path:
     if not isinstance(path, (str, Path)) or str(path) == "":
-        raise TypeError(f"{name} must be a non-empty str or Path, got {path!r}")
+        raise InvalidArgumentType(f"{name} must be a non-empty str or Path, got {path!r}")
     return Path(path)
 
 
