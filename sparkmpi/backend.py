@@ -13,6 +13,7 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from .config import setting
 from .errors import InvalidArgument
 
 BACKENDS = ("numpy", "cupy")
@@ -53,7 +54,7 @@ class Backend:
         """Threads for scipy.fft on the CPU (all cores by default)."""
         if self.name == "cupy":
             return None
-        return int(os.environ.get("SPARKMPI_FFT_WORKERS", "0")) or os.cpu_count() or 1
+        return setting("fft_workers") or os.cpu_count() or 1
 
 
 def cupy_available() -> bool:

@@ -13,10 +13,10 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import os
 import sys
 import traceback
 
+from .config import setting
 from .errors import SparkMPIError, UsageError
 
 # Modules that add a noun to the command line; a missing module is skipped so
@@ -54,7 +54,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    verbose = args.verbose or bool(os.environ.get("SPARKMPI_VERBOSE"))
+    verbose = args.verbose or setting("verbose")
     if verbose:
         import logging
 

@@ -113,3 +113,43 @@ def test_library_argument_errors_are_sparkmpi_errors_and_value_errors():
     with pytest.raises(InvalidArgument, match="port: expected an integer") as info:
         start_broker("/nonexistent", port=-1)
     assert isinstance(info.value, ValueError) and isinstance(info.value, SparkMPIError)
+
+
+def test_process_settings_go_through_the_loader(monkeypatch):
+    from sparkmpi.backend import get_backend
+    from sparkmpi.config import setting
+    from sparkmpi.stream.kafka import kafka_home
+
+    monkeypatch.setenv("SPARKMPI_FFT_WORKERS", "3")
+    assert get_backend("numpy").fft_workers == 3
+    monkeypatch.setenv("SPARKMPI_FFT_WORKERS", "0")
+    assert get_backend("numpy").fft_workers == (os.cpu_count() or 1)
+    monkeypatch.setenv("SPARKMPI_FFT_WORKERS", "-2")
+    with pytest.raises(ConfigError, match="fft_workers must be an integer >= 0"):
+        get_backend("numpy").fft_workers
+    monkeypatch.setenv("SPARKMPI_KAFKA_HOME", "/somewhere/kafka")
+    assert str(kafka_home()) == "/somewhere/kafka"
+    monkeypatch.setenv("SPARKMPI_RANK_IDLE_EXIT_S", "30")
+    assert load_settings(environ={"SPARKMPI_RANK_IDLE_EXIT_S": "30"}).rank_idle_exit_s == 30.0
+    assert setting("rank_idle_exit_s") == 30.0 and setting("rank_idle_exit_s", environ={}) == 900.0
+    with pytest.raises(ConfigError, match="unknown setting 'nope'"):
+        setting("nope")
+
+
+@pytest.mark.parametrize("value, on", [("0", False), ("no", False), ("1", True), ("true", True)])
+def test_sparkmpi_verbose_zero_means_off(monkeypatch, capsys, value, on):
+    import sparkmpi.viz.cli as viz_cli
+
+    def fail(args):
+        raise InvalidArgument("size: expected an integer >= 16, got 3")
+
+    monkeypatch.setattr(viz_cli, "_view", fail)
+    monkeypatch.setenv("SPARKMPI_VERBOSE", value)
+    assert main(["view", "x.tif"]) == 1
+    assert ("Traceback" in capsys.readouterr().err) == on
+
+
+@pytest.mark.parametrize("name", ["SPARKMPI_HOME", "SPARKMPI_TEST_STANDALONE"])
+def test_names_nothing_reads_are_unknown(name):
+    with pytest.raises(ConfigError, match=f"unknown environment variable {name}"):
+        load_settings(environ={name: "1"})

@@ -38,6 +38,7 @@ from pathlib import Path
 
 from .._proc import free_port, parent_death_hook, pid_running, stop_process
 from .._retry import retry
+from ..config import setting
 from ..errors import InvalidArgument, ProcessError, RetryTimeout
 from ._client import check_broker
 from ._errors import BrokerError, BrokerUnavailable
@@ -71,9 +72,9 @@ def _check_version(version: str) -> str:
 def kafka_home(version: str = DEFAULT_VERSION) -> Path:
     """The cache folder for Kafka ``version``'s jars (``lib/`` inside it)."""
     _check_version(version)
-    env = os.environ.get("SPARKMPI_KAFKA_HOME")
-    if env:
-        return Path(env).expanduser()
+    configured = setting("kafka_home")
+    if configured:
+        return Path(configured).expanduser()
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "sparkmpi" / f"kafka-{version}"
 
