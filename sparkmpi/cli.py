@@ -16,6 +16,7 @@ import importlib
 import sys
 import traceback
 
+from . import _console
 from .config import setting
 from .errors import SparkMPIError, UsageError
 
@@ -31,13 +32,37 @@ NOUN_MODULES = (
 )
 
 
+def _add_global_options(parser: argparse.ArgumentParser, top: bool) -> None:
+    # Below the top level the defaults are SUPPRESS, so a sub-command does not
+    # overwrite a value given before it (``sparkmpi --json demo``).
+    def default(value):
+        return value if top else argparse.SUPPRESS
+
+    parser.add_argument("-v", "--verbose", action="store_true", default=default(False),
+                        help="show full tracebacks, and every log line on the terminal")
+    parser.add_argument("-q", "--quiet", action="store_true", default=default(False),
+                        help="no progress on stderr (errors still show)")
+    parser.add_argument("--json", action="store_true", default=default(False),
+                        help="print the result as one JSON object on stdout")
+    parser.add_argument("--log-file", metavar="PATH", default=default(None),
+                        help="where Spark's, the JVM's and Kafka's messages go (default: a new file "
+                             "under the temporary folder; its path is printed)")
+
+
+def _sub_parsers(parser: argparse.ArgumentParser):
+    for action in parser._actions:  # argparse offers no public walk over sub-commands
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in dict.fromkeys(action.choices.values()):
+                yield sub
+                yield from _sub_parsers(sub)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="sparkmpi",
         description="Run mpi4py programs across Spark tasks; reconstruction and streaming pipelines.",
     )
-    parser.add_argument("-v", "--verbose", action="store_true",
-                        help="show full tracebacks and debug logging")
+    _add_global_options(parser, top=True)
     subparsers = parser.add_subparsers(dest="noun", metavar="COMMAND")
     subparsers.required = True
     for name in NOUN_MODULES:
@@ -48,6 +73,8 @@ def build_parser() -> argparse.ArgumentParser:
                 continue
             raise
         module.register(subparsers)
+    for sub in _sub_parsers(parser):
+        _add_global_options(sub, top=False)
     return parser
 
 
@@ -55,10 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     verbose = args.verbose or setting("verbose")
-    if verbose:
-        import logging
-
-        logging.basicConfig(level=logging.DEBUG, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    _console.setup(args.noun, verbose=verbose, quiet=args.quiet, path=args.log_file)
     try:
         result = args.func(args)
         return int(result or 0)
@@ -78,6 +102,9 @@ def main(argv: list[str] | None = None) -> int:
         if verbose:
             traceback.print_exc()
         print(f"sparkmpi: error: {exc}", file=sys.stderr)
+        log = _console.log_file_if_written()
+        if log is not None:
+            print(f"sparkmpi: the log of Spark, the JVM and Kafka: {log}", file=sys.stderr)
         return 1
 
 

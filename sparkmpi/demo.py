@@ -63,7 +63,6 @@ def register(subparsers) -> None:
                         help="use this Kafka cluster (host:port) instead of starting a local broker")
     parser.add_argument("--view", action="store_true",
                         help="serve the live viewer while streaming and the result viewers at the end")
-    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     parser.set_defaults(func=_main)
 
 
@@ -83,13 +82,18 @@ def _check(args) -> None:
 class _Steps:
     """Numbered progress lines on stderr, with elapsed times."""
 
-    def __init__(self):
+    def __init__(self, quiet: bool = False):
         self.t0 = time.monotonic()
+        self.quiet = quiet
 
     def __call__(self, number: int, text: str) -> None:
+        if self.quiet:
+            return
         print(f"[{number}/{STEPS} {time.monotonic() - self.t0:6.1f} s] {text}", file=sys.stderr, flush=True)
 
     def note(self, text: str) -> None:
+        if self.quiet:
+            return
         print(f"        {text}", file=sys.stderr, flush=True)
 
 
@@ -235,7 +239,7 @@ def run_demo(args) -> dict:
     from .tomo.simulate import simulate_tilt_series
     from .tomo.spark import reconstruct_spark
 
-    steps = _Steps()
+    steps = _Steps(quiet=getattr(args, "quiet", False))
     out = Path(args.out).resolve()
     for sub in ("stream", "live"):
         shutil.rmtree(out / sub, ignore_errors=True)  # a fresh run; the broker data is per run too

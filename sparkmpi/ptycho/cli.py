@@ -44,7 +44,6 @@ def register(subparsers) -> None:
     sim.add_argument("--propagation-distance", type=float, default=0.0,
                      help="Fresnel propagation of the probe, metres")
     sim.add_argument("--out", required=True, help="output NPZ file")
-    sim.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     sim.set_defaults(func=_simulate)
 
     rec = verbs.add_parser("reconstruct", help="reconstruct a scan; write NPZ and PNG outputs")
@@ -59,7 +58,6 @@ def register(subparsers) -> None:
                           "pattern, or the file's probe_true")
     rec.add_argument("--backend", choices=("numpy", "cupy", "auto"), default="numpy")
     rec.add_argument("--out", required=True, help="output directory")
-    rec.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     rec.set_defaults(func=_reconstruct)
 
 

@@ -70,7 +70,6 @@ def _register_kafka(subparsers) -> None:
     p.add_argument("--version", default=_kafka.DEFAULT_VERSION, help="Kafka version (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="download again even if cached")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds allowed for Maven (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=_fetch)
 
     p = verbs.add_parser("start", help="start a broker on 127.0.0.1 as a daemon")
@@ -82,20 +81,17 @@ def _register_kafka(subparsers) -> None:
     p.add_argument("--heap", default=_kafka.DEFAULT_HEAP, help="JVM max heap (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds to wait for the broker to answer (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=_start)
 
     p = verbs.add_parser("stop", help="stop the broker started from --data-dir")
     p.add_argument("--data-dir", default=str(_kafka.DEFAULT_DATA_DIR), help="(default: %(default)s)")
     p.add_argument("--grace", type=float, default=20.0,
                    help="seconds between SIGTERM and SIGKILL (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=_stop)
 
     p = verbs.add_parser("status", help="is the broker running and answering? (exit 0 yes, 1 no)")
     add_bootstrap_argument(p)
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=_status)
 
 
@@ -159,7 +155,6 @@ def _register_detector(subparsers) -> None:
                    help="send the 'intensities' (N, H, W) and 'positions' (N, 2) of this .npz instead")
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds allowed for the broker check and final delivery (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=_simulate)
 
 

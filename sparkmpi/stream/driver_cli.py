@@ -116,8 +116,6 @@ def register_run(verbs) -> argparse.ArgumentParser:
     p.add_argument("--master", default=None, help="Spark master (default: local[RANKS])")
     p.add_argument("--json-lines", metavar="FILE", default=None,
                    help="one JSON object per batch (and retries, end) to FILE ('-': stdout)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    p.add_argument("--json", action="store_true", help="print the final report as one JSON object on stdout")
     p.set_defaults(func=_run)
     return p
 

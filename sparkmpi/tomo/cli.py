@@ -207,8 +207,6 @@ def register(subparsers) -> None:
     sim.add_argument("--dtype", choices=("uint16", "float32"), default="uint16", help="TIFF pixel type")
     sim.add_argument("--truth", metavar="FILE.tif", help="also write the phantom volume (float32 TIFF)")
     sim.add_argument("--out", required=True, metavar="FILE.tif", help="output TIFF (angles go to FILE.angles.txt)")
-    sim.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    sim.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     sim.set_defaults(func=_cmd_simulate)
 
     etl = verbs.add_parser("to-parquet", help="convert a tilt-series TIFF to a Parquet table of sinograms")
@@ -216,7 +214,6 @@ def register(subparsers) -> None:
     etl.add_argument("--angles-file", metavar="FILE", help="angles, one per line (default FILE.angles.txt)")
     etl.add_argument("--angles", type=_angle_list, help="angles in degrees, comma-separated")
     etl.add_argument("--out", required=True, metavar="FILE.parquet", help="output Parquet file")
-    etl.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     etl.set_defaults(func=_cmd_to_parquet)
 
     rec = verbs.add_parser("reconstruct", help="reconstruct a tilt series into a volume")
@@ -241,6 +238,4 @@ def register(subparsers) -> None:
                      help="array backend for single-process SIRT/FBP (default numpy)")
     rec.add_argument("--truth", metavar="FILE.tif", help="phantom volume to report the RMSE against")
     rec.add_argument("--out", required=True, metavar="DIR", help="output folder (volume.tif, .vti, _slices.png)")
-    rec.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    rec.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     rec.set_defaults(func=_cmd_reconstruct)
