@@ -13,6 +13,7 @@ import pytest
 
 from sparkmpi import ptycho
 from sparkmpi.ptycho import errors as perr
+from sparkmpi.errors import UsageError
 
 from ptycho_fixtures import rel_in_mask as _rel_in_mask, run_ranks as _run_ranks
 
@@ -527,7 +528,7 @@ def test_bench_report_keys_one_process():
     assert report["seconds_per_iteration_1rank"] > 0
     assert 0 < report["nrmse"] < 0.5 and 0 < report["fourier_error"] < 1
     assert "seconds_per_iteration" not in report   # no Spark run asked for
-    with pytest.raises(ValueError, match="--frames must be a positive integer"):
+    with pytest.raises(UsageError, match="--frames must be a positive integer"):
         bench.run(parser.parse_args(["--frames", "0"]))
 
 

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UsageError
+
 NAME = "ptycho"
 HELP = "ptychographic reconstruction: s/iteration (Spark-MPI ranks, 1 process, mpiexec), NRMSE"
 
@@ -98,7 +100,7 @@ def run(args) -> dict:
 
     for name in ("frames", "frame_size", "ranks"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, "
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, "
                              f"got {getattr(args, name)}")
     print(f"simulating {args.frames} frames of {args.frame_size}^2 ...", file=sys.stderr)
     data = ptycho.simulate(args.frames, args.frame_size, seed=args.seed)

@@ -31,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..backend import Backend
+from ..errors import InvalidArgument
 
 
 # --------------------------------------------------------------------------- the hook
@@ -255,7 +256,7 @@ class Geometry:
         makes the object denominator the same on every rank, with no Allreduce."""
         comb = np.asarray(comb, dtype=np.float64)
         if comb.shape != self.object_shape:
-            raise ValueError(f"comb must have shape {self.object_shape}, got {comb.shape}")
+            raise InvalidArgument(f"comb must have shape {self.object_shape}, got {comb.shape}")
         self._comb = comb
         self._comb_spectrum = None
 

@@ -25,13 +25,15 @@ import traceback
 
 import numpy as np
 
+from ..errors import InvalidArgument
+
 
 def split_frames(n_frames: int, size: int, rank: int) -> slice:
     """Contiguous share of ``n_frames`` for ``rank`` of ``size`` (sizes differ by <= 1)."""
     if not 0 <= rank < size:
-        raise ValueError(f"rank must be in [0, {size}), got {rank}")
+        raise InvalidArgument(f"rank must be in [0, {size}), got {rank}")
     if n_frames < size:
-        raise ValueError(f"{n_frames} frames cannot be split over {size} ranks "
+        raise InvalidArgument(f"{n_frames} frames cannot be split over {size} ranks "
                          f"(each rank needs at least one frame)")
     edges = np.linspace(0, n_frames, size + 1).round().astype(int)
     return slice(int(edges[rank]), int(edges[rank + 1]))
@@ -71,7 +73,7 @@ def _probe_init(data, how: str):
         return None
     if how == "true":
         if data.probe_true is None:
-            raise ValueError("--probe-init true needs probe_true in the data file")
+            raise InvalidArgument("--probe-init true needs probe_true in the data file")
         return data.probe_true
     return model_probe(data)
 

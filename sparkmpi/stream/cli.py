@@ -9,12 +9,7 @@ from dataclasses import asdict
 
 from . import broker as _broker
 from .driver_cli import register_noun as _register_stream
-
-
-def _usage(message: str):
-    from ..cli import UsageError
-
-    return UsageError(message)
+from ..errors import UsageError
 
 
 def add_bootstrap_argument(parser: argparse.ArgumentParser) -> None:
@@ -75,7 +70,6 @@ def _register_kafka(subparsers) -> None:
     p.add_argument("--version", default=_broker.DEFAULT_VERSION, help="Kafka version (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="download again even if cached")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds allowed for Maven (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=_fetch)
 
     p = verbs.add_parser("start", help="start a broker on 127.0.0.1 as a daemon")
@@ -87,20 +81,17 @@ def _register_kafka(subparsers) -> None:
     p.add_argument("--heap", default=_broker.DEFAULT_HEAP, help="JVM max heap (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds to wait for the broker to answer (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=_start)
 
     p = verbs.add_parser("stop", help="stop the broker started from --data-dir")
     p.add_argument("--data-dir", default=str(_broker.DEFAULT_DATA_DIR), help="(default: %(default)s)")
     p.add_argument("--grace", type=float, default=20.0,
                    help="seconds between SIGTERM and SIGKILL (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=_stop)
 
     p = verbs.add_parser("status", help="is the broker running and answering? (exit 0 yes, 1 no)")
     add_bootstrap_argument(p)
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=_status)
 
 
@@ -112,13 +103,13 @@ def _simulate(args) -> int:
     try:
         shape = parse_shape(args.frame_shape)
     except ValueError as exc:
-        raise _usage(f"--frame-shape: {exc}") from None
+        raise UsageError(f"--frame-shape: {exc}") from None
     if args.frames < 1:
-        raise _usage(f"--frames: expected >= 1, got {args.frames}")
+        raise UsageError(f"--frames: expected >= 1, got {args.frames}")
     if args.rate is not None and args.rate <= 0:
-        raise _usage(f"--rate: expected frames/s > 0, got {args.rate}")
+        raise UsageError(f"--rate: expected frames/s > 0, got {args.rate}")
     if args.partitions < 1:
-        raise _usage(f"--partitions: expected >= 1, got {args.partitions}")
+        raise UsageError(f"--partitions: expected >= 1, got {args.partitions}")
     if args.from_npz:
         source = NpzScan(args.from_npz, dtype=args.dtype, scan_id=args.scan_id)
     else:
@@ -126,7 +117,7 @@ def _simulate(args) -> int:
     progress = None if args.json else sys.stderr
     if args.zmq:
         if args.bootstrap:
-            raise _usage("--zmq and --bootstrap exclude each other")
+            raise UsageError("--zmq and --bootstrap exclude each other")
         print(f"sparkmpi: waiting for a ZeroMQ receiver at {args.zmq} ...", file=sys.stderr, flush=True)
         report = publish_zmq(source, args.zmq, rate=args.rate)
     else:
@@ -164,7 +155,6 @@ def _register_detector(subparsers) -> None:
                    help="send the 'intensities' (N, H, W) and 'positions' (N, 2) of this .npz instead")
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds allowed for the broker check and final delivery (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=_simulate)
 
 
