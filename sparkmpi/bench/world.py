@@ -19,6 +19,8 @@ import statistics
 import sys
 import time
 
+from ..errors import UsageError
+
 NAME = "world"
 HELP = "persistent world calls vs one-shot run jobs (latency, 8 MB scatter)"
 
@@ -34,8 +36,6 @@ def add_arguments(parser) -> None:
 
 
 def _check(args) -> None:
-    from ..cli import UsageError
-
     if args.ranks < 1:
         raise UsageError(f"--ranks must be >= 1, got {args.ranks}")
     if args.calls < 10 or args.jobs < 1 or args.big_calls < 1:

@@ -33,7 +33,7 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from .._proc import pid_running
+from .._proc import pid_running, stop_process
 from . import channel
 
 _spares: list["RankProcess"] = []
@@ -109,17 +109,9 @@ class RankProcess:
 
     def stop(self, grace: float = 1.0) -> int | None:
         """Terminate, wait up to ``grace`` s, then kill; always reaps.  Returns the exit status."""
-        if self.popen.poll() is None:
-            try:
-                self.popen.send_signal(signal.SIGTERM)
-                self.popen.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                self.popen.kill()
-                self.popen.wait()
-            except ProcessLookupError:
-                pass
+        status = stop_process(self.popen, grace)
         self.close()
-        return self.popen.returncode
+        return status
 
     def close(self) -> None:
         """Release the parent's handles (after the child has exited)."""
@@ -285,13 +277,7 @@ class _ForkServer:
             parent_end.close()
             os.close(err_read)
         self.ctrl.close()  # the server exits when its channel closes
-        if kill:
-            self.popen.kill()
-        try:
-            self.popen.wait(timeout=2)
-        except subprocess.TimeoutExpired:
-            self.popen.kill()
-            self.popen.wait()
+        stop_process(self.popen, 0 if kill else 2, sig=signal.SIGKILL if kill else 0)
 
 
 _server: _ForkServer | None = None

@@ -31,21 +31,14 @@ import socket
 import sys
 import traceback
 
-PR_SET_PDEATHSIG = 1
+from sparkmpi._proc import die_with_parent
+from sparkmpi.config import setting
+
 PR_SET_NAME = 15
 #: The process name (``/proc/PID/comm``, what ``ps``/``top`` show) of every rank.
 PROCESS_NAME = "sparkmpi-rank"
 #: A warm spare that gets no job within this many seconds exits by itself.
-IDLE_EXIT_S = float(os.environ.get("SPARKMPI_RANK_IDLE_EXIT_S", "900"))
-
-
-def _die_with_parent(parent_pid: int) -> None:
-    libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
-        raise OSError(ctypes.get_errno(), "prctl(PR_SET_PDEATHSIG) failed")
-    # The parent may have died before prctl took effect.
-    if os.getppid() != parent_pid:
-        os._exit(70)
+IDLE_EXIT_S = setting("rank_idle_exit_s")
 
 
 def set_process_name(name: str) -> None:
@@ -167,7 +160,7 @@ def serve(ctrl: socket.socket) -> None:
 
 def main() -> None:
     parent_pid = int(os.environ.pop("SPARKMPI_PARENT_PID"))
-    _die_with_parent(parent_pid)
+    die_with_parent(parent_pid)
     set_process_name(PROCESS_NAME)
     ctrl = socket.socket(fileno=int(os.environ.pop("SPARKMPI_RANK_CTRL_FD")))
     # On a job timeout the relay asks for every thread's stack before the kill.

@@ -20,6 +20,7 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from .._retry import retry
 from ..config import Settings
 from ..pmi import control
 from ..pmi.wire import LineBuffer, parse_line
@@ -56,19 +57,13 @@ class TaskSpec:
 def connect_with_retry(host: str, port: int, timeout: float = CONNECT_TIMEOUT, what: str = "PMI server"
                        ) -> socket.socket:
     """Connect to ``host:port``, retrying with backoff until ``timeout`` s."""
-    deadline = time.monotonic() + timeout
-    delay = 0.05
-    while True:
-        try:
-            sock = socket.create_connection((host, port), timeout=min(5.0, timeout))
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-            return sock
-        except OSError as exc:
-            if time.monotonic() + delay > deadline:
-                raise RankError(f"could not reach the sparkmpi {what} at {host}:{port} "
-                                f"after {timeout:.0f} s: {exc}") from exc
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
+    def connect(seconds_left: float) -> socket.socket:
+        sock = socket.create_connection((host, port), timeout=min(5.0, seconds_left))
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        return sock
+
+    return retry(connect, what=f"connect to the sparkmpi {what} at", address=f"{host}:{port}",
+                 timeout=timeout, error=RankError)
 
 
 class _Relay:

@@ -1,12 +1,8 @@
 """The driver side of a long-lived MPI world: :class:`World`, and :func:`run` on it.
 
-A world is one PMI key space on the driver's PMI server plus one Spark
-barrier stage with a task per rank.  Each task's relay connects back to the
-world's endpoint here (a TCP listener of this object); calls go out on those
-connections as :mod:`.channel` frames and results, stdout and stderr come
-back on them.  Failures are the PMI server's to notice (a rank's error, exit,
-lost relay, ``MPI_Abort``): its job handle's ``failed`` event ends the call
-that is waiting, with the cause it recorded.
+A world is ``ranks`` MPI ranks started once as one Spark barrier stage
+(a task per rank) and called many times; the stage runs in a thread of the
+world, and the calls travel as :mod:`.calls` describes.
 
 ``run(rdd, fn)`` is a world that lives for one call over ``rdd``'s own
 barrier stage: each task hands its partition to its rank, the call runs
@@ -17,291 +13,17 @@ from __future__ import annotations
 
 import atexit
 import functools
-import itertools
-import selectors
-import socket
-import sys
 import threading
 import time
 import weakref
 from typing import Any, Callable
 
 from ..config import Settings, load_settings
-from ..errors import JobFailed, JobTimeout, WorldClosed
+from ..errors import InvalidArgument, InvalidArgumentType, JobFailed, WorldClosed
 from . import channel
-from .job import get_server, local_cores, pickle_function, preload_modules, resolve_host, short_error
-from .task import PARTITION_KEY, TaskSpec, run_rank_task
-
-#: Seconds a failure waits for the PMI server to record its cause.
-FAILURE_GRACE_S = 5.0
-_POLL_S = 0.05
-
-
-class _Endpoint:
-    """The world's side of its relays' connections: rank -> socket."""
-
-    def __init__(self, host: str, size: int, kvsname: str, token: str):
-        self.listener = socket.create_server((host, 0), backlog=max(16, size))
-        self.port = self.listener.getsockname()[1]
-        self.size, self.kvsname, self.token = size, kvsname, token
-        self.conns: dict[int, socket.socket] = {}
-        self.hosts: dict[int, str] = {}
-        self.started: set[int] = set()
-        self.closed: set[int] = set()
-
-    def accept(self) -> None:
-        sock, _ = self.listener.accept()
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(10.0)
-        try:
-            kind, hello, _ = channel.recv_message(sock)
-        except (OSError, EOFError, ValueError):
-            sock.close()
-            return
-        sock.settimeout(None)
-        rank = hello.get("rank") if kind == channel.HELLO and isinstance(hello, dict) else None
-        if (hello.get("job") != self.kvsname or hello.get("token") != self.token
-                or not isinstance(rank, int) or not 0 <= rank < self.size or rank in self.conns):
-            sock.close()
-            return
-        self.conns[rank] = sock
-        self.hosts[rank] = hello.get("host", "?")
-
-    def close(self) -> None:
-        for sock in self.conns.values():
-            sock.close()
-        self.conns.clear()
-        self.listener.close()
-
-
-class _Output:
-    """The ranks' stdout and stderr, written to the caller's with a ``[rank]`` prefix per line."""
-
-    def __init__(self):
-        self.partial: dict[tuple[int, int], bytes] = {}
-
-    def write(self, rank: int, stream: int, data: bytes) -> None:
-        text = self.partial.pop((rank, stream), b"") + data
-        *lines, rest = text.split(b"\n")
-        if rest:
-            self.partial[(rank, stream)] = rest
-        if lines:
-            self._emit(rank, stream, lines)
-
-    def flush(self, rank: int) -> None:
-        for stream in (1, 2):
-            rest = self.partial.pop((rank, stream), b"")
-            if rest:
-                self._emit(rank, stream, [rest])
-
-    @staticmethod
-    def _emit(rank: int, stream: int, lines) -> None:
-        target = sys.stdout if stream == 1 else sys.stderr
-        target.write("".join(f"[{rank}] {line.decode('utf-8', 'replace')}\n" for line in lines))
-        target.flush()
-
-
-class _Core:
-    """One world's key space, endpoint and calls; the stage itself is run by the owner."""
-
-    def __init__(self, sc, size: int, settings: Settings, env: dict | None, preload: tuple,
-                 deliver_partition: bool):
-        self.sc, self.size, self.settings = sc, size, settings
-        host = resolve_host(settings, sc)
-        server = get_server(host, settings.pmi_port)
-        self.job = server.open_job(size)
-        self.kvsname = self.job.kvsname
-        self.endpoint = _Endpoint(host, size, self.kvsname, self.job.token)
-        self.spec = TaskSpec(server_host=host, server_port=server.port, kvsname=self.kvsname,
-                             token=self.job.token, size=size, world_host=host, world_port=self.endpoint.port,
-                             settings=settings, env=dict(env or {}), preload=preload,
-                             deliver_partition=deliver_partition)
-        self.tag = f"sparkmpi-{self.kvsname}"
-        self.stage_done = threading.Event()
-        self.stage_error: BaseException | None = None
-        self.output = _Output()
-        self.calls = itertools.count(1)
-        self.closed_reason: str | None = None
-        self.teardown_done = False
-
-    # -- the stage -------------------------------------------------------------
-    def task(self):
-        spec = self.spec
-
-        def rank_task(iterator):
-            return run_rank_task(spec, iterator)
-
-        return rank_task
-
-    def run_stage(self, rdd) -> None:
-        """Run the barrier stage in this thread until every task returns."""
-        sc = self.sc
-        previous_interrupt = sc.getLocalProperty("spark.job.interruptOnCancel")
-        sc.addJobTag(self.tag)
-        sc.setInterruptOnCancel(True)
-        try:
-            rdd.barrier().mapPartitions(self.task()).collect()
-        except BaseException as exc:  # noqa: BLE001  (reported by whoever waits on the world)
-            self.stage_error = exc
-        finally:
-            sc.removeJobTag(self.tag)
-            sc.setLocalProperty("spark.job.interruptOnCancel", previous_interrupt)
-            self.stage_done.set()
-
-    # -- waiting ---------------------------------------------------------------
-    def _wait(self, want: Callable[[], bool], deadline: float | None, on_frame, what: str,
-              timeout_reason: Callable[[], str]) -> None:
-        """Read frames until ``want()``; raise on a failure, a lost relay or the deadline."""
-        endpoint = self.endpoint
-        with selectors.DefaultSelector() as sel:
-            sel.register(endpoint.listener, selectors.EVENT_READ, None)
-            registered = set()
-            while not want():
-                for rank, sock in endpoint.conns.items():
-                    if rank not in registered:
-                        sel.register(sock, selectors.EVENT_READ, rank)
-                        registered.add(rank)
-                if self.job.failed.is_set():
-                    self._raise_failure(what)
-                if self.stage_done.is_set() and self.stage_error is not None:
-                    self._raise_failure(what, lost="the Spark stage ended")
-                if deadline is not None and time.monotonic() > deadline:
-                    self.job.abort(timeout_reason(), dump_stacks=True)
-                    self._raise_failure(what, timed_out=True)
-                for key, _ in sel.select(timeout=_POLL_S):
-                    if key.data is None:
-                        endpoint.accept()
-                        continue
-                    rank = key.data
-                    try:
-                        kind, segments, _ = channel.recv_frame(endpoint.conns[rank])
-                    except (OSError, EOFError, ValueError):
-                        sel.unregister(key.fileobj)
-                        if rank in endpoint.closed:
-                            continue  # its relay is done after CLOSED
-                        self._raise_failure(what, lost=f"lost the relay of rank {rank} "
-                                                       f"(on {endpoint.hosts.get(rank, '?')})")
-                    if kind == channel.OUTPUT:
-                        message = channel.decode(segments)
-                        self.output.write(rank, message["stream"], message["data"])
-                    else:
-                        on_frame(rank, kind, segments)
-
-    def wait_started(self, deadline: float | None) -> None:
-        endpoint = self.endpoint
-
-        def on_frame(rank, kind, segments):
-            if kind != channel.STARTED:
-                raise self._protocol_error(rank, kind, "starting")
-            endpoint.started.add(rank)
-
-        start_deadline = time.monotonic() + self.settings.start_timeout
-        self._wait(lambda: len(endpoint.started) == self.size,
-                   start_deadline if deadline is None else min(deadline, start_deadline), on_frame, "start",
-                   lambda: (f"not every rank connected within {self.settings.start_timeout:g} s "
-                            f"(is the cluster short of free task slots?); {self.job.status()}"))
-
-    def _protocol_error(self, rank: int, kind: int, phase: str) -> JobFailed:
-        cause = f"rank {rank} sent {channel.KIND_NAMES.get(kind, kind)} while {phase}"
-        self.job.abort(cause)
-        return JobFailed(f"MPI world {self.kvsname}: {cause}", job_id=self.kvsname, rank=rank, cause=cause)
-
-    # -- calls -----------------------------------------------------------------
-    def call(self, fn_bytes: bytes, per_rank_args: list | None, args: tuple, kwargs: dict,
-             deadline: float | None, timeout: float | None) -> list:
-        call_id = next(self.calls)
-        endpoint = self.endpoint
-        if per_rank_args is None:
-            shared = channel.encode({"id": call_id, "fn": fn_bytes, "args": list(args), "kwargs": kwargs})
-            frames = [shared] * self.size
-        else:
-            frames = [channel.encode({"id": call_id, "fn": fn_bytes, "args": [*args, extra], "kwargs": kwargs})
-                      for extra in per_rank_args]
-        what = f"call {call_id}"
-        for rank in range(self.size):
-            try:
-                channel.send_frame(endpoint.conns[rank], channel.CALL, frames[rank])
-            except OSError:
-                self._raise_failure(what, lost=f"lost the relay of rank {rank} (on {endpoint.hosts.get(rank)})")
-        results: dict[int, Any] = {}
-
-        def on_frame(rank, kind, segments):
-            if kind != channel.RESULT:
-                raise self._protocol_error(rank, kind, what)
-            self.output.flush(rank)
-            results[rank] = channel.decode(segments)["value"]
-
-        self._wait(lambda: len(results) == self.size, deadline, on_frame, what,
-                   lambda: f"{what} timed out after {timeout:g} s; {self._waiting_for(results)}")
-        return [results[r] for r in range(self.size)]
-
-    def _waiting_for(self, results: dict) -> str:
-        missing = [r for r in range(self.size) if r not in results]
-        return "no result yet from " + ", ".join(self.job.where(r) for r in missing)
-
-    def deliver(self, rank_records: list, key: str) -> None:
-        """Park each rank's records under ``key`` (a later call's :class:`~.channel.PartitionRef`)."""
-        for rank, records in enumerate(rank_records):
-            channel.send_frame(self.endpoint.conns[rank], channel.DATA,
-                               channel.encode({"key": key, "records": records}))
-
-    # -- ending ----------------------------------------------------------------
-    def _raise_failure(self, what: str, timed_out: bool = False, lost: str | None = None):
-        job = self.job
-        if not job.failed.wait(FAILURE_GRACE_S if lost else 0) and lost:
-            job.abort(lost)
-        self.teardown(job.failure.cause if job.failure else lost or "failed")
-        failure = job.failure
-        cls = JobTimeout if timed_out else JobFailed
-        message = f"MPI world {self.kvsname} failed ({what}): {failure.cause}"
-        if timed_out and job.reports:
-            message += "\n\nStacks of the ranks when they were stopped:\n" + "\n".join(
-                f"--- {job.where(r)} ---\n{text}" for r, text in sorted(job.reports.items()))
-        raise cls(message, job_id=self.kvsname, rank=failure.rank,
-                  partition=job.partitions.get(failure.rank) if failure.rank is not None else None,
-                  cause=failure.cause)
-
-    def close(self, reason: str) -> None:
-        """Finalise MPI on every rank and end the stage; a failure on the way raises."""
-        if self.teardown_done:
-            return
-        endpoint = self.endpoint
-        closed = endpoint.closed
-        for rank in range(self.size):
-            try:
-                channel.send_frame(endpoint.conns[rank], channel.CLOSE, channel.encode(None))
-            except (OSError, KeyError):
-                self._raise_failure("close", lost=f"lost the relay of rank {rank}")
-
-        def on_frame(rank, kind, segments):
-            if kind != channel.CLOSED:
-                raise self._protocol_error(rank, kind, "closing")
-            self.output.flush(rank)
-            closed.add(rank)
-
-        grace = self.settings.kill_grace + 30.0
-        self._wait(lambda: len(closed) == self.size, time.monotonic() + grace, on_frame, "close",
-                   lambda: f"the ranks did not finalise MPI within {grace:g} s")
-        self.teardown(reason, graceful=True)
-
-    def teardown(self, reason: str, graceful: bool = False) -> None:
-        """Stop everything that is left (relays, the stage) and forget the key space."""
-        if self.teardown_done:
-            return
-        self.teardown_done = True
-        self.closed_reason = (reason.strip().splitlines() or ["closed"])[0]
-        job, settings = self.job, self.settings
-        if not graceful:
-            if not job.failed.is_set():
-                job.abort(reason)
-            # The relays got the abort: let them stop their ranks and report
-            # before Spark kills the tasks, then cancel (no stage retries).
-            job.wait_relays_gone(settings.kill_grace + 3.0)
-            if not self.stage_done.is_set():
-                self.sc.cancelJobsWithTag(self.tag)
-        self.endpoint.close()
-        self.stage_done.wait(settings.kill_grace + 10.0)
-        job.close()
+from .calls import WorldCore
+from .job import local_cores, pickle_function, preload_modules, short_error
+from .task import PARTITION_KEY
 
 
 RankFunction = Callable[..., Any]
@@ -340,27 +62,27 @@ class World:
                  idle_timeout: float | None = None, settings: Settings | None = None, **overrides: Any):
         sc = getattr(spark, "sparkContext", spark)
         if not hasattr(sc, "parallelize") or not hasattr(sc, "cancelJobsWithTag"):
-            raise TypeError(f"spark must be a SparkSession or SparkContext, got {type(spark).__name__}")
+            raise InvalidArgumentType(f"spark must be a SparkSession or SparkContext, got {type(spark).__name__}")
         if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
-            raise ValueError(f"ranks must be a positive integer, got {ranks!r}")
+            raise InvalidArgument(f"ranks must be a positive integer, got {ranks!r}")
         _check_env(env)
         cores = local_cores(sc.master)
         if cores is not None and ranks > cores:
-            raise ValueError(f"ranks={ranks} but master {sc.master!r} has {cores} task slots; "
+            raise InvalidArgument(f"ranks={ranks} but master {sc.master!r} has {cores} task slots; "
                              f"a world needs one slot per rank (use ranks <= {cores})")
         self._sc, self.size, self._env = sc, ranks, dict(env or {})
         self.settings = _settings(settings, overrides)
         self.idle_timeout = idle_timeout if idle_timeout is not None else self.settings.world_idle_timeout
         self._lock = threading.RLock()
         self._idle_timer: threading.Timer | None = None
-        self._core: _Core | None = None
+        self._core: WorldCore | None = None
         self._closed_reason: str | None = None
         self._start()
         _open_worlds.add(self)
 
     # -- life ------------------------------------------------------------------
     def _start(self) -> None:
-        core = _Core(self._sc, self.size, self.settings, self._env, tuple(self.settings.preload),
+        core = WorldCore(self._sc, self.size, self.settings, self._env, tuple(self.settings.preload),
                      deliver_partition=False)
         stage = self._sc.parallelize(range(self.size), self.size)
         thread = threading.Thread(target=core.run_stage, args=(stage,), name=core.tag, daemon=True)
@@ -445,12 +167,12 @@ class World:
         Returns the ranks' return values in rank order.
         """
         if not callable(fn):
-            raise TypeError(f"fn must be a callable fn(comm, state, ...), got {type(fn).__name__}")
+            raise InvalidArgumentType(f"fn must be a callable fn(comm, state, ...), got {type(fn).__name__}")
         per_rank = None
         if scatter is not None:
             per_rank = list(scatter)
             if len(per_rank) != self.size:
-                raise ValueError(f"scatter must have one item per rank ({self.size}), got {len(per_rank)}")
+                raise InvalidArgument(f"scatter must have one item per rank ({self.size}), got {len(per_rank)}")
         return self._call(pickle_function(fn), per_rank, args, kwargs, timeout)
 
     def map_partitions(self, rdd, fn: RankFunction, *args: Any, timeout: float | None = None,
@@ -461,12 +183,12 @@ class World:
         iterator over its records.  ``rdd`` must have one partition per rank.
         """
         if not hasattr(rdd, "getNumPartitions"):
-            raise TypeError(f"rdd must be a pyspark RDD, got {type(rdd).__name__}")
+            raise InvalidArgumentType(f"rdd must be a pyspark RDD, got {type(rdd).__name__}")
         if rdd.getNumPartitions() != self.size:
-            raise ValueError(f"rdd has {rdd.getNumPartitions()} partitions but the world has {self.size} ranks; "
+            raise InvalidArgument(f"rdd has {rdd.getNumPartitions()} partitions but the world has {self.size} ranks; "
                              f"repartition to {self.size}")
         if not callable(fn):
-            raise TypeError(f"fn must be a callable fn(comm, state, records, ...), got {type(fn).__name__}")
+            raise InvalidArgumentType(f"fn must be a callable fn(comm, state, records, ...), got {type(fn).__name__}")
         parts = self._collect_partitions(rdd)
         with self._lock:
             core = self._open_core()
@@ -484,7 +206,7 @@ class World:
         cores = local_cores(sc.master)
         held = sum(w.size for w in list(_open_worlds) if w._sc is sc and not w.closed)
         if cores is not None and cores - held < 1:
-            raise ValueError(f"map_partitions runs a Spark job to compute the partitions, but master "
+            raise InvalidArgument(f"map_partitions runs a Spark job to compute the partitions, but master "
                              f"{sc.master!r} has {cores} task slots and open worlds hold {held}; "
                              f"start Spark with more slots (local[{held + 1}] or more)")
         tag = f"{self._core.tag}-partitions" if self._core else "sparkmpi-partitions"
@@ -503,7 +225,7 @@ class World:
             timer.cancel()
             sc.removeJobTag(tag)
 
-    def _open_core(self) -> _Core:
+    def _open_core(self) -> WorldCore:
         if self.closed or self._core is None:
             raise WorldClosed(f"the world {self.kvsname} is closed ({self._closed_reason}); "
                               f"call restart() for a new one", reason=self._closed_reason or "")
@@ -557,7 +279,7 @@ def _close_open_worlds() -> None:
 
 def _check_env(env) -> None:
     if env is not None and not all(isinstance(k, str) and isinstance(v, str) for k, v in env.items()):
-        raise TypeError("env must map str to str")
+        raise InvalidArgumentType("env must map str to str")
 
 
 def _settings(settings: Settings | None, overrides: dict) -> Settings:
@@ -614,20 +336,20 @@ def run(rdd, fn, *, timeout: float | None = None, env: dict[str, str] | None = N
     own barrier stage so each task hands its partition to its rank.
     """
     if not callable(fn):
-        raise TypeError(f"fn must be a callable fn(comm, records), got {type(fn).__name__}")
+        raise InvalidArgumentType(f"fn must be a callable fn(comm, records), got {type(fn).__name__}")
     if not hasattr(rdd, "barrier") or not hasattr(rdd, "getNumPartitions"):
-        raise TypeError(f"rdd must be a pyspark RDD, got {type(rdd).__name__}")
+        raise InvalidArgumentType(f"rdd must be a pyspark RDD, got {type(rdd).__name__}")
     _check_env(env)
     settings = _settings(settings, dict(job_timeout=timeout, **setting_overrides))
     sc = rdd.context
     size = rdd.getNumPartitions()
     if size < 1:
-        raise ValueError("rdd has no partitions; an MPI job needs at least one rank")
+        raise InvalidArgument("rdd has no partitions; an MPI job needs at least one rank")
     cores = local_cores(sc.master)
     if cores is not None and size > cores:
-        raise ValueError(f"rdd has {size} partitions but master {sc.master!r} has {cores} task slots; "
+        raise InvalidArgument(f"rdd has {size} partitions but master {sc.master!r} has {cores} task slots; "
                          f"a barrier stage needs one slot per rank (repartition to <= {cores})")
-    core = _Core(sc, size, settings, env, preload_modules(fn, settings.preload), deliver_partition=True)
+    core = WorldCore(sc, size, settings, env, preload_modules(fn, settings.preload), deliver_partition=True)
     fn_bytes = pickle_function(functools.partial(_partition_call, fn=fn))
     started = time.monotonic()
     deadline = None if settings.job_timeout is None else started + settings.job_timeout

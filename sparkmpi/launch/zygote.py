@@ -43,6 +43,7 @@ import sys
 import time
 import traceback
 
+from .._proc import die_with_parent
 from . import rank
 
 #: The fork server's process name (``/proc/PID/comm``).
@@ -153,7 +154,7 @@ def _become_rank(zygote_ctrl: socket.socket, worker_pid: int, ctrl_fd: int, stde
             if time.monotonic() > deadline:
                 os._exit(72)  # not re-parented: the worker is gone (or no subreaper)
             time.sleep(0.0002)
-        rank._die_with_parent(worker_pid)
+        die_with_parent(worker_pid)
         rank.set_process_name(rank.PROCESS_NAME)
         import numpy
 
@@ -199,7 +200,7 @@ def main() -> None:
     from . import channel
 
     worker_pid = int(os.environ.pop("SPARKMPI_PARENT_PID"))
-    rank._die_with_parent(worker_pid)
+    die_with_parent(worker_pid)
     rank.set_process_name(PROCESS_NAME)
     ctrl = socket.socket(fileno=int(os.environ.pop("SPARKMPI_RANK_CTRL_FD")))
     # Inherited by every rank: on a job timeout the relay asks for stacks.
