@@ -83,7 +83,7 @@ class Settings:
         themselves).  The modules of ``fn`` that belong to
         sparkmpi are preloaded without being listed.  A module may define
         ``_sparkmpi_fork_server_warm_up()`` for once-per-server work, such
-        as loading JIT-compiled code (see :mod:`sparkmpi.launch.zygote`).
+        as loading JIT-compiled code (see :mod:`sparkmpi.launch.fork_server`).
     rank_idle_exit_s : float
         A warm spare rank that gets no job within this many seconds exits by itself.
     fft_workers : int
