@@ -13,6 +13,9 @@ from dataclasses import dataclass
 from types import ModuleType
 from typing import Any
 
+from .config import setting
+from .errors import InvalidArgument
+
 BACKENDS = ("numpy", "cupy")
 
 
@@ -51,7 +54,7 @@ class Backend:
         """Threads for scipy.fft on the CPU (all cores by default)."""
         if self.name == "cupy":
             return None
-        return int(os.environ.get("SPARKMPI_FFT_WORKERS", "0")) or os.cpu_count() or 1
+        return setting("fft_workers") or os.cpu_count() or 1
 
 
 def cupy_available() -> bool:
@@ -84,10 +87,10 @@ def get_backend(name: str = "numpy") -> Backend:
         return Backend("numpy", numpy, scipy.fft)
     if name == "cupy":
         if not cupy_available():
-            raise ValueError("backend='cupy' needs CuPy and a CUDA GPU; none is usable here "
+            raise InvalidArgument("backend='cupy' needs CuPy and a CUDA GPU; none is usable here "
                              "(use backend='numpy' or 'auto')")
         import cupy
         import cupyx.scipy.fft
 
         return Backend("cupy", cupy, cupyx.scipy.fft)
-    raise ValueError(f"backend must be one of {BACKENDS + ('auto',)}, got {name!r}")
+    raise InvalidArgument(f"backend must be one of {BACKENDS + ('auto',)}, got {name!r}")

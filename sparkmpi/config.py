@@ -1,4 +1,4 @@
-"""One configuration object for the launcher and the PMI server.
+"""One configuration object: the launcher, the PMI server, the FFTs, the broker tooling and the CLI.
 
 Precedence: explicit argument > ``SPARKMPI_*`` environment variable > default.
 An unknown ``SPARKMPI_*`` variable or a value that does not parse is an error
@@ -20,10 +20,6 @@ _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 #: Values of :attr:`Settings.single_host_netmod`.
 SINGLE_HOST_NETMODS = ("ofi", "ucx", "")
 
-# Variables with this prefix that belong to other parts of sparkmpi, not to
-# Settings; they are allowed in the environment.
-_OTHER_KNOWN = {"SPARKMPI_FFT_WORKERS", "SPARKMPI_TEST_STANDALONE", "SPARKMPI_HOME",
-                "SPARKMPI_KAFKA_HOME", "SPARKMPI_VERBOSE"}
 # Set by the launcher inside rank processes; never read as settings.
 _INTERNAL_PREFIXES = ("SPARKMPI_RANK_", "SPARKMPI_PARENT_")
 
@@ -38,7 +34,7 @@ def _positive_or_none(name: str, value: float | None) -> float | None:
 
 @dataclass(frozen=True)
 class Settings:
-    """Launcher settings.
+    """sparkmpi's settings (each also a ``SPARKMPI_<NAME>`` variable).
 
     Attributes
     ----------
@@ -88,6 +84,19 @@ class Settings:
         sparkmpi are preloaded without being listed.  A module may define
         ``_sparkmpi_fork_server_warm_up()`` for once-per-server work, such
         as loading JIT-compiled code (see :mod:`sparkmpi.launch.zygote`).
+    rank_idle_exit_s : float
+        A warm spare rank that gets no job within this many seconds exits by itself.
+    fft_workers : int
+        Threads for scipy.fft on the CPU; 0 (default) uses every core.
+    kafka_home : str
+        Folder holding Kafka's jars (``lib/``); "" (default) is
+        ``~/.cache/sparkmpi/kafka-<version>``.
+    verbose : bool
+        The CLI shows full tracebacks and every log line on the terminal, as
+        ``--verbose`` does.
+    world_idle_timeout : float or None
+        Seconds a :class:`~sparkmpi.World` may wait for its next call before
+        it closes itself and frees its task slots; None keeps it open.
     """
 
     pmi_host: str = "auto"
@@ -99,6 +108,11 @@ class Settings:
     fork_server: bool = True
     single_host_netmod: str = "ofi"
     preload: tuple = ()
+    rank_idle_exit_s: float = 900.0
+    fft_workers: int = 0
+    kafka_home: str = ""
+    verbose: bool = False
+    world_idle_timeout: float | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.pmi_host, str) or not self.pmi_host:
@@ -106,6 +120,7 @@ class Settings:
         if not (0 <= int(self.pmi_port) <= 65535):
             raise ConfigError(f"pmi_port must be in 0..65535, got {self.pmi_port}")
         _positive_or_none("job_timeout", self.job_timeout)
+        _positive_or_none("world_idle_timeout", self.world_idle_timeout)
         if _positive_or_none("start_timeout", self.start_timeout) is None:
             raise ConfigError("start_timeout must be set")
         if not (0 <= int(self.warm_pool) <= 64):
@@ -118,6 +133,14 @@ class Settings:
                 isinstance(m, str) and _MODULE_NAME.fullmatch(m) for m in self.preload):
             raise ConfigError(f"preload must be a sequence of dotted module names, got {self.preload!r}")
         object.__setattr__(self, "preload", tuple(self.preload))
+        if _positive_or_none("rank_idle_exit_s", self.rank_idle_exit_s) is None:
+            raise ConfigError("rank_idle_exit_s must be set")
+        if isinstance(self.fft_workers, bool) or not isinstance(self.fft_workers, int) or self.fft_workers < 0:
+            raise ConfigError(f"fft_workers must be an integer >= 0 (0: every core), got {self.fft_workers!r}")
+        if not isinstance(self.kafka_home, str):
+            raise ConfigError(f"kafka_home must be a folder path ('' for the default), got {self.kafka_home!r}")
+        if not isinstance(self.verbose, bool):
+            raise ConfigError(f"verbose must be True or False, got {self.verbose!r}")
         if self.single_host_netmod not in SINGLE_HOST_NETMODS:
             raise ConfigError(f"single_host_netmod must be one of {SINGLE_HOST_NETMODS} "
                               f"('' keeps MPICH's choice), got {self.single_host_netmod!r}")
@@ -151,7 +174,9 @@ def _parse(name: str, text: str, kind: type | str) -> Any:
 
 _KINDS = {"pmi_host": str, "pmi_port": int, "job_timeout": "float|None",
           "start_timeout": float, "warm_pool": int, "kill_grace": float,
-          "fork_server": bool, "single_host_netmod": str, "preload": "modules"}
+          "fork_server": bool, "single_host_netmod": str, "preload": "modules",
+          "rank_idle_exit_s": float, "fft_workers": int, "kafka_home": str, "verbose": bool,
+          "world_idle_timeout": "float|None"}
 
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:
@@ -172,9 +197,9 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     env = os.environ if environ is None else environ
     values: dict[str, Any] = {}
     for key, text in env.items():
-        if not key.startswith(ENV_PREFIX) or key in _OTHER_KNOWN or key.startswith(_INTERNAL_PREFIXES):
-            continue
         name = key[len(ENV_PREFIX):].lower()
+        if not key.startswith(ENV_PREFIX) or (key.startswith(_INTERNAL_PREFIXES) and name not in _KINDS):
+            continue
         if name not in _KINDS:
             known = ", ".join(ENV_PREFIX + k.upper() for k in _KINDS)
             raise ConfigError(f"unknown environment variable {key}; known settings: {known}")
@@ -185,3 +210,24 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
         if value is not None:
             values[name] = value
     return Settings(**values)
+
+
+def setting(name: str, environ: Mapping[str, str] | None = None) -> Any:
+    """One setting from its ``SPARKMPI_<NAME>`` variable, else its default; parsed and checked
+    as :func:`load_settings` does, without reading the other variables (cheap enough per call).
+
+    Raises
+    ------
+    ConfigError
+        For an unknown name or a bad value.
+    """
+    if name not in _KINDS:
+        raise ConfigError(f"unknown setting {name!r}; known: {sorted(_KINDS)}")
+    env = os.environ if environ is None else environ
+    text = env.get(ENV_PREFIX + name.upper())
+    if text is None:
+        return getattr(_DEFAULTS, name)
+    return getattr(Settings(**{name: _parse(name, text, _KINDS[name])}), name)
+
+
+_DEFAULTS = Settings()

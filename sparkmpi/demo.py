@@ -37,6 +37,9 @@ from pathlib import Path
 
 import numpy as np
 
+from ._proc import stop_process
+from .errors import InvalidArgument, UsageError
+
 STEPS = 6
 
 
@@ -60,13 +63,10 @@ def register(subparsers) -> None:
                         help="use this Kafka cluster (host:port) instead of starting a local broker")
     parser.add_argument("--view", action="store_true",
                         help="serve the live viewer while streaming and the result viewers at the end")
-    parser.add_argument("--json", action="store_true", help="print the summary as one JSON object on stdout")
     parser.set_defaults(func=_main)
 
 
 def _check(args) -> None:
-    from .cli import UsageError
-
     cores = os.cpu_count() or 1
     if not 1 <= args.ranks <= cores:
         raise UsageError(f"--ranks must be in 1..{cores} (the cores of this machine), got {args.ranks}")
@@ -82,13 +82,18 @@ def _check(args) -> None:
 class _Steps:
     """Numbered progress lines on stderr, with elapsed times."""
 
-    def __init__(self):
+    def __init__(self, quiet: bool = False):
         self.t0 = time.monotonic()
+        self.quiet = quiet
 
     def __call__(self, number: int, text: str) -> None:
+        if self.quiet:
+            return
         print(f"[{number}/{STEPS} {time.monotonic() - self.t0:6.1f} s] {text}", file=sys.stderr, flush=True)
 
     def note(self, text: str) -> None:
+        if self.quiet:
+            return
         print(f"        {text}", file=sys.stderr, flush=True)
 
 
@@ -104,12 +109,12 @@ def ptycho_frames(comm, frames) -> dict:
     for frame in frames:
         array = np.asarray(frame.array, dtype=np.float32)
         if not np.isfinite(array).all() or (array < 0).any():
-            raise ValueError(f"frame {frame.header.index} has non-finite or negative intensities")
+            raise InvalidArgument(f"frame {frame.header.index} has non-finite or negative intensities")
         intensities.append(array)
         positions.append(np.rint(frame.header.position).astype(np.int64))
     shapes = {s for s in comm.allgather(intensities[0].shape if intensities else None) if s is not None}
     if len(shapes) > 1:
-        raise ValueError(f"frames of different shapes in one batch: {sorted(shapes)}")
+        raise InvalidArgument(f"frames of different shapes in one batch: {sorted(shapes)}")
     shape = shapes.pop() if shapes else (0, 0)
     return {"intensities": np.stack(intensities) if intensities else np.zeros((0, *shape), np.float32),
             "positions": np.asarray(positions, dtype=np.int64).reshape(-1, 2)}
@@ -215,7 +220,7 @@ def _viewer(args: list[str]) -> tuple[subprocess.Popen, str]:
                             stdout=subprocess.PIPE, text=True)
     address = (proc.stdout.readline() or "").strip()
     if not address:
-        proc.terminate()
+        stop_process(proc)
         raise RuntimeError(f"the viewer did not start (sparkmpi view {' '.join(args)})")
     return proc, address
 
@@ -225,16 +230,16 @@ def run_demo(args) -> dict:
     _check(args)
     from .ptycho import simulate
     from .ptycho.output import write_outputs as write_ptycho
-    from .stream._client import ensure_topic
+    from .stream.kafka_client import ensure_topic
     from .stream.detector import NpzScan, publish_kafka
     from .stream.driver import StreamDriver
-    from .stream.kafka import LocalBroker
+    from .stream.broker import LocalBroker
     from .tomo.algorithms import rmse
     from .tomo.output import write_outputs as write_tomo
     from .tomo.simulate import simulate_tilt_series
     from .tomo.spark import reconstruct_spark
 
-    steps = _Steps()
+    steps = _Steps(quiet=getattr(args, "quiet", False))
     out = Path(args.out).resolve()
     for sub in ("stream", "live"):
         shutil.rmtree(out / sub, ignore_errors=True)  # a fresh run; the broker data is per run too
@@ -336,7 +341,7 @@ def run_demo(args) -> dict:
         spark.stop()
         if not args.view:
             for proc in viewers:
-                proc.terminate()
+                stop_process(proc)
     if args.view:
         _serve_results(viewers, out, summary)
     return summary
@@ -354,9 +359,7 @@ def _serve_results(viewers, out: Path, summary: dict) -> None:
         pass
     finally:
         for proc in viewers:
-            proc.terminate()
-        for proc in viewers:
-            proc.wait(timeout=10)
+            stop_process(proc)
 
 
 def _print_summary(summary: dict) -> None:

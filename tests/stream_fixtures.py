@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from sparkmpi.stream.kafka import fetch_kafka, start_broker, stop_broker
+from sparkmpi.stream.broker import fetch_kafka, start_broker, stop_broker
 
 
 def java_processes_using(data_dir: Path) -> list[int]:

@@ -10,7 +10,7 @@ import pytest
 
 from sparkmpi.cli import main
 from sparkmpi.config import Settings, load_settings
-from sparkmpi.errors import ConfigError
+from sparkmpi.errors import ConfigError, InvalidArgument, SparkMPIError
 
 
 def test_precedence_argument_over_environment_over_default():
@@ -79,3 +79,77 @@ def test_bench_allreduce_json_end_to_end():
         statistics.median(c / a for c, a in zip(rounds["collect_s"], rounds["allreduce_s"])))
     assert report["allreduce_over_native"] == pytest.approx(
         statistics.median(a / b for a, b in zip(rounds["allreduce_s"], rounds["native_allreduce_s"])))
+
+
+def _failing_view(monkeypatch, exc):
+    import sparkmpi.viz.cli as viz_cli
+
+    def fail(args):
+        raise exc
+
+    monkeypatch.setattr(viz_cli, "_view", fail)
+
+
+def test_a_bug_shows_its_traceback_and_says_so(monkeypatch, capsys):
+    _failing_view(monkeypatch, ValueError("an internal shape mismatch"))
+    assert main(["view", "x.tif"]) == 1
+    err = capsys.readouterr().err
+    assert "Traceback" in err and "ValueError: an internal shape mismatch" in err
+    assert "this is a bug in sparkmpi" in err and "sparkmpi: error:" not in err
+
+
+@pytest.mark.parametrize("exc", [InvalidArgument("size: expected an integer >= 16, got 3"),
+                                 FileNotFoundError(2, "No such file or directory", "missing.tif")])
+def test_user_errors_are_one_line(monkeypatch, capsys, exc):
+    _failing_view(monkeypatch, exc)
+    assert main(["view", "x.tif"]) == 1
+    err = capsys.readouterr().err
+    assert err.strip() == f"sparkmpi: error: {exc}" and "Traceback" not in err
+
+
+def test_library_argument_errors_are_sparkmpi_errors_and_value_errors():
+    from sparkmpi.stream.broker import start_broker
+
+    with pytest.raises(InvalidArgument, match="port: expected an integer") as info:
+        start_broker("/nonexistent", port=-1)
+    assert isinstance(info.value, ValueError) and isinstance(info.value, SparkMPIError)
+
+
+def test_process_settings_go_through_the_loader(monkeypatch):
+    from sparkmpi.backend import get_backend
+    from sparkmpi.config import setting
+    from sparkmpi.stream.broker import kafka_home
+
+    monkeypatch.setenv("SPARKMPI_FFT_WORKERS", "3")
+    assert get_backend("numpy").fft_workers == 3
+    monkeypatch.setenv("SPARKMPI_FFT_WORKERS", "0")
+    assert get_backend("numpy").fft_workers == (os.cpu_count() or 1)
+    monkeypatch.setenv("SPARKMPI_FFT_WORKERS", "-2")
+    with pytest.raises(ConfigError, match="fft_workers must be an integer >= 0"):
+        get_backend("numpy").fft_workers
+    monkeypatch.setenv("SPARKMPI_KAFKA_HOME", "/somewhere/kafka")
+    assert str(kafka_home()) == "/somewhere/kafka"
+    monkeypatch.setenv("SPARKMPI_RANK_IDLE_EXIT_S", "30")
+    assert load_settings(environ={"SPARKMPI_RANK_IDLE_EXIT_S": "30"}).rank_idle_exit_s == 30.0
+    assert setting("rank_idle_exit_s") == 30.0 and setting("rank_idle_exit_s", environ={}) == 900.0
+    with pytest.raises(ConfigError, match="unknown setting 'nope'"):
+        setting("nope")
+
+
+@pytest.mark.parametrize("value, on", [("0", False), ("no", False), ("1", True), ("true", True)])
+def test_sparkmpi_verbose_zero_means_off(monkeypatch, capsys, value, on):
+    import sparkmpi.viz.cli as viz_cli
+
+    def fail(args):
+        raise InvalidArgument("size: expected an integer >= 16, got 3")
+
+    monkeypatch.setattr(viz_cli, "_view", fail)
+    monkeypatch.setenv("SPARKMPI_VERBOSE", value)
+    assert main(["view", "x.tif"]) == 1
+    assert ("Traceback" in capsys.readouterr().err) == on
+
+
+@pytest.mark.parametrize("name", ["SPARKMPI_HOME", "SPARKMPI_TEST_STANDALONE"])
+def test_names_nothing_reads_are_unknown(name):
+    with pytest.raises(ConfigError, match=f"unknown environment variable {name}"):
+        load_settings(environ={name: "1"})

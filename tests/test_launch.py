@@ -360,19 +360,23 @@ def test_single_host_jobs_get_the_quick_netmod_unless_one_was_chosen(sc, monkeyp
 
 
 def test_rank_environment_picks_the_netmod_only_for_one_host():
+    from sparkmpi.config import Settings
     from sparkmpi.launch.task import TaskSpec, rank_environment
 
-    spec = TaskSpec("h", 1, "kvs", "t", 2, b"", env={"A": "1"}, single_host_netmod="ofi")
+    def spec(env=None, netmod="ofi"):
+        return TaskSpec("h", 1, "kvs", "t", 2, "h", 2, settings=Settings(single_host_netmod=netmod),
+                        env=env or {})
+
     one, two = ["node1", "node1"], ["node1", "node2"]
-    assert rank_environment(spec, one, {}) == {"A": "1", "MPIR_CVAR_CH4_NETMOD": "ofi"}
-    assert rank_environment(spec, two, {}) == {"A": "1"}   # across hosts: MPICH's choice
-    assert rank_environment(spec, one, {"MPIR_CVAR_CH4_NETMOD": "ucx"}) == {"A": "1"}
-    chosen = TaskSpec("h", 1, "kvs", "t", 2, b"", env={"MPIR_CVAR_CH4_NETMOD": "ucx"},
-                      single_host_netmod="ofi")
+    plain = spec({"A": "1"})
+    assert rank_environment(plain, one, {}) == {"A": "1", "MPIR_CVAR_CH4_NETMOD": "ofi"}
+    assert rank_environment(plain, two, {}) == {"A": "1"}   # across hosts: MPICH's choice
+    assert rank_environment(plain, one, {"MPIR_CVAR_CH4_NETMOD": "ucx"}) == {"A": "1"}
+    chosen = spec({"MPIR_CVAR_CH4_NETMOD": "ucx"})
     assert rank_environment(chosen, one, {}) == {"MPIR_CVAR_CH4_NETMOD": "ucx"}
-    off = TaskSpec("h", 1, "kvs", "t", 2, b"", single_host_netmod="")
-    assert rank_environment(off, one, {}) == {}
-    assert spec.env == {"A": "1"}   # not modified
+    assert rank_environment(spec(netmod=""), one, {}) == {}
+    assert plain.env == {"A": "1"}   # not modified
+    assert TaskSpec("h", 1, "kvs", "t", 2, "h", 2).settings.single_host_netmod == Settings().single_host_netmod
 
 
 def test_shm_world_id_matches_mpich():

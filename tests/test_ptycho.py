@@ -13,6 +13,7 @@ import pytest
 
 from sparkmpi import ptycho
 from sparkmpi.ptycho import errors as perr
+from sparkmpi.errors import UsageError
 
 from ptycho_fixtures import rel_in_mask as _rel_in_mask, run_ranks as _run_ranks
 
@@ -171,7 +172,7 @@ def test_partition_equals_serial_in_process(small, edges, algorithm, kernels):
     opts = dict(algorithm=algorithm, iterations=30, probe=probe, probe_update_start=5,
                 kernels=kernels)
     serial = ptycho.reconstruct(small, **opts)
-    out = _run_ranks(edges, lambda comm, sl: ptycho.reconstruct_partition(
+    out = _run_ranks(edges, lambda comm, sl: ptycho.reconstruct_rank(
         comm, small.intensities[sl], small.positions[sl], small.object_shape, threads=1,
         **opts))
     for o in out:
@@ -188,7 +189,7 @@ def test_partition_equals_serial_with_probe_from_data(small):
     summed exactly too, so 2 ranks still equal one process."""
     pytest.importorskip("mpi4py")
     serial = ptycho.reconstruct(small, iterations=20, probe_update_start=3)
-    out = _run_ranks([0, 37, 96], lambda comm, sl: ptycho.reconstruct_partition(
+    out = _run_ranks([0, 37, 96], lambda comm, sl: ptycho.reconstruct_rank(
         comm, small.intensities[sl], small.positions[sl], small.object_shape, threads=1,
         iterations=20, probe_update_start=3))
     for o in out:
@@ -502,12 +503,12 @@ def test_bad_probe_and_state():
         ptycho.reconstruct(data, algorithm="raar", iterations=1, state=first.state)
 
 
-def test_reconstruct_partition_checks_comm():
+def test_reconstruct_rank_checks_comm():
     i, p, o = _good()
     with pytest.raises(perr.PtychoInputError, match="comm must be an MPI communicator"):
-        ptycho.reconstruct_partition(None, i, p, o)
+        ptycho.reconstruct_rank(None, i, p, o)
     with pytest.raises(perr.PtychoInputError, match="has no 'Allreduce'"):
-        ptycho.reconstruct_partition(object(), i, p, o)
+        ptycho.reconstruct_rank(object(), i, p, o)
 
 
 # --------------------------------------------------------------------------- bench
@@ -527,7 +528,7 @@ def test_bench_report_keys_one_process():
     assert report["seconds_per_iteration_1rank"] > 0
     assert 0 < report["nrmse"] < 0.5 and 0 < report["fourier_error"] < 1
     assert "seconds_per_iteration" not in report   # no Spark run asked for
-    with pytest.raises(ValueError, match="--frames must be a positive integer"):
+    with pytest.raises(UsageError, match="--frames must be a positive integer"):
         bench.run(parser.parse_args(["--frames", "0"]))
 
 
@@ -552,7 +553,7 @@ def test_generic_array_path_the_gpu_runs_matches_the_exact_cpu_path(small, algor
     for start in (None, 5):
         run = dict(opts, probe_update_start=start, kernels="generic")
         serial = generic if start == 5 else ptycho.reconstruct(small, **run)
-        out = _run_ranks([0, 40, 96], lambda comm, sl: ptycho.reconstruct_partition(
+        out = _run_ranks([0, 40, 96], lambda comm, sl: ptycho.reconstruct_rank(
             comm, small.intensities[sl], small.positions[sl], small.object_shape, threads=1, **run))
         for o in out:
             assert _rel_in_mask(o.object, serial.object, mask) < 1e-6

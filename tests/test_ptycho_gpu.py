@@ -57,7 +57,7 @@ def test_cupy_partition_equals_serial(algorithm):
     run = dict(algorithm=algorithm, iterations=30, probe=probe, probe_update_start=5,
                backend="cupy")
     serial = ptycho.reconstruct(data, **run)
-    out = run_ranks([0, 40, 96], lambda comm, sl: ptycho.reconstruct_partition(
+    out = run_ranks([0, 40, 96], lambda comm, sl: ptycho.reconstruct_rank(
         comm, data.intensities[sl], data.positions[sl], data.object_shape, **run))
     for o in out:
         assert rel_in_mask(o.object, serial.object, mask) < 1e-5
@@ -67,11 +67,11 @@ def test_cupy_partition_equals_serial(algorithm):
 def profile_steps(data, probe, reps=10):
     """Milliseconds per call of each step of an iteration (CuPy, synchronised)."""
     from sparkmpi.backend import get_backend
-    from sparkmpi.ptycho.engines import _Engine
+    from sparkmpi.ptycho._engine import make_engine
 
     bk = get_backend("cupy")
-    eng = _Engine(bk, data.intensities, data.positions, data.object_shape, probe,
-                  np.ones(data.object_shape, np.complex64), None, None, 1e-4, 1)
+    eng = make_engine(bk, data.intensities, data.positions, data.object_shape, probe,
+                      np.ones(data.object_shape, np.complex64), None, None, 1e-4, 1)
     steps = {
         "copy": lambda: eng.work.__setitem__(Ellipsis, eng.Psi),
         "ifft": lambda: eng.fourier.inverse(eng.work),

@@ -10,7 +10,7 @@ import pytest
 
 from sparkmpi import ptycho
 from sparkmpi.ptycho import errors as perr
-from sparkmpi.ptycho.spark import reconstruct_spark, scan_rdd
+from sparkmpi.ptycho.spark import reconstruct_mpi, scan_rdd
 
 
 @pytest.fixture(scope="module")
@@ -50,8 +50,8 @@ def test_spark_equals_serial_with_probe_refinement(spark, scan):
     data, path = scan
     probe = ptycho.model_probe(data)
     mask = ptycho.illuminated_mask(data)
-    out = reconstruct_spark(spark, path, ranks=2, iterations=30, probe=probe,
-                            probe_update_start=5, timeout=300)
+    out = reconstruct_mpi(spark, path, ranks=2, iterations=30, probe=probe,
+                          probe_update_start=5, timeout=300)
     serial = ptycho.reconstruct(data, iterations=30, probe=probe, probe_update_start=5)
     assert out.ranks == 2 and out.frames_per_rank == [48, 48] and out.iterations == 30
     assert out.threads_per_rank >= 1 and out.kernels in ("numba", "numpy")
@@ -76,11 +76,11 @@ def test_spark_bad_frame_values_name_the_global_frame(spark, scan, tmp_path):
     path = bad.save(tmp_path / "nan.npz")
     with pytest.raises(perr.NonFiniteError,
                        match=r"NaN or infinite values on partition 1 \(first in frame 70\)"):
-        reconstruct_spark(spark, path, ranks=2, iterations=5, timeout=120)
+        reconstruct_mpi(spark, path, ranks=2, iterations=5, timeout=120)
     bad.intensities[70, 3, 4] = 1.0
     bad.intensities[12, 0, 0] = -2.0
     with pytest.raises(perr.NegativeIntensityError, match=r"partition 0 .*first in frame 12"):
-        reconstruct_spark(spark, bad, ranks=2, iterations=5, timeout=120)
+        reconstruct_mpi(spark, bad, ranks=2, iterations=5, timeout=120)
 
 
 def test_spark_bad_layout_fails_on_the_driver(sc, scan, tmp_path):
@@ -92,17 +92,17 @@ def test_spark_bad_layout_fails_on_the_driver(sc, scan, tmp_path):
     np.savez(tmp_path / "oob.npz", intensities=data.intensities, positions=moved,
              object_shape=np.array(data.object_shape))
     with pytest.raises(perr.PositionOutOfBoundsError, match="frame 40 at"):
-        reconstruct_spark(sc, tmp_path / "oob.npz", ranks=2)
+        reconstruct_mpi(sc, tmp_path / "oob.npz", ranks=2)
     np.savez(tmp_path / "short.npz", intensities=data.intensities[:90],
              positions=data.positions, object_shape=np.array(data.object_shape))
     with pytest.raises(perr.FrameMismatchError, match="96 rows but intensities has 90 frames"):
-        reconstruct_spark(sc, tmp_path / "short.npz", ranks=2)
+        reconstruct_mpi(sc, tmp_path / "short.npz", ranks=2)
     np.savez(tmp_path / "nokey.npz", intensities=data.intensities)
     with pytest.raises(perr.DataFormatError, match="missing key"):
-        reconstruct_spark(sc, tmp_path / "nokey.npz", ranks=2)
+        reconstruct_mpi(sc, tmp_path / "nokey.npz", ranks=2)
     with pytest.raises(perr.DataFormatError, match="does not exist"):
-        reconstruct_spark(sc, tmp_path / "absent.npz", ranks=2)
+        reconstruct_mpi(sc, tmp_path / "absent.npz", ranks=2)
     with pytest.raises(perr.ProbeShapeError, match="probe must have shape \\(48, 48\\)"):
-        reconstruct_spark(sc, data, ranks=2, probe=np.ones((8, 8), np.complex64))
+        reconstruct_mpi(sc, data, ranks=2, probe=np.ones((8, 8), np.complex64))
     with pytest.raises(perr.PtychoInputError, match="cannot be split over 3 ranks"):
-        reconstruct_spark(sc, data.subset(slice(0, 2)), ranks=3)
+        reconstruct_mpi(sc, data.subset(slice(0, 2)), ranks=3)

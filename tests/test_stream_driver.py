@@ -21,13 +21,14 @@ import pytest
 from stream_fixtures import broker  # noqa: F401  (fixture)
 
 from sparkmpi.cli import main as cli_main
-from sparkmpi.stream._client import ensure_topic
+from sparkmpi.stream.kafka_client import ensure_topic
 from sparkmpi.stream._errors import BrokerUnavailable
 from sparkmpi.stream._output import list_outputs, read_meta, read_outputs
 from sparkmpi.stream.detector import SyntheticScan, ZmqPublisher, publish_kafka, publish_zmq
 from sparkmpi.stream.driver import BatchFailed, StreamDriver, ZmqStreamDriver
 from sparkmpi.stream.frames import FrameHeader, encode_end_of_scan, encode_frame
-from sparkmpi.stream.kafka import free_port, start_broker, stop_broker
+from sparkmpi._proc import free_port
+from sparkmpi.stream.broker import start_broker, stop_broker
 from sparkmpi.stream.offsets import committed_offsets, read_offset_range, watermarks
 
 pytestmark = pytest.mark.slow
@@ -256,14 +257,14 @@ def test_bad_messages_go_to_the_dead_letter_topic_and_the_stream_goes_on(spark, 
 def test_broker_down_at_start_is_a_fast_clear_error(spark, tmp_path, capsys):
     bootstrap = f"127.0.0.1:{free_port()}"
     t0 = time.monotonic()
-    with pytest.raises(BrokerUnavailable, match=f"no Kafka broker answered at {bootstrap} within 2.0 s.*refused"):
+    with pytest.raises(BrokerUnavailable, match=f"timed out trying to reach the Kafka broker at {bootstrap} after 2.0 s.*refused"):
         _driver(spark, bootstrap, "frames", tmp_path / "out", start_timeout=2.0).run()
     assert time.monotonic() - t0 < 6
     t0 = time.monotonic()
     assert cli_main(["stream", "run", "--bootstrap", bootstrap, "--group", "g", "--out", str(tmp_path / "o"),
                      "--start-timeout", "2"]) == 1
     assert time.monotonic() - t0 < 6
-    assert f"sparkmpi: error: no Kafka broker answered at {bootstrap}" in capsys.readouterr().err
+    assert f"sparkmpi: error: timed out trying to reach the Kafka broker at {bootstrap}" in capsys.readouterr().err
     assert cli_main(["stream", "run", "--bootstrap", bootstrap, "--out", "o"]) == 2   # no --group
     assert "--group is required" in capsys.readouterr().err
 

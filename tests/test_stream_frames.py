@@ -221,7 +221,7 @@ def test_rank_side_code_imports_neither_the_driver_nor_the_broker_tooling():
     code = ("import sys, sparkmpi.stream as s\n"
             "assert not [m for m in sys.modules if m.startswith('sparkmpi.stream.')], 'package imported modules'\n"
             "import sparkmpi.stream._rank\n"
-            "heavy = {'sparkmpi.stream.driver', 'sparkmpi.stream.kafka', 'sparkmpi.stream.detector',\n"
+            "heavy = {'sparkmpi.stream.driver', 'sparkmpi.stream.broker', 'sparkmpi.stream.detector',\n"
             "         'sparkmpi.stream._output', 'confluent_kafka', 'zmq', 'pyspark'} & set(sys.modules)\n"
             "assert not heavy, heavy\n"
             "assert s.integrate_frames is sparkmpi.stream._rank.integrate_frames\n"

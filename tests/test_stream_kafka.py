@@ -17,11 +17,12 @@ import pytest
 from stream_fixtures import broker, java_processes_using  # noqa: F401  (broker is a fixture)
 
 from sparkmpi.cli import main as cli_main
-from sparkmpi.stream._client import ensure_topic, topic_partitions
+from sparkmpi.stream.kafka_client import ensure_topic, topic_partitions
 from sparkmpi.stream._errors import BrokerError, BrokerUnavailable
 from sparkmpi.stream.detector import SyntheticScan, publish_kafka
 from sparkmpi.stream.frames import FrameHeader, encode_frame
-from sparkmpi.stream.kafka import fetch_kafka, free_port, start_broker
+from sparkmpi._proc import free_port
+from sparkmpi.stream.broker import fetch_kafka, start_broker
 from sparkmpi.stream.offsets import (
     DeadLetter, DeadLetterWriter, EndMarker, Frame, OffsetError, StreamCounters, commit_offsets,
     committed_offsets, decode_record, plan_batch, read_offset_range, watermarks,
@@ -181,7 +182,7 @@ def test_broker_down_fails_fast_with_the_address():
         waited = time.monotonic() - t0
         assert waited < 5, f"took {waited:.1f} s to notice the broker is down"
         message = str(info.value)
-        assert f"no Kafka broker answered at {bootstrap} within 2." in message
+        assert f"timed out trying to reach the Kafka broker at {bootstrap} after 2." in message
         assert "Connection refused" in message
 
 
@@ -236,7 +237,7 @@ def test_cli_start_status_simulate_stop(tmp_path, capsys, broker):
 
 def test_fetch_into_a_fresh_home_is_verified_and_cached(tmp_path, monkeypatch, broker):
     """Maven copies into a temporary folder that is moved into place once verified."""
-    from sparkmpi.stream.kafka import MANIFEST, kafka_home, kafka_is_fetched
+    from sparkmpi.stream.broker import MANIFEST, kafka_home, kafka_is_fetched
 
     home = tmp_path / "kafka-home"
     monkeypatch.setenv("SPARKMPI_KAFKA_HOME", str(home))

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from sparkmpi.tomo import (art, art_reference, cached_system_matrix, clear_matrix_cache, default_angles, fbp,
-                           make_phantom, project_volume, rmse, shepp_logan_3d, sirt, sirt_partition,
+                           make_phantom, project_volume, rmse, shepp_logan_3d, sirt, sirt_projections_rank,
                            system_matrix)
 
 ANGLES = default_angles(74)          # -73..+73 in 2-degree steps
@@ -167,7 +167,7 @@ def test_sirt_with_duck_typed_comm(case):
     _, sinos = case
     comm = _LocalComm()
     proj = sinos.transpose(1, 0, 2)
-    got = sirt_partition(comm, proj, ANGLES, iterations=10)
+    got = sirt_projections_rank(comm, proj, ANGLES, iterations=10)
     np.testing.assert_allclose(got, sirt(sinos, ANGLES, iterations=10), atol=1e-6)
     assert comm.calls == 11                            # column sums + one per iteration
 
@@ -193,7 +193,7 @@ def test_progress_callbacks(case):
     (lambda s: art_reference(s, ANGLES), "sinogram must have shape"),
     (lambda s: sirt(np.where(s > 1, np.nan, s), ANGLES), "NaN"),
     (lambda s: sirt(s, ANGLES, backend="tpu"), "backend must be one of"),
-    (lambda s: sirt_partition(None, s, ANGLES[:5]), "angles_subset has 5 angles"),
+    (lambda s: sirt_projections_rank(None, s, ANGLES[:5]), "angles_subset has 5 angles"),
 ])
 def test_algorithms_reject_bad_input(case, call, match):
     _, sinos = case

@@ -17,7 +17,7 @@ SCRIPT = textwrap.dedent("""
     import json, sys
     import numpy as np
     from mpi4py import MPI
-    from sparkmpi.tomo import default_angles, project_volume, shepp_logan_3d, sirt, sirt_partition
+    from sparkmpi.tomo import default_angles, project_volume, shepp_logan_3d, sirt, sirt_projections_rank
     from sparkmpi.tomo.io import TiltSeries
     from sparkmpi.tomo.mpi import projection_records, sirt_rank, split_records
 
@@ -35,7 +35,7 @@ SCRIPT = textwrap.dedent("""
     contiguous = out[0]
     # interleaved share through the per-rank function
     mine = slice(comm.rank, None, comm.size)
-    interleaved = sirt_partition(comm, proj[mine], angles[mine], iterations=25, positivity=True)
+    interleaved = sirt_projections_rank(comm, proj[mine], angles[mine], iterations=25, positivity=True)
 
     local = np.array([np.abs(contiguous - serial).max(), np.abs(interleaved - serial).max(),
                       float(len(records))])

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import socket
+from pathlib import Path
 import subprocess
 import sys
 import threading
@@ -315,3 +316,23 @@ def test_cut_real_files_raise_or_give_the_whole_data(files, tmp_path):
             except ViewerError:
                 continue
             np.testing.assert_array_equal(got, files["obj"] if key == "ptycho" else files["vol"])
+
+
+def test_results_in_an_output_folder(files, tmp_path):
+    from sparkmpi.viz.loaders import results_in
+
+    assert results_in(files["root"]) == [files["ptycho"], Path(files["tif"])]
+    assert results_in(files["root"] / "tomo") == [Path(files["tif"])]
+    with pytest.raises(ResultNotFoundError, match="holds no result"):
+        results_in(tmp_path)
+
+
+def test_cli_view_of_a_folder_opens_its_result(files, capsys):
+    with socket.socket() as busy:  # stops the viewer once it got as far as serving the file
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        assert main(["view", str(files["root"]), "--port", str(port)]) == 1
+    err = capsys.readouterr().err
+    assert f"showing {files['ptycho']}" in err and f"port {port} on 127.0.0.1 is in use" in err
+    assert "is a directory" not in err

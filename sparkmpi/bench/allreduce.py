@@ -28,6 +28,8 @@ import subprocess
 import sys
 import time
 
+from ..errors import UsageError
+
 NAME = "allreduce"
 HELP = "Table I of the paper: Spark collect vs Allreduce in Spark-MPI vs native mpiexec"
 
@@ -42,8 +44,6 @@ def add_arguments(parser) -> None:
 
 
 def _check(args) -> None:
-    from ..cli import UsageError
-
     cores = os.cpu_count() or 1
     if args.ranks < 1 or (args.master is None and args.ranks > cores):
         raise UsageError(f"--ranks must be in 1..{cores} (the cores of this machine), got {args.ranks}")

@@ -38,7 +38,6 @@ def register(subparsers) -> None:
     for module in _benchmark_modules():
         sub = names.add_parser(module.NAME, help=module.HELP, description=module.HELP)
         module.add_arguments(sub)
-        sub.add_argument("--json", action="store_true", help="print one JSON object on stdout")
 
         def _run(args, _module=module):
             report = _module.run(args)

@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UsageError
+
 NAME = "ptycho"
 HELP = "ptychographic reconstruction: s/iteration (Spark-MPI ranks, 1 process, mpiexec), NRMSE"
 
@@ -66,17 +68,17 @@ def _distributed_mpiexec(path: Path, args, out: Path) -> dict:
 def _distributed_spark(path: Path, args, probe) -> dict:
     """The reconstruction over ``args.ranks`` Spark-MPI ranks (``sparkmpi.run``)."""
     from sparkmpi.launch.session import spark_session   # also points Spark at this interpreter
-    from sparkmpi.ptycho.spark import reconstruct_spark
+    from sparkmpi.ptycho.spark import reconstruct_mpi
 
     t0 = time.perf_counter()
     spark = spark_session(args.master or f"local[{args.ranks}]", "sparkmpi-bench-ptycho",
                           conf={"spark.ui.enabled": "false"})
     spark_start_s = time.perf_counter() - t0
     try:
-        out = reconstruct_spark(spark, path, ranks=args.ranks, algorithm=args.algorithm,
-                                iterations=args.iterations,
-                                probe_update_start=_probe_start(args), probe=probe,
-                                backend=args.backend, kernels=args.kernels)
+        out = reconstruct_mpi(spark, path, ranks=args.ranks, algorithm=args.algorithm,
+                              iterations=args.iterations,
+                              probe_update_start=_probe_start(args), probe=probe,
+                              backend=args.backend, kernels=args.kernels)
     finally:
         spark.stop()
     return {"seconds_per_iteration": out.seconds_per_iteration, "job_s": out.job_seconds,
@@ -98,7 +100,7 @@ def run(args) -> dict:
 
     for name in ("frames", "frame_size", "ranks"):
         if getattr(args, name) < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, "
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, "
                              f"got {getattr(args, name)}")
     print(f"simulating {args.frames} frames of {args.frame_size}^2 ...", file=sys.stderr)
     data = ptycho.simulate(args.frames, args.frame_size, seed=args.seed)

@@ -38,6 +38,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .._proc import stop_process
+from ..errors import UsageError
+
 NAME = "stream"
 HELP = "Kafka -> Spark micro-batches -> MPI: frames/s, latency percentiles, lost/duplicated (optionally across a kill)"
 
@@ -111,31 +114,21 @@ def _kill_group(proc: subprocess.Popen, sig=signal.SIGKILL, wait: float = 30.0) 
         os.kill(proc.pid, sig)
     except ProcessLookupError:
         pass
-    proc.wait(timeout=wait)
-    deadline = time.monotonic() + wait
-    while time.monotonic() < deadline:
-        try:
-            os.killpg(proc.pid, 0)
-        except ProcessLookupError:
-            return
-        time.sleep(0.1)
-    try:
-        os.killpg(proc.pid, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
+    # The rest of the session gets ``wait`` s to notice the driver is gone by itself.
+    stop_process(proc, wait, sig=0, group=True)
 
 
 def run(args) -> dict:
-    from sparkmpi.stream._client import ensure_topic
+    from sparkmpi.stream.kafka_client import ensure_topic
     from sparkmpi.stream._output import read_outputs
     from sparkmpi.stream.detector import parse_shape
-    from sparkmpi.stream.kafka import fetch_kafka, start_broker, stop_broker
+    from sparkmpi.stream.broker import fetch_kafka, start_broker, stop_broker
 
     shape = parse_shape(args.frame_shape)
     if args.frames < 1:
-        raise ValueError(f"--frames: expected >= 1, got {args.frames}")
+        raise UsageError(f"--frames: expected >= 1, got {args.frames}")
     if args.kill_driver_at is not None and not 0 < args.kill_driver_at < 1:
-        raise ValueError(f"--kill-driver-at: expected a fraction in (0, 1), got {args.kill_driver_at}")
+        raise UsageError(f"--kill-driver-at: expected a fraction in (0, 1), got {args.kill_driver_at}")
     if args.trigger is None:
         args.trigger = 0.05 if args.rate else 0.5
     if args.max_frames is None:

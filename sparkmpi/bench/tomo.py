@@ -24,6 +24,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UsageError
+
 NAME = "tomo"
 HELP = "ART/SIRT/FBP reconstruction of a simulated tilt series through Spark"
 
@@ -91,13 +93,13 @@ def run(args) -> dict:
     for name in ("size", "angles", "ranks", "reference_slices"):
         value = getattr(args, name)
         if value < 1:
-            raise ValueError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
+            raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, got {value}")
     if args.mode == "mpi" and (args.algorithm != "sirt" or args.compare_matrix):
-        raise ValueError(f"--mode mpi runs SIRT only, without --compare-matrix "
+        raise UsageError(f"--mode mpi runs SIRT only, without --compare-matrix "
                          f"(got --algorithm {args.algorithm})")
     iterations = args.iterations if args.iterations is not None else (1 if args.algorithm == "art" else 100)
     if iterations < 1:
-        raise ValueError(f"--iterations must be a positive integer, got {iterations}")
+        raise UsageError(f"--iterations must be a positive integer, got {iterations}")
     master = args.master or f"local[{args.ranks}]"
     with tempfile.TemporaryDirectory(prefix="sparkmpi-bench-tomo-") as tmp:
         work = Path(args.workdir or tmp)

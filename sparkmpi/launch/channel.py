@@ -13,37 +13,77 @@ from __future__ import annotations
 import pickle
 import socket
 import struct
+from dataclasses import dataclass
 from typing import Any
 
 _PREAMBLE = struct.Struct("!4sBI")  # magic, kind, segment count
 _MAGIC = b"SMPR"
 _MAX_SEGMENTS = 1 << 20
+_SMALL = 1 << 16
 
 JOB, DATA, RESULT, ERROR, READY, FORK, FORKED = 1, 2, 3, 4, 5, 6, 7
+# A world's life after JOB: STARTED (MPI is up), then CALL -> RESULT or ERROR
+# any number of times, OUTPUT (the rank's stdout/stderr, relay to driver) in
+# between, and CLOSE -> CLOSED (MPI finalised).  HELLO opens a relay's
+# connection to the driver's world endpoint; DATA also carries partitions.
+STARTED, CALL, CLOSE, CLOSED, OUTPUT, HELLO = 8, 9, 10, 11, 12, 13
 KIND_NAMES = {JOB: "job", DATA: "data", RESULT: "result", ERROR: "error", READY: "ready", FORK: "fork",
-              FORKED: "forked"}
+              FORKED: "forked", STARTED: "started", CALL: "call", CLOSE: "close", CLOSED: "closed",
+              OUTPUT: "output", HELLO: "hello"}
+
+
+@dataclass(frozen=True)
+class PartitionRef:
+    """A call argument that the rank replaces by an iterator over the records
+    delivered to it under ``key`` (a DATA message sent before the call)."""
+
+    key: str
 
 
 class ChannelClosed(EOFError):
     """The peer closed the channel before a whole message arrived."""
 
 
+def encode(obj: Any, dumps=pickle.dumps) -> list:
+    """``obj`` as message segments: the pickle stream, then its out-of-band buffers."""
+    buffers: list[pickle.PickleBuffer] = []
+    head = dumps(obj, protocol=5, buffer_callback=buffers.append)
+    return [memoryview(head)] + [b.raw() for b in buffers]
+
+
+def decode(segments) -> Any:
+    """The object of :func:`encode`'s ``segments``."""
+    return pickle.loads(segments[0], buffers=segments[1:])
+
+
 def send_message(sock: socket.socket, kind: int, obj: Any, fds: tuple[int, ...] = (),
                  dumps=pickle.dumps) -> None:
     """Send ``obj`` as one message of ``kind``, passing ``fds`` along."""
-    buffers: list[pickle.PickleBuffer] = []
-    head = dumps(obj, protocol=5, buffer_callback=buffers.append)
-    segments = [memoryview(head)] + [b.raw() for b in buffers]
+    send_frame(sock, kind, encode(obj, dumps), fds)
+
+
+def send_frame(sock: socket.socket, kind: int, segments, fds: tuple[int, ...] = ()) -> None:
+    """Send already encoded ``segments`` as one message of ``kind`` (a relay forwards them unread)."""
+    segments = [s if isinstance(s, memoryview) else memoryview(s) for s in segments]
     preamble = _PREAMBLE.pack(_MAGIC, kind, len(segments))
     lengths = struct.pack(f"!{len(segments)}Q", *(s.nbytes for s in segments))
     if fds:
         socket.send_fds(sock, [preamble], list(fds))
+        head = bytearray(lengths)
     else:
-        sock.sendall(preamble)
-    sock.sendall(lengths)
+        head = bytearray(preamble + lengths)
+    # Small segments join the header in one write (one packet, one wake-up of
+    # the peer); large ones go as they are, without a copy.
     for segment in segments:
-        if segment.nbytes:
+        if segment.nbytes <= _SMALL:
+            head += segment
+        else:
+            if head:
+                sock.sendall(head)
+                head = bytearray()
             sock.sendall(segment)
+    if head:
+        sock.sendall(head)
 
 
 def _recv_exact(sock: socket.socket, size: int) -> bytearray:
@@ -63,6 +103,12 @@ def recv_message(sock: socket.socket, max_fds: int = 4) -> tuple[int, Any, list[
 
     Raises ChannelClosed on end of stream and ValueError on a bad preamble.
     """
+    kind, segments, fds = recv_frame(sock, max_fds)
+    return kind, decode(segments), fds
+
+
+def recv_frame(sock: socket.socket, max_fds: int = 4) -> tuple[int, list, list[int]]:
+    """Receive one message undecoded: ``(kind, segments, fds)`` (see :func:`recv_message`)."""
     data, fds, _flags, _addr = socket.recv_fds(sock, _PREAMBLE.size, max_fds)
     if not data:
         raise ChannelClosed("channel closed")
@@ -75,5 +121,4 @@ def recv_message(sock: socket.socket, max_fds: int = 4) -> tuple[int, Any, list[
         raise ValueError(f"bad message preamble {bytes(data)!r}")
     lengths = struct.unpack(f"!{count}Q", _recv_exact(sock, 8 * count))
     segments = [_recv_exact(sock, n) for n in lengths]
-    obj = pickle.loads(segments[0], buffers=segments[1:])
-    return kind, obj, list(fds)
+    return kind, segments, list(fds)

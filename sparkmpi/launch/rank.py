@@ -8,14 +8,17 @@ and :func:`serve` in each child), it
    exits at once if the parent is already gone;
 2. imports NumPy and mpi4py with automatic MPI initialisation turned off, and
    says READY;
-3. waits for one JOB message (rank, size, environment, the user's pickled
-   function, and the PMI socket as a passed file descriptor), then the DATA
-   message with the partition's records;
-4. initialises MPI over the inherited PMI socket (``PMI_FD``), checks that
-   ``COMM_WORLD``'s rank is the partition index, runs the function, finalises
-   MPI, and sends back RESULT, or ERROR with the traceback.
+3. waits for one JOB message (rank, size, environment, records to park
+   under keys, and the PMI socket as a passed file descriptor), initialises MPI over that socket (``PMI_FD``),
+   checks that ``COMM_WORLD``'s rank is the one asked for, and says STARTED
+   (passing the read end of a pipe that is now its stdout);
+4. serves its world: DATA messages park records (a partition) under a key,
+   each CALL runs ``fn(comm, state, *args, **kwargs)`` with ``state`` a dict
+   that lives as long as the process, and answers RESULT; CLOSE finalises MPI
+   and answers CLOSED.  Any failure sends ERROR with the traceback and ends
+   the process: MPI cannot go on without a rank.
 
-A process serves one job only: MPI can be initialised once per process.
+A process serves one world only: MPI can be initialised once per process.
 """
 
 from __future__ import annotations
@@ -70,8 +73,29 @@ def load_modules() -> None:
     from sparkmpi.launch import channel  # noqa: F401
 
 
+def _capture_stdout() -> int:
+    """Point fd 1 at a new pipe (line-buffered); return the pipe's read end for the relay."""
+    sys.stdout.flush()
+    read_end, write_end = os.pipe()
+    os.dup2(write_end, 1)
+    os.close(write_end)
+    sys.stdout.reconfigure(line_buffering=True)
+    return read_end
+
+
+def _resolve(value, inputs: dict):
+    """A call argument, with a :class:`~.channel.PartitionRef` replaced by its records' iterator."""
+    from sparkmpi.launch.channel import PartitionRef
+
+    if isinstance(value, PartitionRef):
+        if value.key not in inputs:
+            raise RuntimeError(f"no records were delivered under {value.key!r} before the call")
+        return iter(inputs.pop(value.key))
+    return value
+
+
 def serve(ctrl: socket.socket) -> None:
-    """Say READY on ``ctrl``, run the one job that comes, report, and exit the process."""
+    """Say READY on ``ctrl``, serve the one world that comes, and exit the process."""
     import pickle
 
     import mpi4py
@@ -96,33 +120,48 @@ def serve(ctrl: socket.socket) -> None:
     os.environ.update(job.get("env") or {})
     os.environ.update({"PMI_FD": str(fds[0]), "PMI_RANK": str(rank), "PMI_SIZE": str(size)})
     try:
-        kind, records, _ = channel.recv_message(ctrl)
-        if kind != channel.DATA:
-            raise RuntimeError(f"expected the partition's data, got message kind {kind}")
-        fn = pickle.loads(job["fn"])
         MPI.Init_thread(_thread_level(MPI, mpi4py.rc.thread_level))
         comm = MPI.COMM_WORLD
         if comm.Get_rank() != rank or comm.Get_size() != size:
             raise RuntimeError(f"MPI reports rank {comm.Get_rank()} of {comm.Get_size()}, "
-                               f"expected rank {rank} of {size} (partition {rank})")
-        out = fn(comm, iter(records))
-        results = [] if out is None else list(out)
-        del records
+                               f"expected rank {rank} of {size}")
+        stdout_pipe = _capture_stdout()
+        channel.send_message(ctrl, channel.STARTED, os.getpid(), fds=(stdout_pipe,))
+        os.close(stdout_pipe)
+        state: dict = {}
+        inputs: dict = job.get("inputs") or {}
+        del job
+        while True:
+            kind, message, _ = channel.recv_message(ctrl)
+            if kind == channel.DATA:
+                inputs[message["key"]] = message["records"]
+            elif kind == channel.CALL:
+                fn = pickle.loads(message["fn"])
+                args = [_resolve(a, inputs) for a in message["args"]]
+                value = fn(comm, state, *args, **message["kwargs"])
+                sys.stdout.flush()
+                sys.stderr.flush()
+                channel.send_message(ctrl, channel.RESULT, {"id": message["id"], "value": value})
+            elif kind == channel.CLOSE:
+                break
+            else:
+                raise RuntimeError(f"unexpected message kind {channel.KIND_NAMES.get(kind, kind)} from the relay")
+        del state, inputs
         if not MPI.Is_finalized():
             MPI.Finalize()
-        channel.send_message(ctrl, channel.RESULT, results)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        channel.send_message(ctrl, channel.CLOSED, os.getpid())
     except BaseException as exc:  # noqa: BLE001  (every failure is reported, then the process ends)
         report = {"type": type(exc).__name__, "message": str(exc)[:2000],
                   "traceback": traceback.format_exc()}
         try:
+            sys.stdout.flush()
+            sys.stderr.flush()
             channel.send_message(ctrl, channel.ERROR, report)
-        except OSError:
+        except (OSError, ValueError):
             pass
-        sys.stdout.flush()
-        sys.stderr.flush()
         os._exit(1)  # skip atexit: MPI_Finalize would wait for ranks that may be gone
-    sys.stdout.flush()
-    sys.stderr.flush()
     os._exit(0)
 
 

@@ -9,6 +9,8 @@ short MPI jobs (micro-batches, iterative solvers driven from Python):
   40 ms.  Over Unix sockets a trivial one-rank MPI job on 2 cores took 90 ms
   instead of 130 ms, and a trivial plain Spark job 33 ms instead of 80 ms.
 * the console progress bar is off (it interleaves with the caller's output).
+* under a ``sparkmpi`` command, Spark's log4j output and the JVM's own
+  start-up lines go to the command's log file (:mod:`sparkmpi._console`).
 
 Callers building their own session can copy :data:`SESSION_DEFAULTS`.
 """
@@ -17,6 +19,9 @@ from __future__ import annotations
 
 import os
 import sys
+
+from .. import _console
+from ..errors import InvalidArgument
 
 #: Spark settings applied by :func:`spark_session` unless the caller overrides them.
 SESSION_DEFAULTS = {
@@ -44,23 +49,30 @@ def spark_session(master: str = "local[2]", app: str = "sparkmpi", *, conf: dict
     rule), so settings only apply to a new one.
     """
     if not isinstance(master, str) or not master:
-        raise ValueError(f"master: expected a Spark master URL such as 'local[2]', got {master!r}")
+        raise InvalidArgument(f"master: expected a Spark master URL such as 'local[2]', got {master!r}")
     if not isinstance(app, str) or not app:
-        raise ValueError(f"app: expected a non-empty application name, got {app!r}")
+        raise InvalidArgument(f"app: expected a non-empty application name, got {app!r}")
     settings = dict(SESSION_DEFAULTS)
     for key, value in (conf or {}).items():
         if not isinstance(key, str) or not key.startswith("spark."):
-            raise ValueError(f"conf: expected keys starting with 'spark.', got {key!r}")
+            raise InvalidArgument(f"conf: expected keys starting with 'spark.', got {key!r}")
         settings[key] = str(value).lower() if isinstance(value, bool) else str(value)
     # Executors must run the interpreter that has sparkmpi installed.
     os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
     os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+    from pyspark import SparkContext
     from pyspark.sql import SparkSession
 
+    log = _console.log_file() if SparkContext._active_spark_context is None else None
+    if log is not None:
+        options = f"-Dlog4j2.configurationFile={_console.LOG4J2_CONFIG} -Dsparkmpi.log.file={log}"
+        extra = settings.get("spark.driver.extraJavaOptions")
+        settings["spark.driver.extraJavaOptions"] = f"{extra} {options}" if extra else options
     builder = SparkSession.builder.master(master).appName(app)
     for key, value in settings.items():
         builder = builder.config(key, value)
-    session = builder.getOrCreate()
+    with _console.output_to_log(log):  # the JVM inherits these descriptors for its lifetime
+        session = builder.getOrCreate()
     if log_level is not None:
         session.sparkContext.setLogLevel(log_level)
     return session

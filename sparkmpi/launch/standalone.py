@@ -11,13 +11,13 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import socket
 import subprocess
 import tempfile
 import time
 import urllib.request
 from dataclasses import dataclass, field
+
+from .._proc import free_port, stop_process
 
 
 def spark_home() -> str:
@@ -25,12 +25,6 @@ def spark_home() -> str:
     import pyspark
 
     return os.path.dirname(pyspark.__file__)
-
-
-def free_port(host: str = "127.0.0.1") -> int:
-    with socket.socket() as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
 
 
 @dataclass
@@ -96,19 +90,9 @@ class LocalCluster:
         return self
 
     def stop(self) -> None:
-        """Terminate every process group (executors included), then kill stragglers."""
+        """Terminate every process group (executors included), kill stragglers, reap them."""
         for _, proc in reversed(self.processes):
-            if proc.poll() is None:
-                try:
-                    os.killpg(proc.pid, signal.SIGTERM)
-                except ProcessLookupError:
-                    pass
-        for _, proc in reversed(self.processes):
-            try:
-                proc.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                os.killpg(proc.pid, signal.SIGKILL)
-                proc.wait()
+            stop_process(proc, grace=10.0, group=True)
         self.processes.clear()
 
     def __enter__(self) -> "LocalCluster":

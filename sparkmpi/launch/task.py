@@ -1,13 +1,14 @@
-"""The executor side of a job: one Spark barrier task per rank.
+"""The executor side of a world: one Spark barrier task per rank.
 
 Each task takes a rank process (:mod:`.pool`), connects to the driver's PMI
-server with the job's token, hands the rank a private PMI socket (``PMI_FD``,
-so the rank opens no port), and then relays: PMI lines from the rank to the
-server and replies back, while it watches the rank for its result, its error,
-or its death.  The server can order the relay to abort (another rank failed,
-the job timed out); the relay then kills its rank.  Whatever happens, the rank
-process is reaped and the job's shared-memory files are removed before the
-task returns.
+server and to the driver's world endpoint with the job's token, hands the
+rank a private PMI socket (``PMI_FD``, so the rank opens no port), and then
+relays until the world closes: PMI lines between the rank and the server,
+calls from the driver to the rank, results and the rank's stdout/stderr
+back.  What to do with each thing that arrives is decided by
+:class:`~.relay.RelayState`; this module only moves bytes.  Whatever
+happens, the rank process is reaped and the job's shared-memory files are
+removed before the task returns.
 """
 
 from __future__ import annotations
@@ -19,12 +20,15 @@ import socket
 import time
 from dataclasses import dataclass, field
 
+from ..config import Settings
 from ..pmi import control
 from ..pmi.wire import LineBuffer, parse_line
-from . import channel, pool, shm
+from . import channel, pool, relay, shm
 
 STDERR_TAIL = 4000
 CONNECT_TIMEOUT = 15.0
+#: The key under which a task's own partition reaches its rank (``run``).
+PARTITION_KEY = "partition"
 
 
 class RankError(RuntimeError):
@@ -33,23 +37,24 @@ class RankError(RuntimeError):
 
 @dataclass(frozen=True)
 class TaskSpec:
-    """What every task of one job needs; pickled into the Spark closure."""
+    """What every task of one world needs; pickled into the Spark closure."""
 
     server_host: str
     server_port: int
     kvsname: str
     token: str
     size: int
-    fn: bytes
+    world_host: str
+    world_port: int
+    settings: Settings = field(default_factory=Settings)
     env: dict = field(default_factory=dict)
-    warm_pool: int = 2
-    kill_grace: float = 1.0
-    fork_server: bool = True
-    single_host_netmod: str = ""
     preload: tuple = ()
+    #: Send the task's partition to the rank (``run``); else the records are ignored.
+    deliver_partition: bool = False
 
 
-def connect_with_retry(host: str, port: int, timeout: float = CONNECT_TIMEOUT) -> socket.socket:
+def connect_with_retry(host: str, port: int, timeout: float = CONNECT_TIMEOUT, what: str = "PMI server"
+                       ) -> socket.socket:
     """Connect to ``host:port``, retrying with backoff until ``timeout`` s."""
     deadline = time.monotonic() + timeout
     delay = 0.05
@@ -60,17 +65,23 @@ def connect_with_retry(host: str, port: int, timeout: float = CONNECT_TIMEOUT) -
             return sock
         except OSError as exc:
             if time.monotonic() + delay > deadline:
-                raise RankError(f"could not reach the sparkmpi PMI server at {host}:{port} "
+                raise RankError(f"could not reach the sparkmpi {what} at {host}:{port} "
                                 f"after {timeout:.0f} s: {exc}") from exc
             time.sleep(delay)
             delay = min(delay * 2, 1.0)
 
 
 class _Relay:
+    """The socket adapter around :class:`~.relay.RelayState` for one rank."""
+
     def __init__(self, spec: TaskSpec, rank: int, proc: pool.RankProcess):
         self.spec, self.rank, self.proc = spec, rank, proc
         self.where = f"rank {rank} (partition {rank} on {socket.gethostname()})"
+        self.state = relay.RelayState(spec.kvsname, rank, self.where)
         self.stderr_tail = bytearray()
+        self.stdout_fd = -1
+        self.pmi = self.server = self.driver = None
+        self._early: list = []
 
     # -- setup -------------------------------------------------------------
     def connect(self) -> None:
@@ -87,6 +98,11 @@ class _Relay:
         if command.name != control.WELCOME:
             raise RankError(f"unexpected first reply from the PMI server: {first!r}")
         self.server.settimeout(None)
+        self.driver = connect_with_retry(spec.world_host, spec.world_port, what="world endpoint")
+        self.driver.settimeout(None)
+        channel.send_message(self.driver, channel.HELLO,
+                             {"job": spec.kvsname, "token": spec.token, "rank": self.rank,
+                              "host": socket.gethostname(), "pid": os.getpid()})
 
     def _read_server_line(self, timeout: float) -> bytes:
         self.server.settimeout(timeout)
@@ -102,76 +118,147 @@ class _Relay:
                 self._early = lines[1:]
                 return lines[0]
 
-    def start_rank(self, records: list, env: dict) -> None:
+    def start_rank(self, env: dict, records: list | None) -> None:
+        """Send the rank its JOB (with the task's partition for ``run``, read
+        before MPI starts: a large partition sent later would block this
+        relay while its rank waits in ``MPI_Init`` for PMI answers)."""
         pmi_ours, pmi_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.pmi = pmi_ours
-        job = {"rank": self.rank, "size": self.spec.size, "env": env, "fn": self.spec.fn}
+        inputs = {} if records is None else {PARTITION_KEY: records}
+        job = {"rank": self.rank, "size": self.spec.size, "env": env, "inputs": inputs}
         try:
             channel.send_message(self.proc.ctrl, channel.JOB, job, fds=(pmi_theirs.fileno(),))
         finally:
             pmi_theirs.close()
-        channel.send_message(self.proc.ctrl, channel.DATA, records)
 
     # -- relay loop ----------------------------------------------------------
-    def run(self) -> list:
-        sel = selectors.DefaultSelector()
+    def run(self) -> None:
+        """Relay until the world closes (returns) or fails (raises RankError)."""
+        self.sel = sel = selectors.DefaultSelector()
         sel.register(self.pmi, selectors.EVENT_READ, "rank-pmi")
         sel.register(self.server, selectors.EVENT_READ, "server")
+        sel.register(self.driver, selectors.EVENT_READ, "driver")
         sel.register(self.proc.ctrl, selectors.EVENT_READ, "rank-ctrl")
         sel.register(self.proc.popen.stderr, selectors.EVENT_READ, "rank-stderr")
         sel.register(self.proc.pidfd, selectors.EVENT_READ, "rank-exit")
-        from_rank = LineBuffer()
-        pending_server_lines = list(self._early)
+        self.from_rank = LineBuffer()
         try:
-            while True:
-                for line in pending_server_lines:
-                    self._from_server(line)
-                pending_server_lines = []
+            for line in self._early:
+                self.execute(self.state.handle(relay.ServerLine(line)))
+            while not self.state.finished:
                 for key, _ in sel.select(timeout=5.0):
-                    what = key.data
-                    if what == "rank-pmi":
-                        data = self.pmi.recv(65536)
-                        if data:
-                            # Whole lines only, so our own control lines never split one.
-                            for line in from_rank.feed(data):
-                                self.server.sendall(line + b"\n")
-                        else:
-                            sel.unregister(self.pmi)  # rank closed PMI (finalised or died)
-                    elif what == "server":
-                        data = self.server.recv(65536)
-                        if not data:
-                            raise RankError(f"lost the connection to the PMI server; {self.where} stopped")
-                        pending_server_lines = self.from_server.feed(data)
-                    elif what == "rank-stderr":
-                        self._drain_stderr()
-                    elif what == "rank-ctrl":
-                        results = self._from_rank_ctrl()
-                        if results is not None:
-                            return results
-                    elif what == "rank-exit":
-                        self._drain_stderr()
-                        # A result may still be queued on the control socket.
-                        while self._ctrl_readable():
-                            results = self._from_rank_ctrl()
-                            if results is not None:
-                                return results
-                        status = self.proc.popen.wait()
-                        self._report_failure(f"{self.where} exited with status {_describe_status(status)} "
-                                             f"before returning results{self._stderr_note()}")
+                    self._readable(key.data)
+                    if self.state.finished:
+                        break
         finally:
             sel.close()
 
-    def _from_server(self, line: bytes) -> None:
-        if line.startswith(b"cmd=" + control.PREFIX.encode()):
-            command = parse_line(line)
-            if command.name == control.ABORT:
-                if command.get("stacks") == "1":
-                    self._report_stacks()
-                self.proc.stop(self.spec.kill_grace)
-                raise RankError(f"job {self.spec.kvsname} aborted; {self.where} was stopped. "
-                                f"Cause: {control.decode_text(command)}")
-            raise RankError(f"unexpected control line from the PMI server: {line!r}")
-        self.pmi.sendall(line + b"\n")
+    def _readable(self, what: str) -> None:
+        handle = self.state.handle
+        if what == "rank-pmi":
+            data = self.pmi.recv(65536)
+            if data:
+                # Whole lines only, so our own control lines never split one.
+                for line in self.from_rank.feed(data):
+                    self.execute(handle(relay.RankPMILine(line)))
+            else:
+                self.sel.unregister(self.pmi)  # rank closed PMI (finalised or died)
+        elif what == "server":
+            data = self.server.recv(65536)
+            if not data:
+                self.execute(handle(relay.ServerClosed()))
+                return
+            for line in self.from_server.feed(data):
+                self.execute(handle(relay.ServerLine(line)))
+                if self.state.finished:
+                    return
+        elif what == "driver":
+            try:
+                kind, segments, fds = channel.recv_frame(self.driver)
+            except (channel.ChannelClosed, ConnectionError):
+                self.execute(handle(relay.DriverClosed()))
+                return
+            self.execute(handle(relay.DriverFrame(kind, segments)))
+        elif what in ("rank-stderr", "rank-stdout"):
+            self._forward_output(2 if what == "rank-stderr" else 1)
+        elif what == "rank-ctrl":
+            self._from_rank_ctrl()
+        elif what == "rank-exit":
+            self._forward_output(1)
+            self._forward_output(2)
+            # A last message (its error, say) may still be queued on the control socket.
+            while not self.state.finished and _readable_within(self.proc.ctrl, 0.2):
+                self._from_rank_ctrl()
+            if not self.state.finished:
+                status = self.proc.popen.wait()
+                tail = self.stderr_tail.decode("utf-8", "replace").strip()
+                self.execute(handle(relay.RankExited(status, tail)))
+
+    def _from_rank_ctrl(self) -> None:
+        try:
+            kind, segments, fds = channel.recv_frame(self.proc.ctrl)
+        except (channel.ChannelClosed, ConnectionError):
+            status = self.proc.popen.wait()
+            self._forward_output(2)
+            tail = self.stderr_tail.decode("utf-8", "replace").strip()
+            self.execute(self.state.handle(relay.RankExited(status, tail)))
+            return
+        if kind == channel.STARTED and fds:
+            self.stdout_fd = fds.pop(0)
+            os.set_blocking(self.stdout_fd, False)
+            self.sel.register(self.stdout_fd, selectors.EVENT_READ, "rank-stdout")
+        for fd in fds:
+            os.close(fd)
+        if kind in (channel.RESULT, channel.CLOSED):
+            # The rank flushed before answering: its output goes first.
+            self._forward_output(1)
+            self._forward_output(2)
+        payload = channel.decode(segments) if kind in (channel.ERROR, channel.STARTED) else None
+        self.execute(self.state.handle(relay.RankFrame(kind, segments, payload)))
+
+    def _forward_output(self, stream: int) -> None:
+        data = self._read_available(stream)
+        if data and not self.state.finished:
+            self.execute(self.state.handle(relay.RankOutput(stream, data)))
+
+    def _read_available(self, stream: int) -> bytes:
+        """What the rank wrote to ``stream`` so far (stderr's tail is kept for messages)."""
+        fd = self.proc.popen.stderr.fileno() if stream == 2 else self.stdout_fd
+        if fd < 0:
+            return b""
+        read = bytearray()
+        while True:
+            try:
+                chunk = os.read(fd, 65536)
+            except (BlockingIOError, OSError):
+                break
+            if not chunk:
+                break
+            read += chunk
+        if stream == 2:
+            self.stderr_tail += read
+            del self.stderr_tail[:-STDERR_TAIL]
+        return bytes(read)
+
+    # -- actions ---------------------------------------------------------------
+    def execute(self, actions: list) -> None:
+        for action in actions:
+            if isinstance(action, relay.ToServer):
+                _send_quietly(self.server.sendall, action.line)
+            elif isinstance(action, relay.ToRankPMI):
+                _send_quietly(self.pmi.sendall, action.line + b"\n")
+            elif isinstance(action, relay.ToRank):
+                _send_quietly(lambda: channel.send_frame(self.proc.ctrl, action.kind, action.segments))
+            elif isinstance(action, relay.ToDriver):
+                _send_quietly(lambda: channel.send_frame(self.driver, action.kind, action.segments))
+            elif isinstance(action, relay.DumpStacks):
+                self._report_stacks()
+            elif isinstance(action, relay.StopRank):
+                self.proc.stop(self.spec.settings.kill_grace)
+            elif isinstance(action, relay.Fail):
+                raise RankError(action.cause)
+            elif isinstance(action, relay.Finish):
+                return
 
     def _report_stacks(self) -> None:
         """Ask the rank for its threads' stacks (faulthandler on SIGUSR1) and report them."""
@@ -183,103 +270,50 @@ class _Relay:
         quiet_since = time.monotonic()
         # Read until the dump has been quiet for 0.2 s (or 1 s in all).
         while time.monotonic() < deadline and time.monotonic() - quiet_since < 0.2:
-            chunk = self._drain_stderr()
+            chunk = self._read_available(2)
             if chunk:
                 stacks += chunk
                 quiet_since = time.monotonic()
             time.sleep(0.02)
         text = stacks.decode("utf-8", "replace").strip() or "(no stack received)"
-        try:
-            self.server.sendall(control.text_line(control.FAILED, text[-8000:]))
-        except OSError:
-            pass
-
-    def _ctrl_readable(self) -> bool:
-        sel = selectors.DefaultSelector()
-        sel.register(self.proc.ctrl, selectors.EVENT_READ)
-        try:
-            return bool(sel.select(timeout=0.2))
-        finally:
-            sel.close()
-
-    def _from_rank_ctrl(self) -> list | None:
-        """Handle one message from the rank: its results, or None for READY."""
-        try:
-            kind, payload, fds = channel.recv_message(self.proc.ctrl)
-        except (channel.ChannelClosed, ConnectionError):
-            status = self.proc.popen.wait()
-            self._drain_stderr()
-            self._report_failure(f"{self.where} exited with status {_describe_status(status)} "
-                                 f"before returning results{self._stderr_note()}")
-        for fd in fds:
-            os.close(fd)
-        if kind == channel.READY:
-            return None
-        if kind == channel.RESULT:
-            self.server.sendall(control.bare_line(control.DONE))
-            return payload
-        if kind == channel.ERROR:
-            self._report_failure(f"{self.where} raised {payload['type']}: {payload['message']}\n\n"
-                                 f"Remote traceback:\n{payload['traceback']}")
-        self._report_failure(f"{self.where} sent an unexpected message kind {kind}")
-
-    def _report_failure(self, cause: str) -> None:
-        try:
-            self.server.sendall(control.text_line(control.FAILED, cause))
-        except OSError:
-            pass
-        raise RankError(cause)
-
-    def _drain_stderr(self) -> bytes:
-        """Read what the rank wrote to stderr so far; echo it, keep a tail, return it."""
-        stream = self.proc.popen.stderr
-        read = bytearray()
-        while True:
-            try:
-                chunk = os.read(stream.fileno(), 65536)
-            except BlockingIOError:
-                break
-            if not chunk:
-                break
-            os.write(2, chunk)  # keep the rank's stderr in the executor's log
-            read += chunk
-        self.stderr_tail += read
-        del self.stderr_tail[:-STDERR_TAIL]
-        return bytes(read)
-
-    def _stderr_note(self) -> str:
-        text = self.stderr_tail.decode("utf-8", "replace").strip()
-        return f"; its stderr ended with:\n{text}" if text else ""
+        _send_quietly(self.server.sendall, control.text_line(control.FAILED, text[-8000:]))
 
     def close(self) -> None:
-        for sock in (getattr(self, "pmi", None), getattr(self, "server", None)):
+        for sock in (self.pmi, self.server, self.driver):
             if sock is not None:
                 sock.close()
+        if self.stdout_fd >= 0:
+            os.close(self.stdout_fd)
+            self.stdout_fd = -1
 
 
-def _describe_status(status: int | None) -> str:
-    if status is None:
-        return "unknown"
-    if status < 0:
-        try:
-            return f"{status} (killed by {signal.Signals(-status).name})"
-        except ValueError:
-            return str(status)
-    return str(status)
+def _send_quietly(send, *args) -> None:
+    """Send, ignoring a peer that is gone: its loss is its own event."""
+    try:
+        send(*args)
+    except OSError:
+        pass
+
+
+def _readable_within(sock: socket.socket, timeout: float) -> bool:
+    with selectors.DefaultSelector() as sel:
+        sel.register(sock, selectors.EVENT_READ)
+        return bool(sel.select(timeout=timeout))
 
 
 NETMOD_VARIABLE = "MPIR_CVAR_CH4_NETMOD"
 
 
 def rank_environment(spec: TaskSpec, task_hosts, environ=None) -> dict:
-    """The environment additions for this job's rank: the job's ``env``, plus
-    ``MPIR_CVAR_CH4_NETMOD=spec.single_host_netmod`` when every task of the
+    """The environment additions for this world's rank: the world's ``env``, plus
+    ``MPIR_CVAR_CH4_NETMOD=<single_host_netmod setting>`` when every task of the
     stage (``task_hosts``) is on one host and nobody chose a netmod already."""
     env = dict(spec.env)
     environ = os.environ if environ is None else environ
-    if (spec.single_host_netmod and len(set(task_hosts)) == 1
+    netmod = spec.settings.single_host_netmod
+    if (netmod and len(set(task_hosts)) == 1
             and NETMOD_VARIABLE not in env and NETMOD_VARIABLE not in environ):
-        env[NETMOD_VARIABLE] = spec.single_host_netmod
+        env[NETMOD_VARIABLE] = netmod
     return env
 
 
@@ -289,30 +323,34 @@ def _task_hosts(context) -> list:
 
 
 def run_rank_task(spec: TaskSpec, iterator):
-    """Body of one barrier task: run rank = partition index; yield its results."""
+    """Body of one barrier task: serve rank = partition index until its world closes."""
     from pyspark import BarrierTaskContext
 
     context = BarrierTaskContext.get()
     rank = context.partitionId()
     if not (0 <= rank < spec.size):
-        raise RankError(f"partition {rank} is outside the job's {spec.size} ranks")
-    records = list(iterator)
-    proc = pool.acquire(spec.fork_server, spec.preload)
-    relay = _Relay(spec, rank, proc)
+        raise RankError(f"partition {rank} is outside the world's {spec.size} ranks")
+    records = list(iterator) if spec.deliver_partition else None
+    if records is None:
+        for _ in iterator:
+            pass  # read the partition, or PySpark discards this worker afterwards
+    settings = spec.settings
+    proc = pool.acquire(settings.fork_server, spec.preload)
+    task_relay = _Relay(spec, rank, proc)
     try:
-        relay.connect()
-        relay.start_rank(records, rank_environment(spec, _task_hosts(context)))
+        task_relay.connect()
+        task_relay.start_rank(rank_environment(spec, _task_hosts(context)), records)
         del records
-        results = relay.run()
+        task_relay.run()
         # The rank finalised and is exiting; reap it.
         try:
             proc.popen.wait(timeout=10)
         except Exception:
             pass
     finally:
-        relay.close()
-        proc.stop(spec.kill_grace)
+        task_relay.close()
+        proc.stop(settings.kill_grace)
         pool.end_rank_group(proc.pid)
         shm.remove_job_segments(spec.kvsname)
-        pool.replenish_soon(spec.warm_pool, spec.fork_server, preload=spec.preload)
-    return iter(results)
+        pool.replenish_soon(settings.warm_pool, settings.fork_server, preload=spec.preload)
+    return iter(())

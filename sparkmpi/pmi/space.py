@@ -26,7 +26,7 @@ from __future__ import annotations
 import secrets
 from dataclasses import dataclass, field
 
-from ..errors import PMIProtocolError
+from ..errors import InvalidArgument, PMIProtocolError
 from . import control
 from .wire import Command, format_command
 
@@ -65,7 +65,7 @@ def process_mapping(hosts: list[str]) -> str:
     '(vector,(0,1,1),(1,1,1),(0,1,1))'
     """
     if not hosts:
-        raise ValueError("hosts must name at least one rank's host")
+        raise InvalidArgument("hosts must name at least one rank's host")
     node_of: dict[str, int] = {}
     blocks: list[list[int]] = []
     for host in hosts:
@@ -125,9 +125,9 @@ class JobSpace:
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 1:
-            raise ValueError(f"size must be a positive number of ranks, got {self.size!r}")
+            raise InvalidArgument(f"size must be a positive number of ranks, got {self.size!r}")
         if len(self.kvsname) > KVSNAME_MAX:
-            raise ValueError(f"kvsname must be at most {KVSNAME_MAX} characters")
+            raise InvalidArgument(f"kvsname must be at most {KVSNAME_MAX} characters")
         self.ranks = [RankState() for _ in range(self.size)]
         self._barrier_count = 0
         self._barrier_epoch = 0

@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Iterable, Mapping
 
-from ..errors import PMIProtocolError
+from ..errors import InvalidArgument, InvalidArgumentType, PMIProtocolError
 
 #: Longest line accepted: MPICH's values are at most 1024 bytes (``vallen_max``),
 #: keys at most 64; this leaves ample room without unbounded buffering.
@@ -73,7 +73,7 @@ class Command:
 
 def _escape(value: str) -> str:
     if "\n" in value or "\0" in value:
-        raise ValueError(f"a PMI value cannot contain a newline or NUL byte, got {value!r}")
+        raise InvalidArgument(f"a PMI value cannot contain a newline or NUL byte, got {value!r}")
     return value.replace("\\", "\\\\").replace(" ", "\\ ")
 
 
@@ -86,11 +86,11 @@ def format_command(name: str, args: Mapping[str, object] | Iterable[tuple[str, o
     """
     items = args.items() if isinstance(args, Mapping) else args
     if not name or not all(c in _KEY_CHARS for c in name.encode("ascii", "replace")):
-        raise ValueError(f"bad PMI command name {name!r}")
+        raise InvalidArgument(f"bad PMI command name {name!r}")
     parts = [f"cmd={name}"]
     for key, value in items:
         if not key or not all(c in _KEY_CHARS for c in key.encode("ascii", "replace")):
-            raise ValueError(f"bad PMI key {key!r} in cmd={name}")
+            raise InvalidArgument(f"bad PMI key {key!r} in cmd={name}")
         parts.append(key if value is None else f"{key}={_escape(str(value))}")
     return (" ".join(parts) + "\n").encode("ascii", "backslashreplace")
 
@@ -121,7 +121,7 @@ def parse_line(line: bytes) -> Command:
         allowed where it stands, is not ASCII, or is empty.
     """
     if not isinstance(line, (bytes, bytearray, memoryview)):
-        raise TypeError(f"line must be bytes, got {type(line).__name__}")
+        raise InvalidArgumentType(f"line must be bytes, got {type(line).__name__}")
     data = bytes(line)
     if data.endswith(b"\n"):
         data = data[:-1]
@@ -192,7 +192,7 @@ class LineBuffer:
 
     def __init__(self, max_line: int = MAX_LINE):
         if max_line < 16:
-            raise ValueError(f"max_line must be >= 16 bytes, got {max_line}")
+            raise InvalidArgument(f"max_line must be >= 16 bytes, got {max_line}")
         self._max_line = max_line
         self._buf = bytearray()
 

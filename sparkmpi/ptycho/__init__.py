@@ -9,8 +9,12 @@ Public API::
 
 Distributed through Spark (one MPI rank per partition, ``sparkmpi.run``)::
 
-    from sparkmpi.ptycho.spark import reconstruct_spark
-    out = reconstruct_spark(spark, "scan.npz", ranks=2, iterations=100)
+    from sparkmpi.ptycho.spark import reconstruct_mpi
+    out = reconstruct_mpi(spark, "scan.npz", ranks=2, iterations=100)
+
+One rank's share, under ``mpiexec`` or inside a ``sparkmpi.run`` task::
+
+    result = ptycho.reconstruct_rank(comm, intensities, positions, object_shape)
 
 Importing this package needs NumPy and SciPy only (no pyspark, no mpi4py);
 numba, when installed, provides the fused CPU kernels.
@@ -23,7 +27,8 @@ from .engines import (
     allreduce_sums,
     initial_probe,
     reconstruct,
-    reconstruct_partition,
+    reconstruct_frames,
+    reconstruct_rank,
 )
 from .errors import (
     DataFormatError,
@@ -35,6 +40,7 @@ from .errors import (
     PtychoInputError,
 )
 from .metrics import illuminated_mask, illumination, nrmse, object_nrmse
+from .options import Options
 from .output import write_outputs
 from .simulate import (
     PtychoData,
@@ -53,6 +59,7 @@ __all__ = [
     "FrameMismatchError",
     "NegativeIntensityError",
     "NonFiniteError",
+    "Options",
     "PositionOutOfBoundsError",
     "ProbeShapeError",
     "PtychoData",
@@ -66,7 +73,8 @@ __all__ = [
     "make_object",
     "make_probe",
     "reconstruct",
-    "reconstruct_partition",
+    "reconstruct_frames",
+    "reconstruct_rank",
     "simulate",
     "model_probe",
     "illuminated_mask",

@@ -42,6 +42,9 @@ from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 
+from ..errors import InvalidArgument
+from .options import KERNELS
+
 try:  # numba is optional: the NumPy forms below do the same work
     import numba
 
@@ -50,8 +53,6 @@ except ImportError:  # pragma: no cover - exercised where numba is absent (GPU m
     numba = None
     HAVE_NUMBA = False
 
-#: "generic" runs the backend-generic array code (what CuPy runs) on NumPy; see engines.
-KERNELS = ("auto", "numba", "numpy", "generic")
 _EPS = np.float32(1e-12)
 
 
@@ -513,7 +514,7 @@ class FusedOps(NumpyOps):
 def make_ops(kernels: str, positions, frame_shape, object_shape, threads: int = 1):
     """:class:`FusedOps` (``"numba"``, or ``"auto"`` with numba installed) or :class:`NumpyOps`."""
     if kernels not in KERNELS or kernels == "generic":
-        raise ValueError(f"kernels must be one of {KERNELS[:3]}, got {kernels!r}")
+        raise InvalidArgument(f"kernels must be one of {KERNELS[:3]}, got {kernels!r}")
     if kernels == "numba" or (kernels == "auto" and HAVE_NUMBA):
         return FusedOps(positions, frame_shape, object_shape, threads)
     return NumpyOps(positions, frame_shape, object_shape, threads)

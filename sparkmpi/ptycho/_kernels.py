@@ -13,18 +13,14 @@ backend than the generic one, so each has a NumPy and a CuPy branch:
   frames once; two column blocks run in two threads because SciPy's sparse
   kernels release the GIL), CuPy adds with float64 atomics in one kernel.
   The sums are complex128 on both: float32 partial sums differ with the split
-  of the frames over ranks, and DM with probe refinement amplified that to
-  1.1e-3 relative after 30 iterations, past the issue's 1e-4;
+  of the frames over ranks, and probe refinement amplifies the difference
+  past the 1e-4 bound (docs/ptycho.md);
 * ``sum_j shift(|P|^2, r_j)``: a circular convolution of the scan's
   position comb with ``|P|^2`` through object-sized real FFTs (exact, since
   every frame lies inside the object).
 
-Measured on 2 cores for 512 frames of 128x128 into a 512x512 object (one
-process): ``np.add.at`` is far slower; ``np.bincount`` on real and imaginary
-parts 44 ms; sparse CSR (rows = object pixels) 34 ms; sparse CSC (columns =
-frame pixels) 17 ms, 9 ms in two threads; a Python loop over frames 10 ms
-(not used: no per-frame loops).  Gather: ``np.take`` with flat indices 18 ms,
-sliding-window fancy indexing 9 ms.
+Each NumPy form is the fastest of those compared in BENCHMARKS.md
+("Ptychography: why the code is written as it is").
 """
 
 from __future__ import annotations
@@ -35,6 +31,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..backend import Backend
+from ..errors import InvalidArgument
 
 
 # --------------------------------------------------------------------------- the hook
@@ -259,7 +256,7 @@ class Geometry:
         makes the object denominator the same on every rank, with no Allreduce."""
         comb = np.asarray(comb, dtype=np.float64)
         if comb.shape != self.object_shape:
-            raise ValueError(f"comb must have shape {self.object_shape}, got {comb.shape}")
+            raise InvalidArgument(f"comb must have shape {self.object_shape}, got {comb.shape}")
         self._comb = comb
         self._comb_spectrum = None
 
@@ -426,8 +423,8 @@ def _cupy_kernels():
             "float32 a, float32 scale", "complex64 x",
             "x = x * (scale * a / (abs(x) + 1e-12f));",
             "sparkmpi_ptycho_modulus_project")
-        # A ReductionKernel straight to one scalar took 118 ms for 512x384x384 on an
-        # H100; squared misfits into a buffer, then per-frame row sums: ~1 ms.
+        # Squared misfits into a buffer, then per-frame row sums: a ReductionKernel
+        # straight to one scalar is about 100x slower (BENCHMARKS.md).
         _CUPY_KERNELS["misfit"] = cupy.ElementwiseKernel(
             "complex64 x, float32 a", "float32 d",
             "float m = abs(x) - a; d = m * m;", "sparkmpi_ptycho_modulus_misfit")

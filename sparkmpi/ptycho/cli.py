@@ -11,6 +11,8 @@ import json
 import sys
 import time
 
+from ..errors import UsageError
+
 
 def _photons(value: str):
     if value.lower() in ("none", "inf", "0"):
@@ -18,9 +20,9 @@ def _photons(value: str):
     try:
         out = float(value)
     except ValueError:
-        raise ValueError(f"--photons must be a number or 'none', got {value!r}") from None
+        raise UsageError(f"--photons must be a number or 'none', got {value!r}") from None
     if out <= 0:
-        raise ValueError(f"--photons must be > 0 or 'none', got {value!r}")
+        raise UsageError(f"--photons must be > 0 or 'none', got {value!r}")
     return out
 
 
@@ -42,7 +44,6 @@ def register(subparsers) -> None:
     sim.add_argument("--propagation-distance", type=float, default=0.0,
                      help="Fresnel propagation of the probe, metres")
     sim.add_argument("--out", required=True, help="output NPZ file")
-    sim.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     sim.set_defaults(func=_simulate)
 
     rec = verbs.add_parser("reconstruct", help="reconstruct a scan; write NPZ and PNG outputs")
@@ -57,7 +58,6 @@ def register(subparsers) -> None:
                           "pattern, or the file's probe_true")
     rec.add_argument("--backend", choices=("numpy", "cupy", "auto"), default="numpy")
     rec.add_argument("--out", required=True, help="output directory")
-    rec.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     rec.set_defaults(func=_reconstruct)
 
 

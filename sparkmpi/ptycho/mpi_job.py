@@ -6,14 +6,14 @@ Usage (what the tests and ``sparkmpi bench ptycho --ranks N`` run)::
         --algorithm dm --iterations 100
 
 Every rank loads the file, keeps its contiguous share of the frames
-(:func:`split_frames`), and calls
-:func:`sparkmpi.ptycho.reconstruct_partition`.  Rank 0 writes ``RESULT.npz``
-with ``object``, ``probe``, ``errors``, ``seconds`` (iterations only, the
-slowest rank) and ``ranks``.  A rank that fails aborts the whole job
+(:func:`split_frames`), and calls :func:`sparkmpi.ptycho.reconstruct_rank`.
+Rank 0 writes ``RESULT.npz`` with ``object``, ``probe``, ``errors``,
+``seconds`` (iterations only, the slowest rank) and ``ranks``.  A rank that fails aborts the whole job
 (``comm.Abort``), so no rank is left waiting in a collective.
 
-The same :func:`partition_job` body is what a Spark-MPI task runs per rank
-(``sparkmpi.run(rdd, fn)``): only where the frames come from differs.
+A Spark-MPI task (:func:`sparkmpi.ptycho.spark.reconstruct_mpi`) calls the
+same :func:`~sparkmpi.ptycho.reconstruct_rank`: only where the frames come
+from differs.
 """
 
 from __future__ import annotations
@@ -25,13 +25,15 @@ import traceback
 
 import numpy as np
 
+from ..errors import InvalidArgument
+
 
 def split_frames(n_frames: int, size: int, rank: int) -> slice:
     """Contiguous share of ``n_frames`` for ``rank`` of ``size`` (sizes differ by <= 1)."""
     if not 0 <= rank < size:
-        raise ValueError(f"rank must be in [0, {size}), got {rank}")
+        raise InvalidArgument(f"rank must be in [0, {size}), got {rank}")
     if n_frames < size:
-        raise ValueError(f"{n_frames} frames cannot be split over {size} ranks "
+        raise InvalidArgument(f"{n_frames} frames cannot be split over {size} ranks "
                          f"(each rank needs at least one frame)")
     edges = np.linspace(0, n_frames, size + 1).round().astype(int)
     return slice(int(edges[rank]), int(edges[rank + 1]))
@@ -64,24 +66,6 @@ def threads_per_rank(comm) -> int:
     return max(1, cores // max(1, ranks_on_node(comm)))
 
 
-def partition_job(comm, intensities, positions, object_shape, **options):
-    """Per-rank body: reconstruct this rank's frames; returns the Result.
-
-    Uses :func:`threads_per_rank` threads unless ``threads`` is given.  Times
-    the iterations and keeps the slowest rank's time in ``result.seconds``,
-    so every rank reports the job's figure.
-    """
-    from .engines import reconstruct_partition
-
-    if options.get("threads") is None:
-        options["threads"] = threads_per_rank(comm)
-    result = reconstruct_partition(comm, intensities, positions, object_shape, **options)
-    from mpi4py import MPI
-
-    result.seconds = comm.allreduce(result.seconds, op=MPI.MAX)
-    return result
-
-
 def _probe_init(data, how: str):
     from .simulate import model_probe
 
@@ -89,7 +73,7 @@ def _probe_init(data, how: str):
         return None
     if how == "true":
         if data.probe_true is None:
-            raise ValueError("--probe-init true needs probe_true in the data file")
+            raise InvalidArgument("--probe-init true needs probe_true in the data file")
         return data.probe_true
     return model_probe(data)
 
@@ -115,17 +99,19 @@ def main(argv=None) -> int:
 
     comm = MPI.COMM_WORLD
     try:
+        from .engines import reconstruct_rank
         from .simulate import load
 
         data = load(args.data)
         share = split_frames(data.n_frames, comm.size, comm.rank)
-        result = partition_job(comm, data.intensities[share], data.positions[share],
-                               data.object_shape, algorithm=args.algorithm,
-                               iterations=args.iterations,
-                               probe_update_start=(None if args.probe_update_start < 0
-                                                   else args.probe_update_start),
-                               probe=_probe_init(data, args.probe_init), backend=args.backend,
-                               kernels=args.kernels, threads=args.threads)
+        result = reconstruct_rank(comm, data.intensities[share], data.positions[share],
+                                  data.object_shape, algorithm=args.algorithm,
+                                  iterations=args.iterations,
+                                  probe_update_start=(None if args.probe_update_start < 0
+                                                      else args.probe_update_start),
+                                  probe=_probe_init(data, args.probe_init),
+                                  backend=args.backend, kernels=args.kernels,
+                                  threads=args.threads)
         if comm.rank == 0:
             tmp = args.out + ".part"
             with open(tmp, "wb") as fh:

@@ -4,8 +4,8 @@ The scan's frames become an RDD of records ``(frame_index, intensities,
 position)`` in ``ranks`` partitions of contiguous frame blocks
 (:func:`scan_rdd`); :func:`reconstruct_rdd` runs
 ``sparkmpi.run(rdd, fn)``, where each rank stacks the frames of its partition
-and calls :func:`sparkmpi.ptycho.mpi_job.partition_job` (the same body as
-under ``mpiexec``): every sum over frames is combined with ``MPI_Allreduce``
+and calls :func:`sparkmpi.ptycho.reconstruct_rank` (as under ``mpiexec``,
+:mod:`sparkmpi.ptycho.mpi_job`): every sum over frames is combined with ``MPI_Allreduce``
 each iteration, and the sums are order-independent (see
 :mod:`sparkmpi.ptycho._fused`), so the object and probe equal a one-process
 reconstruction of all frames.
@@ -13,10 +13,10 @@ reconstruction of all frames.
 Usage::
 
     import sparkmpi
-    from sparkmpi.ptycho.spark import reconstruct_spark
+    from sparkmpi.ptycho.spark import reconstruct_mpi
 
     spark = sparkmpi.spark_session("local[2]")
-    out = reconstruct_spark(spark, "scan.npz", ranks=2, iterations=100)
+    out = reconstruct_mpi(spark, "scan.npz", ranks=2, iterations=100)
     out.object, out.probe, out.errors, out.seconds_per_iteration, out.job_seconds
 
 Input checks happen before any iteration: the file's layout (shapes, dtypes,
@@ -41,13 +41,14 @@ import numpy as np
 from . import errors as _errors
 from ._validate import check_complex_image, check_positions, shape2
 from .errors import DataFormatError, FrameMismatchError, PtychoInputError
+from .options import Options
 
-__all__ = ["SparkResult", "frame_records", "reconstruct_rdd", "reconstruct_spark", "scan_rdd"]
+__all__ = ["SparkResult", "frame_records", "reconstruct_mpi", "reconstruct_rdd", "scan_rdd"]
 
 
 @dataclass
 class SparkResult:
-    """Outcome of :func:`reconstruct_rdd` / :func:`reconstruct_spark`.
+    """Outcome of :func:`reconstruct_rdd` / :func:`reconstruct_mpi`.
 
     Attributes
     ----------
@@ -259,37 +260,37 @@ def _check_rank_frames(rank, index, frames, positions, object_shape, probe):
                         f"{exc}") from None
 
 
-def _kernels_used(options) -> str:
+def _kernels_used(options: Options) -> str:
     from ..backend import cupy_available
     from ._fused import HAVE_NUMBA
 
-    backend = options.get("backend", "numpy")
+    backend = options.backend
     if backend == "cupy" or (backend == "auto" and cupy_available()):
         return "cupy"
-    kernels = options.get("kernels", "auto")
+    kernels = options.kernels
     return "numba" if kernels == "numba" or (kernels == "auto" and HAVE_NUMBA) else "numpy"
 
 
-def _rank_fn(comm, records, *, object_shape, options):
+def _records_rank(comm, records, *, object_shape, options: Options, probe, object_init):
     """``fn(comm, records)`` of the Spark-MPI job: one result dict per rank."""
-    from .mpi_job import partition_job, threads_per_rank
+    from .engines import reconstruct_rank
+    from .mpi_job import threads_per_rank
 
-    options = dict(options)
-    if options.get("threads") is None:
-        options["threads"] = threads_per_rank(comm)
+    if options.threads is None:   # fixed here so that the result can report it
+        options = Options.of(options, threads=threads_per_rank(comm))
     error = None
     try:
         index, frames, positions = _stack(records)
-        _check_rank_frames(comm.rank, index, frames, positions, object_shape,
-                           options.get("probe"))
+        _check_rank_frames(comm.rank, index, frames, positions, object_shape, probe)
     except PtychoInputError as exc:
         error = (type(exc).__name__, str(exc))
     # every rank learns whether any rank's frames are bad before anyone iterates
     first = next((e for e in comm.allgather(error) if e is not None), None)
     if first is not None:
         return [{"rank": comm.rank, "error": first}]
-    result = partition_job(comm, frames, positions, object_shape, **options)
-    out = {"rank": comm.rank, "frames": int(len(index)), "threads": int(options["threads"]),
+    result = reconstruct_rank(comm, frames, positions, object_shape, probe=probe,
+                              object_init=object_init, options=options)
+    out = {"rank": comm.rank, "frames": int(len(index)), "threads": int(options.threads),
            "kernels": _kernels_used(options)}
     if comm.rank == 0:
         out.update(object=result.object, probe=result.probe, errors=result.errors,
@@ -300,9 +301,8 @@ def _rank_fn(comm, records, *, object_shape, options):
 def _sparkmpi_fork_server_warm_up() -> None:
     """Called once by a rank fork server that preloads this module: a tiny
     reconstruction, one thread, loads the engines' numba kernels (from numba's
-    cache, or compiles them), which every forked rank then has.  Each rank
-    spent about 0.16 s on that in its first iteration otherwise (more where
-    numba's cache is cold)."""
+    cache, or compiles them), which every forked rank then has instead of
+    loading them in its first iteration (BENCHMARKS.md, live jobs)."""
     from ._fused import HAVE_NUMBA
     from .engines import reconstruct
     from .simulate import PtychoData
@@ -330,7 +330,8 @@ def _sparkmpi_fork_server_warm_up() -> None:
 
 
 def reconstruct_rdd(rdd, object_shape, *, timeout: float | None = None, env=None,
-                    **options) -> SparkResult:
+                    probe=None, object_init=None, options: Options | None = None,
+                    **settings) -> SparkResult:
     """Reconstruct from an RDD of frame records, one MPI rank per partition.
 
     Parameters
@@ -344,12 +345,12 @@ def reconstruct_rdd(rdd, object_shape, *, timeout: float | None = None, env=None
         Seconds the whole job may take (``sparkmpi.run(timeout=)``).
     env : dict, optional
         Environment variables for the rank processes.
-    **options
-        As for :func:`sparkmpi.ptycho.reconstruct_partition`: ``algorithm``,
-        ``iterations``, ``probe_update_start``, ``beta``, ``backend``,
-        ``probe``, ``object_init``, ``regularization``, ``threads`` (default:
-        cores / ranks on the node), ``kernels``, ``refine_probe``,
-        ``pin_probe_ramp``.  ``probe`` / ``object_init`` travel to every rank.
+    probe, object_init : array, optional
+        The starting probe and object; they travel to every rank.
+    options, **settings
+        As for :func:`sparkmpi.ptycho.reconstruct_rank` (an
+        :class:`~sparkmpi.ptycho.Options` and fields replacing its own;
+        ``threads`` defaults to cores / ranks on the node).
 
     Returns
     -------
@@ -368,14 +369,15 @@ def reconstruct_rdd(rdd, object_shape, *, timeout: float | None = None, env=None
 
     object_shape = shape2(object_shape, "object_shape")
     for key in ("comm", "state", "callback"):
-        if key in options:
+        if key in settings:
             raise PtychoInputError(f"option {key!r} is not supported through Spark")
-    if options.get("probe") is not None:
-        options["probe"] = np.asarray(options["probe"])
-    if options.get("object_init") is not None:
-        options["object_init"] = check_complex_image(options["object_init"], object_shape,
-                                                     "object_init")
-    fn = functools.partial(_rank_fn, object_shape=object_shape, options=options)
+    options = Options.of(options, **settings)
+    if probe is not None:
+        probe = np.asarray(probe)
+    if object_init is not None:
+        object_init = check_complex_image(object_init, object_shape, "object_init")
+    fn = functools.partial(_records_rank, object_shape=object_shape, options=options,
+                           probe=probe, object_init=object_init)
     t0 = time.perf_counter()
     outs = sparkmpi.run(rdd, fn, timeout=timeout, env=env)
     job_seconds = time.perf_counter() - t0
@@ -395,8 +397,9 @@ def reconstruct_rdd(rdd, object_shape, *, timeout: float | None = None, env=None
                        threads_per_rank=root["threads"], kernels=root["kernels"])
 
 
-def reconstruct_spark(spark, source, *, ranks: int = 2, timeout: float | None = None,
-                      env=None, **options) -> SparkResult:
+def reconstruct_mpi(spark, source, *, ranks: int = 2, timeout: float | None = None,
+                    env=None, probe=None, object_init=None, options: Options | None = None,
+                    **settings) -> SparkResult:
     """Load a scan into an RDD (:func:`scan_rdd`) and reconstruct it over ``ranks`` MPI ranks.
 
     Parameters
@@ -406,7 +409,7 @@ def reconstruct_spark(spark, source, *, ranks: int = 2, timeout: float | None = 
     source : str, Path or PtychoData
         NPZ scan (format of :mod:`sparkmpi.ptycho.simulate`) or in-memory data.
     ranks : int
-    timeout, env, **options
+    timeout, env, probe, object_init, options, **settings
         As for :func:`reconstruct_rdd`.
 
     Returns
@@ -414,6 +417,7 @@ def reconstruct_spark(spark, source, *, ranks: int = 2, timeout: float | None = 
     SparkResult
     """
     rdd, info = scan_rdd(spark, source, ranks)
-    if options.get("probe") is not None:
-        check_complex_image(options["probe"], info["frame_shape"], "probe")
-    return reconstruct_rdd(rdd, info["object_shape"], timeout=timeout, env=env, **options)
+    if probe is not None:
+        check_complex_image(probe, info["frame_shape"], "probe")
+    return reconstruct_rdd(rdd, info["object_shape"], timeout=timeout, env=env, probe=probe,
+                           object_init=object_init, options=options, **settings)

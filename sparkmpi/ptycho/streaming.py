@@ -9,7 +9,7 @@ image therefore exists after the first batch, and it sharpens as the scan
 covers more of the object.
 
 Under MPI, give ``comm``: each rank adds its own frames, sums are combined as
-in :func:`sparkmpi.ptycho.reconstruct_partition`.
+in :func:`sparkmpi.ptycho.reconstruct_rank`.
 """
 
 from __future__ import annotations
@@ -19,15 +19,9 @@ from typing import Callable, Iterable
 import numpy as np
 
 from ._validate import check_complex_image, check_frames, shape2
-from .engines import (
-    ALGORITHMS,
-    DEFAULT_PROBE_UPDATE_START,
-    ReconstructionState,
-    Result,
-    _run,
-    initial_probe,
-)
+from .engines import ReconstructionState, Result, initial_probe, reconstruct_frames
 from .errors import FrameMismatchError, PtychoInputError
+from .options import Options
 
 
 class StreamingReconstruction:
@@ -41,14 +35,15 @@ class StreamingReconstruction:
         Shape ``(H, W)`` of each diffraction pattern.
     probe : ndarray (H, W), optional
         Initial probe; default :func:`initial_probe` of the first batch.
-    algorithm : {"dm", "raar"}
-    backend : {"numpy", "cupy", "auto"}
-    probe_update_start : int or None
-        Iteration (counted over all rounds) from which the probe is refined.
     comm : mpi4py-like communicator, optional
-    **options
-        Passed on to the engine: ``beta``, ``regularization``, ``threads``,
-        ``pin_probe_ramp``.
+    options : Options, optional
+        The algorithm and its settings; ``iterations`` comes with each
+        :meth:`iterate` instead.
+    **settings
+        Fields of :class:`~sparkmpi.ptycho.Options` that replace those of
+        ``options`` (``algorithm``, ``backend``, ``probe_update_start``
+        (counted over all rounds), ``beta``, ``regularization``, ``threads``,
+        ``kernels``, ``refine_probe``, ``pin_probe_ramp``).
 
     Attributes
     ----------
@@ -57,26 +52,17 @@ class StreamingReconstruction:
         rank), ``iteration`` (total) and ``fourier_error``.
     """
 
-    def __init__(self, object_shape, frame_shape, *, probe=None, algorithm: str = "dm",
-                 backend: str = "numpy",
-                 probe_update_start: int | None = DEFAULT_PROBE_UPDATE_START, comm=None,
-                 **options):
+    def __init__(self, object_shape, frame_shape, *, probe=None, comm=None,
+                 options: Options | None = None, **settings):
         self.object_shape = shape2(object_shape, "object_shape")
         self.frame_shape = shape2(frame_shape, "frame_shape")
-        if algorithm not in ALGORITHMS:
-            raise PtychoInputError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
-        allowed = {"beta", "regularization", "threads", "pin_probe_ramp", "refine_probe",
-                   "kernels"}
-        unknown = sorted(set(options) - allowed)
-        if unknown:
-            raise PtychoInputError(f"unknown option(s) {unknown}; expected some of {sorted(allowed)}")
+        if "iterations" in settings:
+            raise PtychoInputError("iterations is given to iterate(), not to "
+                                   "StreamingReconstruction()")
+        self.options = Options.of(options, **settings)
         if probe is not None:
             probe = check_complex_image(probe, self.frame_shape, "probe")
-        self.algorithm = algorithm
-        self.backend = backend
-        self.probe_update_start = probe_update_start
         self.comm = comm
-        self.options = options
         self._probe0 = probe
         self._intensities: list[np.ndarray] = []
         self._positions: list[np.ndarray] = []
@@ -144,22 +130,17 @@ class StreamingReconstruction:
             if self._pending:
                 old = np.asarray(old.get() if hasattr(old, "get") else old)
                 old = np.concatenate([old] + self._pending)
-            state = ReconstructionState(self.algorithm, self._state.iteration, self._state.object,
-                                        self._state.probe, old, list(self._state.errors),
-                                        self._state.backend, self._state.probe_centroid)
+            state = ReconstructionState(self.options.algorithm, self._state.iteration,
+                                        self._state.object, self._state.probe, old,
+                                        list(self._state.errors), self._state.backend,
+                                        self._state.probe_centroid)
         elif self._pending:
-            state = ReconstructionState(self.algorithm, 0, obj, probe,
+            state = ReconstructionState(self.options.algorithm, 0, obj, probe,
                                         np.concatenate(self._pending), [], "numpy")
         self._pending = []
-        result = _run(intensities, positions, self.object_shape, algorithm=self.algorithm,
-                      iterations=iterations, probe_update_start=self.probe_update_start,
-                      beta=self.options.get("beta"), backend=self.backend, probe=None,
-                      object_init=None, state=state, comm=self.comm, callback=callback,
-                      regularization=self.options.get("regularization", 1e-4),
-                      threads=self.options.get("threads"),
-                      refine_probe=self.options.get("refine_probe", True),
-                      pin_probe_ramp=self.options.get("pin_probe_ramp", True),
-                      kernels=self.options.get("kernels", "auto"))
+        result = reconstruct_frames(intensities, positions, self.object_shape,
+                                    Options.of(self.options, iterations=iterations), state=state,
+                                    comm=self.comm, callback=callback)
         self._state = result.state
         self._result = result
         self.history.append({"frames": self.n_frames, "iteration": result.state.iteration,

@@ -4,7 +4,7 @@ Public API (the code lives in the submodules)::
 
     from sparkmpi.stream import (
         encode_frame, decode_frame,                       # message format (frames)
-        start_broker, stop_broker, broker_status,         # local KRaft broker (kafka)
+        start_broker, stop_broker, broker_status,         # local KRaft broker (broker)
         SyntheticScan, publish_kafka, ZmqReceiver,        # detector simulator (detector)
         plan_batch, read_offset_range, commit_offsets,    # offset ranges (offsets)
         StreamDriver, ZmqStreamDriver, integrate_frames,  # micro-batches -> Spark -> MPI (driver)
@@ -19,9 +19,9 @@ import importlib
 
 # Each public name and the submodule that defines it.  Names load on first use
 # (PEP 562), so a rank process that unpickles a function from one submodule
-# does not pay for importing the others (the whole package: 65 ms per rank).
+# does not pay for importing the others (BENCHMARKS.md, streaming: rank-side imports).
 _EXPORTS = {
-    "_client": ("check_broker", "ensure_topic", "topic_partitions"),
+    "kafka_client": ("check_broker", "ensure_topic", "topic_partitions"),
     "_errors": ("BrokerError", "BrokerUnavailable", "OffsetError", "StreamTimeout"),
     "detector": ("NpzScan", "PublishReport", "SyntheticScan", "ZmqDeadLetter", "ZmqPublisher", "ZmqReceiver",
                  "publish_kafka", "publish_zmq"),
@@ -30,14 +30,14 @@ _EXPORTS = {
     "_rank": ("integrate_frames",),
     "frames": ("EndOfScan", "FrameError", "FrameHeader", "decode_frame", "decode_message", "encode_end_of_scan",
                "encode_frame"),
-    "kafka": ("BrokerInfo", "BrokerStatus", "LocalBroker", "broker_status", "fetch_kafka", "resolve_bootstrap",
-              "start_broker", "stop_broker"),
+    "broker": ("BrokerInfo", "BrokerStatus", "LocalBroker", "broker_status", "fetch_kafka", "resolve_bootstrap",
+               "start_broker", "stop_broker"),
     "offsets": ("DeadLetter", "DeadLetterWriter", "EndMarker", "Frame", "KafkaRecord", "OffsetRange",
                 "StreamCounters", "commit_offsets", "committed_offsets", "decode_record", "plan_batch",
                 "read_offset_range", "watermarks"),
 }
 _WHERE = {name: module for module, names in _EXPORTS.items() for name in names}
-_WHERE["KAFKA_VERSION"] = "kafka"
+_WHERE["KAFKA_VERSION"] = "broker"
 
 
 def __getattr__(name: str):

@@ -19,13 +19,14 @@ import numpy as np
 
 from ._errors import OffsetError
 from .offsets import OffsetRange
+from ..errors import InvalidArgument, InvalidArgumentType
 
 BATCH_FILE = re.compile(r"^batch-(\d{6,})\.npz$")
 
 
 def _check_int(name: str, value, minimum: int) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name}: expected an integer >= {minimum}, got {value!r}")
+        raise InvalidArgument(f"{name}: expected an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
@@ -71,10 +72,10 @@ def assign_ranges(ranges: Sequence[OffsetRange], ranks: int) -> list[list[Offset
     seen = set()
     for r in ranges:
         if not isinstance(r, OffsetRange):
-            raise TypeError(f"ranges: expected OffsetRange items, got {type(r).__name__}")
+            raise InvalidArgumentType(f"ranges: expected OffsetRange items, got {type(r).__name__}")
         key = (r.topic, r.partition)
         if key in seen:
-            raise ValueError(f"ranges: {r.topic}[{r.partition}] appears more than once")
+            raise InvalidArgument(f"ranges: {r.topic}[{r.partition}] appears more than once")
         seen.add(key)
         if r.count:
             items.append(r)
@@ -154,7 +155,7 @@ def reconcile(committed: Mapping[tuple, int | None], outputs: Iterable[OutputRan
     batches = set()
     for out in outputs:
         if not isinstance(out, OutputRanges):
-            raise TypeError(f"outputs: expected OutputRanges items, got {type(out).__name__}")
+            raise InvalidArgumentType(f"outputs: expected OutputRanges items, got {type(out).__name__}")
         if out.batch in batches:
             raise OffsetError(f"batch {out.batch} appears twice among the outputs")
         batches.add(out.batch)

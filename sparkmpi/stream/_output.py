@@ -29,6 +29,7 @@ import numpy as np
 
 from ._batches import OutputRanges, batch_file_name, parse_batch_file_name
 from .offsets import OffsetRange
+from ..errors import InvalidArgument
 
 TMP_PREFIX = ".tmp-"
 
@@ -66,7 +67,7 @@ def read_meta(path: Path) -> dict:
     """The ``meta`` JSON of one batch file."""
     with np.load(path, allow_pickle=False) as data:
         if "meta" not in data.files:
-            raise ValueError(f"{path}: not a sparkmpi batch output (no 'meta' entry; found {data.files})")
+            raise InvalidArgument(f"{path}: not a sparkmpi batch output (no 'meta' entry; found {data.files})")
         return json.loads(str(data["meta"]))
 
 
@@ -94,10 +95,10 @@ def output_ranges(out_dir: Path, *, topic: str | None = None, group: str | None 
         meta = read_meta(path)
         for name, want in (("topic", topic), ("group", group)):
             if want is not None and meta.get(name) != want:
-                raise ValueError(f"{path} was written for {name} {meta.get(name)!r}, not {want!r}; "
+                raise InvalidArgument(f"{path} was written for {name} {meta.get(name)!r}, not {want!r}; "
                                  f"use another output folder (--out) per topic and consumer group")
         if meta.get("batch") != batch:
-            raise ValueError(f"{path}: file name says batch {batch}, its meta says {meta.get('batch')}")
+            raise InvalidArgument(f"{path}: file name says batch {batch}, its meta says {meta.get('batch')}")
         got.append(OutputRanges(batch, meta_ranges(meta)))
     return got
 

@@ -2,8 +2,8 @@
 
 Kept apart from :mod:`.driver` so that a rank, a fresh process per job,
 imports only this module, the frame format and NumPy when it unpickles its
-function (the driver module and its imports cost about 65 ms per rank per
-batch).
+function (the driver module's imports would cost every rank of every batch;
+BENCHMARKS.md, streaming).
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from typing import Any, Callable, Iterable, Iterator, Mapping
 import numpy as np
 
 from .offsets import DeadLetter, EndMarker, Frame, KafkaRecord, OffsetRange, decode_record, read_offset_range
+from ..errors import InvalidArgumentType
 
 ProcessFunction = Callable[[Any, Iterator[Frame]], "Mapping[str, Any] | None"]
 
@@ -138,7 +139,7 @@ class _RankJob:
                 elif isinstance(item, DeadLetter):
                     dead.append(item)
                 else:
-                    raise TypeError(f"unexpected record type {type(item).__name__} in the batch")
+                    raise InvalidArgumentType(f"unexpected record type {type(item).__name__} in the batch")
 
         stream = frames()
         result = process(comm, stream)
@@ -149,7 +150,7 @@ class _RankJob:
         if result is None:
             result = {}
         if not isinstance(result, Mapping):
-            raise TypeError(f"process must return a mapping of name -> array (or None), "
+            raise InvalidArgumentType(f"process must return a mapping of name -> array (or None), "
                             f"got {type(result).__name__}")
         result = {str(k): np.asarray(v) for k, v in result.items()}
         return [{"rank": comm.rank, "index": np.asarray(index, np.int64), "partition": np.asarray(part, np.int32),

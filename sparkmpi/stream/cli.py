@@ -7,14 +7,9 @@ import json
 import sys
 from dataclasses import asdict
 
-from . import kafka as _kafka
+from . import broker as _broker
 from .driver_cli import register_noun as _register_stream
-
-
-def _usage(message: str):
-    from ..cli import UsageError
-
-    return UsageError(message)
+from ..errors import UsageError
 
 
 def add_bootstrap_argument(parser: argparse.ArgumentParser) -> None:
@@ -22,7 +17,7 @@ def add_bootstrap_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--bootstrap", metavar="HOST:PORT", default=None,
                         help="Kafka bootstrap address of your own cluster; default: the broker that "
                              "`sparkmpi kafka start` runs from --data-dir")
-    parser.add_argument("--data-dir", default=str(_kafka.DEFAULT_DATA_DIR),
+    parser.add_argument("--data-dir", default=str(_broker.DEFAULT_DATA_DIR),
                         help="data folder of the project's broker (default: %(default)s)")
 
 
@@ -37,14 +32,14 @@ def _emit(args, obj: dict, text: str) -> None:
 # ---------------------------------------------------------------- kafka
 
 def _fetch(args) -> int:
-    home = _kafka.fetch_kafka(args.version, force=args.force, timeout=args.timeout)
+    home = _broker.fetch_kafka(args.version, force=args.force, timeout=args.timeout)
     _emit(args, {"version": args.version, "home": str(home)}, f"Kafka {args.version} jars in {home / 'lib'}")
     return 0
 
 
 def _start(args) -> int:
-    info = _kafka.start_broker(args.data_dir, args.port, version=args.version, heap=args.heap,
-                               timeout=args.timeout, progress=sys.stderr)
+    info = _broker.start_broker(args.data_dir, args.port, version=args.version, heap=args.heap,
+                                timeout=args.timeout, progress=sys.stderr)
     obj = asdict(info) | {"bootstrap": info.bootstrap, "log_file": str(info.log_file)}
     _emit(args, obj, f"Kafka {info.version} broker running at {info.bootstrap} (pid {info.pid}, "
                      f"data {info.data_dir}, log {info.log_file}; started in {info.start_seconds:.1f} s)")
@@ -52,14 +47,14 @@ def _start(args) -> int:
 
 
 def _stop(args) -> int:
-    stopped = _kafka.stop_broker(args.data_dir, grace=args.grace)
+    stopped = _broker.stop_broker(args.data_dir, grace=args.grace)
     _emit(args, {"stopped": stopped, "data_dir": args.data_dir},
           "broker stopped" if stopped else f"no broker was running from {args.data_dir}")
     return 0
 
 
 def _status(args) -> int:
-    status = _kafka.broker_status(args.data_dir, bootstrap=args.bootstrap, timeout=args.timeout)
+    status = _broker.broker_status(args.data_dir, bootstrap=args.bootstrap, timeout=args.timeout)
     _emit(args, asdict(status), ("running: " if status.running else "not running: ") + status.detail)
     return 0 if status.running else 1
 
@@ -72,35 +67,31 @@ def _register_kafka(subparsers) -> None:
     verbs.required = True
 
     p = verbs.add_parser("fetch", help="download Kafka's jars into the cache (once)")
-    p.add_argument("--version", default=_kafka.DEFAULT_VERSION, help="Kafka version (default: %(default)s)")
+    p.add_argument("--version", default=_broker.DEFAULT_VERSION, help="Kafka version (default: %(default)s)")
     p.add_argument("--force", action="store_true", help="download again even if cached")
     p.add_argument("--timeout", type=float, default=900.0, help="seconds allowed for Maven (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=_fetch)
 
     p = verbs.add_parser("start", help="start a broker on 127.0.0.1 as a daemon")
-    p.add_argument("--data-dir", default=str(_kafka.DEFAULT_DATA_DIR),
+    p.add_argument("--data-dir", default=str(_broker.DEFAULT_DATA_DIR),
                    help="configuration, logs and topic data (default: %(default)s)")
-    p.add_argument("--port", type=int, default=_kafka.DEFAULT_PORT,
+    p.add_argument("--port", type=int, default=_broker.DEFAULT_PORT,
                    help="client port; 0 picks a free one (default: %(default)s)")
-    p.add_argument("--version", default=_kafka.DEFAULT_VERSION, help="Kafka version (default: %(default)s)")
-    p.add_argument("--heap", default=_kafka.DEFAULT_HEAP, help="JVM max heap (default: %(default)s)")
+    p.add_argument("--version", default=_broker.DEFAULT_VERSION, help="Kafka version (default: %(default)s)")
+    p.add_argument("--heap", default=_broker.DEFAULT_HEAP, help="JVM max heap (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=60.0,
                    help="seconds to wait for the broker to answer (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=_start)
 
     p = verbs.add_parser("stop", help="stop the broker started from --data-dir")
-    p.add_argument("--data-dir", default=str(_kafka.DEFAULT_DATA_DIR), help="(default: %(default)s)")
+    p.add_argument("--data-dir", default=str(_broker.DEFAULT_DATA_DIR), help="(default: %(default)s)")
     p.add_argument("--grace", type=float, default=20.0,
                    help="seconds between SIGTERM and SIGKILL (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=_stop)
 
     p = verbs.add_parser("status", help="is the broker running and answering? (exit 0 yes, 1 no)")
     add_bootstrap_argument(p)
     p.add_argument("--timeout", type=float, default=3.0, help="seconds to wait for an answer (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=_status)
 
 
@@ -112,13 +103,13 @@ def _simulate(args) -> int:
     try:
         shape = parse_shape(args.frame_shape)
     except ValueError as exc:
-        raise _usage(f"--frame-shape: {exc}") from None
+        raise UsageError(f"--frame-shape: {exc}") from None
     if args.frames < 1:
-        raise _usage(f"--frames: expected >= 1, got {args.frames}")
+        raise UsageError(f"--frames: expected >= 1, got {args.frames}")
     if args.rate is not None and args.rate <= 0:
-        raise _usage(f"--rate: expected frames/s > 0, got {args.rate}")
+        raise UsageError(f"--rate: expected frames/s > 0, got {args.rate}")
     if args.partitions < 1:
-        raise _usage(f"--partitions: expected >= 1, got {args.partitions}")
+        raise UsageError(f"--partitions: expected >= 1, got {args.partitions}")
     if args.from_npz:
         source = NpzScan(args.from_npz, dtype=args.dtype, scan_id=args.scan_id)
     else:
@@ -126,11 +117,11 @@ def _simulate(args) -> int:
     progress = None if args.json else sys.stderr
     if args.zmq:
         if args.bootstrap:
-            raise _usage("--zmq and --bootstrap exclude each other")
+            raise UsageError("--zmq and --bootstrap exclude each other")
         print(f"sparkmpi: waiting for a ZeroMQ receiver at {args.zmq} ...", file=sys.stderr, flush=True)
         report = publish_zmq(source, args.zmq, rate=args.rate)
     else:
-        bootstrap = _kafka.resolve_bootstrap(args.bootstrap, args.data_dir)
+        bootstrap = _broker.resolve_bootstrap(args.bootstrap, args.data_dir)
         report = publish_kafka(source, bootstrap, args.topic, rate=args.rate, partitions=args.partitions,
                                timeout=args.timeout, progress=progress)
     obj = asdict(report)
@@ -164,7 +155,6 @@ def _register_detector(subparsers) -> None:
                    help="send the 'intensities' (N, H, W) and 'positions' (N, 2) of this .npz instead")
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds allowed for the broker check and final delivery (default: %(default)s)")
-    p.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     p.set_defaults(func=_simulate)
 
 

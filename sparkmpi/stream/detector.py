@@ -29,12 +29,13 @@ from typing import Any, Iterator
 
 import numpy as np
 
-from ._client import ErrorTrap, check_broker, client_config, ensure_topic
+from .kafka_client import ErrorTrap, check_broker, client_config, ensure_topic
 from ._errors import BrokerUnavailable, StreamTimeout
 from .frames import (
     FrameError, FrameHeader, SUPPORTED_DTYPES, encode_end_of_scan, encode_frame, frame_header_dict,
     header_from_dict, payload_to_array,
 )
+from ..errors import InvalidArgument
 
 ZMQ_SERIES = "sparkmpi-series-1"
 ZMQ_FRAME = "sparkmpi-frame-1"
@@ -48,7 +49,7 @@ def parse_shape(text: str) -> tuple[int, ...]:
     except ValueError:
         shape = ()
     if len(shape) != 2 or min(shape) < 4:
-        raise ValueError(f"frame shape: expected HxW like '128x128' with sizes >= 4, got {text!r}")
+        raise InvalidArgument(f"frame shape: expected HxW like '128x128' with sizes >= 4, got {text!r}")
     return shape
 
 
@@ -88,13 +89,13 @@ class SyntheticScan:
                  scan_id: str = "scan-0", background: float = 3.0, spot_counts: float = 800.0,
                  step: float = 0.5):
         if isinstance(frames, bool) or not isinstance(frames, int) or frames < 1:
-            raise ValueError(f"frames: expected an integer >= 1, got {frames!r}")
+            raise InvalidArgument(f"frames: expected an integer >= 1, got {frames!r}")
         shape = tuple(shape)
         if len(shape) != 2 or min(shape) < 4:
-            raise ValueError(f"shape: expected (H, W) with H, W >= 4, got {shape}")
+            raise InvalidArgument(f"shape: expected (H, W) with H, W >= 4, got {shape}")
         self.dtype = np.dtype(dtype)
         if self.dtype.str[1:] not in SUPPORTED_DTYPES:
-            raise ValueError(f"dtype: expected one of {SUPPORTED_DTYPES}, got {dtype!r}")
+            raise InvalidArgument(f"dtype: expected one of {SUPPORTED_DTYPES}, got {dtype!r}")
         self.count, self.shape, self.scan_id = frames, shape, scan_id
         self.step = float(step)
         rng = np.random.default_rng(seed)
@@ -154,15 +155,15 @@ class NpzScan:
             with np.load(path) as data:
                 missing = [k for k in ("intensities", "positions") if k not in data.files]
                 if missing:
-                    raise ValueError(f"{path}: missing array(s) {missing}; found {data.files}")
+                    raise InvalidArgument(f"{path}: missing array(s) {missing}; found {data.files}")
                 intensities = data["intensities"]
                 positions = data["positions"]
         except OSError as exc:
-            raise ValueError(f"{path}: cannot read as .npz: {exc}") from None
+            raise InvalidArgument(f"{path}: cannot read as .npz: {exc}") from None
         if intensities.ndim != 3 or intensities.shape[0] < 1:
-            raise ValueError(f"{path}: 'intensities' must be (N, H, W), got shape {intensities.shape}")
+            raise InvalidArgument(f"{path}: 'intensities' must be (N, H, W), got shape {intensities.shape}")
         if positions.shape != (intensities.shape[0], 2):
-            raise ValueError(f"{path}: 'positions' must be ({intensities.shape[0]}, 2), got {positions.shape}")
+            raise InvalidArgument(f"{path}: 'positions' must be ({intensities.shape[0]}, 2), got {positions.shape}")
         if dtype is not None:
             target = np.dtype(dtype)
             if target.kind in "ui":
@@ -170,7 +171,7 @@ class NpzScan:
                 intensities = np.clip(np.rint(intensities), info.min, info.max)
             intensities = intensities.astype(target)
         if intensities.dtype.str[1:] not in SUPPORTED_DTYPES:
-            raise ValueError(f"{path}: intensities dtype {intensities.dtype} unsupported; pass dtype= one of "
+            raise InvalidArgument(f"{path}: intensities dtype {intensities.dtype} unsupported; pass dtype= one of "
                              f"{SUPPORTED_DTYPES}")
         self.intensities, self.positions = intensities, positions.astype(float)
         self.count = intensities.shape[0]
@@ -204,7 +205,7 @@ class _Pacer:
 
     def __init__(self, rate: float | None):
         if rate is not None and not (isinstance(rate, (int, float)) and rate > 0):
-            raise ValueError(f"rate: expected frames per second > 0 (or None for as fast as possible), got {rate!r}")
+            raise InvalidArgument(f"rate: expected frames per second > 0 (or None for as fast as possible), got {rate!r}")
         self.period = 1.0 / rate if rate else 0.0
         self.start = time.monotonic()
 
@@ -282,7 +283,7 @@ def publish_kafka(source, bootstrap: str, topic: str, *, rate: float | None = No
     from confluent_kafka import Producer
 
     if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
-        raise ValueError(f"partitions: expected an integer >= 1, got {partitions!r}")
+        raise InvalidArgument(f"partitions: expected an integer >= 1, got {partitions!r}")
     pacer = _Pacer(rate)
     check_broker(bootstrap, timeout=min(timeout, 5.0))
     if create_topic:
@@ -355,7 +356,7 @@ def publish_kafka(source, bootstrap: str, topic: str, *, rate: float | None = No
 
 def _zmq_endpoint(endpoint: str) -> str:
     if not isinstance(endpoint, str) or not endpoint.startswith(("tcp://", "ipc://", "inproc://")):
-        raise ValueError(f"endpoint: expected tcp://HOST:PORT (or ipc://, inproc://), got {endpoint!r}")
+        raise InvalidArgument(f"endpoint: expected tcp://HOST:PORT (or ipc://, inproc://), got {endpoint!r}")
     return endpoint
 
 
@@ -468,9 +469,9 @@ class ZmqReceiver(_ZmqEndpoint):
         import zmq
 
         if on_error not in ("raise", "yield"):
-            raise ValueError(f"on_error: expected 'raise' or 'yield', got {on_error!r}")
+            raise InvalidArgument(f"on_error: expected 'raise' or 'yield', got {on_error!r}")
         if not timeout > 0:
-            raise ValueError(f"timeout: expected seconds > 0, got {timeout!r}")
+            raise InvalidArgument(f"timeout: expected seconds > 0, got {timeout!r}")
         self._zmq = zmq
         self.endpoint = _zmq_endpoint(endpoint)
         self.timeout, self.on_error = float(timeout), on_error

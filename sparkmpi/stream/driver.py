@@ -57,7 +57,7 @@ import numpy as np
 
 from ..errors import JobFailed, SparkMPIError
 from ._batches import assign_ranges, batch_file_name, percentiles, reconcile, trigger_due
-from ._client import ErrorTrap, check_bootstrap, check_broker, client_config, topic_partitions
+from .kafka_client import ErrorTrap, check_bootstrap, check_broker, client_config, topic_partitions
 from ._errors import BrokerUnavailable, OffsetError, StreamTimeout
 from ._output import (
     list_outputs, output_ranges, read_meta, remove_stale_temporaries, write_atomic_npz,

@@ -11,11 +11,7 @@ import json
 import sys
 from dataclasses import asdict
 
-
-def _usage(message: str):
-    from ..cli import UsageError
-
-    return UsageError(message)
+from ..errors import UsageError
 
 
 def _spark(master: str, app: str):
@@ -25,26 +21,26 @@ def _spark(master: str, app: str):
 
 
 def _run(args) -> int:
-    from . import kafka as _kafka
+    from . import broker as _broker
     from .detector import parse_shape
     from .driver import StreamDriver, ZmqStreamDriver
 
     if args.ranks < 1:
-        raise _usage(f"--ranks: expected >= 1, got {args.ranks}")
+        raise UsageError(f"--ranks: expected >= 1, got {args.ranks}")
     if not args.trigger >= 0:
-        raise _usage(f"--trigger: expected seconds >= 0, got {args.trigger}")
+        raise UsageError(f"--trigger: expected seconds >= 0, got {args.trigger}")
     if args.max_frames is not None and args.max_frames < 1:
-        raise _usage(f"--max-frames: expected >= 1, got {args.max_frames}")
+        raise UsageError(f"--max-frames: expected >= 1, got {args.max_frames}")
     shape = None
     if args.frame_shape:
         try:
             shape = parse_shape(args.frame_shape)
         except ValueError as exc:
-            raise _usage(f"--frame-shape: {exc}") from None
+            raise UsageError(f"--frame-shape: {exc}") from None
     if args.zmq and args.bootstrap:
-        raise _usage("--zmq and --bootstrap exclude each other")
+        raise UsageError("--zmq and --bootstrap exclude each other")
     if not args.zmq and not args.group:
-        raise _usage("--group is required with Kafka (the consumer group whose offsets are committed)")
+        raise UsageError("--group is required with Kafka (the consumer group whose offsets are committed)")
     json_lines = None
     if args.json_lines == "-":
         json_lines = sys.stdout
@@ -59,9 +55,9 @@ def _run(args) -> int:
         driver = ZmqStreamDriver(spark, args.zmq, args.out, receive_timeout=args.receive_timeout, **common)
         report = driver.run(max_batches=args.max_batches)
     else:
-        bootstrap = _kafka.resolve_bootstrap(args.bootstrap, args.data_dir)
+        bootstrap = _broker.resolve_bootstrap(args.bootstrap, args.data_dir)
         # fail fast (before starting Spark) when the broker is down
-        from ._client import check_broker
+        from .kafka_client import check_broker
 
         check_broker(bootstrap, timeout=args.start_timeout)
         spark = _spark(args.master or f"local[{args.ranks}]", "sparkmpi-stream")
@@ -120,8 +116,6 @@ def register_run(verbs) -> argparse.ArgumentParser:
     p.add_argument("--master", default=None, help="Spark master (default: local[RANKS])")
     p.add_argument("--json-lines", metavar="FILE", default=None,
                    help="one JSON object per batch (and retries, end) to FILE ('-': stdout)")
-    p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
-    p.add_argument("--json", action="store_true", help="print the final report as one JSON object on stdout")
     p.set_defaults(func=_run)
     return p
 

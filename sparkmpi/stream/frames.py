@@ -34,7 +34,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from ..errors import SparkMPIError
+from ..errors import InvalidArgument, InvalidArgumentType, SparkMPIError
 
 MAGIC = b"SMPF"
 VERSION = 1
@@ -194,31 +194,31 @@ def frame_header_dict(header: FrameHeader | Mapping[str, Any], array: np.ndarray
         known = {"scan_id", "index", "position", "timestamp", "shape", "dtype", "extra"}
         unknown = set(header) - known
         if unknown:
-            raise ValueError(f"header: unknown key(s) {sorted(unknown)}; expected some of {sorted(known)}")
+            raise InvalidArgument(f"header: unknown key(s) {sorted(unknown)}; expected some of {sorted(known)}")
         header = FrameHeader(**header)
     if not isinstance(header, FrameHeader):
-        raise TypeError(f"header: expected FrameHeader or mapping, got {type(header).__name__}")
+        raise InvalidArgumentType(f"header: expected FrameHeader or mapping, got {type(header).__name__}")
     if not isinstance(array, np.ndarray):
-        raise TypeError(f"array: expected numpy.ndarray, got {type(array).__name__}")
+        raise InvalidArgumentType(f"array: expected numpy.ndarray, got {type(array).__name__}")
     if not 1 <= array.ndim <= MAX_NDIM or array.size == 0:
-        raise ValueError(f"array: expected 1 to {MAX_NDIM} dimensions and at least one element, "
+        raise InvalidArgument(f"array: expected 1 to {MAX_NDIM} dimensions and at least one element, "
                          f"got shape {array.shape}")
     dtype = array.dtype.str
     if dtype[1:] not in SUPPORTED_DTYPES:
-        raise ValueError(f"array: unsupported dtype {array.dtype} ({dtype}); expected one of {SUPPORTED_DTYPES}")
+        raise InvalidArgument(f"array: unsupported dtype {array.dtype} ({dtype}); expected one of {SUPPORTED_DTYPES}")
     if header.shape is not None and tuple(header.shape) != array.shape:
-        raise ValueError(f"header.shape {tuple(header.shape)} does not match array shape {array.shape}")
+        raise InvalidArgument(f"header.shape {tuple(header.shape)} does not match array shape {array.shape}")
     if header.dtype is not None and np.dtype(header.dtype) != array.dtype:
-        raise ValueError(f"header.dtype {header.dtype!r} does not match array dtype {dtype!r}")
+        raise InvalidArgument(f"header.dtype {header.dtype!r} does not match array dtype {dtype!r}")
     if not isinstance(header.scan_id, str) or not header.scan_id or len(header.scan_id) > MAX_SCAN_ID:
-        raise ValueError(f"header.scan_id must be a non-empty string of at most {MAX_SCAN_ID} characters, "
+        raise InvalidArgument(f"header.scan_id must be a non-empty string of at most {MAX_SCAN_ID} characters, "
                          f"got {header.scan_id!r}")
     if isinstance(header.index, bool) or not isinstance(header.index, (int, np.integer)) or header.index < 0:
-        raise ValueError(f"header.index must be an integer >= 0, got {header.index!r}")
+        raise InvalidArgument(f"header.index must be an integer >= 0, got {header.index!r}")
     if len(header.position) != 2 or not all(math.isfinite(float(v)) for v in header.position):
-        raise ValueError(f"header.position must be two finite numbers (x, y), got {header.position!r}")
+        raise InvalidArgument(f"header.position must be two finite numbers (x, y), got {header.position!r}")
     if not math.isfinite(float(header.timestamp)):
-        raise ValueError(f"header.timestamp must be finite, got {header.timestamp!r}")
+        raise InvalidArgument(f"header.timestamp must be finite, got {header.timestamp!r}")
     obj = dict(header.extra)
     obj.update(scan=header.scan_id, index=int(header.index), shape=list(array.shape), dtype=dtype,
                pos=[float(header.position[0]), float(header.position[1])], ts=float(header.timestamp))
@@ -249,11 +249,11 @@ def encode_frame(header: FrameHeader | Mapping[str, Any], array: np.ndarray) -> 
 def encode_end_of_scan(scan_id: str, frames: int, partition: int = -1, timestamp: float = 0.0) -> bytes:
     """Encode the end-of-scan marker (no payload)."""
     if not isinstance(scan_id, str) or not scan_id or len(scan_id) > MAX_SCAN_ID:
-        raise ValueError(f"scan_id must be a non-empty string of at most {MAX_SCAN_ID} characters, got {scan_id!r}")
+        raise InvalidArgument(f"scan_id must be a non-empty string of at most {MAX_SCAN_ID} characters, got {scan_id!r}")
     if isinstance(frames, bool) or not isinstance(frames, int) or frames < 0:
-        raise ValueError(f"frames must be an integer >= 0, got {frames!r}")
+        raise InvalidArgument(f"frames must be an integer >= 0, got {frames!r}")
     if isinstance(partition, bool) or not isinstance(partition, int) or partition < -1:
-        raise ValueError(f"partition must be an integer >= -1, got {partition!r}")
+        raise InvalidArgument(f"partition must be an integer >= -1, got {partition!r}")
     head = _dumps({"scan": scan_id, "frames": frames, "partition": partition, "ts": float(timestamp)})
     return _prefix(KIND_END, head) + head
 

@@ -27,11 +27,13 @@ from typing import Iterable, Mapping
 
 import numpy as np
 
-from ._client import (
+from .._retry import retry
+from .kafka_client import (
     ErrorTrap, broker_unavailable, check_bootstrap, check_broker, client_config, ensure_topic, kafka_error_text,
 )
 from ._errors import BrokerUnavailable, OffsetError, StreamTimeout
 from .frames import EndOfScan, FrameError, FrameHeader, decode_message
+from ..errors import InvalidArgument, InvalidArgumentType
 
 TopicPartitionKey = tuple  # (topic: str, partition: int)
 
@@ -47,13 +49,13 @@ class OffsetRange:
 
     def __post_init__(self):
         if not isinstance(self.topic, str) or not self.topic:
-            raise ValueError(f"topic: expected a non-empty string, got {self.topic!r}")
+            raise InvalidArgument(f"topic: expected a non-empty string, got {self.topic!r}")
         for name in ("partition", "start", "end"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 0:
-                raise ValueError(f"{name}: expected an integer >= 0, got {value!r}")
+                raise InvalidArgument(f"{name}: expected an integer >= 0, got {value!r}")
         if self.end < self.start:
-            raise ValueError(f"end ({self.end}) must be >= start ({self.start}) for {self.topic}[{self.partition}]")
+            raise InvalidArgument(f"end ({self.end}) must be >= start ({self.start}) for {self.topic}[{self.partition}]")
 
     @property
     def count(self) -> int:
@@ -117,16 +119,16 @@ def plan_batch(committed: Mapping[TopicPartitionKey, int | None],
     """
     if max_messages is not None and (isinstance(max_messages, bool) or not isinstance(max_messages, int)
                                      or max_messages < 1):
-        raise ValueError(f"max_messages: expected an integer >= 1 or None, got {max_messages!r}")
+        raise InvalidArgument(f"max_messages: expected an integer >= 1 or None, got {max_messages!r}")
     keys = sorted(watermarks)
     starts, ends = [], []
     for key in keys:
         if not (isinstance(key, tuple) and len(key) == 2):
-            raise ValueError(f"watermarks: keys must be (topic, partition), got {key!r}")
+            raise InvalidArgument(f"watermarks: keys must be (topic, partition), got {key!r}")
         mark = watermarks[key]
         low, high = (0, mark) if isinstance(mark, int) else mark
         if not 0 <= low <= high:
-            raise ValueError(f"watermarks[{key!r}]: expected 0 <= low <= high, got {mark!r}")
+            raise InvalidArgument(f"watermarks[{key!r}]: expected 0 <= low <= high, got {mark!r}")
         start = committed.get(key)
         if start is None or start < 0:  # never committed (librdkafka reports -1001 as None upstream)
             start = low
@@ -239,7 +241,7 @@ class StreamCounters:
             self.dead_letters += 1
             self.reasons[item.code] += 1
         else:
-            raise TypeError(f"item: expected Frame, EndMarker or DeadLetter, got {type(item).__name__}")
+            raise InvalidArgumentType(f"item: expected Frame, EndMarker or DeadLetter, got {type(item).__name__}")
 
     def merge(self, other: "StreamCounters") -> "StreamCounters":
         self.messages += other.messages
@@ -262,10 +264,8 @@ READER_DEFAULTS = {
     "enable.auto.commit": False,
     "enable.auto.offset.store": False,
     "enable.partition.eof": False,
-    # 8 MiB per fetch: 64 MiB made every read of a small range from the middle
-    # of a log pull far past its end (48 ms instead of 8 ms for 150 frames of
-    # 32 KiB); a larger range takes several pipelined fetches at no loss.  A
-    # single message larger than this still comes back whole.
+    # 8 MiB per fetch, so a small range read from inside a log stops near its end
+    # (BENCHMARKS.md, streaming); a message larger than this still comes back whole.
     "fetch.max.bytes": 8 * 1024 * 1024,
     "max.partition.fetch.bytes": 8 * 1024 * 1024,
     "fetch.wait.max.ms": 50,
@@ -276,7 +276,7 @@ READER_DEFAULTS = {
 
 def _check_timeout(timeout) -> float:
     if isinstance(timeout, bool) or not isinstance(timeout, (int, float)) or not timeout > 0:
-        raise ValueError(f"timeout: expected seconds > 0, got {timeout!r}")
+        raise InvalidArgument(f"timeout: expected seconds > 0, got {timeout!r}")
     return float(timeout)
 
 
@@ -428,25 +428,24 @@ _RETRY_CODES = ("NOT_COORDINATOR", "COORDINATOR_LOAD_IN_PROGRESS", "COORDINATOR_
                 "_WAIT_COORD", "_TIMED_OUT", "REQUEST_TIMED_OUT", "_TRANSPORT")
 
 
-def _with_retries(call, timeout: float, what: str, trap: ErrorTrap):
-    """Run ``call()`` until it succeeds, retrying transient group-coordinator errors
-    (the coordinator moves or loads right after a broker starts) with backoff."""
+def _with_retries(call, timeout: float, what: str, trap: ErrorTrap, bootstrap: str):
+    """Run ``call(seconds_left)`` until it succeeds, retrying transient group-coordinator
+    errors (the coordinator moves or loads right after a broker starts) with backoff."""
     from confluent_kafka import KafkaError, KafkaException
 
-    deadline = time.monotonic() + timeout
-    delay = 0.05
-    while True:
-        try:
-            return call(max(0.1, deadline - time.monotonic()))
-        except KafkaException as exc:
-            err = exc.args[0] if exc.args else None
-            transient = isinstance(err, KafkaError) and (err.retriable() or err.name() in _RETRY_CODES)
-            if not transient or time.monotonic() + delay > deadline:
-                raise BrokerUnavailable(f"{what} failed after {timeout - (deadline - time.monotonic()):.1f} s: "
-                                        f"{err.str() if isinstance(err, KafkaError) else exc}"
-                                        f"{'; last client error: ' + trap.last if trap.last else ''}") from None
-            time.sleep(delay)
-            delay = min(delay * 2, 1.0)
+    def transient(exc) -> bool:
+        err = exc.args[0] if exc.args else None
+        return isinstance(err, KafkaError) and (err.retriable() or err.name() in _RETRY_CODES)
+
+    def describe(exc) -> str:
+        return kafka_error_text(exc) + (f"; last client error: {trap.last}" if trap.last else "")
+
+    try:
+        return retry(lambda left: call(max(0.1, left)), what=what, address=bootstrap, timeout=timeout,
+                     retry_on=(KafkaException,), transient=transient, first_delay=0.05, max_delay=1.0,
+                     describe=describe, error=BrokerUnavailable)
+    except KafkaException as exc:  # not transient
+        raise BrokerUnavailable(f"could not {what} {bootstrap}: {describe(exc)}") from exc
 
 
 def watermarks(bootstrap: str, topic: str, partitions: Iterable[int] | None = None, *,
@@ -454,7 +453,7 @@ def watermarks(bootstrap: str, topic: str, partitions: Iterable[int] | None = No
     """``{(topic, p): (low, high)}`` for the given (default: all) partitions."""
     from confluent_kafka import Consumer, TopicPartition
 
-    from ._client import topic_partitions
+    from .kafka_client import topic_partitions
 
     timeout = _check_timeout(timeout)
     check_broker(bootstrap, timeout=min(timeout, 5.0))
@@ -484,14 +483,14 @@ def committed_offsets(bootstrap: str, group: str, topic: str, partitions: Iterab
 
     timeout = _check_timeout(timeout)
     if not isinstance(group, str) or not group:
-        raise ValueError(f"group: expected a non-empty consumer group id, got {group!r}")
+        raise InvalidArgument(f"group: expected a non-empty consumer group id, got {group!r}")
     check_broker(bootstrap, timeout=min(timeout, 5.0))
     trap = ErrorTrap()
     consumer = Consumer(client_config(bootstrap, trap, **{"group.id": group, "enable.auto.commit": False}))
     try:
         wanted = [TopicPartition(topic, p) for p in sorted(partitions)]
         got = _with_retries(lambda left: consumer.committed(wanted, timeout=left), timeout,
-                            f"reading committed offsets of group {group!r} for {topic!r} from {bootstrap}", trap)
+                            f"read the committed offsets of group {group!r} for {topic!r} from", trap, bootstrap)
         return {(tp.topic, tp.partition): (tp.offset if tp.offset >= 0 else None) for tp in got}
     finally:
         consumer.close()
@@ -512,7 +511,7 @@ def commit_offsets(bootstrap: str, group: str, ranges: Iterable[OffsetRange], *,
 
     timeout = _check_timeout(timeout)
     if not isinstance(group, str) or not group:
-        raise ValueError(f"group: expected a non-empty consumer group id, got {group!r}")
+        raise InvalidArgument(f"group: expected a non-empty consumer group id, got {group!r}")
     offsets = [TopicPartition(r.topic, r.partition, r.end) for r in ranges]
     if not offsets:
         return
@@ -522,7 +521,7 @@ def commit_offsets(bootstrap: str, group: str, ranges: Iterable[OffsetRange], *,
                                                           "socket.timeout.ms": int(timeout * 1000)}))
     try:
         result = _with_retries(lambda left: consumer.commit(offsets=offsets, asynchronous=False), timeout,
-                               f"committing offsets of group {group!r} at {bootstrap}", trap)
+                               f"commit the offsets of group {group!r} at", trap, bootstrap)
         bad = [f"{tp.topic}[{tp.partition}]: {tp.error}" for tp in result or [] if tp.error is not None]
         if bad:
             raise BrokerUnavailable(f"committing offsets of group {group!r} at {bootstrap} failed for {bad}")
@@ -557,7 +556,7 @@ class DeadLetterWriter:
 
     def write(self, letter: DeadLetter) -> None:
         if not isinstance(letter, DeadLetter):
-            raise TypeError(f"letter: expected DeadLetter, got {type(letter).__name__}")
+            raise InvalidArgumentType(f"letter: expected DeadLetter, got {type(letter).__name__}")
         target = self.topic_for(letter.topic)
         if target not in self._topics:
             ensure_topic(self.bootstrap, target, 1, timeout=self.timeout)

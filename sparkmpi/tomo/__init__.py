@@ -12,7 +12,7 @@ sinograms ``(n_slices, n_angles, n_rays)``, volumes ``(n_slices, n, n)``; the
 rotation axis runs along the slices.
 """
 
-from .algorithms import ALGORITHMS, FILTERS, art, art_reference, fbp, rmse, sirt, sirt_partition
+from .algorithms import ALGORITHMS, FILTERS, art, art_reference, fbp, rmse, sirt, sirt_projections_rank
 from .io import (TiltSeries, TiltSeriesError, angles_sidecar_path, read_angles_file,
                  read_parquet_sinograms, read_tilt_series, tiff_to_parquet, validate_angles,
                  write_angles_file, write_tilt_series)
@@ -24,7 +24,7 @@ from .simulate import (PHANTOMS, default_angles, make_phantom, nanoparticles, pr
 
 __all__ = [
     "ALGORITHMS", "FILTERS", "PHANTOMS",
-    "art", "art_reference", "sirt", "sirt_partition", "sirt_rank", "projection_records", "fbp", "rmse",
+    "art", "art_reference", "sirt", "sirt_projections_rank", "sirt_rank", "projection_records", "fbp", "rmse",
     "TiltSeries", "TiltSeriesError", "angles_sidecar_path", "read_angles_file", "read_parquet_sinograms",
     "read_tilt_series", "tiff_to_parquet", "validate_angles", "write_angles_file", "write_tilt_series",
     "Progress", "read_vti", "write_orthoslices_png", "write_outputs", "write_volume_tiff", "write_vti",

@@ -34,8 +34,9 @@ import numpy as np
 
 from ..backend import get_backend
 from .projector import cached_system_matrix
+from ..errors import InvalidArgument
 
-__all__ = ["art", "art_reference", "sirt", "sirt_partition", "fbp", "rmse", "FILTERS", "ALGORITHMS"]
+__all__ = ["art", "art_reference", "sirt", "sirt_projections_rank", "fbp", "rmse", "FILTERS", "ALGORITHMS"]
 
 FILTERS = ("ramp", "hann")
 ALGORITHMS = ("art", "sirt", "fbp")
@@ -46,7 +47,7 @@ ProgressFn = Callable[[int, int], None]
 # ------------------------------------------------------------------ helpers
 def _check_positive_int(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise InvalidArgument(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 
@@ -54,9 +55,9 @@ def _check_relaxation(value, upper: float) -> float:
     try:
         value = float(value)
     except (TypeError, ValueError):
-        raise ValueError(f"relaxation must be a number, got {value!r}") from None
+        raise InvalidArgument(f"relaxation must be a number, got {value!r}") from None
     if not (0.0 < value < upper):
-        raise ValueError(f"relaxation must be in (0, {upper:g}), got {value:g}")
+        raise InvalidArgument(f"relaxation must be in (0, {upper:g}), got {value:g}")
     return value
 
 
@@ -64,32 +65,32 @@ def _prepare(sinograms, angles_deg, n, matrix, name: str = "sinograms"):
     """Validate inputs; return (B (M, S) float32, single, n, matrix, n_angles, n_rays)."""
     sino = np.asarray(sinograms)
     if sino.ndim not in (2, 3):
-        raise ValueError(f"{name} must have shape (n_slices, n_angles, n_rays) or (n_angles, n_rays), "
+        raise InvalidArgument(f"{name} must have shape (n_slices, n_angles, n_rays) or (n_angles, n_rays), "
                          f"got {sino.shape}")
     single = sino.ndim == 2
     if single:
         sino = sino[None]
     if not np.issubdtype(sino.dtype, np.number) or np.iscomplexobj(sino):
-        raise ValueError(f"{name} must hold real numbers, got dtype {sino.dtype}")
+        raise InvalidArgument(f"{name} must hold real numbers, got dtype {sino.dtype}")
     angles = np.asarray(angles_deg, dtype=np.float64)
     if angles.ndim != 1:
-        raise ValueError(f"angles_deg must be 1-D, got shape {angles.shape}")
+        raise InvalidArgument(f"angles_deg must be 1-D, got shape {angles.shape}")
     n_slices, n_angles, n_rays = sino.shape
     if angles.size != n_angles:
-        raise ValueError(f"angles_deg has {angles.size} angles but {name} has {n_angles} "
+        raise InvalidArgument(f"angles_deg has {angles.size} angles but {name} has {n_angles} "
                          f"(axis 1 of shape {sino.shape})")
     if n_slices == 0 or n_rays == 0:
-        raise ValueError(f"{name} is empty: shape {sino.shape}")
+        raise InvalidArgument(f"{name} is empty: shape {sino.shape}")
     n = n_rays if n is None else _check_positive_int("n", n)
     if matrix is None:
         matrix = cached_system_matrix(n, angles, n_rays)
     elif matrix.shape != (n_angles * n_rays, n * n):
-        raise ValueError(f"matrix has shape {matrix.shape}; expected {(n_angles * n_rays, n * n)} "
+        raise InvalidArgument(f"matrix has shape {matrix.shape}; expected {(n_angles * n_rays, n * n)} "
                          f"for n={n}, {n_angles} angles and {n_rays} rays")
     b = np.ascontiguousarray(sino.transpose(1, 2, 0).reshape(n_angles * n_rays, n_slices),
                              dtype=np.float32)
     if not np.all(np.isfinite(b)):
-        raise ValueError(f"{name} contains NaN or infinite values")
+        raise InvalidArgument(f"{name} contains NaN or infinite values")
     return b, single, n, matrix, n_angles, n_rays
 
 
@@ -100,7 +101,7 @@ def _initial(x0, n: int, n_slices: int, single: bool, dtype, xp=np):
     x0 = np.asarray(x0)
     expected = (n, n) if single else (n_slices, n, n)
     if x0.shape != expected:
-        raise ValueError(f"x0 must have shape {expected}, got {x0.shape}")
+        raise InvalidArgument(f"x0 must have shape {expected}, got {x0.shape}")
     x = x0.reshape(1 if single else n_slices, n * n).T
     return xp.asarray(np.ascontiguousarray(x, dtype=dtype))
 
@@ -116,7 +117,7 @@ def rmse(estimate, truth) -> float:
     a = np.asarray(estimate, dtype=np.float64)
     b = np.asarray(truth, dtype=np.float64)
     if a.shape != b.shape:
-        raise ValueError(f"estimate has shape {a.shape} but truth has shape {b.shape}")
+        raise InvalidArgument(f"estimate has shape {a.shape} but truth has shape {b.shape}")
     return float(np.sqrt(np.mean((a - b) ** 2)))
 
 
@@ -225,7 +226,7 @@ def art_reference(sinogram, angles_deg, n: int | None = None, iterations: int = 
     relaxation = _check_relaxation(relaxation, 2.0)
     sino = np.asarray(sinogram)
     if sino.ndim != 2:
-        raise ValueError(f"sinogram must have shape (n_angles, n_rays), got {sino.shape}")
+        raise InvalidArgument(f"sinogram must have shape (n_angles, n_rays), got {sino.shape}")
     b, _, n, matrix, _, _ = _prepare(sino, angles_deg, n, matrix, name="sinogram")
     b = b[:, 0].astype(np.float64)
     f = np.zeros(n * n, dtype=np.float64)
@@ -342,9 +343,9 @@ def sirt(sinograms, angles_deg, n: int | None = None, iterations: int = 100, rel
     return _finish(be.asnumpy(x), n, single)
 
 
-def sirt_partition(comm, sinogram_subset, angles_subset, n: int | None = None, iterations: int = 100,
-                   relaxation: float = 1.0, positivity: bool = False, x0=None, backend: str = "numpy",
-                   progress: ProgressFn | None = None):
+def sirt_projections_rank(comm, sinogram_subset, angles_subset, n: int | None = None,
+                          iterations: int = 100, relaxation: float = 1.0, positivity: bool = False,
+                          x0=None, backend: str = "numpy", progress: ProgressFn | None = None):
     """One MPI rank's share of a projection-distributed SIRT reconstruction.
 
     Every rank calls this with its own, disjoint subset of the projections of
@@ -371,10 +372,10 @@ def sirt_partition(comm, sinogram_subset, angles_subset, n: int | None = None, i
     """
     proj = np.asarray(sinogram_subset)
     if proj.ndim != 3:
-        raise ValueError(f"sinogram_subset must have shape (n_angles_rank, n_slices, n_rays), got {proj.shape}")
+        raise InvalidArgument(f"sinogram_subset must have shape (n_angles_rank, n_slices, n_rays), got {proj.shape}")
     angles = np.asarray(angles_subset, dtype=np.float64).ravel()
     if angles.size != proj.shape[0]:
-        raise ValueError(f"angles_subset has {angles.size} angles but sinogram_subset has "
+        raise InvalidArgument(f"angles_subset has {angles.size} angles but sinogram_subset has "
                          f"{proj.shape[0]} projections")
     if comm is not None and comm.size > 1:
         shape = np.array([proj.shape[1], proj.shape[2], -1 if n is None else n], dtype=np.int64)
@@ -385,7 +386,7 @@ def sirt_partition(comm, sinogram_subset, angles_subset, n: int | None = None, i
         comm.Allreduce(shape, low, op=MPI.MIN)
         comm.Allreduce(shape, high, op=MPI.MAX)
         if not np.array_equal(low, high):
-            raise ValueError(f"rank {comm.rank}: (n_slices, n_rays, n) = {tuple(shape)} differs between "
+            raise InvalidArgument(f"rank {comm.rank}: (n_slices, n_rays, n) = {tuple(shape)} differs between "
                              f"ranks (range {tuple(low)}..{tuple(high)})")
     if proj.shape[0] == 0:
         # A rank with no projections still takes part in every Allreduce.
@@ -490,7 +491,7 @@ def fbp(sinograms, angles_deg, n: int | None = None, filter: str = "ramp", matri
     missing wedge is not recovered.
     """
     if filter not in FILTERS:
-        raise ValueError(f"filter must be one of {FILTERS}, got {filter!r}")
+        raise InvalidArgument(f"filter must be one of {FILTERS}, got {filter!r}")
     be = get_backend(backend)
     xp = be.xp
     sino = np.asarray(sinograms)

@@ -13,6 +13,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import UsageError
+
 __all__ = ["register", "spark_session"]
 
 
@@ -119,11 +121,10 @@ def _read_series(args):
 
 def _cmd_reconstruct(args) -> int:
     from .algorithms import art, fbp, rmse, sirt
-    from .io import TiltSeriesError
     from .output import Progress, write_outputs
 
     if args.input.lower().endswith(".parquet") and (args.angles or args.angles_file):
-        raise TiltSeriesError("a Parquet table carries its own angles; drop --angles/--angles-file")
+        raise UsageError("a Parquet table carries its own angles; drop --angles/--angles-file")
     truth = None
     if args.truth:
         import tifffile
@@ -150,7 +151,7 @@ def _cmd_reconstruct(args) -> int:
         from .spark import reconstruct_mpi
 
         if args.algorithm != "sirt":
-            raise TiltSeriesError(f"--mpi-ranks distributes SIRT only (got --algorithm {args.algorithm})")
+            raise UsageError(f"--mpi-ranks distributes SIRT only (got --algorithm {args.algorithm})")
         with spark_session(args.master) as spark:
             progress.message(f"SIRT over {args.mpi_ranks} MPI ranks launched through Spark")
             volume, info = reconstruct_mpi(spark, args.input, ranks=args.mpi_ranks, iterations=iterations,
@@ -206,8 +207,6 @@ def register(subparsers) -> None:
     sim.add_argument("--dtype", choices=("uint16", "float32"), default="uint16", help="TIFF pixel type")
     sim.add_argument("--truth", metavar="FILE.tif", help="also write the phantom volume (float32 TIFF)")
     sim.add_argument("--out", required=True, metavar="FILE.tif", help="output TIFF (angles go to FILE.angles.txt)")
-    sim.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    sim.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     sim.set_defaults(func=_cmd_simulate)
 
     etl = verbs.add_parser("to-parquet", help="convert a tilt-series TIFF to a Parquet table of sinograms")
@@ -215,7 +214,6 @@ def register(subparsers) -> None:
     etl.add_argument("--angles-file", metavar="FILE", help="angles, one per line (default FILE.angles.txt)")
     etl.add_argument("--angles", type=_angle_list, help="angles in degrees, comma-separated")
     etl.add_argument("--out", required=True, metavar="FILE.parquet", help="output Parquet file")
-    etl.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     etl.set_defaults(func=_cmd_to_parquet)
 
     rec = verbs.add_parser("reconstruct", help="reconstruct a tilt series into a volume")
@@ -240,6 +238,4 @@ def register(subparsers) -> None:
                      help="array backend for single-process SIRT/FBP (default numpy)")
     rec.add_argument("--truth", metavar="FILE.tif", help="phantom volume to report the RMSE against")
     rec.add_argument("--out", required=True, metavar="DIR", help="output folder (volume.tif, .vti, _slices.png)")
-    rec.add_argument("--quiet", action="store_true", help="no progress on stderr")
-    rec.add_argument("--json", action="store_true", help="print a JSON summary on stdout")
     rec.set_defaults(func=_cmd_reconstruct)

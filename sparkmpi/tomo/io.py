@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from ..errors import SparkMPIError
+from ..errors import InvalidArgument, SparkMPIError
 
 __all__ = [
     "TiltSeriesError",
@@ -387,14 +387,14 @@ def write_tilt_series(path, projections, angles_deg, dtype="uint16", write_sidec
 
     projections = np.asarray(projections)
     if projections.ndim != 3:
-        raise ValueError(f"projections must have shape (n_angles, n_slices, n_rays), got {projections.shape}")
+        raise InvalidArgument(f"projections must have shape (n_angles, n_slices, n_rays), got {projections.shape}")
     angles = validate_angles(angles_deg, projections.shape[0], source="angles_deg")
     if dtype not in ("uint16", "float32"):
-        raise ValueError(f"dtype must be 'uint16' or 'float32', got {dtype!r}")
+        raise InvalidArgument(f"dtype must be 'uint16' or 'float32', got {dtype!r}")
     path = Path(path)
     if dtype == "uint16":
         if projections.min() < 0:
-            raise ValueError("projections must be non-negative for uint16 output "
+            raise InvalidArgument("projections must be non-negative for uint16 output "
                              f"(minimum is {projections.min():g})")
         peak = float(projections.max())
         scale = peak / 65535.0 if peak > 0 else 1.0

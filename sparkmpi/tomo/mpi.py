@@ -14,8 +14,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from .algorithms import sirt_partition
+from .algorithms import sirt_projections_rank
 from .io import TiltSeries
+from ..errors import InvalidArgument
 
 __all__ = ["projection_records", "split_records", "sirt_rank"]
 
@@ -28,14 +29,15 @@ def projection_records(series: TiltSeries):
 def split_records(records, rank: int, size: int):
     """The contiguous share of ``records`` that rank ``rank`` of ``size`` takes (as Spark would)."""
     if not 0 <= rank < size:
-        raise ValueError(f"rank must be in [0, {size}), got {rank}")
+        raise InvalidArgument(f"rank must be in [0, {size}), got {rank}")
     n = len(records)
     return records[rank * n // size:(rank + 1) * n // size]
 
 
 def sirt_rank(comm, records, n_slices: int | None = None, n_rays: int | None = None, only_root: bool = True,
               **options):
-    """One rank of a projection-distributed SIRT: gathers its records, runs :func:`sirt_partition`.
+    """One rank of a projection-distributed SIRT from records: stacks them, runs
+    :func:`~sparkmpi.tomo.algorithms.sirt_projections_rank`.
 
     Parameters
     ----------
@@ -60,9 +62,9 @@ def sirt_rank(comm, records, n_slices: int | None = None, n_rays: int | None = N
         angles = np.array([r[1] for r in items], dtype=np.float64)
     else:
         if n_slices is None or n_rays is None:
-            raise ValueError(f"rank {comm.rank} got no projections; pass n_slices and n_rays")
+            raise InvalidArgument(f"rank {comm.rank} got no projections; pass n_slices and n_rays")
         proj = np.zeros((0, n_slices, n_rays), dtype=np.float32)
         angles = np.zeros(0)
-    volume = sirt_partition(comm, proj, angles, **options)
+    volume = sirt_projections_rank(comm, proj, angles, **options)
     if not only_root or comm is None or comm.rank == 0:
         yield volume

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from ..errors import InvalidArgument
+
 __all__ = ["write_volume_tiff", "write_vti", "read_vti", "write_orthoslices_png", "Progress",
            "write_outputs"]
 
@@ -23,9 +25,9 @@ __all__ = ["write_volume_tiff", "write_vti", "read_vti", "write_orthoslices_png"
 def _check_volume(volume) -> np.ndarray:
     vol = np.asarray(volume)
     if vol.ndim != 3 or 0 in vol.shape:
-        raise ValueError(f"volume must have shape (n_slices, n, n) with no empty axis, got {vol.shape}")
+        raise InvalidArgument(f"volume must have shape (n_slices, n, n) with no empty axis, got {vol.shape}")
     if not np.issubdtype(vol.dtype, np.number) or np.iscomplexobj(vol):
-        raise ValueError(f"volume must hold real numbers, got dtype {vol.dtype}")
+        raise InvalidArgument(f"volume must hold real numbers, got dtype {vol.dtype}")
     return vol
 
 
@@ -72,9 +74,9 @@ def write_vti(path, volume, spacing=(1.0, 1.0, 1.0), origin=(0.0, 0.0, 0.0), nam
     """
     vol = np.ascontiguousarray(_check_volume(volume), dtype="<f4")
     if len(spacing) != 3 or len(origin) != 3:
-        raise ValueError(f"spacing and origin need 3 values (x, y, z), got {spacing!r} and {origin!r}")
+        raise InvalidArgument(f"spacing and origin need 3 values (x, y, z), got {spacing!r} and {origin!r}")
     if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
-        raise ValueError(f"name must be a simple identifier, got {name!r}")
+        raise InvalidArgument(f"name must be a simple identifier, got {name!r}")
     nz, ny, nx = vol.shape
     extent = f"0 {nx - 1} 0 {ny - 1} 0 {nz - 1}"
     lo, hi = float(vol.min()), float(vol.max())
@@ -117,7 +119,7 @@ def read_vti(path):
     raw = Path(path).read_bytes()
     marker = raw.find(b'<AppendedData encoding="raw">')
     if marker < 0:
-        raise ValueError(f"'{path}' has no raw AppendedData section")
+        raise InvalidArgument(f"'{path}' has no raw AppendedData section")
     start = raw.index(b"_", marker) + 1
     head = raw[:marker].decode("ascii")
     extent = [int(v) for v in re.search(r'WholeExtent="([^"]+)"', head).group(1).split()]
@@ -127,7 +129,7 @@ def read_vti(path):
     (nbytes,) = struct.unpack("<Q", raw[start:start + 8])
     shape = (extent[5] - extent[4] + 1, extent[3] - extent[2] + 1, extent[1] - extent[0] + 1)
     if nbytes != 4 * int(np.prod(shape)):
-        raise ValueError(f"'{path}': appended block holds {nbytes} bytes, expected {4 * int(np.prod(shape))}")
+        raise InvalidArgument(f"'{path}': appended block holds {nbytes} bytes, expected {4 * int(np.prod(shape))}")
     data = np.frombuffer(raw, dtype="<f4", count=nbytes // 4, offset=start + 8).reshape(shape)
     return data.copy(), {"spacing": spacing, "origin": origin, "name": name}
 

@@ -35,6 +35,8 @@ from collections import OrderedDict
 import numpy as np
 import scipy.sparse as sp
 
+from ..errors import InvalidArgument
+
 __all__ = ["system_matrix", "cached_system_matrix", "clear_matrix_cache", "matrix_key"]
 
 # Rays whose segment inside a pixel is shorter than this (in pixels) are
@@ -45,15 +47,15 @@ _MIN_LENGTH = 1e-6
 def _check_angles(angles_deg) -> np.ndarray:
     angles = np.asarray(angles_deg, dtype=np.float64)
     if angles.ndim != 1 or angles.size == 0:
-        raise ValueError(f"angles_deg must be a non-empty 1-D sequence of degrees, got shape {angles.shape}")
+        raise InvalidArgument(f"angles_deg must be a non-empty 1-D sequence of degrees, got shape {angles.shape}")
     if not np.all(np.isfinite(angles)):
-        raise ValueError("angles_deg must be finite numbers (degrees), got NaN or infinity")
+        raise InvalidArgument("angles_deg must be finite numbers (degrees), got NaN or infinity")
     return angles
 
 
 def _check_size(name: str, value) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        raise InvalidArgument(f"{name} must be a positive integer, got {value!r}")
     return int(value)
 
 

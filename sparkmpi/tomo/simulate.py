@@ -14,6 +14,7 @@ import numpy as np
 
 from .io import TiltSeries, validate_angles, write_tilt_series
 from .projector import cached_system_matrix
+from ..errors import InvalidArgument
 
 __all__ = ["PHANTOMS", "default_angles", "shepp_logan_3d", "nanoparticles", "make_phantom",
            "project_volume", "simulate_tilt_series"]
@@ -40,7 +41,7 @@ _SHEPP_LOGAN_3D = (
 
 def _check_size(name: str, value, minimum: int = 2) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < minimum:
-        raise ValueError(f"{name} must be an integer >= {minimum}, got {value!r}")
+        raise InvalidArgument(f"{name} must be an integer >= {minimum}, got {value!r}")
     return int(value)
 
 
@@ -51,7 +52,7 @@ def default_angles(n_angles: int = 74, max_angle: float = 73.0) -> np.ndarray:
     """
     n_angles = _check_size("n_angles", n_angles, 1)
     if not 0 < max_angle <= 90:
-        raise ValueError(f"max_angle must be in (0, 90] degrees, got {max_angle}")
+        raise InvalidArgument(f"max_angle must be in (0, 90] degrees, got {max_angle}")
     if n_angles == 1:
         return np.zeros(1)
     return np.linspace(-max_angle, max_angle, n_angles)
@@ -146,7 +147,7 @@ def make_phantom(name: str, n: int = 256, n_slices: int | None = None, seed: int
         return shepp_logan_3d(n, n_slices)
     if name == "nanoparticles":
         return nanoparticles(n, n_slices, seed=seed)
-    raise ValueError(f"phantom must be one of {PHANTOMS}, got {name!r}")
+    raise InvalidArgument(f"phantom must be one of {PHANTOMS}, got {name!r}")
 
 
 def project_volume(volume, angles_deg, matrix=None) -> np.ndarray:
@@ -166,7 +167,7 @@ def project_volume(volume, angles_deg, matrix=None) -> np.ndarray:
     """
     volume = np.asarray(volume, dtype=np.float32)
     if volume.ndim != 3 or volume.shape[1] != volume.shape[2]:
-        raise ValueError(f"volume must have shape (n_slices, n, n), got {volume.shape}")
+        raise InvalidArgument(f"volume must have shape (n_slices, n, n), got {volume.shape}")
     n_slices, n, _ = volume.shape
     angles = np.asarray(angles_deg, dtype=np.float64)
     if matrix is None:
@@ -212,7 +213,7 @@ def simulate_tilt_series(size: int = 256, n_angles: int = 74, phantom: str = "sh
     angles = default_angles(n_angles) if angles_deg is None else np.asarray(angles_deg, dtype=np.float64)
     angles = validate_angles(angles, source="angles_deg")
     if noise < 0:
-        raise ValueError(f"noise must be >= 0, got {noise}")
+        raise InvalidArgument(f"noise must be >= 0, got {noise}")
     volume = make_phantom(phantom, size, seed=seed)
     projections = project_volume(volume, angles)
     if noise > 0:

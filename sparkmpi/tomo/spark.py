@@ -27,6 +27,7 @@ import numpy as np
 from .algorithms import ALGORITHMS, FILTERS, art, fbp, sirt
 from .io import TiltSeries, TiltSeriesError, decode_sinogram_row, parquet_metadata, read_tilt_series
 from .projector import cached_system_matrix, system_matrix
+from ..errors import InvalidArgument
 
 __all__ = ["MATRIX_MODES", "load_sinograms_rdd", "partition_slices", "reconstruct_rdd", "reconstruct_spark",
            "reconstruct_mpi"]
@@ -118,9 +119,9 @@ def load_sinograms_rdd(spark, source, angles=None, angles_file=None, num_slices:
 def partition_slices(rdd, n_slices: int, partitions: int):
     """Repartition ``(slice_index, value)`` records into contiguous slice ranges."""
     if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
-        raise ValueError(f"partitions must be a positive integer, got {partitions!r}")
+        raise InvalidArgument(f"partitions must be a positive integer, got {partitions!r}")
     if partitions > n_slices:
-        raise ValueError(f"partitions ({partitions}) must not exceed the number of slices ({n_slices})")
+        raise InvalidArgument(f"partitions ({partitions}) must not exceed the number of slices ({n_slices})")
     return rdd.partitionBy(partitions, SlicePartitioner(n_slices, partitions))
 
 
@@ -210,11 +211,11 @@ def reconstruct_rdd(rdd, meta: dict, algorithm: str = "art", iterations: int = 1
         driver-side ``broadcast_s``, ``partitions`` and ``partition_slices``.
     """
     if algorithm not in ALGORITHMS:
-        raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
+        raise InvalidArgument(f"algorithm must be one of {ALGORITHMS}, got {algorithm!r}")
     if filter not in FILTERS:
-        raise ValueError(f"filter must be one of {FILTERS}, got {filter!r}")
+        raise InvalidArgument(f"filter must be one of {FILTERS}, got {filter!r}")
     if matrix_mode not in MATRIX_MODES:
-        raise ValueError(f"matrix_mode must be one of {MATRIX_MODES}, got {matrix_mode!r}")
+        raise InvalidArgument(f"matrix_mode must be one of {MATRIX_MODES}, got {matrix_mode!r}")
     sc = rdd.context
     n_slices, n_rays = int(meta["n_slices"]), int(meta["n_rays"])
     n = n_rays if n is None else int(n)
@@ -359,7 +360,7 @@ def reconstruct_mpi(spark, source, ranks: int = 2, iterations: int = 100, angles
     from .mpi import projection_records
 
     if isinstance(ranks, bool) or not isinstance(ranks, int) or ranks < 1:
-        raise ValueError(f"ranks must be a positive integer, got {ranks!r}")
+        raise InvalidArgument(f"ranks must be a positive integer, got {ranks!r}")
     t0 = time.perf_counter()
     if isinstance(source, TiltSeries):
         series = source
@@ -368,7 +369,7 @@ def reconstruct_mpi(spark, source, ranks: int = 2, iterations: int = 100, angles
     else:
         series = read_tilt_series(source, angles=angles, angles_file=angles_file)
     if ranks > series.n_angles:
-        raise ValueError(f"ranks ({ranks}) must not exceed the number of projections ({series.n_angles})")
+        raise InvalidArgument(f"ranks ({ranks}) must not exceed the number of projections ({series.n_angles})")
     records = spark.sparkContext.parallelize(projection_records(series), ranks)
     load_s = time.perf_counter() - t0
     task = _SirtRankTask(dict(n_slices=series.n_slices, n_rays=series.n_rays, only_root=True,

@@ -34,6 +34,7 @@ from .images import COLORMAPS, downsample
 from .loaders import detect_kind, load_ptycho, load_volume, ptycho_from_arrays
 from .models import AXES, PtychoModel, VolumeModel
 from .snapshots import SnapshotPoller
+from ..errors import InvalidArgument
 
 __all__ = ["serve", "check_port", "DEFAULT_MAX_3D_SIZE"]
 
@@ -44,7 +45,7 @@ PANEL_HEIGHT = "calc(50vh - 140px)"
 def check_port(host: str, port: int) -> None:
     """Raise :class:`PortInUseError` if ``host:port`` cannot be bound (port 0 always can)."""
     if not isinstance(port, int) or isinstance(port, bool) or not 0 <= port <= 65535:
-        raise ValueError(f"port must be an integer in [0, 65535], got {port!r}")
+        raise InvalidArgument(f"port must be an integer in [0, 65535], got {port!r}")
     if port == 0:
         return
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
@@ -128,7 +129,7 @@ class VolumeScene:
     def set_transfer(self, lo: float, hi: float, cmap: str, max_opacity: float) -> None:
         """Colour ``cmap`` from ``lo`` to ``hi``; opacity 0 below ``lo`` rising to ``max_opacity`` at ``hi``."""
         if cmap not in COLORMAPS:
-            raise ValueError(f"cmap must be one of {sorted(COLORMAPS)}, got {cmap!r}")
+            raise InvalidArgument(f"cmap must be one of {sorted(COLORMAPS)}, got {cmap!r}")
         if hi <= lo:
             hi = lo + 1e-6
         self.color.RemoveAllPoints()
@@ -364,13 +365,13 @@ def serve(path=None, *, live=None, port: int = 0, host: str = "127.0.0.1",
     ResultNotFoundError, UnreadableResultError, WrongKindError, PortInUseError
     """
     if (path is None) == (live is None):
-        raise ValueError(f"give exactly one of path and live, got path={path!r}, live={live!r}")
+        raise InvalidArgument(f"give exactly one of path and live, got path={path!r}, live={live!r}")
     if not isinstance(host, str) or not host:
-        raise ValueError(f"host must be a non-empty string, got {host!r}")
+        raise InvalidArgument(f"host must be a non-empty string, got {host!r}")
     if not isinstance(max_3d_size, int) or max_3d_size < 16:
-        raise ValueError(f"max_3d_size must be an integer >= 16, got {max_3d_size!r}")
+        raise InvalidArgument(f"max_3d_size must be an integer >= 16, got {max_3d_size!r}")
     if not (isinstance(poll_interval, (int, float)) and 0.05 <= poll_interval <= 60):
-        raise ValueError(f"poll_interval must be between 0.05 and 60 seconds, got {poll_interval!r}")
+        raise InvalidArgument(f"poll_interval must be between 0.05 and 60 seconds, got {poll_interval!r}")
     if live is not None:
         live = Path(live)
         if live.exists() and not live.is_dir():

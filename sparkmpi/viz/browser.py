@@ -3,8 +3,8 @@
 :class:`ViewerProcess` runs ``sparkmpi view ...`` as a child process and reads
 its address; :class:`Browser` starts ``/usr/bin/chromium`` through Playwright
 (``executable_path``; Playwright's own browser download is not used) with a
-fresh profile directory.  Both always clean up: the viewer is terminated,
-then killed; the browser is closed and its profile removed.
+fresh profile directory.  Both always clean up: the viewer is stopped with
+:func:`sparkmpi._proc.stop_process`; the browser is closed and its profile removed.
 
 A trame page shows "Loading..." until its websocket has connected and the
 server has sent the layout, so :func:`open_app` waits for an element of the
@@ -17,7 +17,6 @@ import io
 import os
 import selectors
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -26,7 +25,9 @@ from pathlib import Path
 
 import numpy as np
 
+from .._proc import parent_death_hook, stop_process
 from .errors import ViewerError
+from ..errors import InvalidArgument, InvalidArgumentType
 
 __all__ = ["CHROMIUM", "CHROMIUM_FLAGS", "ViewerProcess", "Browser", "open_app", "element_png",
            "picture_variance", "wait_for_picture", "press_slider", "chromium_pids"]
@@ -34,15 +35,6 @@ __all__ = ["CHROMIUM", "CHROMIUM_FLAGS", "ViewerProcess", "Browser", "open_app",
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_FLAGS = ("--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
                   "--disable-component-update", "--no-first-run", "--disable-sync", "--disable-quic")
-
-
-def _die_with_parent() -> None:  # runs in the child between fork and exec
-    try:
-        import ctypes
-
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-    except OSError:
-        pass
 
 
 class ViewerProcess:
@@ -65,7 +57,7 @@ class ViewerProcess:
 
     def __init__(self, args, timeout: float = 60.0, env: dict | None = None):
         if isinstance(args, (str, bytes)) or not all(isinstance(a, (str, os.PathLike)) for a in args):
-            raise TypeError(f"args must be a list of str, got {args!r}")
+            raise InvalidArgumentType(f"args must be a list of str, got {args!r}")
         self.args = [str(a) for a in args]
         self.timeout = float(timeout)
         self.env = env
@@ -79,7 +71,7 @@ class ViewerProcess:
         cmd = [sys.executable, "-m", "sparkmpi.cli", "view", *self.args]
         self.started_at = time.perf_counter()
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._stderr, env=self.env,
-                                     preexec_fn=_die_with_parent)
+                                     preexec_fn=parent_death_hook())
         deadline = self.started_at + self.timeout
         line = b""
         with selectors.DefaultSelector() as sel:
@@ -117,13 +109,7 @@ class ViewerProcess:
         """Terminate the viewer, kill it after ``grace`` seconds; returns its exit code."""
         if self.proc is None:
             return None
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(grace)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc, grace)
         if self.proc.stdout is not None:
             self.proc.stdout.close()
         return self.proc.returncode
@@ -165,7 +151,7 @@ class Browser:
 
     def __init__(self, executable: str = CHROMIUM, viewport=(1280, 860)):
         if len(viewport) != 2 or min(viewport) < 200:
-            raise ValueError(f"viewport must be (width, height) of at least 200 px, got {viewport!r}")
+            raise InvalidArgument(f"viewport must be (width, height) of at least 200 px, got {viewport!r}")
         self.executable = executable
         self.viewport = {"width": int(viewport[0]), "height": int(viewport[1])}
         self.user_data_dir = ""

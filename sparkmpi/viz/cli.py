@@ -9,6 +9,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+from pathlib import Path
+
+from ..errors import UsageError
 
 __all__ = ["register"]
 
@@ -38,7 +41,8 @@ def register(subparsers) -> None:
         "view", help="web viewer for a reconstruction (volume or ptychography), or live snapshots",
         description="Serve a web viewer on 127.0.0.1 and print its address; open it in a browser.")
     parser.add_argument("path", nargs="?", metavar="PATH",
-                        help="a volume (multi-page TIFF, .vti, .npy) or a ptychography result NPZ")
+                        help="a volume (multi-page TIFF, .vti, .npy), a ptychography result NPZ, or an output "
+                             "folder holding them (demo-output/)")
     parser.add_argument("--live", metavar="DIR",
                         help="follow the snapshots a running reconstruction publishes into DIR")
     parser.add_argument("--port", type=_port, default=0, help="port to listen on (default: a free one)")
@@ -49,19 +53,29 @@ def register(subparsers) -> None:
 
 
 def _view(args) -> int:
-    from ..cli import UsageError
     from .app import serve
+    from .loaders import results_in
 
     if (args.path is None) == (args.live is None):
         raise UsageError("give either PATH or --live DIR (exactly one)")
     t0 = time.perf_counter()
+    path = args.path
+    if path is not None and Path(path).is_dir():
+        if (Path(path) / "latest.json").exists():  # a live snapshot folder
+            path, args.live = None, path
+        else:
+            found = results_in(path)
+            path = str(found[0])
+            if len(found) > 1:
+                print(f"sparkmpi view: '{args.path}' holds {len(found)} results; showing {found[0]} "
+                      f"(the others: {', '.join(map(str, found[1:]))})", file=sys.stderr, flush=True)
 
     def ready(url: str, kind: str) -> None:
         print(url, flush=True)
-        what = args.live if args.live is not None else args.path
+        what = args.live if args.live is not None else path
         print(f"sparkmpi view: serving {kind} '{what}' at {url} (ready in {time.perf_counter() - t0:.2f} s); "
               f"Ctrl+C stops", file=sys.stderr, flush=True)
 
-    serve(args.path, live=args.live, port=args.port, host=args.host, max_3d_size=args.max_3d_size,
+    serve(path, live=args.live, port=args.port, host=args.host, max_3d_size=args.max_3d_size,
           on_ready=ready)
     return 0

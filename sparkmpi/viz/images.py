@@ -14,6 +14,8 @@ import math
 
 import numpy as np
 
+from ..errors import InvalidArgument
+
 __all__ = ["COLORMAPS", "lut", "colorize", "window_range", "robust_range", "downsample",
            "png_data_url", "error_curve_svg", "svg_data_url", "phase_image"]
 
@@ -32,7 +34,7 @@ COLORMAPS: dict[str, tuple[tuple[float, float, float, float], ...]] = {
 
 def _check_cmap(cmap: str) -> str:
     if cmap not in COLORMAPS:
-        raise ValueError(f"cmap must be one of {sorted(COLORMAPS)}, got {cmap!r}")
+        raise InvalidArgument(f"cmap must be one of {sorted(COLORMAPS)}, got {cmap!r}")
     return cmap
 
 
@@ -40,7 +42,7 @@ def lut(cmap: str = "grey", n: int = 256) -> np.ndarray:
     """A colour look-up table, uint8 ``(n, 3)``, interpolated linearly between control points."""
     _check_cmap(cmap)
     if not isinstance(n, (int, np.integer)) or n < 2:
-        raise ValueError(f"n must be an integer >= 2, got {n!r}")
+        raise InvalidArgument(f"n must be an integer >= 2, got {n!r}")
     pts = np.asarray(COLORMAPS[cmap], dtype=np.float64)
     x = np.linspace(0.0, 1.0, int(n))
     rgb = np.stack([np.interp(x, pts[:, 0], pts[:, c]) for c in (1, 2, 3)], axis=1)
@@ -65,9 +67,9 @@ def colorize(image, lo: float, hi: float, cmap: str = "grey") -> np.ndarray:
     """
     img = np.asarray(image)
     if img.ndim != 2 or 0 in img.shape:
-        raise ValueError(f"image must be a non-empty 2-D array, got shape {img.shape}")
+        raise InvalidArgument(f"image must be a non-empty 2-D array, got shape {img.shape}")
     if np.iscomplexobj(img) or not np.issubdtype(img.dtype, np.number):
-        raise ValueError(f"image must hold real numbers, got dtype {img.dtype}")
+        raise InvalidArgument(f"image must hold real numbers, got dtype {img.dtype}")
     table = lut(cmap)
     if not (math.isfinite(lo) and math.isfinite(hi)) or hi <= lo:
         return np.broadcast_to(table[0], img.shape + (3,)).copy()
@@ -91,9 +93,9 @@ def window_range(data_lo: float, data_hi: float, level: float, width: float) -> 
     (lo, hi) : floats with ``lo < hi`` whenever ``data_hi > data_lo``.
     """
     if not 0.0 <= level <= 1.0:
-        raise ValueError(f"level must be in [0, 1], got {level!r}")
+        raise InvalidArgument(f"level must be in [0, 1], got {level!r}")
     if not 0.0 < width <= 2.0:
-        raise ValueError(f"width must be in (0, 2], got {width!r}")
+        raise InvalidArgument(f"width must be in (0, 2], got {width!r}")
     span = float(data_hi) - float(data_lo)
     centre = float(data_lo) + level * span
     return centre - 0.5 * width * span, centre + 0.5 * width * span
@@ -107,7 +109,7 @@ def robust_range(values, percentiles=(0.5, 99.5), max_samples: int = 1_000_000) 
     """
     arr = np.asarray(values).ravel()
     if arr.size == 0:
-        raise ValueError("values must not be empty")
+        raise InvalidArgument("values must not be empty")
     step = max(1, arr.size // max_samples)
     sample = arr[::step]
     sample = sample[np.isfinite(sample)]
@@ -131,9 +133,9 @@ def downsample(volume, max_side: int) -> tuple[np.ndarray, int]:
     """
     vol = np.asarray(volume)
     if vol.ndim != 3:
-        raise ValueError(f"volume must be 3-D, got shape {vol.shape}")
+        raise InvalidArgument(f"volume must be 3-D, got shape {vol.shape}")
     if not isinstance(max_side, (int, np.integer)) or max_side < 2:
-        raise ValueError(f"max_side must be an integer >= 2, got {max_side!r}")
+        raise InvalidArgument(f"max_side must be an integer >= 2, got {max_side!r}")
     factor = max(1, math.ceil(max(vol.shape) / max_side))
     if factor == 1:
         return np.ascontiguousarray(vol, dtype=np.float32), 1
@@ -156,7 +158,7 @@ def phase_image(obj, weight=None) -> np.ndarray:
     """
     o = np.asarray(obj)
     if o.ndim != 2:
-        raise ValueError(f"obj must be 2-D, got shape {o.shape}")
+        raise InvalidArgument(f"obj must be 2-D, got shape {o.shape}")
     if weight is None:
         h, w = o.shape
         weight = np.zeros(o.shape, dtype=np.float32)
@@ -173,7 +175,7 @@ def png_data_url(rgb) -> str:
 
     arr = np.asarray(rgb)
     if arr.dtype != np.uint8 or not (arr.ndim == 2 or (arr.ndim == 3 and arr.shape[2] == 3)):
-        raise ValueError(f"rgb must be uint8 (h, w) or (h, w, 3), got {arr.dtype} {arr.shape}")
+        raise InvalidArgument(f"rgb must be uint8 (h, w) or (h, w, 3), got {arr.dtype} {arr.shape}")
     buf = io.BytesIO()
     Image.fromarray(np.ascontiguousarray(arr)).save(buf, format="PNG", compress_level=1)
     return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
@@ -193,7 +195,7 @@ def error_curve_svg(errors, width: int = 480, height: int = 300,
     """
     errs = np.asarray(errors, dtype=np.float64).ravel()
     if width < 100 or height < 80:
-        raise ValueError(f"width and height must be at least 100 and 80 pixels, got {width}x{height}")
+        raise InvalidArgument(f"width and height must be at least 100 and 80 pixels, got {width}x{height}")
     left, right, top, bottom = 62, width - 14, 28, height - 36
     parts = [f'<svg xmlns="http://www.w3.org/2000/svg" width="{width}" height="{height}" '
              f'viewBox="0 0 {width} {height}" font-family="sans-serif" font-size="12">',

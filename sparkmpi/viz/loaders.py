@@ -27,8 +27,9 @@ from pathlib import Path
 import numpy as np
 
 from .errors import ResultNotFoundError, UnreadableResultError, WrongKindError
+from ..errors import InvalidArgumentType
 
-__all__ = ["KINDS", "detect_kind", "load_volume", "load_ptycho", "ptycho_from_arrays", "PtychoResult"]
+__all__ = ["KINDS", "detect_kind", "results_in", "load_volume", "load_ptycho", "ptycho_from_arrays", "PtychoResult"]
 
 KINDS = ("volume", "ptycho")
 
@@ -42,7 +43,7 @@ _HEAD = 4096
 
 def _as_path(path, name: str = "path") -> Path:
     if not isinstance(path, (str, Path)) or str(path) == "":
-        raise TypeError(f"{name} must be a non-empty str or Path, got {path!r}")
+        raise InvalidArgumentType(f"{name} must be a non-empty str or Path, got {path!r}")
     return Path(path)
 
 
@@ -119,6 +120,39 @@ def detect_kind(path) -> str:
     preview = head[:16]
     raise WrongKindError(f"'{path}' is neither a tomography volume (TIFF, .vti, .npy) nor a ptychography "
                          f"result (NPZ); it starts with {preview!r}")
+
+
+#: File names the commands write as results, most wanted first (a folder is searched for these).
+RESULT_NAMES = ("reconstruction.npz", "volume.tif", "volume.vti", "volume.npy")
+
+
+def results_in(directory) -> list[Path]:
+    """The results in an output folder (``demo-output/``, a ``--out`` folder), best first.
+
+    Looks in the folder and its direct sub-folders for the files the commands
+    write (:data:`RESULT_NAMES`); a ptychography result comes before a volume,
+    and ``.vti``/``.npy`` only where no TIFF of the same stem is there.
+
+    Raises
+    ------
+    ResultNotFoundError
+        The folder does not exist, or holds no result.
+    """
+    directory = _as_path(directory, "directory")
+    if not directory.is_dir():
+        raise ResultNotFoundError(f"'{directory}' is not a folder")
+    found: list[Path] = []
+    for folder in [directory, *sorted(p for p in directory.iterdir() if p.is_dir())]:
+        names = {p.name for p in folder.iterdir() if p.is_file()}
+        if RESULT_NAMES[0] in names:
+            found.append(folder / RESULT_NAMES[0])
+        volumes = [name for name in RESULT_NAMES[1:] if name in names]
+        if volumes:  # the same volume in several formats: one is enough
+            found.append(folder / volumes[0])
+    if not found:
+        raise ResultNotFoundError(f"'{directory}' holds no result ({', '.join(RESULT_NAMES)}, in it or one "
+                                  f"folder down); name a result file, or use --live for snapshots")
+    return sorted(found, key=lambda p: RESULT_NAMES.index(p.name))
 
 
 # --------------------------------------------------------------------- volumes

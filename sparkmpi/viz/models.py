@@ -20,6 +20,7 @@ from .images import (
     window_range,
 )
 from .loaders import PtychoResult
+from ..errors import InvalidArgument, InvalidArgumentType
 
 __all__ = ["AXES", "VolumeModel", "PtychoModel"]
 
@@ -38,7 +39,7 @@ class VolumeModel:
     def __init__(self, volume):
         vol = np.asarray(volume)
         if vol.ndim != 3 or min(vol.shape) < 2:
-            raise ValueError(f"volume must have shape (nz, ny, nx) with every axis >= 2, got {vol.shape}")
+            raise InvalidArgument(f"volume must have shape (nz, ny, nx) with every axis >= 2, got {vol.shape}")
         self.volume = np.ascontiguousarray(vol, dtype=np.float32)
         self.data_range = robust_range(self.volume)
 
@@ -57,10 +58,10 @@ class VolumeModel:
         slices are flipped so that z points up.
         """
         if axis not in AXES:
-            raise ValueError(f"axis must be one of {sorted(AXES)}, got {axis!r}")
+            raise InvalidArgument(f"axis must be one of {sorted(AXES)}, got {axis!r}")
         n = self.shape[AXES[axis]]
         if not isinstance(index, (int, np.integer)) or not 0 <= index < n:
-            raise ValueError(f"index along {axis} must be an integer in [0, {n - 1}], got {index!r}")
+            raise InvalidArgument(f"index along {axis} must be an integer in [0, {n - 1}], got {index!r}")
         if axis == "z":
             return self.volume[index]
         if axis == "y":
@@ -83,7 +84,7 @@ class PtychoModel:
 
     def __init__(self, result: PtychoResult):
         if not isinstance(result, PtychoResult):
-            raise TypeError(f"result must be a PtychoResult, got {type(result).__name__}")
+            raise InvalidArgumentType(f"result must be a PtychoResult, got {type(result).__name__}")
         self.result = result
         self.phase = phase_image(result.object)
         self.amplitude = np.abs(result.object).astype(np.float32)
@@ -93,7 +94,7 @@ class PtychoModel:
 
     def _clip_range(self, image: np.ndarray, clip: float) -> tuple[float, float]:
         if not 0.0 <= clip < 50.0:
-            raise ValueError(f"clip must be a percentage in [0, 50), got {clip!r}")
+            raise InvalidArgument(f"clip must be a percentage in [0, 50), got {clip!r}")
         return robust_range(image[self._centre], percentiles=(clip, 100.0 - clip))
 
     def phase_url(self, clip: float = 0.5, cmap: str = "grey") -> str:

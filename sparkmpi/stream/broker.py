@@ -10,8 +10,8 @@
   daemon on 127.0.0.1, records it in ``broker.json`` and waits until the broker
   answers a metadata request.  A broker that dies or hangs is reported within
   seconds with the last lines of its log.
-* :func:`stop_broker` sends SIGTERM, then SIGKILL after a grace period, and
-  waits for the process to go.  :func:`broker_status` reads ``broker.json``.
+* :func:`stop_broker` stops it with :func:`sparkmpi._proc.stop_process`
+  (SIGTERM, SIGKILL after a grace period, reaped).  :func:`broker_status` reads ``broker.json``.
 
 Cache folder: ``$SPARKMPI_KAFKA_HOME`` if set, else
 ``~/.cache/sparkmpi/kafka-<version>``.
@@ -20,13 +20,11 @@ Cache folder: ``$SPARKMPI_KAFKA_HOME`` if set, else
 from __future__ import annotations
 
 import base64
-import contextlib
 import hashlib
 import json
 import os
 import re
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -38,8 +36,11 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-from .._proc import pid_running
-from ._client import check_broker
+from .._proc import free_port, parent_death_hook, pid_running, stop_process
+from .._retry import retry
+from ..config import setting
+from ..errors import InvalidArgument, ProcessError, RetryTimeout
+from .kafka_client import check_broker
 from ._errors import BrokerError, BrokerUnavailable
 
 #: Newest ``org.apache.kafka:kafka_2.13`` on Maven Central when this was
@@ -62,18 +63,18 @@ _CHILDREN: dict[int, subprocess.Popen] = {}  # brokers this process started (rea
 def _check_version(version: str) -> str:
     match = _VERSION_RE.match(str(version))
     if not match:
-        raise ValueError(f"version: expected MAJOR.MINOR.PATCH like {DEFAULT_VERSION!r}, got {version!r}")
+        raise InvalidArgument(f"version: expected MAJOR.MINOR.PATCH like {DEFAULT_VERSION!r}, got {version!r}")
     if int(match.group(1)) < 4:
-        raise ValueError(f"version: Kafka 4.0 or newer is supported (KRaft-only configuration), got {version!r}")
+        raise InvalidArgument(f"version: Kafka 4.0 or newer is supported (KRaft-only configuration), got {version!r}")
     return version
 
 
 def kafka_home(version: str = DEFAULT_VERSION) -> Path:
     """The cache folder for Kafka ``version``'s jars (``lib/`` inside it)."""
     _check_version(version)
-    env = os.environ.get("SPARKMPI_KAFKA_HOME")
-    if env:
-        return Path(env).expanduser()
+    configured = setting("kafka_home")
+    if configured:
+        return Path(configured).expanduser()
     base = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
     return base / "sparkmpi" / f"kafka-{version}"
 
@@ -208,13 +209,6 @@ class BrokerStatus:
     detail: str
 
 
-def free_port(host: str = HOST) -> int:
-    """A TCP port that is free on ``host`` right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return sock.getsockname()[1]
-
-
 def _port_in_use(host: str, port: int) -> bool:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
@@ -342,14 +336,6 @@ def _java() -> str:
     return java
 
 
-def _kill_with_parent() -> None:
-    """In the child before exec: ask Linux for SIGKILL when the parent dies."""
-    import ctypes
-
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGKILL)  # PR_SET_PDEATHSIG
-
-
 def _format_storage(java: str, classpath: str, data_dir: Path, timeout: float) -> None:
     if (data_dir / "logs" / "meta.properties").exists():
         return  # formatted by an earlier start: keep the topics and offsets
@@ -400,11 +386,11 @@ def start_broker(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, port: int = DEF
     """
     _check_version(version)
     if isinstance(port, bool) or not isinstance(port, int) or not 0 <= port <= 65535:
-        raise ValueError(f"port: expected an integer in 0..65535 (0 = any free port), got {port!r}")
+        raise InvalidArgument(f"port: expected an integer in 0..65535 (0 = any free port), got {port!r}")
     if not isinstance(heap, str) or not _HEAP_RE.match(heap):
-        raise ValueError(f"heap: expected a JVM size like '512m' or '1g', got {heap!r}")
+        raise InvalidArgument(f"heap: expected a JVM size like '512m' or '1g', got {heap!r}")
     if not timeout > 0:
-        raise ValueError(f"timeout: expected seconds > 0, got {timeout!r}")
+        raise InvalidArgument(f"timeout: expected seconds > 0, got {timeout!r}")
     data_dir = Path(data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     old = _read_state(data_dir)
@@ -435,29 +421,28 @@ def start_broker(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, port: int = DEF
            f"-Dkafka.logs.dir={data_dir}", "-cp", classpath, "kafka.Kafka", str(data_dir / "server.properties")]
     with open(data_dir / OUT_FILE, "ab") as out:
         proc = subprocess.Popen(cmd, cwd=data_dir, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=_kill_with_parent if die_with_parent else None)
+                                start_new_session=True, preexec_fn=parent_death_hook() if die_with_parent else None)
     _CHILDREN[proc.pid] = proc
     info = BrokerInfo(pid=proc.pid, host=HOST, port=port, controller_port=controller_port,
                       data_dir=str(data_dir), version=version, started=started)
     (data_dir / STATE_FILE).write_text(json.dumps(asdict(info), indent=1))
-    deadline = t0 + timeout
-    while True:
+    def exited() -> None:
         if proc.poll() is not None:
             _CHILDREN.pop(proc.pid, None)
             (data_dir / STATE_FILE).unlink(missing_ok=True)
             raise BrokerError(f"the Kafka broker exited with status {proc.returncode} "
                               f"{time.monotonic() - t0:.1f} s after start (data dir {data_dir}):\n"
                               f"{_log_tail(data_dir)}")
-        left = deadline - time.monotonic()
-        if left <= 0:
-            stop_broker(data_dir, grace=5.0)
-            raise BrokerError(f"the Kafka broker at {info.bootstrap} did not answer within {timeout:.0f} s; "
-                              f"stopped it:\n{_log_tail(data_dir)}")
-        try:
-            check_broker(info.bootstrap, timeout=min(1.0, left))
-            break
-        except BrokerUnavailable:
-            continue
+
+    try:
+        retry(lambda left: check_broker(info.bootstrap, timeout=min(1.0, left)),
+              what="reach the new Kafka broker at", address=info.bootstrap,
+              timeout=max(t0 + timeout - time.monotonic(), 0.1), retry_on=(BrokerUnavailable,),
+              first_delay=0.05, max_delay=0.25, check=exited)
+    except RetryTimeout as exc:
+        exited()
+        stop_broker(data_dir, grace=5.0)
+        raise BrokerError(f"{exc}; stopped it:\n{_log_tail(data_dir)}") from exc
     info.start_seconds = round(time.monotonic() - t0, 3)
     (data_dir / STATE_FILE).write_text(json.dumps(asdict(info), indent=1))
     return info
@@ -483,22 +468,10 @@ def stop_broker(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, *, grace: float 
         _CHILDREN.pop(pid, None)
         (data_dir / STATE_FILE).unlink(missing_ok=True)
         return False
-    with contextlib.suppress(ProcessLookupError):
-        os.kill(pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
-    while _alive(pid) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    if _alive(pid):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        deadline = time.monotonic() + timeout
-        while _alive(pid):
-            if time.monotonic() > deadline:
-                raise BrokerError(f"Kafka broker pid {pid} ({data_dir}) is still alive {timeout:.0f} s after SIGKILL")
-            time.sleep(0.05)
-    child = _CHILDREN.pop(pid, None)
-    if child is not None:
-        child.wait(timeout=timeout)
+    try:
+        stop_process(_CHILDREN.pop(pid, None) or pid, grace, kill_timeout=timeout)
+    except ProcessError as exc:
+        raise BrokerError(f"Kafka broker pid {pid} ({data_dir}): {exc}") from exc
     (data_dir / STATE_FILE).unlink(missing_ok=True)
     return True
 

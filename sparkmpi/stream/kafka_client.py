@@ -2,7 +2,7 @@
 
 confluent-kafka (librdkafka) retries a dead broker forever and logs to stderr;
 every helper here bounds its wait and routes librdkafka's log lines to the
-``sparkmpi.stream.kafka.client`` logger, remembering the last error so a
+``sparkmpi.stream.kafka_client`` logger, remembering the last error so a
 timeout can say *why* nothing answered.
 """
 
@@ -14,19 +14,21 @@ import socket
 import time
 from typing import Any
 
+from .._retry import retry
 from ._errors import BrokerUnavailable, StreamTimeout
+from ..errors import InvalidArgument
 
-LOG = logging.getLogger("sparkmpi.stream.kafka.client")
+LOG = logging.getLogger("sparkmpi.stream.kafka_client")
 _BOOTSTRAP = re.compile(r"^[A-Za-z0-9_.\-\[\]:]+:\d{1,5}$")
 
 
 def check_bootstrap(bootstrap: Any) -> str:
     """Validate ``host:port[,host:port...]``; return it unchanged."""
     if not isinstance(bootstrap, str) or not bootstrap:
-        raise ValueError(f"bootstrap: expected 'host:port', got {bootstrap!r}")
+        raise InvalidArgument(f"bootstrap: expected 'host:port', got {bootstrap!r}")
     for part in bootstrap.split(","):
         if not _BOOTSTRAP.match(part) or not 0 < int(part.rsplit(":", 1)[1]) <= 65535:
-            raise ValueError(f"bootstrap: expected 'host:port' with port 1..65535, got {part!r}")
+            raise InvalidArgument(f"bootstrap: expected 'host:port' with port 1..65535, got {part!r}")
     return bootstrap
 
 
@@ -65,26 +67,23 @@ def check_broker(bootstrap: str, timeout: float = 5.0) -> int:
     BrokerUnavailable
         Naming the address, the seconds waited and librdkafka's last error.
     """
+    from confluent_kafka import KafkaException
     from confluent_kafka.admin import AdminClient
 
     if not timeout > 0:
-        raise ValueError(f"timeout: expected seconds > 0, got {timeout!r}")
+        raise InvalidArgument(f"timeout: expected seconds > 0, got {timeout!r}")
     trap = ErrorTrap()
     admin = AdminClient(client_config(bootstrap, trap))
-    start = time.monotonic()
-    deadline = start + timeout
-    cause = ""
-    while True:
-        left = deadline - time.monotonic()
-        if left <= 0:
-            break
-        try:
-            meta = admin.list_topics(timeout=min(1.0, left))
-            if meta.brokers:
-                return len(meta.brokers)
-        except Exception as exc:  # KafkaException: transport, timeout
-            cause = kafka_error_text(exc)
-    raise broker_unavailable(bootstrap, time.monotonic() - start, trap.last or cause or "no metadata")
+
+    def ask(left: float) -> int:
+        meta = admin.list_topics(timeout=min(1.0, left))
+        if not meta.brokers:
+            raise BrokerUnavailable("no broker in the metadata")
+        return len(meta.brokers)
+
+    return retry(ask, what="reach the Kafka broker at", address=bootstrap, timeout=timeout,
+                 retry_on=(KafkaException, BrokerUnavailable), first_delay=0.05, max_delay=0.5, error=BrokerUnavailable,
+                 describe=lambda exc: broker_cause(bootstrap, trap.last or kafka_error_text(exc)))
 
 
 def kafka_error_text(exc: BaseException) -> str:
@@ -93,13 +92,19 @@ def kafka_error_text(exc: BaseException) -> str:
 
 
 def broker_unavailable(bootstrap: str, waited: float, cause: str) -> BrokerUnavailable:
-    """The error for a broker that did not answer: address, seconds waited, and why.
+    """The error for a broker that did not answer: address, seconds waited, and why
+    (worded as :func:`sparkmpi._retry.retry` words its timeouts)."""
+    return BrokerUnavailable(f"timed out trying to reach the Kafka broker at {bootstrap} after {waited:.1f} s: "
+                             f"{broker_cause(bootstrap, cause)}")
 
-    A plain TCP probe comes first in the reason since it names the usual
-    cause (connection refused) more plainly than librdkafka does.
+
+def broker_cause(bootstrap: str, cause: str) -> str:
+    """Why a broker does not answer, with the hint to check it.
+
+    A plain TCP probe comes first since it names the usual cause
+    (connection refused) more plainly than librdkafka does.
     """
-    return BrokerUnavailable(f"no Kafka broker answered at {bootstrap} within {waited:.1f} s: "
-                             f"{_tcp_probe(bootstrap) or cause} (is the broker running? `sparkmpi kafka status`)")
+    return f"{_tcp_probe(bootstrap) or cause} (is the broker running? `sparkmpi kafka status`)"
 
 
 def _tcp_probe(bootstrap: str, timeout: float = 1.0) -> str:
@@ -140,13 +145,13 @@ def ensure_topic(bootstrap: str, topic: str, partitions: int = 1, *, replication
     from confluent_kafka.admin import AdminClient, NewTopic
 
     if not isinstance(topic, str) or not re.fullmatch(r"[A-Za-z0-9._\-]{1,249}", topic):
-        raise ValueError(f"topic: expected 1-249 characters of [A-Za-z0-9._-], got {topic!r}")
+        raise InvalidArgument(f"topic: expected 1-249 characters of [A-Za-z0-9._-], got {topic!r}")
     if isinstance(partitions, bool) or not isinstance(partitions, int) or partitions < 1:
-        raise ValueError(f"partitions: expected an integer >= 1, got {partitions!r}")
+        raise InvalidArgument(f"partitions: expected an integer >= 1, got {partitions!r}")
     existing = topic_partitions(bootstrap, topic, timeout)
     if existing:
         if len(existing) != partitions:
-            raise ValueError(f"topic {topic!r} at {bootstrap} exists with {len(existing)} partitions, "
+            raise InvalidArgument(f"topic {topic!r} at {bootstrap} exists with {len(existing)} partitions, "
                              f"expected {partitions}; delete it or pass --partitions {len(existing)}")
         return False
     trap = ErrorTrap()

@@ -1,0 +1,368 @@
+"""One rank's reconstruction state and its iteration steps, in two implementations.
+
+:class:`Engine` holds what both share (amplitudes, geometry, FFTs, object,
+probe, the iterate and the probe-ramp gauge); its subclasses implement the
+steps of one iteration behind the same methods:
+
+* :class:`ExactEngine` -- NumPy only: fused numba kernels or their NumPy
+  reference (:mod:`sparkmpi.ptycho._fused`) with quantised, order-independent
+  sums, so any split of the frames over ranks gives the same numbers;
+* :class:`GenericEngine` -- whole-stack array code over ``xp`` that CuPy runs
+  (and NumPy with ``kernels="generic"``), with plain float sums.
+
+:func:`make_engine` picks one.  The algorithms themselves are described in
+:mod:`sparkmpi.ptycho.engines`.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..backend import Backend
+from ._fused import make_ops
+from ._kernels import ExactSums, Fourier, Geometry, allreduce_sums
+
+__all__ = ["Engine", "ExactEngine", "GenericEngine", "make_engine"]
+
+
+class Engine:
+    """Buffers and the shared parts of one reconstruction on one rank.
+
+    The iterate is kept in Fourier space, ``Psi_j = F psi_j``: the modulus
+    projection then needs no transform and the misfit of ``F(P O_j)`` comes
+    for free.  Each iteration does one inverse FFT (``psi`` for the overlap
+    update) and one forward FFT (of ``P O_j``) of the whole stack.
+    Three stack-sized complex64 buffers: ``Psi``, ``work`` and ``tmp``.
+
+    Subclasses implement :meth:`gather_multiply`, :meth:`object_update`,
+    :meth:`probe_update`, :meth:`dm_step`, :meth:`raar_step` and
+    :meth:`_apply_frame_phase`; each step returns this rank's misfit sum
+    ``sum (|F P O_j| - a)^2``.
+    """
+
+    def __init__(self, bk: Backend, intensities: np.ndarray, positions: np.ndarray,
+                 object_shape, probe, obj, exit_waves, comm, regularization: float,
+                 threads: int, pin_ramp: bool = True, centroid=None):
+        xp = bk.xp
+        self.bk, self.xp, self.comm = bk, xp, comm
+        self.reg = float(regularization)
+        amp = np.sqrt(intensities, dtype=np.float32)
+        amp = np.ascontiguousarray(np.fft.ifftshift(amp, axes=(-2, -1)))
+        self.a = xp.asarray(amp)
+        del amp
+        norm = np.array([float(np.asarray(intensities, dtype=np.float64).sum())])
+        allreduce_sums(comm, [norm])
+        self.norm = max(float(norm[0]), np.finfo(np.float64).tiny)
+        frame_shape = tuple(intensities.shape[1:])
+        self.geom = Geometry(bk, positions, frame_shape, object_shape, threads=threads)
+        # The scan's comb summed over ranks (integer counts: exact): the object
+        # denominator sum_j shift(|P|^2) is then computed whole, and identically, on
+        # every rank, with no Allreduce.
+        comb = np.asarray(self.geom._comb, dtype=np.float64).copy()
+        count = np.array([float(len(positions))])
+        allreduce_sums(comm, [comb, count])
+        self.geom.set_comb(comb)
+        self.n_total = int(count[0])
+        self.fourier = Fourier(bk, self.a, workers=threads)
+        self.P = xp.asarray(probe, dtype=xp.complex64)
+        self.O = xp.asarray(obj, dtype=xp.complex64)
+        self._den = None
+        self.pin_ramp = pin_ramp
+        self._centroid0 = None
+        if pin_ramp:
+            self._centroid0 = centroid or self._spectrum_centroid(self.P)
+        self._setup(probe, obj, frame_shape, tuple(object_shape), threads)
+        self.work = xp.empty(self.a.shape, dtype=xp.complex64)
+        self.tmp = xp.empty(self.a.shape, dtype=xp.complex64)
+        if exit_waves is None:
+            self.Psi = xp.empty(self.a.shape, dtype=xp.complex64)
+            self.gather_multiply(self.O, self.P, self.Psi)
+        else:
+            self.Psi = xp.array(exit_waves, dtype=xp.complex64, copy=True)
+        self.fourier.forward(self.Psi)
+
+    # ---- what the implementations provide
+    def _setup(self, probe, obj, frame_shape, object_shape, threads) -> None:
+        """Implementation state, made before the first exit waves are computed."""
+
+    def gather_multiply(self, obj, probe, out):
+        """``out = probe * O_j`` for every frame (the overlap-constrained exit waves)."""
+        raise NotImplementedError
+
+    def object_update(self, src, scratch) -> None:
+        """``O <- (sum_j shift(src_j P*) + d O) / (sum_j shift(|P|^2) + d)``."""
+        raise NotImplementedError
+
+    def probe_update(self, src, scratch) -> None:
+        """``P <- (sum_j src_j O_j* + d P) / (sum_j |O_j|^2 + d)``."""
+        raise NotImplementedError
+
+    def dm_step(self, beta: float, update_probe: bool):
+        """``Psi <- Psi + beta (Pi_F(2 Pi_O Psi - Psi) - Pi_O Psi)``; returns the misfit."""
+        raise NotImplementedError
+
+    def raar_step(self, beta: float, update_probe: bool):
+        """``Psi <- beta Pi_O(2 Pi_F Psi - Psi) + (1 - 2 beta) Pi_F Psi + beta Psi``; the misfit."""
+        raise NotImplementedError
+
+    def _apply_frame_phase(self, phase) -> None:
+        """Multiply each frame of ``Psi`` by ``phase[j]`` (now or in the next pass over it)."""
+        raise NotImplementedError
+
+    def _probe_changed(self) -> None:
+        """Called after every probe update."""
+
+    # ---- shared
+    def step(self, algorithm: str):
+        """The step method of ``algorithm`` ("dm" or "raar")."""
+        return self.dm_step if algorithm == "dm" else self.raar_step
+
+    def close(self) -> None:
+        self.geom.close()
+
+    def exit_waves(self):
+        """Real-space exit waves ``psi`` (a new backend array)."""
+        psi = self.Psi.copy()
+        return self.fourier.inverse(psi)
+
+    def _set_probe(self, pnum, pden) -> None:
+        xp = self.xp
+        d = self.reg * float(pden.max())
+        pnum += d * self.P
+        pnum /= pden + d
+        self.P = pnum.astype(xp.complex64, copy=False)
+        if self.pin_ramp:
+            self._pin_probe_spectrum()
+        self._probe_changed()
+        self._den = None
+
+    def _spectrum_centroid(self, probe):
+        """Circular centroid (rows, cols) of ``|F P|^2``, in frequency pixels."""
+        xp = self.xp
+        power = xp.abs(xp.fft.fft2(probe)) ** 2
+        out = []
+        for axis, n in ((0, probe.shape[0]), (1, probe.shape[1])):
+            profile = power.sum(axis=1 - axis)
+            phase = xp.exp(2j * np.pi * xp.arange(n) / n)
+            out.append(float(xp.angle(xp.sum(profile * phase))) * n / (2 * np.pi))
+        return out
+
+    def _pin_probe_spectrum(self):
+        """Remove the linear phase ramp the probe picked up in this update.
+
+        ``P e^{-i q r}`` with ``O e^{i q r}`` explains the data as well as
+        ``P, O`` (each frame only gains a constant phase), so refining the
+        probe lets a phase ramp drift into the object.  A ramp on ``P`` is a
+        shift of ``|F P|^2``: the shift from the initial probe's spectrum
+        centroid is undone here (sub-pixel, by multiplying with the opposite
+        ramp), and the object and the exit waves get the matching change
+        (``O e^{iqr}``, ``Psi_j e^{i q r_j}``) at once: changing the probe
+        alone leaves the iterate inconsistent, and the difference map then
+        spends its iterations undoing the ramp (docs/ptycho.md).
+        """
+        xp = self.xp
+        cy, cx = self._spectrum_centroid(self.P)
+        dy = (cy - self._centroid0[0] + self.P.shape[0] / 2) % self.P.shape[0] - self.P.shape[0] / 2
+        dx = (cx - self._centroid0[1] + self.P.shape[1] / 2) % self.P.shape[1] - self.P.shape[1] / 2
+        h, w = self.P.shape
+        qy, qx = 2 * np.pi * dy / h, 2 * np.pi * dx / w
+
+        def ramp(shape, sign):   # e^{sign i (qy y + qx x)} as an outer product of 1-D factors
+            ey = xp.exp(sign * 1j * qy * xp.arange(shape[0])).astype(xp.complex64)
+            ex = xp.exp(sign * 1j * qx * xp.arange(shape[1])).astype(xp.complex64)
+            return ey[:, None] * ex[None, :]
+
+        self.P = self.P * ramp(self.P.shape, -1)
+        # The same gauge change for the object and the exit waves, so the state stays
+        # consistent: P(r) e^{-iqr} O(r + r_j) e^{iq(r + r_j)} = P O_j e^{i q r_j}.
+        self.O = self.O * ramp(self.O.shape, 1)
+        pos = self.geom.positions
+        phase = np.exp(1j * (qy * pos[:, 0] + qx * pos[:, 1])).astype(np.complex64)
+        self._apply_frame_phase(phase)
+
+    def _overlap(self, src, update_probe: bool):
+        """Overlap projection of real-space waves ``src``; leaves ``F(P O_j)`` in ``tmp``."""
+        self.object_update(src, self.tmp)
+        if update_probe:
+            self.probe_update(src, self.tmp)
+        self.gather_multiply(self.O, self.P, self.tmp)
+        return self.fourier.forward(self.tmp)
+
+
+class ExactEngine(Engine):
+    """CPU steps with fused kernels (numba) or their NumPy reference and quantised sums.
+
+    The sums over frames (object and probe numerators and denominators) are
+    exact in any order (:class:`~sparkmpi.ptycho._kernels.ExactSums`), so
+    any split over ranks gives bit-for-bit the numbers of one process.
+
+    Parameters
+    ----------
+    *args, **kwargs
+        As for :class:`Engine`.
+    kernels : {"auto", "numba", "numpy"}
+    """
+
+    def __init__(self, *args, kernels: str = "auto", **kwargs):
+        self.kernels = kernels
+        self.ops = None
+        self._frame_phase = None   # per-frame phase of a pending gauge change of Psi
+        self._work_is_psi = False   # True when work holds a copy of Psi (DM)
+        super().__init__(*args, **kwargs)
+
+    def _setup(self, probe, obj, frame_shape, object_shape, threads) -> None:
+        self.ops = make_ops(self.kernels, self.geom.positions, frame_shape, object_shape, threads)
+        pmax = float(np.abs(probe).max())
+        omax = float(np.abs(obj).max())
+        cover = self.geom.coverage()
+        self.obj_sums = ExactSums(self.comm, [(object_shape, True), (object_shape, False)],
+                                  [cover, cover], [pmax * pmax * omax, pmax * pmax])
+        self.probe_sums = ExactSums(self.comm, [(frame_shape, True), (frame_shape, False)],
+                                    [self.n_total, self.n_total],
+                                    [pmax * omax * omax, omax * omax])
+
+    def close(self) -> None:
+        super().close()
+        if self.ops is not None:
+            self.ops.close()
+
+    def gather_multiply(self, obj, probe, out):
+        return self.ops.gather_mul(obj, probe, out)
+
+    def object_update(self, src, scratch) -> None:
+        # numerator and (after a probe change) denominator in one pass and one Allreduce
+        acc, dacc = self.obj_sums.views
+        need_den = self._den is None
+        num, den = self.obj_sums.reduce(lambda sc: self.ops.scatter_object(
+            src, self.P, sc[0], acc, sc[1] if need_den else 0.0, dacc))
+        if need_den:
+            self._den = den
+        den = self._den
+        d = float(self.reg * float(den.max()))
+        num += d * self.O
+        num /= den + d
+        self.O = num.astype(np.complex64)
+
+    def probe_update(self, src, scratch) -> None:
+        views = self.probe_sums.views
+        pnum, pden = self.probe_sums.reduce(
+            lambda sc: self.ops.probe_sums(src, self.O, sc[0], sc[1], views[0], views[1]))
+        self._set_probe(pnum, pden)
+
+    def _apply_frame_phase(self, phase) -> None:
+        self._frame_phase = phase   # applied by the next fused pass over Psi
+
+    def _take_phase(self):
+        phase, self._frame_phase = self._frame_phase, None
+        return phase
+
+    def dm_step(self, beta: float, update_probe: bool):
+        Psi, work = self.Psi, self.work
+        if not self._work_is_psi:
+            work[...] = Psi
+        self.fourier.inverse(work)                               # psi
+        Phi = self._overlap(work, update_probe)                  # F Pi_O psi
+        # misfit, Psi += beta (Pi_F(2 Phi - Psi) - Phi), work <- Psi: one pass
+        err = self.ops.dm_update(Psi, Phi, self.a, beta, work, self._take_phase())
+        self._work_is_psi = True
+        return err
+
+    def raar_step(self, beta: float, update_probe: bool):
+        Psi, work = self.Psi, self.work
+        self._work_is_psi = False
+        self.ops.raar_pre(Psi, self.a, beta, work)              # work = 2 Pi_F Psi - Psi, ...
+        self.fourier.inverse(work)                               # z
+        Phi = self._overlap(work, update_probe)                  # F Pi_O z
+        return self.ops.raar_post(Psi, Phi, self.a, beta,        # misfit; Psi += beta Phi
+                                  self._take_phase())
+
+
+class GenericEngine(Engine):
+    """Whole-stack steps over ``xp`` (NumPy or CuPy) with plain float sums.
+
+    Partial sums are float64 or complex128, so a distributed result matches
+    one process to rounding, not bit for bit.
+    """
+
+    def _setup(self, probe, obj, frame_shape, object_shape, threads) -> None:
+        self._conjP = self.xp.conj(self.P)
+
+    def _probe_changed(self) -> None:
+        self._conjP = self.xp.conj(self.P)
+
+    def gather_multiply(self, obj, probe, out):
+        return self.geom.gather_multiply(obj, probe, out=out)
+
+    def object_update(self, src, scratch) -> None:
+        xp = self.xp
+        if self._den is None:   # global comb: the same on every rank, no Allreduce
+            self._den = self.geom.scatter_probe_power(self.P)
+        den = self._den
+        d = float(self.reg * float(den.max()))
+        if self.bk.name == "cupy":   # fused product and scatter
+            num = self.geom.scatter_conj_mul(src, self.P)
+        else:
+            xp.multiply(src, self._conjP, out=scratch)
+            num = self.geom.scatter(scratch)
+        allreduce_sums(self.comm, [num], self.bk)   # complex128: see Geometry.scatter
+        num += d * self.O
+        num /= den + np.float32(d)
+        self.O = num.astype(xp.complex64)
+
+    def probe_update(self, src, scratch) -> None:
+        xp = self.xp
+        frames = self.geom.gather(self.O)
+        xp.conj(frames, out=frames)
+        xp.multiply(src, frames, out=scratch)
+        # float64 accumulation: partial sums over ranks then match one process closely
+        pnum = scratch.sum(axis=0, dtype=xp.complex128)
+        pden = (frames.real ** 2 + frames.imag ** 2).sum(axis=0, dtype=xp.float64)
+        del frames
+        allreduce_sums(self.comm, [pnum, pden], self.bk)
+        self._set_probe(pnum, pden)
+
+    def _apply_frame_phase(self, phase) -> None:
+        self.Psi *= self.xp.asarray(phase)[:, None, None]
+
+    def dm_step(self, beta: float, update_probe: bool):
+        Psi, work = self.Psi, self.work
+        work[...] = Psi
+        self.fourier.inverse(work)                               # psi
+        Phi = self._overlap(work, update_probe)                  # F Pi_O psi
+        err = self.fourier.misfit(Phi)
+        if beta != 1.0:
+            Phi *= np.float32(beta)
+        Psi -= Phi                                               # Psi - beta Phi
+        if beta != 1.0:
+            Phi *= np.float32((2.0 - beta) / beta)
+        Phi -= Psi                                               # 2 Phi - Psi
+        self.fourier.project(Phi, scale=beta)                    # beta Pi_F(2 Phi - Psi)
+        Psi += Phi
+        return err
+
+    def raar_step(self, beta: float, update_probe: bool):
+        xp = self.xp
+        Psi, work, tmp = self.Psi, self.work, self.tmp
+        tmp[...] = Psi
+        self.fourier.project(tmp)                                # Y = Pi_F Psi
+        xp.multiply(tmp, np.float32(2.0), out=work)
+        work -= Psi                                              # Z = 2 Y - Psi
+        Psi *= np.float32(beta)
+        tmp *= np.float32(1.0 - 2.0 * beta)
+        Psi += tmp                                               # beta Psi + (1 - 2 beta) Y
+        self.fourier.inverse(work)                               # z
+        Phi = self._overlap(work, update_probe)                  # F Pi_O z
+        err = self.fourier.misfit(Phi)
+        Phi *= np.float32(beta)
+        Psi += Phi
+        return err
+
+
+def make_engine(bk: Backend, *args, kernels: str = "auto", **kwargs) -> Engine:
+    """:class:`ExactEngine` on NumPy unless ``kernels="generic"``, else :class:`GenericEngine`.
+
+    ``args`` and ``kwargs`` as for :class:`Engine` (after ``bk``).
+    """
+    if bk.name == "numpy" and kernels != "generic":
+        return ExactEngine(bk, *args, kernels=kernels, **kwargs)
+    return GenericEngine(bk, *args, **kwargs)
