@@ -23,7 +23,7 @@ SINGLE_HOST_NETMODS = ("ofi", "ucx", "")
 # Variables with this prefix that belong to other parts of sparkmpi, not to
 # Settings; they are allowed in the environment.
 _OTHER_KNOWN = {"SPARKMPI_FFT_WORKERS", "SPARKMPI_TEST_STANDALONE", "SPARKMPI_HOME",
-                "SPARKMPI_KAFKA_HOME", "SPARKMPI_VERBOSE"}
+                "SPARKMPI_KAFKA_HOME", "SPARKMPI_VERBOSE", "SPARKMPI_TEST_PAUSE_AT"}
 # Set by the launcher inside rank processes; never read as settings.
 _INTERNAL_PREFIXES = ("SPARKMPI_RANK_", "SPARKMPI_PARENT_")
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import random
 import signal
 import subprocess
 import sys
@@ -155,41 +154,56 @@ def _session_alive(pgid):
         return False
 
 
-def test_sigkill_and_restart_mid_stream_loses_and_repeats_nothing(broker, tmp_path):
-    """The driver as a subprocess (its own Spark), SIGKILLed during a batch, started again."""
-    n, topic, out, lines = 600, "drv-kill", tmp_path / "out", tmp_path / "events.jsonl"
-    ensure_topic(broker.bootstrap, topic, 2)
+#: Where each run of the driver is SIGKILLed: (phase of the driver's test hook, batch), and what is on
+#: disk and committed at that moment: (outputs written, batches committed).
+KILLS = [("before_write", 1, 1, 1), ("after_write", 2, 3, 2), ("after_commit", 3, 4, 4)]
+
+
+def test_sigkill_at_each_phase_then_restart_loses_and_repeats_nothing(broker, tmp_path):
+    """The driver as a subprocess (its own Spark), SIGKILLed at each phase of a batch in turn (before
+    the output is written, between write and commit, after the commit), started again each time."""
+    from sparkmpi.stream.driver import TEST_PAUSE_VARIABLE
+
+    n, per_batch, topic, out = 300, 60, "drv-kill", tmp_path / "out"
+    lines, log_path = tmp_path / "events.jsonl", tmp_path / "driver.log"
+    publish_kafka(SyntheticScan(n, SHAPE, seed=5, scan_id="kill"), broker.bootstrap, topic, partitions=2)
     cmd = [sys.executable, "-m", "sparkmpi.cli", "stream", "run", "--bootstrap", broker.bootstrap, "--topic", topic,
-           "--group", "g", "--out", str(out), "--ranks", "2", "--trigger", "0.1", "--max-frames", "60",
+           "--group", "g", "--out", str(out), "--ranks", "2", "--trigger", "0.1", "--max-frames", str(per_batch),
            "--until-end-of-scan", "--json-lines", str(lines), "--quiet"]
-    env = dict(os.environ, PYSPARK_PYTHON=sys.executable, PYSPARK_DRIVER_PYTHON=sys.executable)
-    log = open(tmp_path / "driver.log", "ab")
+    deadline = time.monotonic() + 250   # every wait of this test together, under the 300 s test timeout
     procs = []
 
-    def start():
-        proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+    def start(**env):
+        with open(log_path, "ab") as log:
+            proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                    env=dict(os.environ, PYSPARK_PYTHON=sys.executable,
+                                             PYSPARK_DRIVER_PYTHON=sys.executable, **env),
+                                    start_new_session=True)
         procs.append(proc)
         return proc
 
+    def wait_for(predicate, what):
+        while not predicate():
+            assert time.monotonic() < deadline, f"timed out waiting for {what}: " + log_path.read_text()[-3000:]
+            time.sleep(0.05)
+
+    def committed():
+        return sum(v or 0 for v in committed_offsets(broker.bootstrap, "g", topic, [0, 1]).values())
+
     try:
-        first = start()
-        _wait_for(lambda: any(e["event"] == "started" for e in _events(lines)), 90, "the driver to start")
-        producer = threading.Thread(target=publish_kafka, daemon=True, kwargs=dict(
-            source=SyntheticScan(n, SHAPE, seed=5, scan_id="kill"), bootstrap=broker.bootstrap, topic=topic,
-            partitions=2, rate=400))
-        producer.start()
-        _wait_for(lambda: any(e["event"] == "batch" and e["total_frames"] >= 150 for e in _events(lines)), 90,
-                  "150 frames processed")
-        time.sleep(random.uniform(0.05, 0.4))   # somewhere inside the next batch
-        first.send_signal(signal.SIGKILL)
-        first.wait(10)
-        _wait_for(lambda: not _session_alive(first.pid), 30, "the killed driver's JVM and workers to exit")
-        killed_after = max(e["total_frames"] for e in _events(lines) if e["event"] == "batch")
-        assert killed_after < n, "the kill came too late to test anything"
-        second = start()
-        producer.join(30)
-        assert second.wait(120) == 0, (tmp_path / "driver.log").read_text()[-3000:]
+        for phase, batch, written, done in KILLS:
+            proc = start(**{TEST_PAUSE_VARIABLE: f"{phase}:{batch}"})
+            marker = f"sparkmpi test hook: paused at {phase} of batch {batch}"
+            wait_for(lambda: marker in log_path.read_text() or proc.poll() is not None, f"the pause at {phase}")
+            assert proc.poll() is None, f"the driver exited ({proc.returncode}) before {phase} of batch {batch}"
+            assert [b for b, _ in list_outputs(out)] == list(range(written)), phase
+            assert committed() == done * per_batch, phase
+            proc.send_signal(signal.SIGKILL)   # a real SIGKILL: no handler, no clean-up
+            assert proc.wait(10) == -signal.SIGKILL
+            wait_for(lambda: not _session_alive(proc.pid), "the killed driver's JVM and workers to exit")
+        last = start()
+        wait_for(lambda: last.poll() is not None, "the last driver to finish")
+        assert last.returncode == 0, log_path.read_text()[-3000:]
     finally:
         for proc in procs:
             if proc.poll() is None:
@@ -197,11 +211,16 @@ def test_sigkill_and_restart_mid_stream_loses_and_repeats_nothing(broker, tmp_pa
                 proc.wait(10)
             if _session_alive(proc.pid):
                 os.killpg(proc.pid, signal.SIGKILL)
-        log.close()
     _assert_exactly_once(out, n)
-    assert sum(committed_offsets(broker.bootstrap, "g", topic, [0, 1]).values()) == n + 2
-    starts = [e for e in _events(lines) if e["event"] == "started"]
-    assert len(starts) == 2 and starts[1]["next_batch"] >= 1
+    assert committed() == n + 2
+    events = _events(lines)
+    starts = [e for e in events if e["event"] == "started"]
+    # Each restart goes on after the last output on disk; the one after the write-then-kill commits it first.
+    assert [e["next_batch"] for e in starts] == [0, 1, 3, 4]
+    reconciled = [e for e in events if e["event"] == "reconciled"]
+    assert len(reconciled) == 1 and sum(r["end"] - r["start"] for r in reconciled[0]["ranges"]) == per_batch
+    # (a batch killed after its commit reports no event: the restart does not run it again)
+    assert [e["batch"] for e in events if e["event"] == "batch"] == [0, 1, 4, 5]
 
 
 def test_bad_messages_go_to_the_dead_letter_topic_and_the_stream_goes_on(spark, broker, tmp_path):
