@@ -62,7 +62,8 @@ def test_spark_equals_serial_with_probe_refinement(spark, scan):
     np.testing.assert_allclose(out.errors, serial.errors, rtol=1e-5)
     assert 0 < out.seconds < out.job_seconds
     assert out.seconds_per_iteration == pytest.approx(out.seconds / 30)
-    assert ptycho.nrmse(out.object, data.object_true, mask) < 0.1
+    assert ptycho.nrmse(out.object, data.object_true, mask) < 0.02          # measured 0.0102 (= one process)
+    assert ptycho.nrmse(np.ones_like(out.object), data.object_true, mask) > 0.02
 
 
 @pytest.mark.slow
