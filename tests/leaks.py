@@ -65,6 +65,8 @@ class Allowances:
     """What session fixtures own; filled in by them as they start."""
 
     spark_jvms: set = field(default_factory=set)       # pids
+    process_roots: set = field(default_factory=set)    # pids of fixture-owned processes (a browser): their
+    #                                                    new descendants (renderers) are theirs
     tcp_peer_ports: set = field(default_factory=set)   # a socket connected to one of these is the session's
     tcp_local_ports: set = field(default_factory=set)  # a socket bound to one of these (accepted) is too
     unix_paths: set = field(default_factory=set)       # a Unix socket bound to (or accepted on) one of these
@@ -263,7 +265,7 @@ def leaks(before: Snapshot, after: Snapshot, allow: Allowances | None = None, sh
     table = after.all_procs
     ranks_per_worker: dict[int, list[Proc]] = {}
     for proc in sorted(after.procs.values(), key=lambda p: p.pid):
-        if proc.key in old:
+        if proc.key in old or (allow.process_roots and _spark_descendant(proc, table, allow.process_roots)):
             continue
         if allow.spark_jvms and _spark_descendant(proc, table, allow.spark_jvms):
             if proc.comm == RANK_NAME:
@@ -333,7 +335,7 @@ def clean_up(before: Snapshot, after: Snapshot, allow: Allowances | None = None,
     allow = allow or Allowances()
     old = {p.key for p in before.procs.values()}
     for proc in after.procs.values():
-        if proc.key in old or (allow.spark_jvms and _spark_descendant(proc, after.all_procs, allow.spark_jvms)):
+        if proc.key in old or _spark_descendant(proc, after.all_procs, allow.spark_jvms | allow.process_roots):
             continue
         current = _read_proc(proc.pid)
         if current is not None and current.key == proc.key:
@@ -401,8 +403,14 @@ def _fixture():
     import pytest
 
     @pytest.fixture(autouse=True)
-    def _no_leaks():
-        """Fail the test if it leaves processes, threads, sockets, MPICH shared memory or namespaces behind."""
+    def _no_leaks(request):
+        """Fail the test if it leaves processes, threads, sockets, MPICH shared memory or namespaces behind.
+
+        ``@pytest.mark.known_leak(pattern, reason)`` lets leftovers whose line matches the regular
+        expression ``pattern`` pass, with a warning naming them (a bug found and not fixed yet)."""
+        import re
+        import warnings
+
         before = snapshot(LEAK_TAG)
         mpi_before = _mpi_initialised()
         yield
@@ -412,6 +420,11 @@ def _fixture():
             # stay open until the process exits, so they are no leak, now or in a later test.
             ALLOWANCES.kept_sockets.update(set(open_sockets()) - set(before.sockets))
         found, after = wait_for_no_leaks(before, ALLOWANCES, tag=LEAK_TAG, timeout=DEADLINE_S)
+        for mark in request.node.iter_markers("known_leak"):
+            known = [line for line in found if re.search(mark.args[0], line)]
+            if known:
+                warnings.warn(f"known leak ({mark.args[1]}): " + "; ".join(known), stacklevel=1)
+                found = [line for line in found if line not in known]
         if found:
             clean_up(before, after, ALLOWANCES)
             pytest.fail(f"the test left behind (after {DEADLINE_S:g} s):\n  " + "\n  ".join(found), pytrace=False)

@@ -209,3 +209,34 @@ def test_sockets_and_threads_of_a_kept_singleton_are_allowed_and_others_not():
         server.stop.set()
         server.thread.join()
         server.listener.close()
+
+
+def test_a_known_leak_passes_with_a_warning_and_others_still_fail(pytester, monkeypatch):
+    here = os.path.dirname(__file__)
+    pytester.makeconftest(f"import sys; sys.path.insert(0, {here!r}); from leaks import _no_leaks  # noqa")
+    pytester.makeini("[pytest]\nmarkers =\n    known_leak: x\n")
+    monkeypatch.setenv("PYTEST_SPARKMPI_LEAK_DEADLINE", "0.5")
+    pytester.makepyfile("""
+        import threading, time, pytest
+        def _start(name):
+            threading.Thread(target=time.sleep, args=(30,), name=name, daemon=True).start()
+        @pytest.mark.known_leak("thread 'closer'", "bug 1")
+        def test_known():
+            _start("closer")
+        @pytest.mark.known_leak("thread 'closer'", "bug 1")
+        def test_other():
+            _start("closer")
+            _start("poller")
+        """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-o", "timeout=120")
+    result.assert_outcomes(passed=2, errors=1, warnings=2)
+    result.stdout.fnmatch_lines(["*ERROR at teardown of test_other*", "*thread 'poller'*",
+                                 "*known leak (bug 1): thread 'closer'*"])
+
+
+def test_new_children_of_a_fixture_owned_process_are_allowed():
+    browser = _fake(200, os.getpid(), "chromium", "chromium --headless")
+    renderer = _fake(201, 200, "chromium", "chromium --type=renderer")
+    stray = _fake(202, os.getpid(), "sleep", "sleep 9")
+    found = leaks.leaks(_snap([browser]), _snap([browser, renderer, stray]), leaks.Allowances(process_roots={200}))
+    assert found == [f"process 202 [sleep] 'sleep 9', parent {os.getpid()}"]
