@@ -51,7 +51,7 @@ def test_spark_equals_serial_with_probe_refinement(spark, scan):
     probe = ptycho.model_probe(data)
     mask = ptycho.illuminated_mask(data)
     out = reconstruct_spark(spark, path, ranks=2, iterations=30, probe=probe,
-                            probe_update_start=5, timeout=300)
+                            probe_update_start=5, timeout=240)
     serial = ptycho.reconstruct(data, iterations=30, probe=probe, probe_update_start=5)
     assert out.ranks == 2 and out.frames_per_rank == [48, 48] and out.iterations == 30
     assert out.threads_per_rank >= 1 and out.kernels in ("numba", "numpy")

@@ -48,7 +48,7 @@ def test_jobs_on_a_local_standalone_cluster():
         assert cluster.alive_workers() == 1
         env = dict(os.environ, PYSPARK_PYTHON=sys.executable, SPARK_LOCAL_IP="127.0.0.1")
         done = subprocess.run([sys.executable, os.path.join(HERE, "standalone", "driver.py"), cluster.master_url],
-                              capture_output=True, text=True, timeout=240, env=env)
+                              capture_output=True, text=True, timeout=180, env=env)
         lines = [ln for ln in done.stdout.splitlines() if ln.startswith("REPORT ")]
         assert done.returncode == 0 and lines, done.stderr[-3000:]
         report = json.loads(lines[-1][len("REPORT "):])
