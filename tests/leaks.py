@@ -149,6 +149,13 @@ def _socket_table() -> dict[int, str]:
             local, remote, inode = parts[1], parts[2], int(parts[9])
             table[inode] = f"{kind} {_address(local)} -> {_address(remote)}"
     try:
+        with open("/proc/net/netlink") as fh:
+            for line in fh.read().splitlines()[1:]:
+                parts = line.split()
+                table[int(parts[-1])] = f"netlink protocol {parts[1]} (port {parts[2]})"
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
         with open("/proc/net/unix") as fh:
             for line in fh.read().splitlines()[1:]:
                 parts = line.split()
@@ -179,7 +186,19 @@ def open_sockets() -> dict[int, str]:
         if target.startswith("socket:["):
             inodes[int(target[8:-1])] = int(fd)
     table = _socket_table()
-    return {inode: f"fd {fd}: {table.get(inode, 'socket (netlink or other)')}" for inode, fd in inodes.items()}
+    return {inode: f"fd {fd}: {table.get(inode) or _unlisted(fd)}" for inode, fd in inodes.items()}
+
+
+def _unlisted(fd: int) -> str:
+    """A socket in no /proc/net table (created, not yet bound or connected): its family and type."""
+    try:
+        dup = socket.socket(fileno=os.dup(fd))
+    except OSError:
+        return "socket (unlisted)"
+    try:
+        return f"socket ({dup.family.name}, {dup.type.name}, not bound or connected)"
+    finally:
+        dup.close()
 
 
 def shm_files(shm_dir: str = SHM_DIR) -> set:
