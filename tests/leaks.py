@@ -256,6 +256,15 @@ def _singletons(allow: Allowances) -> list:
     return [obj for get in allow.singletons if (obj := get()) is not None]
 
 
+def _thread_running(thread: threading.Thread) -> bool:
+    """Whether ``thread`` still runs.  A thread Python did not start (librdkafka's, calling a
+    Python log callback) gets a dummy entry that stays after the thread ends and claims to be
+    alive; its OS thread tells the truth."""
+    if isinstance(thread, threading._DummyThread):
+        return os.path.exists(f"/proc/self/task/{thread.native_id}")
+    return thread.is_alive()
+
+
 def _allowed_thread(thread: threading.Thread, allow: Allowances, singletons: list) -> bool:
     target = getattr(thread, "_target", None)
     owner = getattr(target, "__self__", None)
@@ -303,7 +312,7 @@ def leaks(before: Snapshot, after: Snapshot, allow: Allowances | None = None, sh
                              f"warm_pool allows {limit} spares)" for p in ranks)
     singletons = _singletons(allow)
     for ident, thread in after.threads.items():
-        if ident not in before.threads and thread.is_alive() and not _allowed_thread(thread, allow, singletons):
+        if ident not in before.threads and _thread_running(thread) and not _allowed_thread(thread, allow, singletons):
             found.append(f"thread {thread.name!r} (daemon={thread.daemon}, target="
                          f"{getattr(getattr(thread, '_target', None), '__qualname__', None)})")
     held = _held_sockets(singletons)

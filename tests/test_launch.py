@@ -529,6 +529,10 @@ def test_preload_modules_lists_the_settings_then_sparkmpi_modules_of_fn():
         sparkmpi.load_settings(preload="colorsys")
 
 
+@pytest.mark.known_leak(r"socket \(AF_INET, SOCK_STREAM, not bound or connected\)",
+                        "in a full run of this file a Py4J connection of the session breaks during this test "
+                        "('Error while sending or receiving') and Py4J leaves the socket of its reconnect "
+                        "attempt open; not reproduced alone, cause not found yet")
 def test_fork_server_preloads_only_modules_that_start_no_threads(tmp_path, monkeypatch, capsys):
     import sys
 
