@@ -1,4 +1,4 @@
-"""The micro-batch driver: Kafka offset ranges -> one Spark RDD per batch -> one MPI job.
+"""The micro-batch driver: Kafka offset ranges -> the ranks of one MPI world -> exactly-once outputs.
 
 The paper's Fig. 7-8, with exactly-once output::
 
@@ -12,16 +12,26 @@ Each batch:
 1. **plan**: new offsets per topic-partition since the last commit
    (:func:`~.offsets.plan_batch`), at most ``max_frames`` messages; a batch is
    cut every ``trigger`` seconds, or as soon as ``max_frames`` are ready;
-2. **read in the tasks**: the ranges are split over ``ranks`` Spark partitions
-   (:func:`~._batches.assign_ranges`); each partition reads exactly its ranges
-   with :func:`~.offsets.read_offset_range` inside its task;
-3. **MPI**: :func:`sparkmpi.run` runs ``process(comm, frames)`` as one rank per
-   partition.  Messages are decoded in the rank; bad ones become dead letters
-   and never reach ``process``;
+2. **read on the ranks**: the ranges are split over ``ranks`` shares
+   (:func:`~._batches.assign_ranges`); ``mode="world"`` (default): one call on
+   the stream's :class:`sparkmpi.World` gives rank i its share, and the rank
+   reads exactly those ranges with :func:`~.offsets.read_offset_range` (no
+   Spark job per batch); ``mode="jobs"``: an RDD of ``ranks`` partitions reads
+   them inside its Spark tasks and :func:`sparkmpi.run` starts a fresh MPI job;
+3. **MPI**: ``process(comm, frames)`` runs on every rank.  Messages are
+   decoded in the rank; bad ones become dead letters and never reach
+   ``process``;
 4. **dead letters** go to ``<topic>.dlq`` (flushed);
 5. **output**: ``<out>/batch-NNNNNN.npz`` written atomically and durably, with
    the batch's offset ranges inside (:mod:`._output`);
 6. **commit**: only now the ranges' ends are committed to the consumer group.
+
+A world broken by a failure (a rank that raised, died or hung) is restarted
+(:meth:`sparkmpi.World.restart`) and the batch run again from the same,
+uncommitted, offsets; ``batch_retries`` bounds the attempts, and
+``driver.restarts`` / ``driver.restart_s`` count them.  ``trigger=0`` or
+``continuous=True`` cuts the next batch as soon as the previous one is
+committed and frames are waiting.
 
 On start, :meth:`StreamDriver.run` reconciles: outputs whose ranges go beyond
 the committed offsets (a crash between 5 and 6) are committed, not processed
@@ -32,7 +42,11 @@ again).
 The MPI function
 ----------------
 ``process(comm, frames) -> Mapping[str, array-like] | None`` runs on every
-rank; ``frames`` yields :class:`~.offsets.Frame` objects (``.header``,
+rank.  A process that takes a ``state`` parameter, ``process(comm, frames,
+state)``, gets the rank's state dict of the world: what it keeps there stays
+for the next batch (a running reconstruction, a calibration); it starts empty
+after a world restart, and is a fresh dict every batch in ``mode="jobs"``.
+The key ``"sparkmpi.stream.job"`` is the driver's.  ``frames`` ``frames`` yields :class:`~.offsets.Frame` objects (``.header``,
 ``.array``, ``.partition``, ``.offset``) and must be consumed to the end.  The
 arrays a rank returns are stored as ``result.<name>``; the same name from
 several ranks is concatenated along axis 0 in rank order, so per-frame values
@@ -71,7 +85,8 @@ class StreamDriver(_BatchCore):
     Parameters
     ----------
     spark : SparkSession or SparkContext
-        Needs at least ``ranks`` free task slots (one barrier stage per batch).
+        Needs at least ``ranks`` free task slots (held by the world for the
+        stream's life, or one barrier stage per batch in jobs mode).
     bootstrap : str
         ``host:port`` of the Kafka cluster.
     topic : str
@@ -81,7 +96,18 @@ class StreamDriver(_BatchCore):
     out_dir : path
         Where ``batch-NNNNNN.npz`` files go; one folder per (topic, group).
     ranks : int
-        MPI ranks = Spark partitions per batch.
+        MPI ranks.
+    mode : {"world", "jobs"}
+        ``"world"``: one :class:`sparkmpi.World` for the stream, started by
+        :meth:`run` (or at :meth:`warm_up`) and closed at its end; ``"jobs"``:
+        one Spark-MPI job per batch (for comparison, or when ``process`` needs
+        Spark-side work between batches).
+    world : sparkmpi.World, optional
+        Use this open world (the caller keeps it: it is not closed at the end,
+        and the caller may call it between batches, e.g. from ``on_batch``).
+    continuous : bool
+        Cut the next batch as soon as the previous one is committed and frames
+        are waiting (the same as ``trigger=0``).
     trigger : float
         Seconds between batches (a batch starts when messages are pending and
         this long has passed since the previous batch started).
@@ -95,7 +121,8 @@ class StreamDriver(_BatchCore):
         Frames of another shape or dtype go to the dead letters
         (``wrong_shape``, ``wrong_dtype``) instead of reaching ``process``.
     batch_retries : int
-        Times a batch whose MPI job failed is run again before :class:`BatchFailed`.
+        Times a batch whose MPI job (or world call) failed is run again, on a
+        restarted world, before :class:`BatchFailed`.
     broker_retries : int
         Times a lost broker is retried (backoff ``retry_backoff`` s, doubling up
         to ``max_backoff``) before :class:`BrokerUnavailable`.
@@ -118,8 +145,9 @@ class StreamDriver(_BatchCore):
         One JSON object per event (``reconciled``, ``started``, ``batch``, ``retry``,
         ``broker_retry``, ``end``).
     warm_up : bool
-        Run one empty MPI job at start (Spark workers and rank processes ready
-        before the first batch).
+        Jobs mode: run one empty MPI job at start (Spark workers and rank
+        processes ready before the first batch).  World mode always starts its
+        world at start.
     after_write : callable, optional
         ``after_write(batch, path)`` right after the output is written and before
         the commit (tests simulate a crash there).

@@ -23,8 +23,9 @@ class ZmqStreamDriver(_BatchCore):
     """The same loop fed by a ZeroMQ detector stream (:class:`~.detector.ZmqReceiver`).
 
     Frames are received in the driver (a background thread), cut into batches
-    every ``trigger`` s (or at ``max_frames``), parallelised into one RDD of
-    ``ranks`` partitions and processed by the same MPI job; outputs are the
+    every ``trigger`` s (or at ``max_frames``), and shipped to the ranks of the
+    stream's world (one ``scatter=`` share per rank; ``mode="jobs"``: one RDD
+    of ``ranks`` partitions and one MPI job per batch); outputs are the
     same files (``source: "zmq"``, offsets = the receive sequence number).
 
     Guarantee: weaker than Kafka's.  ZeroMQ PUSH/PULL keeps no log, so frames
