@@ -53,7 +53,8 @@ def register(subparsers) -> None:
     parser.add_argument("--frames", type=int, default=256, help="ptychography frames in the scan (default 256)")
     parser.add_argument("--frame-size", type=int, default=64, help="frame side in pixels (default 64)")
     parser.add_argument("--rate", type=float, default=50.0, help="detector frames per second (default 50)")
-    parser.add_argument("--trigger", type=float, default=0.5, help="seconds between micro-batches (default 0.5)")
+    parser.add_argument("--trigger", type=float, default=0.1,
+                        help="seconds between micro-batches (default 0.1: a call on the world costs milliseconds)")
     parser.add_argument("--iterations-per-batch", type=int, default=10,
                         help="DM iterations after each micro-batch (default 10)")
     parser.add_argument("--final-iterations", type=int, default=60,
