@@ -20,6 +20,8 @@ _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*)*")
 #: Values of :attr:`Settings.single_host_netmod`.
 SINGLE_HOST_NETMODS = ("ofi", "ucx", "")
 
+# Test hooks read where they act (the stream driver), not settings.
+_TEST_HOOKS = {"SPARKMPI_TEST_PAUSE_AT"}
 # Set by the launcher inside rank processes; never read as settings.
 _INTERNAL_PREFIXES = ("SPARKMPI_RANK_", "SPARKMPI_PARENT_")
 
@@ -83,7 +85,7 @@ class Settings:
         themselves).  The modules of ``fn`` that belong to
         sparkmpi are preloaded without being listed.  A module may define
         ``_sparkmpi_fork_server_warm_up()`` for once-per-server work, such
-        as loading JIT-compiled code (see :mod:`sparkmpi.launch.zygote`).
+        as loading JIT-compiled code (see :mod:`sparkmpi.launch.fork_server`).
     rank_idle_exit_s : float
         A warm spare rank that gets no job within this many seconds exits by itself.
     fft_workers : int
@@ -198,7 +200,8 @@ def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) ->
     values: dict[str, Any] = {}
     for key, text in env.items():
         name = key[len(ENV_PREFIX):].lower()
-        if not key.startswith(ENV_PREFIX) or (key.startswith(_INTERNAL_PREFIXES) and name not in _KINDS):
+        if (not key.startswith(ENV_PREFIX) or key in _TEST_HOOKS
+                or (key.startswith(_INTERNAL_PREFIXES) and name not in _KINDS)):
             continue
         if name not in _KINDS:
             known = ", ".join(ENV_PREFIX + k.upper() for k in _KINDS)

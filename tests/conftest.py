@@ -7,9 +7,15 @@ import sys
 
 import pytest
 
+sys.path.insert(0, os.path.dirname(__file__))
+import leaks  # noqa: E402  (tests/leaks.py, next to this file)
+
 # The Spark Python workers must run this interpreter (the one with sparkmpi).
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
+from leaks import ALLOWANCES, LEAK_TAG, _no_leaks  # noqa: E402,F401  (the autouse leak check)
+
+pytest_plugins = ["pytester"]
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +25,7 @@ def spark():
 
     session = spark_session("local[2]", "sparkmpi-tests", conf={
         "spark.ui.enabled": "false", "spark.sql.shuffle.partitions": "4", "spark.driver.memory": "2g"})
+    leaks.allow_spark(session.sparkContext)
     yield session
     session.stop()
 

@@ -65,7 +65,7 @@ def test_unknown_command_exits_two(capsys):
 def test_bench_allreduce_json_end_to_end():
     cmd = [sys.executable, "-m", "sparkmpi.cli", "bench", "allreduce", "--ranks", "2", "--elements", "200000",
            "--repeat", "3", "--jobs", "2", "--json"]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300,
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=240,
                           env=dict(os.environ, PYSPARK_PYTHON=sys.executable))
     assert done.returncode == 0, done.stderr[-3000:]
     report = json.loads(done.stdout.strip().splitlines()[-1])

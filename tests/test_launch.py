@@ -532,35 +532,35 @@ def test_preload_modules_lists_the_settings_then_sparkmpi_modules_of_fn():
 def test_fork_server_preloads_only_modules_that_start_no_threads(tmp_path, monkeypatch, capsys):
     import sys
 
-    from sparkmpi.launch import zygote
+    from sparkmpi.launch import fork_server
 
     (tmp_path / "quiet_module_x.py").write_text("VALUE = 1\n")
     (tmp_path / "threaded_module_x.py").write_text(
         "import threading, time\nthreading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n")
     (tmp_path / "slow_module_x.py").write_text("import time\ntime.sleep(30)\n")
     monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(zygote, "PRELOAD_CHECK_TIMEOUT_S", 1.0)
-    monkeypatch.setattr(zygote, "_preload_tried", set())
-    assert zygote._import_check("quiet_module_x") is None
-    assert "1 thread(s) running after import" in zygote._import_check("threaded_module_x")
-    assert "ModuleNotFoundError" in zygote._import_check("no_such_module_x")
+    monkeypatch.setattr(fork_server, "PRELOAD_CHECK_TIMEOUT_S", 1.0)
+    monkeypatch.setattr(fork_server, "_preload_tried", set())
+    assert fork_server._import_check("quiet_module_x") is None
+    assert "1 thread(s) running after import" in fork_server._import_check("threaded_module_x")
+    assert "ModuleNotFoundError" in fork_server._import_check("no_such_module_x")
     started = time.monotonic()
-    assert "took more than 1 s" in zygote._import_check("slow_module_x")
+    assert "took more than 1 s" in fork_server._import_check("slow_module_x")
     assert time.monotonic() - started < 5
     (tmp_path / "warmed_module_x.py").write_text(
         "WARMED = 0\ndef _sparkmpi_fork_server_warm_up():\n    global WARMED\n    WARMED += 1\n")
     (tmp_path / "warm_starts_thread_x.py").write_text(
         "def _sparkmpi_fork_server_warm_up():\n    import threading, time\n"
         "    threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n")
-    assert "1 thread(s) running" in zygote._import_check("warm_starts_thread_x")
+    assert "1 thread(s) running" in fork_server._import_check("warm_starts_thread_x")
     # sparkmpi's own warm-up (numba kernels loaded by a tiny reconstruction) passes the check,
     # given the real time limit (it needs about a second of CPU on a busy machine).
-    monkeypatch.setattr(zygote, "PRELOAD_CHECK_TIMEOUT_S", 30.0)
-    assert zygote._import_check("sparkmpi.ptycho.spark") is None
+    monkeypatch.setattr(fork_server, "PRELOAD_CHECK_TIMEOUT_S", 30.0)
+    assert fork_server._import_check("sparkmpi.ptycho.spark") is None
     try:
-        zygote.preload(["warmed_module_x"])
+        fork_server.preload(["warmed_module_x"])
         assert sys.modules["warmed_module_x"].WARMED == 1   # once, in this process
-        zygote.preload(["quiet_module_x", "threaded_module_x", "quiet_module_x"])
+        fork_server.preload(["quiet_module_x", "threaded_module_x", "quiet_module_x"])
         assert "quiet_module_x" in sys.modules and "threaded_module_x" not in sys.modules
         err = capsys.readouterr().err
         assert "not preloading threaded_module_x: it leaves 1 thread(s) running" in err

@@ -100,16 +100,19 @@ def test_save_load_roundtrip(tmp_path, small):
 
 
 # --------------------------------------------------------------------------- engines
-@pytest.mark.parametrize("algorithm,bound", [("dm", 0.01), ("raar", 0.01)])
-def test_engines_converge(small, algorithm, bound):
+# Bounds ~2x the figures recorded in BENCHMARKS.md ("Quality bounds of the tests"): object NRMSE
+# after 60 iterations, and the Fourier error's fall (last / first).
+@pytest.mark.parametrize("algorithm,bound,fall", [("dm", 0.0065, 0.013), ("raar", 0.0017, 0.0012)])
+def test_engines_converge(small, algorithm, bound, fall):
     mask = ptycho.illuminated_mask(small)
     start = ptycho.nrmse(np.ones(small.object_shape, np.complex64), small.object_true, mask)
     res = ptycho.reconstruct(small, algorithm=algorithm, iterations=60,
                              probe=ptycho.model_probe(small))
     err = ptycho.nrmse(res.object, small.object_true, mask)
-    assert err < bound < start
+    assert err < bound < start            # the blank (starting) object fails the bound
+    assert ptycho.nrmse(np.roll(res.object, 3, axis=1), small.object_true, mask) > bound   # so does a shift
     assert res.errors.shape == (60,)
-    assert res.errors[-1] < 0.2 * res.errors[0]
+    assert res.errors[-1] < fall * res.errors[0]
     assert res.object.dtype == np.complex64 and res.probe.dtype == np.complex64
 
 
@@ -117,19 +120,21 @@ def test_engines_converge(small, algorithm, bound):
 def test_dm_reaches_issue_target_at_default_size():
     """The issue's target: DM, 512 frames of 128x128 (noise-free, default overlap), probe
     refined from the nominal aperture at iteration 10: NRMSE <= 0.05 after 100 iterations
-    (measured 0.0096; 0.071 before the probe-ramp pinning changed object and exit waves
-    along with the probe)."""
+    (measured 0.0096, Fourier error 0.0028; 0.071 before the probe-ramp pinning changed object
+    and exit waves along with the probe).  Asserted: 2x the measured figures."""
     data = ptycho.simulate(512, 128, seed=0)
     res = ptycho.reconstruct(data, algorithm="dm", iterations=100,
                              probe=ptycho.model_probe(data))
-    assert ptycho.object_nrmse(res.object, data) <= 0.05
-    assert res.errors[-1] < 0.01
+    assert ptycho.object_nrmse(res.object, data) <= 0.02
+    assert res.errors[-1] < 0.0055
+    assert ptycho.object_nrmse(np.ones_like(res.object), data) > 0.02   # a blank object fails
 
 
 def test_fixed_true_probe_recovers_object(small):
     res = ptycho.reconstruct(small, iterations=60, probe=small.probe_true, probe_update_start=None)
     np.testing.assert_array_equal(res.probe, small.probe_true)
-    assert ptycho.object_nrmse(res.object, small) < 0.05
+    assert ptycho.object_nrmse(res.object, small) < 0.05          # measured 0.029
+    assert ptycho.object_nrmse(np.ones_like(res.object), small) > 0.05
 
 
 def test_resume_equals_one_run(small):
@@ -421,7 +426,8 @@ def test_streaming_improves_with_frames(small):
     errs = [e for _, e in quality]
     assert frames == [24, 48, 72, 96]
     assert errs[-1] < 0.5 * errs[0]
-    assert errs[-1] < 0.08
+    assert errs[-1] < 0.016                # measured 0.008 (after 0.67, 0.87, 0.63 on fewer frames)
+    assert ptycho.nrmse(np.ones_like(small.object_true), small.object_true, mask) > 0.016
     assert [h["frames"] for h in stream.history] == frames
     assert stream.history[-1]["iteration"] == 60
     with pytest.raises(perr.FrameMismatchError, match="frame_shape"):
@@ -526,7 +532,7 @@ def test_bench_report_keys_one_process():
     report = bench.run(args)
     assert report["backend"] == "numpy" and report["frames"] == 48
     assert report["seconds_per_iteration_1rank"] > 0
-    assert 0 < report["nrmse"] < 0.5 and 0 < report["fourier_error"] < 1
+    assert 0 < report["nrmse"] < 0.035 and 0 < report["fourier_error"] < 0.045   # measured 0.017, 0.021
     assert "seconds_per_iteration" not in report   # no Spark run asked for
     with pytest.raises(UsageError, match="--frames must be a positive integer"):
         bench.run(parser.parse_args(["--frames", "0"]))

@@ -40,7 +40,10 @@ def test_cupy_matches_numpy(algorithm):
     np.testing.assert_allclose(gpu_res.errors[:5], cpu.errors[:5], rtol=1e-3)
     refined = ptycho.reconstruct(data, algorithm=algorithm, iterations=60, probe=probe,
                                  backend="cupy")
-    assert ptycho.nrmse(refined.object, data.object_true, mask) < 0.05
+    # NumPy gives 0.0032 (DM) and 0.0008 (RAAR) here; the generic kernels may differ by 2e-3
+    # (test_ptycho.py).  Not yet run on a GPU at this bound.
+    assert ptycho.nrmse(refined.object, data.object_true, mask) < 0.01
+    assert ptycho.nrmse(np.ones_like(refined.object), data.object_true, mask) > 0.01
 
 
 @gpu

@@ -51,7 +51,7 @@ def test_spark_equals_serial_with_probe_refinement(spark, scan):
     probe = ptycho.model_probe(data)
     mask = ptycho.illuminated_mask(data)
     out = reconstruct_mpi(spark, path, ranks=2, iterations=30, probe=probe,
-                          probe_update_start=5, timeout=300)
+                          probe_update_start=5, timeout=240)
     serial = ptycho.reconstruct(data, iterations=30, probe=probe, probe_update_start=5)
     assert out.ranks == 2 and out.frames_per_rank == [48, 48] and out.iterations == 30
     assert out.threads_per_rank >= 1 and out.kernels in ("numba", "numpy")
@@ -62,7 +62,8 @@ def test_spark_equals_serial_with_probe_refinement(spark, scan):
     np.testing.assert_allclose(out.errors, serial.errors, rtol=1e-5)
     assert 0 < out.seconds < out.job_seconds
     assert out.seconds_per_iteration == pytest.approx(out.seconds / 30)
-    assert ptycho.nrmse(out.object, data.object_true, mask) < 0.1
+    assert ptycho.nrmse(out.object, data.object_true, mask) < 0.02          # measured 0.0102 (= one process)
+    assert ptycho.nrmse(np.ones_like(out.object), data.object_true, mask) > 0.02
 
 
 @pytest.mark.slow

@@ -143,3 +143,13 @@ def test_status_descriptions():
     assert relay.describe_status(3) == "3"
     assert relay.describe_status(-15) == "-15 (killed by SIGTERM)"
     assert relay.describe_status(None) == "unknown"
+
+
+def test_a_delivered_partition_goes_to_an_idle_rank_only():
+    from sparkmpi.launch.relay import PartitionDelivered
+
+    state = _started()
+    data = channel.encode({"key": "k", "records": [1]})
+    assert state.handle(PartitionDelivered(data)) == [ToRank(channel.DATA, data)]
+    state.handle(DriverFrame(channel.CALL, []))
+    assert "a partition was delivered while" in _failure(state.handle(PartitionDelivered(data)))

@@ -1,14 +1,18 @@
 """End to end against a REAL Kafka broker started by sparkmpi's own tooling.
 
 The session fixture fetches Kafka's jars from Maven Central on first use (then
-they are cached in ~/.cache/sparkmpi or $SPARKMPI_KAFKA_HOME), starts a
+they are cached in ~/.cache/sparkmpi or $SPARKMPI_KAFKA_HOME; the fetch itself
+is tested against a file:// Maven repository, and one test marked ``online``
+checks Maven Central), starts a
 single-node KRaft broker on a free 127.0.0.1 port with a temporary data
 folder, and stops it at the end, checking that no java process is left.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -22,7 +26,7 @@ from sparkmpi.stream._errors import BrokerError, BrokerUnavailable
 from sparkmpi.stream.detector import SyntheticScan, publish_kafka
 from sparkmpi.stream.frames import FrameHeader, encode_frame
 from sparkmpi._proc import free_port
-from sparkmpi.stream.broker import fetch_kafka, start_broker
+from sparkmpi.stream.broker import DEFAULT_VERSION, fetch_kafka, start_broker
 from sparkmpi.stream.offsets import (
     DeadLetter, DeadLetterWriter, EndMarker, Frame, OffsetError, StreamCounters, commit_offsets,
     committed_offsets, decode_record, plan_batch, read_offset_range, watermarks,
@@ -235,29 +239,92 @@ def test_cli_start_status_simulate_stop(tmp_path, capsys, broker):
     assert cli_main(["kafka", "status", "--data-dir", data]) == 1
 
 
-def test_fetch_into_a_fresh_home_is_verified_and_cached(tmp_path, monkeypatch, broker):
-    """Maven copies into a temporary folder that is moved into place once verified."""
+def _file_repository(root: Path) -> str:
+    """A Maven repository at ``file://root`` holding everything the fetch needs (Kafka's jars and poms,
+    Maven's plugins), linked from Maven's local cache that fetching Kafka once filled."""
+    cache = Path.home() / ".m2" / "repository"
+    if not (cache / "org" / "apache" / "kafka" / "kafka_2.13" / DEFAULT_VERSION).is_dir():
+        primer = root.parent / "primer"
+        fetch_kafka(home=primer, progress=None)   # fills Maven's cache (online, once)
+        shutil.rmtree(primer)
+    for path in cache.rglob("*"):
+        if path.is_file() and path.name not in ("_remote.repositories", "resolver-status.properties") \
+                and not path.name.endswith(".lastUpdated"):
+            target = root / path.relative_to(cache)
+            target.parent.mkdir(parents=True, exist_ok=True)
+            target.symlink_to(path)
+    return root.as_uri()
+
+
+def test_fetch_from_a_file_maven_repository_is_verified_and_cached(tmp_path, monkeypatch):
+    """The whole fetch path (Maven resolving and copying every jar, verification, the move into place)
+    against a file:// repository instead of Maven Central: Maven gets a fresh user home whose settings
+    mirror every repository to it, so nothing comes from its own cache or the network."""
     from sparkmpi.stream.broker import MANIFEST, kafka_home, kafka_is_fetched
 
+    url = _file_repository(tmp_path / "repo")
+    maven_home = tmp_path / "maven-user"
+    (maven_home / ".m2").mkdir(parents=True)
+    (maven_home / ".m2" / "settings.xml").write_text(
+        "<settings><mirrors><mirror><id>files</id><mirrorOf>*</mirrorOf>"
+        f"<url>{url}</url></mirror></mirrors></settings>")
+    monkeypatch.setenv("MAVEN_OPTS", f"-Duser.home={maven_home}")
     home = tmp_path / "kafka-home"
     monkeypatch.setenv("SPARKMPI_KAFKA_HOME", str(home))
     assert kafka_home() == home and not kafka_is_fetched(home=home)
     assert fetch_kafka(progress=None) == home
+    # Maven resolved everything from the file repository into the fresh home's cache.
+    fetched = maven_home / ".m2" / "repository" / "org" / "apache" / "kafka" / "kafka_2.13" / DEFAULT_VERSION
+    assert (fetched / f"kafka_2.13-{DEFAULT_VERSION}.jar").is_file()
+    assert "files" in (fetched / "_remote.repositories").read_text()
     manifest = json.loads((home / MANIFEST).read_text())
     jars = sorted(p.name for p in (home / "lib").glob("*.jar"))
-    assert sorted(manifest["jars"]) == jars and "kafka_2.13-4.4.0.jar" in jars
+    assert sorted(manifest["jars"]) == jars and f"kafka_2.13-{DEFAULT_VERSION}.jar" in jars
     assert any(j.startswith("log4j-slf4j-impl-") for j in jars)
-    assert [p.name for p in tmp_path.iterdir()] == ["kafka-home"]  # no temporary folder left behind
+    # The jars are the ones the repository held, byte for byte.
+    for name, digest in manifest["jars"].items():
+        assert hashlib.sha256((home / "lib" / name).read_bytes()).hexdigest() == digest
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["kafka-home", "maven-user", "repo"]  # no temporary left
     mtime = (home / MANIFEST).stat().st_mtime_ns
     fetch_kafka(progress=None)  # cached: nothing happens
     assert (home / MANIFEST).stat().st_mtime_ns == mtime
     # a damaged jar makes the cache invalid; start_broker(fetch=False) says how to fix it
-    (home / "lib" / "kafka-clients-4.4.0.jar").write_bytes(b"not a zip")
+    (home / "lib" / f"kafka-clients-{DEFAULT_VERSION}.jar").write_bytes(b"not a zip")
     assert not kafka_is_fetched(home=home)
     with pytest.raises(BrokerError, match="run `sparkmpi kafka fetch`"):
         start_broker(tmp_path / "d", 0, fetch=False)
     with pytest.raises(ValueError, match="version: Kafka 4.0 or newer"):
         fetch_kafka("3.9.1")
+
+
+def test_fetch_from_an_empty_repository_names_the_version(tmp_path, monkeypatch):
+    maven_home = tmp_path / "maven-user"
+    (maven_home / ".m2").mkdir(parents=True)
+    (tmp_path / "empty").mkdir()
+    (maven_home / ".m2" / "settings.xml").write_text(
+        "<settings><mirrors><mirror><id>files</id><mirrorOf>*</mirrorOf>"
+        f"<url>{(tmp_path / 'empty').as_uri()}</url></mirror></mirrors></settings>")
+    monkeypatch.setenv("MAVEN_OPTS", f"-Duser.home={maven_home}")
+    home = tmp_path / "kafka-home"
+    with pytest.raises(BrokerError, match=f"Maven could not fetch Kafka {DEFAULT_VERSION} \\(exit 1"):
+        fetch_kafka(home=home, progress=None)
+    assert not home.exists() and sorted(p.name for p in tmp_path.iterdir()) == ["empty", "maven-user"]
+
+
+@pytest.mark.online
+def test_maven_central_serves_the_default_kafka_version():
+    """The one check that needs the network (CI runs it; ``-m 'not online'`` leaves it out): Maven
+    Central has the POM of the Kafka version fetch_kafka asks for, matching its published SHA-1."""
+    import urllib.request
+
+    base = (f"https://repo.maven.apache.org/maven2/org/apache/kafka/kafka_2.13/{DEFAULT_VERSION}/"
+            f"kafka_2.13-{DEFAULT_VERSION}.pom")
+    with urllib.request.urlopen(base, timeout=30) as r:
+        pom = r.read()
+    with urllib.request.urlopen(base + ".sha1", timeout=30) as r:
+        sha1 = r.read().decode().split()[0]
+    assert hashlib.sha1(pom).hexdigest() == sha1
+    assert f"<version>{DEFAULT_VERSION}</version>".encode() in pom
 
 
 def test_range_reader_keeps_its_consumer_and_drops_one_that_failed(broker):

@@ -106,12 +106,22 @@ def test_empty_truncated_and_unreadable_files(files, tmp_path):
     publish_snapshot(tmp_path / "live", {"object": np.ones((4, 4))})
     with pytest.raises(WrongKindError, match="snapshot directory"):
         detect_kind(tmp_path / "live")
+    # A file that exists but cannot be read, for any user (root included): reading /proc/self/mem at
+    # offset 0 fails with EIO.  And, for users other than root, a file without read permission.
+    failing = tmp_path / "failing.tif"
+    failing.symlink_to("/proc/self/mem")
+    with pytest.raises(UnreadableResultError, match=f"cannot read '{failing}': Input/output error"):
+        detect_kind(failing)
     if os.geteuid() != 0:  # root reads everything
         locked = tmp_path / "locked.tif"
         locked.write_bytes(b"II*\x00")
         locked.chmod(0)
         with pytest.raises(UnreadableResultError, match="cannot read"):
             detect_kind(locked)
+    # A directory where a result file should be.
+    (tmp_path / "volume.tif").mkdir()
+    with pytest.raises(WrongKindError, match="is a directory; expected a result file"):
+        detect_kind(tmp_path / "volume.tif")
 
 
 def test_two_dimensional_arrays_are_not_volumes(tmp_path):
@@ -205,6 +215,54 @@ def test_publish_snapshot_bad_arguments(tmp_path, args, words):
         publish_snapshot(directory, *args[1:])
     with pytest.raises(SnapshotError, match="keep must be an integer >= 1, got 0"):
         publish_snapshot(tmp_path / "k", {"object": np.ones(2)}, keep=0)
+
+
+def _point_at(live, sequence, name, **changes):
+    """Write a latest.json naming ``name`` as snapshot ``sequence`` (what a broken writer could leave)."""
+    pointer = dict(json.loads((live / "latest.json").read_text()), sequence=sequence, file=name, **changes)
+    tmp = live / "latest.json.tmp"
+    tmp.write_text(json.dumps(pointer))
+    os.replace(tmp, live / "latest.json")
+
+
+def test_corrupt_live_snapshots_are_errors_and_the_poller_goes_on(tmp_path):
+    """Real snapshot files broken as a crashed or foreign writer would: the poller raises SnapshotError
+    naming the file, keeps its place, and hands out the next good snapshot."""
+    live = tmp_path / "live"
+    obj = np.ones((4, 5), dtype=np.complex64)
+    publish_snapshot(live, {"object": obj}, {"batch": 1})
+    poller = SnapshotPoller(live)
+    assert poller.poll().sequence == 1
+    good = (live / "snapshot-000001.npz").read_bytes()
+    # a truncated snapshot file
+    (live / "snapshot-000002.npz").write_bytes(good[: len(good) // 2])
+    _point_at(live, 2, "snapshot-000002.npz")
+    with pytest.raises(SnapshotError, match=r"snapshot '.*snapshot-000002.npz' is unreadable \(BadZipFile"):
+        poller.poll()
+    # garbage bytes under a good name
+    (live / "snapshot-000003.npz").write_bytes(b"\x93NUMPY" + os.urandom(200))
+    _point_at(live, 3, "snapshot-000003.npz")
+    with pytest.raises(SnapshotError, match="snapshot-000003.npz' is unreadable"):
+        poller.poll()
+    # latest.json itself cut short, then one naming a file outside the directory
+    (live / "latest.json").write_text('{"format": "sparkmpi-snapsh')
+    with pytest.raises(SnapshotError, match="latest.json' is not JSON"):
+        poller.poll()
+    (live / "latest.json").write_text(json.dumps({"format": "sparkmpi-snapshot", "sequence": 4,
+                                                  "file": "../../etc/passwd"}))
+    with pytest.raises(SnapshotError, match="is not a sparkmpi-snapshot pointer"):
+        poller.poll()
+    assert poller.sequence == 1     # nothing broken was handed out
+    # a snapshot that reads but holds no object: the viewer's loader says what is missing
+    from sparkmpi.viz.loaders import ptycho_from_arrays
+
+    publish_snapshot(live, {"probe": obj}, {"batch": 5})
+    snap = poller.poll()
+    with pytest.raises(WrongKindError, match="object"):
+        ptycho_from_arrays(snap.arrays, source=f"snapshot {snap.path.name}")
+    publish_snapshot(live, {"object": obj * 3}, {"batch": 6})
+    snap = poller.poll()
+    assert snap.meta == {"batch": 6} and snap.arrays["object"][0, 0] == 3
 
 
 def test_reader_never_sees_half_a_snapshot_while_writer_runs(tmp_path):

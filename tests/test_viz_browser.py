@@ -8,6 +8,7 @@ Install the browser with ``sh scripts/install-browser.sh`` (``make test`` does).
 
 from __future__ import annotations
 
+import json
 import os
 
 import numpy as np
@@ -24,6 +25,7 @@ from sparkmpi.viz.browser import (
     press_slider,
     wait_for_picture,
 )
+from sparkmpi.viz.browser import _pixels
 
 pytestmark = [
     pytest.mark.slow,
@@ -52,10 +54,17 @@ def results(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def browser():
+    import leaks
+
     with Browser() as b:
         profile = b.user_data_dir
-        assert chromium_pids(profile), "chromium did not start with its own profile"
-        yield b
+        roots = set(chromium_pids(profile))
+        assert roots, "chromium did not start with its own profile"
+        leaks.ALLOWANCES.process_roots |= roots   # its renderers come and go with the pages
+        try:
+            yield b
+        finally:
+            leaks.ALLOWANCES.process_roots -= roots
     assert chromium_pids(profile) == [], "chromium processes left behind"
     assert not os.path.exists(profile)
 
@@ -166,4 +175,25 @@ def test_live_viewer_follows_snapshots(results, page, tmp_path):
         wait_for_picture(page, "#errors-img", differs_from=first_errors)
         wait_for_picture(page, "#probe-img")
         assert "20 iterations" in page.locator("#info-text").inner_text()
+        shown = wait_for_picture(page, "#phase-img")
+
+        # Bad input as a person sees it: a truncated snapshot, then one without an object.  The page
+        # says what is wrong and keeps the last good pictures; the next good snapshot replaces them.
+        good = (live / "snapshot-000002.npz").read_bytes()
+        (live / "snapshot-000003.npz").write_bytes(good[: len(good) // 3])
+        pointer = dict(json.loads((live / "latest.json").read_text()), sequence=3, file="snapshot-000003.npz")
+        (live / "latest.tmp").write_text(json.dumps(pointer))
+        os.replace(live / "latest.tmp", live / "latest.json")
+        page.wait_for_function("document.querySelector('#live-status').innerText.includes('bad snapshot')",
+                               timeout=15000)
+        assert "snapshot-000003.npz' is unreadable" in status.inner_text(), status.inner_text()
+        assert page.locator("#phase-img").is_visible()
+        assert np.array_equal(_pixels(wait_for_picture(page, "#phase-img")), _pixels(shown))
+        publish_snapshot(live, {"probe": results["probe"]}, {"batch": 4})
+        page.wait_for_function("document.querySelector('#live-status').innerText.includes(\"expected 'object'\")",
+                               timeout=15000)
+        publish_snapshot(live, {"object": half, "errors": errors}, {"batch": 5})
+        page.wait_for_function("document.querySelector('#live-status').innerText.includes('snapshot #5')",
+                               timeout=15000)
+        wait_for_picture(page, "#phase-img", differs_from=shown)
     _stopped(viewer)

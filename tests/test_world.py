@@ -171,6 +171,25 @@ def test_map_partitions_delivers_partition_i_to_rank_i(spark):
         assert sparkmpi.run(sc.parallelize([4], 1), lambda comm, part: [comm.size, *part]) == [1, 4]
 
 
+def test_a_relay_inbox_ignores_deliveries_without_the_token(spark):
+    import socket
+
+    from sparkmpi.launch import channel
+
+    with sparkmpi.World(spark, ranks=1) as world:
+        host, port = world._core.endpoint.inboxes[0]
+        with socket.create_connection((host, port), timeout=10) as sock:
+            channel.send_message(sock, channel.HELLO, {"token": "forged", "rank": 0})
+            channel.send_message(sock, channel.DATA, {"key": "x", "records": [1, 2]})
+            sock.settimeout(10)
+            try:
+                answer = sock.recv(1)
+            except ConnectionResetError:   # closed with our DATA unread
+                answer = b""
+            assert answer == b""   # closed without an answer
+        assert world.call(lambda comm, state: comm.size) == [1]
+
+
 def test_map_partitions_without_a_free_slot_says_so_instead_of_hanging(spark):
     with sparkmpi.World(spark, ranks=2) as world:
         with pytest.raises(ValueError, match=r"has 2 task slots and open worlds hold 2.*local\[3\]"):

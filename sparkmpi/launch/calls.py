@@ -40,6 +40,8 @@ class Endpoint:
         self.size, self.kvsname, self.token = size, kvsname, token
         self.conns: dict[int, socket.socket] = {}
         self.hosts: dict[int, str] = {}
+        #: Where each rank's relay takes partitions from Spark tasks: ``(host, port)``.
+        self.inboxes: dict[int, tuple] = {}
         self.started: set[int] = set()
         self.closed: set[int] = set()
 
@@ -60,6 +62,7 @@ class Endpoint:
             return
         self.conns[rank] = sock
         self.hosts[rank] = hello.get("host", "?")
+        self.inboxes[rank] = tuple(hello.get("inbox") or ())
 
     def close(self) -> None:
         for sock in self.conns.values():
@@ -232,12 +235,6 @@ class WorldCore:
     def _waiting_for(self, results: dict) -> str:
         missing = [r for r in range(self.size) if r not in results]
         return "no result yet from " + ", ".join(self.job.where(r) for r in missing)
-
-    def deliver(self, rank_records: list, key: str) -> None:
-        """Park each rank's records under ``key`` (a later call's :class:`~.channel.PartitionRef`)."""
-        for rank, records in enumerate(rank_records):
-            channel.send_frame(self.endpoint.conns[rank], channel.DATA,
-                               channel.encode({"key": key, "records": records}))
 
     # -- ending ----------------------------------------------------------------
     def _raise_failure(self, what: str, timed_out: bool = False, lost: str | None = None):

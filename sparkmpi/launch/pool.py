@@ -5,7 +5,7 @@ process, so every rank of every job runs in its own process.  Starting an
 interpreter (Python, NumPy, mpi4py imports) costs about 0.2 s of CPU, more
 than a whole trivial Spark job, so
 
-* each Spark Python worker runs one fork server (:mod:`.zygote`) that has
+* each Spark Python worker runs one fork server (:mod:`.fork_server`) that has
   done those imports and forks ranks on request (``fork_server``; when it
   cannot be used, ranks start as fresh interpreters);
 * each worker keeps ``warm_pool`` spares that wait, MPI not initialised, for
@@ -91,7 +91,7 @@ class ForkedChild:
 
 @dataclass
 class RankProcess:
-    """A rank process: a child interpreter running :mod:`sparkmpi.launch.rank`, or forked by :mod:`.zygote`."""
+    """A rank process: a child interpreter running :mod:`sparkmpi.launch.rank`, or forked by :mod:`.fork_server`."""
 
     popen: "subprocess.Popen | ForkedChild"
     ctrl: socket.socket
@@ -165,17 +165,17 @@ class ForkServerError(RuntimeError):
 
 
 class _ForkServer:
-    """This worker's :mod:`.zygote` process and its control socket."""
+    """This worker's :mod:`.fork_server` process and its control socket."""
 
     def __init__(self) -> None:
         libc = ctypes.CDLL(None, use_errno=True)
-        # Ranks forked by the server are re-parented to this process (see zygote).
+        # Ranks forked by the server are re-parented to this process (see fork_server).
         if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
             raise ForkServerError(f"prctl(PR_SET_CHILD_SUBREAPER) failed: {os.strerror(ctypes.get_errno())}")
         self.ctrl, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
             # stderr stays the worker's: a server that fails says why in the executor log.
-            self.popen = subprocess.Popen([sys.executable, "-m", "sparkmpi.launch.zygote"],
+            self.popen = subprocess.Popen([sys.executable, "-m", "sparkmpi.launch.fork_server"],
                                           stdin=subprocess.DEVNULL, pass_fds=(child_end.fileno(),),
                                           env=_child_env(child_end.fileno()), close_fds=True)
         except BaseException:
@@ -221,7 +221,7 @@ class _ForkServer:
 
         Asking does not wait: the server forks while the caller goes on (a
         task returns its results meanwhile).  The server first imports the
-        modules of ``preload`` it has not imported yet (see :mod:`.zygote`).
+        modules of ``preload`` it has not imported yet (see :mod:`.fork_server`).
         """
         parent_end, child_end = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         err_read, err_write = os.pipe()

@@ -1,7 +1,7 @@
 """Entry point of a rank process: ``python -m sparkmpi.launch.rank``.
 
 Started by a Spark task (directly, or ahead of time as a warm spare; or
-forked by the worker's fork server, :mod:`.zygote`, which runs steps 1-2 once
+forked by the worker's fork server, :mod:`.fork_server`, which runs steps 1-2 once
 and :func:`serve` in each child), it
 
 1. asks the kernel to kill it when its parent dies (``PR_SET_PDEATHSIG``) and

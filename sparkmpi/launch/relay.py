@@ -79,6 +79,12 @@ class DriverFrame:
 
 
 @dataclass(frozen=True)
+class PartitionDelivered:
+    """A Spark task delivered a partition (a DATA frame) to the relay's inbox."""
+    segments: list
+
+
+@dataclass(frozen=True)
 class DriverClosed:
     """The driver's world endpoint connection ended."""
 
@@ -244,6 +250,11 @@ class RelayState:
             return [ToRank(kind, event.segments)]
         name = channel.KIND_NAMES.get(kind, kind)
         return self._fail(f"the driver sent {name} while {self.where} was {self.phase.value}", report=True)
+
+    def _on_PartitionDelivered(self, event: PartitionDelivered) -> list:
+        if self.phase is Phase.IDLE:
+            return [ToRank(channel.DATA, event.segments)]
+        return self._fail(f"a partition was delivered while {self.where} was {self.phase.value}", report=True)
 
     def _on_DriverClosed(self, event: DriverClosed) -> list:
         return self._fail(f"lost the connection to the driver's world endpoint; {self.where} stopped",

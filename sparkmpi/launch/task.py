@@ -75,11 +75,13 @@ class _Relay:
         self.state = relay.RelayState(spec.kvsname, rank, self.where)
         self.stderr_tail = bytearray()
         self.stdout_fd = -1
-        self.pmi = self.server = self.driver = None
+        self.pmi = self.server = self.driver = self.inbox = None
         self._early: list = []
 
     # -- setup -------------------------------------------------------------
-    def connect(self) -> None:
+    def connect(self, inbox_host: str) -> None:
+        """Connect to the PMI server and the world endpoint; open the inbox
+        on ``inbox_host`` where Spark tasks deliver partitions (map_partitions)."""
         spec = self.spec
         self.server = connect_with_retry(spec.server_host, spec.server_port)
         hello = control.Hello(job=spec.kvsname, token=spec.token, rank=self.rank, partition=self.rank,
@@ -95,9 +97,11 @@ class _Relay:
         self.server.settimeout(None)
         self.driver = connect_with_retry(spec.world_host, spec.world_port, what="world endpoint")
         self.driver.settimeout(None)
+        self.inbox = socket.create_server((inbox_host, 0))
         channel.send_message(self.driver, channel.HELLO,
                              {"job": spec.kvsname, "token": spec.token, "rank": self.rank,
-                              "host": socket.gethostname(), "pid": os.getpid()})
+                              "host": socket.gethostname(), "pid": os.getpid(),
+                              "inbox": (inbox_host, self.inbox.getsockname()[1])})
 
     def _read_server_line(self, timeout: float) -> bytes:
         self.server.settimeout(timeout)
@@ -136,6 +140,7 @@ class _Relay:
         sel.register(self.proc.ctrl, selectors.EVENT_READ, "rank-ctrl")
         sel.register(self.proc.popen.stderr, selectors.EVENT_READ, "rank-stderr")
         sel.register(self.proc.pidfd, selectors.EVENT_READ, "rank-exit")
+        sel.register(self.inbox, selectors.EVENT_READ, "inbox")
         self.from_rank = LineBuffer()
         try:
             for line in self._early:
@@ -174,6 +179,8 @@ class _Relay:
                 self.execute(handle(relay.DriverClosed()))
                 return
             self.execute(handle(relay.DriverFrame(kind, segments)))
+        elif what == "inbox":
+            self._receive_partition()
         elif what in ("rank-stderr", "rank-stdout"):
             self._forward_output(2 if what == "rank-stderr" else 1)
         elif what == "rank-ctrl":
@@ -188,6 +195,24 @@ class _Relay:
                 status = self.proc.popen.wait()
                 tail = self.stderr_tail.decode("utf-8", "replace").strip()
                 self.execute(handle(relay.RankExited(status, tail)))
+
+    def _receive_partition(self) -> None:
+        """One delivery to the inbox: HELLO with the token, then the DATA frame, which goes to the rank."""
+        conn, _ = self.inbox.accept()
+        with conn:
+            conn.settimeout(CONNECT_TIMEOUT)
+            try:
+                kind, hello, _ = channel.recv_message(conn)
+                if (kind != channel.HELLO or not isinstance(hello, dict) or hello.get("token") != self.spec.token
+                        or hello.get("rank") != self.rank):
+                    return   # not one of this world's deliveries: the sender fails, the world goes on
+                kind, segments, _ = channel.recv_frame(conn)
+            except (OSError, EOFError, ValueError):
+                return
+            if kind != channel.DATA:
+                return
+            self.execute(self.state.handle(relay.PartitionDelivered(segments)))
+            _send_quietly(lambda: channel.send_message(conn, channel.RESULT, self.rank))
 
     def _from_rank_ctrl(self) -> None:
         try:
@@ -274,7 +299,7 @@ class _Relay:
         _send_quietly(self.server.sendall, control.text_line(control.FAILED, text[-8000:]))
 
     def close(self) -> None:
-        for sock in (self.pmi, self.server, self.driver):
+        for sock in (self.pmi, self.server, self.driver, self.inbox):
             if sock is not None:
                 sock.close()
         if self.stdout_fd >= 0:
@@ -333,8 +358,9 @@ def run_rank_task(spec: TaskSpec, iterator):
     proc = pool.acquire(settings.fork_server, spec.preload)
     task_relay = _Relay(spec, rank, proc)
     try:
-        task_relay.connect()
-        task_relay.start_rank(rank_environment(spec, _task_hosts(context)), records)
+        hosts = _task_hosts(context)
+        task_relay.connect(hosts[rank])
+        task_relay.start_rank(rank_environment(spec, hosts), records)
         del records
         task_relay.run()
         # The rank finalised and is exiting; reap it.
@@ -349,3 +375,19 @@ def run_rank_task(spec: TaskSpec, iterator):
         shm.remove_job_segments(spec.kvsname)
         pool.replenish_soon(settings.warm_pool, settings.fork_server, preload=spec.preload)
     return iter(())
+
+
+def deliver_partition(index: int, iterator, *, inboxes: list, token: str, key: str):
+    """Spark task body of ``World.map_partitions``: send partition ``index`` to its rank's inbox."""
+    records = list(iterator)
+    host, port = inboxes[index]
+    with connect_with_retry(host, port, what=f"inbox of rank {index}") as sock:
+        sock.settimeout(None)
+        channel.send_message(sock, channel.HELLO, {"token": token, "rank": index})
+        channel.send_message(sock, channel.DATA, {"key": key, "records": records})
+        sock.settimeout(CONNECT_TIMEOUT)
+        try:
+            kind, _, _ = channel.recv_message(sock)
+        except (OSError, EOFError) as exc:
+            raise RankError(f"rank {index}'s relay at {host}:{port} did not take partition {index}: {exc}") from exc
+    return [len(records)]

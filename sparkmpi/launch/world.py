@@ -23,7 +23,7 @@ from ..errors import InvalidArgument, InvalidArgumentType, JobFailed, WorldClose
 from . import channel
 from .calls import WorldCore
 from .job import local_cores, pickle_function, preload_modules, short_error
-from .task import PARTITION_KEY
+from .task import PARTITION_KEY, deliver_partition
 
 
 RankFunction = Callable[..., Any]
@@ -189,19 +189,17 @@ class World:
                              f"repartition to {self.size}")
         if not callable(fn):
             raise InvalidArgumentType(f"fn must be a callable fn(comm, state, records, ...), got {type(fn).__name__}")
-        parts = self._collect_partitions(rdd)
         with self._lock:
             core = self._open_core()
             key = f"map-{time.monotonic_ns()}"
-            try:
-                core.deliver(parts, key)
-            except OSError as exc:
-                core._raise_failure("delivering partitions", lost=f"lost a relay: {exc}")
-            del parts
+            deliver = functools.partial(deliver_partition, inboxes=[core.endpoint.inboxes[r] for r in range(self.size)],
+                                        token=core.job.token, key=key)
+            self._deliver_partitions(rdd, deliver)
             return self._call(pickle_function(fn), None, (channel.PartitionRef(key), *args), kwargs, timeout)
 
-    def _collect_partitions(self, rdd) -> list:
-        """Each partition's records, by a Spark job that needs task slots besides the world's."""
+    def _deliver_partitions(self, rdd, deliver) -> None:
+        """Run the Spark job whose tasks compute the partitions and hand each to its rank's
+        relay; it needs task slots besides the world's."""
         sc = self._sc
         cores = local_cores(sc.master)
         held = sum(w.size for w in list(_open_worlds) if w._sc is sc and not w.closed)
@@ -214,13 +212,14 @@ class World:
         sc.addJobTag(tag)
         timer.start()
         try:
-            return rdd.glom().collect()
+            rdd.mapPartitionsWithIndex(deliver).collect()
         except Exception as exc:
             if not timer.is_alive():
                 raise JobFailed(f"the Spark job computing the partitions for map_partitions got no task "
                                 f"slot within {self.settings.start_timeout:g} s (start_timeout); the world "
                                 f"holds {self.size}", job_id=self.kvsname, cause=str(exc)) from exc
-            raise
+            raise JobFailed(f"map_partitions: the Spark job delivering the partitions failed: {short_error(exc)}",
+                            job_id=self.kvsname, cause=str(exc)) from exc
         finally:
             timer.cancel()
             sc.removeJobTag(tag)

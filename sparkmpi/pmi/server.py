@@ -3,9 +3,11 @@
 One server per driver process serves any number of jobs, each with its own
 key-value space, random name and secret token.  Only relays that present the
 token of an open job are admitted (``cmd=sparkmpi-hello``); anything else is
-refused, logged and counted.  The loop runs in one daemon thread with a
-selector; other threads talk to it through :class:`JobHandle` methods, which
-take the lock and wake the loop.
+refused, logged and counted.  Which relays are admitted, what fails a job and
+who hears the abort are rules of the space; this module only moves its lines
+between sockets.  The loop runs in one daemon thread with a selector; other
+threads talk to it through :class:`JobHandle` methods, which take the lock and
+wake the loop.
 """
 
 from __future__ import annotations
@@ -39,13 +41,16 @@ class _Conn:
     out: bytearray = field(default_factory=bytearray)
     job: "JobHandle | None" = None
     rank: int = -1
-    partition: int = -1
-    host: str = ""
-    closing: bool = False
+    #: Why the server is closing the connection once its output is flushed ("" while open).
+    closing: str = ""
 
 
 class JobHandle:
     """The driver's view of one job on the server.
+
+    What the job knows (ranks, hosts, partitions, failure, reports) lives in
+    :attr:`space`; the handle adds the relays' connections, the token and the
+    events other threads wait on.
 
     Attributes
     ----------
@@ -69,31 +74,42 @@ class JobHandle:
         self.token = secrets.token_hex(16)
         self.finished = threading.Event()
         self.failed = threading.Event()
-        self.partitions: dict[int, int] = {}
-        self.hosts: dict[int, str] = {}
         self.conns: dict[int, _Conn] = {}
-        self.closed = False
-        #: What relays reported after the failure (e.g. their rank's stack).
-        self.reports: dict[int, str] = {}
 
     @property
     def failure(self):
         return self.space.failure
 
+    @property
+    def reports(self) -> dict[int, str]:
+        """What relays reported after the failure (e.g. their rank's stacks)."""
+        return self.space.reports
+
+    @property
+    def closed(self) -> bool:
+        return self.space.closed
+
+    @property
+    def partitions(self) -> dict[int, int]:
+        """Spark partition of each rank whose relay has been admitted."""
+        with self._server._lock:
+            return {r: s.partition for r, s in enumerate(self.space.ranks) if s.partition is not None}
+
+    @property
+    def hosts(self) -> dict[int, str]:
+        """Host of each rank whose relay has been admitted."""
+        with self._server._lock:
+            return {r: s.host for r, s in enumerate(self.space.ranks) if s.host is not None}
+
     def where(self, rank: int | None) -> str:
         """``"rank R (partition P on HOST)"`` as far as it is known."""
-        if rank is None:
-            return "the job"
-        part = self.partitions.get(rank)
-        host = self.hosts.get(rank)
-        if part is None:
-            return f"rank {rank}"
-        return f"rank {rank} (partition {part} on {host})"
+        with self._server._lock:
+            return self.space.where(rank)
 
     def status(self) -> str:
         """One line per rank on how far it got (for timeout messages)."""
         with self._server._lock:
-            return "; ".join(f"{self.where(r)}: {self.space.describe_rank(r)}" for r in range(self.size))
+            return self.space.status()
 
     def abort(self, reason: str, rank: int | None = None, dump_stacks: bool = False) -> None:
         """Fail the job (if not failed already) and tell every relay to kill its rank.
@@ -101,7 +117,7 @@ class JobHandle:
         With ``dump_stacks`` the relays first ask their rank for the Python
         stacks of all its threads and report them (see :attr:`reports`).
         """
-        self._server._fail(self, rank, reason, dump_stacks)
+        self._server._abort(self, rank, reason, dump_stacks)
 
     def wait_relays_gone(self, timeout: float) -> bool:
         """Wait until every relay of the job has disconnected; True if they all did."""
@@ -180,17 +196,17 @@ class PMIServer:
         return self._thread.is_alive()
 
     # -- used by JobHandle (any thread) ---------------------------------------
-    def _fail(self, job: JobHandle, rank: int | None, cause: str, dump_stacks: bool = False) -> None:
+    def _abort(self, job: JobHandle, rank: int | None, cause: str, dump_stacks: bool) -> None:
         with self._lock:
-            self._fail_locked(job, rank, cause, dump_stacks=dump_stacks)
+            self._deliver(job, job.space.abort(rank, cause, dump_stacks))
         self._wake()
 
     def _close_job(self, job: JobHandle) -> None:
         with self._lock:
-            job.closed = True
+            job.space.close()
             self._jobs.pop(job.kvsname, None)
             for conn in job.conns.values():
-                conn.closing = True
+                conn.closing = "the job was closed"
         self._wake()
 
     def _wake(self) -> None:
@@ -242,10 +258,10 @@ class PMIServer:
         except (BlockingIOError, InterruptedError):
             return
         except OSError as exc:
-            self._lost(conn, f"connection error: {exc}")
+            self._drop(conn, f"connection error: {exc}")
             return
         if not data:
-            self._lost(conn, "connection closed")
+            self._drop(conn, "connection closed")
             return
         try:
             for raw in conn.lines.feed(data):
@@ -254,89 +270,52 @@ class PMIServer:
                     if conn.job is None:
                         return
                 else:
-                    self._command(conn, raw)
+                    self._deliver(conn.job, conn.job.space.handle(conn.rank, parse_line(raw)))
         except PMIProtocolError as exc:
             if conn.job is None:
                 self._refuse(conn, f"malformed first line: {exc}")
             else:
-                job = conn.job
-                self._fail_locked(job, conn.rank, f"{job.where(conn.rank)} sent a malformed PMI command: {exc}")
-                conn.closing = True
+                self._deliver(conn.job, conn.job.space.relay_broke(conn.rank, str(exc)))
+                conn.closing = "the server closed it after a malformed line"
 
     def _refuse(self, conn: _Conn, reason: str) -> None:
         message = f"refused PMI client {conn.peer}: {reason}"
         log.warning(message)
         self.refused.append(message)
         conn.out += control.text_line(control.REFUSED, reason)
-        conn.closing = True
+        conn.closing = "refused"
 
     def _hello(self, conn: _Conn, raw: bytes) -> None:
         hello = control.Hello.from_command(parse_line(raw))
         job = self._jobs.get(hello.job)
-        if job is None or job.closed:
+        if job is None:
             self._refuse(conn, f"no open job named {hello.job!r}")
             return
         if not hmac.compare_digest(hello.token.encode(), job.token.encode()):
             self._refuse(conn, f"wrong token for job {hello.job}")
             return
-        if job.space.failure is not None:
-            self._refuse(conn, f"job {hello.job} has already failed: {job.space.failure.cause.splitlines()[-1:]}")
-            return
         try:
-            replies = job.space.register(hello.rank, hello.host)
+            replies = job.space.admit(hello.rank, hello.partition, hello.host)
         except PMIProtocolError as exc:
             self._refuse(conn, str(exc))
             return
-        conn.job, conn.rank, conn.partition, conn.host = job, hello.rank, hello.partition, hello.host
+        conn.job, conn.rank = job, hello.rank
         job.conns[hello.rank] = conn
-        job.partitions[hello.rank] = hello.partition
-        job.hosts[hello.rank] = hello.host
-        conn.out += control.bare_line(control.WELCOME)
         self._deliver(job, replies)
 
-    def _command(self, conn: _Conn, raw: bytes) -> None:
-        job = conn.job
-        command = parse_line(raw)
-        if control.is_control(command):
-            if command.name == control.DONE:
-                job.space.mark_done(conn.rank)
-                if job.space.all_done:
-                    job.finished.set()
-            elif command.name == control.FAILED:
-                text = control.decode_text(command)
-                if job.space.failure is not None:
-                    job.reports[conn.rank] = text
-                else:
-                    self._fail_locked(job, conn.rank, text)
-            else:
-                raise PMIProtocolError(f"unexpected control command {command.name}")
-            return
-        self._deliver(job, job.space.handle(conn.rank, command))
-        if job.space.failure is not None and not job.failed.is_set():
-            self._fail_locked(job, job.space.failure.rank, job.space.failure.cause, already_recorded=True)
-
-    def _fail_locked(self, job: JobHandle, rank: int | None, cause: str, already_recorded: bool = False,
-                     dump_stacks: bool = False) -> None:
-        if already_recorded or job.space.fail(rank, cause):
-            log.info("job %s failed at %s", job.kvsname, job.where(rank))
-            job.failed.set()
-            line = control.text_line(control.ABORT, job.space.failure.cause, stacks=int(dump_stacks))
-            for other in job.conns.values():
-                other.out += line
-
     def _deliver(self, job: JobHandle, replies) -> None:
+        """Queue the space's replies and mirror its state in the job's events."""
         for rank, line in replies:
             target = job.conns.get(rank)
             if target is not None:
                 target.out += line
+        if job.space.failure is not None and not job.failed.is_set():
+            log.info("job %s failed at %s", job.kvsname, job.space.where(job.space.failure.rank))
+            job.failed.set()
+        if job.space.all_done:
+            job.finished.set()
 
-    def _lost(self, conn: _Conn, why: str) -> None:
-        job = conn.job
-        if job is not None and not job.closed and not job.space.ranks[conn.rank].done:
-            self._fail_locked(job, conn.rank, f"lost the relay of {job.where(conn.rank)}: {why}")
-        self._drop(conn)
-
-    def _drop(self, conn: _Conn) -> None:
+    def _drop(self, conn: _Conn, why: str) -> None:
         fd = conn.sock.fileno()
         if fd >= 0:
             try:
@@ -345,8 +324,10 @@ class PMIServer:
                 pass
             self._conns.pop(fd, None)
             conn.sock.close()
-        if conn.job is not None and conn.job.conns.get(conn.rank) is conn:
-            del conn.job.conns[conn.rank]
+        job = conn.job
+        if job is not None and job.conns.get(conn.rank) is conn:
+            del job.conns[conn.rank]
+            self._deliver(job, job.space.relay_lost(conn.rank, why))
 
     def _flush(self, conn: _Conn) -> None:
         if conn.out:
@@ -355,9 +336,9 @@ class PMIServer:
                 del conn.out[:sent]
             except (BlockingIOError, InterruptedError):
                 pass
-            except OSError:
+            except OSError as exc:
                 conn.out.clear()
-                conn.closing = True
+                conn.closing = f"send failed: {exc}"
 
     def _housekeeping(self) -> None:
         now = time.monotonic()
@@ -367,8 +348,9 @@ class PMIServer:
             if conn.out:
                 self._flush(conn)
             if conn.closing and not conn.out:
-                self._drop(conn)
-                continue
+                self._drop(conn, conn.closing)
+        # A second pass, since a drop above may have queued abort lines for connections already seen.
+        for conn in self._conns.values():
             want = selectors.EVENT_READ | (selectors.EVENT_WRITE if conn.out else 0)
             try:
                 if self._selector.get_key(conn.sock).events != want:

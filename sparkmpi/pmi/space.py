@@ -12,8 +12,13 @@ Rules worth knowing:
   so a ``get`` of it waits until every rank has registered.
 * A barrier completes when all ``size`` ranks have entered it; each then
   gets ``barrier_out``.
-* The first failure (an ``abort`` from a rank, a protocol error, a rank lost)
-  wins and is kept as :attr:`JobSpace.failure`; later commands are ignored.
+* A relay is admitted once per rank, only while the job is open and has not
+  failed; the server checks its token first, since that needs the handle.
+* The first failure (an ``abort`` from a rank, a relay's failure report, a
+  protocol error, a relay lost before it reported done, the driver's abort)
+  wins and is kept as :attr:`JobSpace.failure`; it sends an abort line to
+  every rank whose relay is still connected.  Later PMI commands are ignored
+  and later failure reports are kept in :attr:`JobSpace.reports`.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ import secrets
 from dataclasses import dataclass, field
 
 from ..errors import InvalidArgument, PMIProtocolError
+from . import control
 from .wire import Command, format_command
 
 KVSNAME_MAX = 256
@@ -82,7 +88,9 @@ class Failure:
 @dataclass
 class RankState:
     host: str | None = None
+    partition: int | None = None
     registered: bool = False
+    connected: bool = False
     initialized: bool = False
     in_barrier: bool = False
     finalized: bool = False
@@ -111,6 +119,9 @@ class JobSpace:
     appnum: int = 0
     kvs: dict[str, str] = field(default_factory=dict)
     failure: Failure | None = None
+    #: What relays reported after the failure (e.g. their rank's stacks), by rank.
+    reports: dict[int, str] = field(default_factory=dict)
+    closed: bool = False
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 1:
@@ -135,6 +146,19 @@ class JobSpace:
         """Ranks that have not reported their results yet."""
         return [i for i, r in enumerate(self.ranks) if not r.done]
 
+    def connected_ranks(self) -> list[int]:
+        """Ranks whose relay is connected now."""
+        return [i for i, r in enumerate(self.ranks) if r.connected]
+
+    def where(self, rank: int | None) -> str:
+        """``"rank R (partition P on HOST)"`` as far as it is known, for messages."""
+        if rank is None:
+            return "the job"
+        state = self.ranks[rank] if 0 <= rank < self.size else None
+        if state is None or state.partition is None:
+            return f"rank {rank}"
+        return f"rank {rank} (partition {state.partition} on {state.host})"
+
     def describe_rank(self, rank: int) -> str:
         """One line on where ``rank`` got to, for error messages."""
         r = self.ranks[rank]
@@ -150,47 +174,101 @@ class JobSpace:
             return f"running (last PMI command: {r.last_command or 'none'})"
         return "connected, MPI not initialised"
 
-    def fail(self, rank: int | None, cause: str) -> bool:
-        """Record a failure; returns True if it is the first one."""
-        if self.failure is not None:
-            return False
-        self.failure = Failure(rank, cause)
-        return True
+    def status(self) -> str:
+        """One line per rank on how far it got (for timeout messages)."""
+        return "; ".join(f"{self.where(r)}: {self.describe_rank(r)}" for r in range(self.size))
 
     def _check_rank(self, rank: int) -> RankState:
         if not (0 <= rank < self.size):
             raise PMIProtocolError(f"rank {rank} is outside 0..{self.size - 1} for job {self.kvsname}")
         return self.ranks[rank]
 
-    # -- events from relays ------------------------------------------------
-    def register(self, rank: int, host: str) -> list[Outgoing]:
-        """A relay for ``rank`` on ``host`` joined; may release waiting gets."""
+    # -- the job's life: admission, end, failure ---------------------------
+    def admit(self, rank: int, partition: int, host: str) -> list[Outgoing]:
+        """A relay for ``rank`` (Spark ``partition``, on ``host``) introduced itself.
+
+        Returns the welcome line for it, plus the ``PMI_process_mapping``
+        replies that waited for the last rank.  Raises PMIProtocolError with
+        the reason when the relay must be refused.
+        """
+        if self.closed:
+            raise PMIProtocolError(f"job {self.kvsname} is closed")
+        if self.failure is not None:
+            last = self.failure.cause.splitlines()[-1:] or [""]
+            raise PMIProtocolError(f"job {self.kvsname} has already failed: {last[0]}")
         state = self._check_rank(rank)
         if state.registered:
             raise PMIProtocolError(f"rank {rank} of job {self.kvsname} is already connected")
         if not host:
             raise PMIProtocolError(f"rank {rank} registered without a host name")
-        state.registered = True
-        state.host = host
+        if partition < 0:
+            raise PMIProtocolError(f"rank {rank} registered with partition {partition}, expected 0 or more")
+        state.registered = state.connected = True
+        state.host, state.partition = host, partition
+        out = [(rank, control.bare_line(control.WELCOME))]
         if not self.all_registered:
-            return []
+            return out
         mapping = process_mapping([r.host or "" for r in self.ranks])
         waiting, self._deferred_mapping_gets = self._deferred_mapping_gets, []
-        return [(r, _reply("get_result", rc=0, value=mapping)) for r in waiting]
+        return out + [(r, _reply("get_result", rc=0, value=mapping)) for r in waiting]
 
-    def mark_done(self, rank: int) -> None:
+    def relay_done(self, rank: int) -> list[Outgoing]:
         """The rank's results were delivered: it finished cleanly."""
         self._check_rank(rank).done = True
+        return []
 
-    # -- PMI commands ------------------------------------------------------
+    def relay_failed(self, rank: int, text: str) -> list[Outgoing]:
+        """The relay reported its rank failed with ``text`` (a traceback, an exit status).
+
+        After the job has failed, the report is kept in :attr:`reports`
+        (stacks asked for by the abort, say) instead.
+        """
+        self._check_rank(rank)
+        if self.failure is not None:
+            self.reports[rank] = text
+            return []
+        return self.abort(rank, text)
+
+    def relay_broke(self, rank: int, problem: str) -> list[Outgoing]:
+        """The relay sent a line that is not valid PMI-1 or relay protocol."""
+        return self.abort(rank, f"{self.where(rank)} sent a malformed PMI command: {problem}")
+
+    def relay_lost(self, rank: int, why: str) -> list[Outgoing]:
+        """The relay's connection went away; a failure unless it reported done first."""
+        state = self._check_rank(rank)
+        state.connected = False
+        if state.done or self.closed:
+            return []  # the rank finished, or the driver is tearing the job down
+        return self.abort(rank, f"lost the relay of {self.where(rank)}: {why}")
+
+    def abort(self, rank: int | None, cause: str, dump_stacks: bool = False) -> list[Outgoing]:
+        """Fail the job from ``rank`` (None: the job as a whole) with ``cause``.
+
+        Only the first failure counts: it returns an abort line for every
+        connected relay, which kills its rank (after reporting the rank's
+        Python stacks, with ``dump_stacks``); later ones return nothing.
+        """
+        if self.failure is not None:
+            return []
+        self.failure = Failure(rank, cause)
+        line = control.text_line(control.ABORT, cause, stacks=int(dump_stacks))
+        return [(r, line) for r in self.connected_ranks()]
+
+    def close(self) -> None:
+        """The driver is done with the job: no more relays, and losing one is no failure."""
+        self.closed = True
+
+    # -- lines from relays ---------------------------------------------------
     def handle(self, rank: int, command: Command) -> list[Outgoing]:
-        """Apply ``command`` from ``rank``; return the replies to send.
+        """Apply ``command`` (PMI-1 or relay control) from ``rank``; return the replies to send.
 
         Raises PMIProtocolError for a command whose arguments are malformed.
         """
         state = self._check_rank(rank)
         if not state.registered:
             raise PMIProtocolError(f"rank {rank} sent cmd={command.name} before registering")
+        if control.is_control(command):
+            return self._control(rank, command)
         if self.failure is not None:
             return []
         state.last_command = command.name
@@ -201,6 +279,13 @@ class JobSpace:
         if handler is None:
             return [(rank, _reply("error", rc=-1, msg=f"unknown or unsupported command {command.name!r}"))]
         return handler(rank, state, command)
+
+    def _control(self, rank: int, command: Command) -> list[Outgoing]:
+        if command.name == control.DONE:
+            return self.relay_done(rank)
+        if command.name == control.FAILED:
+            return self.relay_failed(rank, control.decode_text(command))
+        raise PMIProtocolError(f"unexpected control command {command.name} from rank {rank}")
 
     def _cmd_initack(self, rank, state, cmd):
         pmiid = cmd.require_int("pmiid")
@@ -291,5 +376,4 @@ class JobSpace:
     def _cmd_abort(self, rank, state, cmd):
         code = cmd.get("exitcode", "?")
         message = cmd.get("message") or "(no message)"
-        self.fail(rank, f"rank {rank} called MPI_Abort with exit code {code}: {message}")
-        return []
+        return self.abort(rank, f"rank {rank} called MPI_Abort with exit code {code}: {message}")

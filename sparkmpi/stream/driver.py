@@ -58,7 +58,9 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 import sys
+import threading
 import time
 from typing import Callable
 
@@ -74,6 +76,17 @@ from .report import BatchReport, StreamReport
 from .zmq_driver import ZmqStreamDriver
 
 log = logging.getLogger("sparkmpi.stream.driver")
+
+#: Test hook: ``PHASE:BATCH`` (PHASE one of before_write, after_write, after_commit) makes the
+#: driver print ``sparkmpi test hook: paused at PHASE of batch BATCH`` to stderr and block there,
+#: so a test can SIGKILL it at exactly that point.
+TEST_PAUSE_VARIABLE = "SPARKMPI_TEST_PAUSE_AT"
+
+
+def _test_pause(phase: str, batch: int) -> None:
+    if os.environ.get(TEST_PAUSE_VARIABLE) == f"{phase}:{batch}":
+        print(f"sparkmpi test hook: paused at {phase} of batch {batch}", file=sys.stderr, flush=True)
+        threading.Event().wait()
 
 __all__ = ["StreamDriver", "ZmqStreamDriver", "run_stream", "integrate_frames", "BatchReport", "StreamReport",
            "BatchFailed"]
@@ -294,10 +307,13 @@ class StreamDriver(_BatchCore):
             self._retrying(f"batch {batch}: flushing dead letters", self._dlq.flush)
         meta = {"source": "kafka", "topic": self.topic, "group": self.group, "bootstrap": self.bootstrap,
                 "ranges": [r.to_json() for r in ranges]}
+        _test_pause("before_write", batch)
         path, _, merged = self.write_output(batch, meta, results)
         t_write = time.monotonic()
+        _test_pause("after_write", batch)
         self._retrying(f"batch {batch}: committing offsets", lambda: self._committer.commit(ranges))
         t_commit = time.monotonic()
+        _test_pause("after_commit", batch)
         for r in ranges:
             self.committed[(r.topic, r.partition)] = r.end
         for m in merged["markers"]:

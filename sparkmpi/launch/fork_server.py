@@ -1,9 +1,9 @@
-"""The fork server of a Spark Python worker: ``python -m sparkmpi.launch.zygote``.
+"""The fork server of a Spark Python worker: ``python -m sparkmpi.launch.fork_server``.
 
 Every rank of every job needs a fresh process (MPI initialises once per
 process), and a fresh interpreter spends about 0.2 s of CPU importing Python,
 NumPy and mpi4py.  At a few micro-batches per second on two cores that was
-some 40 % of the machine.  The zygote does those imports once and forks a
+some 40 % of the machine.  The fork server does those imports once and forks a
 rank per request instead (a few milliseconds).
 
 Protocol on its control socket (:mod:`.channel` messages): it says READY when
@@ -25,7 +25,7 @@ check covers it) for work every rank would otherwise repeat, such as loading
 JIT-compiled code.
 
 The rank is forked twice so that it ends up a child of the Spark worker
-itself, not of the zygote: the worker is a child subreaper
+itself, not of the fork server: the worker is a child subreaper
 (``PR_SET_CHILD_SUBREAPER``), so when the intermediate process exits the
 rank is re-parented to it.  The worker can then wait for the rank and read
 its exit status like any child, and the rank's parent-death signal is tied to
@@ -143,10 +143,10 @@ def preload(names) -> None:
             print(f"sparkmpi fork server: not preloading {name}: {reason}", file=sys.stderr, flush=True)
 
 
-def _become_rank(zygote_ctrl: socket.socket, worker_pid: int, ctrl_fd: int, stderr_fd: int) -> None:
+def _become_rank(server_ctrl: socket.socket, worker_pid: int, ctrl_fd: int, stderr_fd: int) -> None:
     """In the grandchild: take the rank's descriptors, attach to the worker, serve one job."""
     try:
-        zygote_ctrl.close()
+        server_ctrl.close()
         os.dup2(stderr_fd, 2)
         os.close(stderr_fd)
         deadline = time.monotonic() + REPARENT_TIMEOUT_S
@@ -158,7 +158,7 @@ def _become_rank(zygote_ctrl: socket.socket, worker_pid: int, ctrl_fd: int, stde
         rank.set_process_name(rank.PROCESS_NAME)
         import numpy
 
-        numpy.random.seed()  # fresh entropy, as a new interpreter would have; not the zygote's state
+        numpy.random.seed()  # fresh entropy, as a new interpreter would have; not the fork server's state
         rank.serve(socket.socket(fileno=ctrl_fd))
     except BaseException:  # noqa: BLE001  (a rank that cannot start says why on its stderr)
         traceback.print_exc()
@@ -166,7 +166,7 @@ def _become_rank(zygote_ctrl: socket.socket, worker_pid: int, ctrl_fd: int, stde
     os._exit(74)
 
 
-def fork_rank(zygote_ctrl: socket.socket, worker_pid: int, ctrl_fd: int, stderr_fd: int) -> int:
+def fork_rank(server_ctrl: socket.socket, worker_pid: int, ctrl_fd: int, stderr_fd: int) -> int:
     """Fork a rank (via an intermediate process); return its pid."""
     sys.stdout.flush()
     sys.stderr.flush()
@@ -178,7 +178,7 @@ def fork_rank(zygote_ctrl: socket.socket, worker_pid: int, ctrl_fd: int, stderr_
             pid = os.fork()
             if pid == 0:
                 os.close(write_end)
-                _become_rank(zygote_ctrl, worker_pid, ctrl_fd, stderr_fd)
+                _become_rank(server_ctrl, worker_pid, ctrl_fd, stderr_fd)
             os.write(write_end, struct.pack("!i", pid))
         finally:
             os._exit(0)
@@ -215,7 +215,7 @@ def main() -> None:
         if kind != channel.FORK or len(fds) != 2:
             for fd in fds:
                 os.close(fd)
-            print(f"sparkmpi zygote: unexpected request kind {kind} with {len(fds)} descriptors",
+            print(f"sparkmpi fork server: unexpected request kind {kind} with {len(fds)} descriptors",
                   file=sys.stderr, flush=True)
             os._exit(73)
         try:
