@@ -379,12 +379,12 @@ def test_broker_lost_mid_stream_retries_then_fails_clearly_and_restart_is_exact(
 
         # Lost again, now after batch 3 is planned, as its tasks start reading their ranges.
         class LoseBrokerAtTheRead(StreamDriver):
-            def run_job(self, rdd, batch, ranges):
+            def run_batch(self, source, payloads, batch, ranges):
                 if batch == 3 and not getattr(self, "_lost", False):
                     self._lost = True
                     stop_broker(data, grace=10)
                     leaks.ALLOWANCES.tcp_peer_ports.add(info.port)
-                return super().run_job(rdd, batch, ranges)
+                return super().run_batch(source, payloads, batch, ranges)
 
         lines = tmp_path / "lost-read.jsonl"
         driver = LoseBrokerAtTheRead(spark, info.bootstrap, topic, "g", out, ranks=2, trigger=0.2, progress=None,
