@@ -4,15 +4,16 @@
    first use);
 2. simulates a ptychographic scan and streams its frames into Kafka at a
    detector-like rate (:mod:`sparkmpi.stream.detector`);
-3. cuts the stream into micro-batches by offset ranges; each batch becomes an
-   RDD whose partitions read their ranges inside the Spark tasks, and an MPI
-   job (:func:`sparkmpi.run`) validates and stacks the frames; outputs are
-   written atomically and only then are offsets committed
-   (:class:`sparkmpi.stream.driver.StreamDriver`);
-4. after each batch, a second Spark-MPI job refines the reconstruction over
-   every frame received so far (difference map, sums combined with
-   ``MPI_Allreduce``), warm-started from the previous batch, and publishes a
-   snapshot for the live viewer;
+3. cuts the stream into micro-batches by offset ranges; the ranks of one
+   long-lived MPI world (:class:`sparkmpi.World`) read their ranges from
+   Kafka, validate the frames and keep them in their per-rank state; outputs
+   (frame indices and positions) are written atomically and only then are
+   offsets committed (:class:`sparkmpi.stream.driver.StreamDriver`);
+4. after each batch, a call on the same world refines the reconstruction
+   (:class:`sparkmpi.ptycho.streaming.StreamingReconstruction`: object, probe
+   and exit waves stay on the ranks, sums combined with ``MPI_Allreduce``)
+   over every frame received so far, and publishes a snapshot for the live
+   viewer; only a batch's new frames ever travel;
 5. simulates a TEM tilt series (Shepp-Logan, 74 angles over -73..+73 degrees)
    and reconstructs it with ART through Spark, slice-partitioned;
 6. writes everything under ``--out`` and prints a summary: streaming
@@ -52,7 +53,8 @@ def register(subparsers) -> None:
     parser.add_argument("--frames", type=int, default=256, help="ptychography frames in the scan (default 256)")
     parser.add_argument("--frame-size", type=int, default=64, help="frame side in pixels (default 64)")
     parser.add_argument("--rate", type=float, default=50.0, help="detector frames per second (default 50)")
-    parser.add_argument("--trigger", type=float, default=0.5, help="seconds between micro-batches (default 0.5)")
+    parser.add_argument("--trigger", type=float, default=0.1,
+                        help="seconds between micro-batches (default 0.1: a call on the world costs milliseconds)")
     parser.add_argument("--iterations-per-batch", type=int, default=10,
                         help="DM iterations after each micro-batch (default 10)")
     parser.add_argument("--final-iterations", type=int, default=60,
@@ -97,13 +99,13 @@ class _Steps:
         print(f"        {text}", file=sys.stderr, flush=True)
 
 
-def ptycho_frames(comm, frames) -> dict:
-    """MPI body of each streaming batch: check and stack the rank's frames.
+def ptycho_frames(comm, frames, state=None) -> dict:
+    """MPI body of each streaming batch: check the rank's frames and keep them on the rank.
 
-    Returns ``intensities`` (n, H, W) float32 and ``positions`` (n, 2) int64
-    per rank (concatenated in rank order by the driver).  All ranks agree on
-    the frame shape, so a rank without frames still returns arrays of the
-    right shape.
+    The frames stay in the world's per-rank ``state`` (``demo.new``) until the
+    next live refinement takes them; the output holds ``positions`` (n, 2)
+    int64 per rank (concatenated in rank order by the driver).  All ranks
+    agree on the frame shape.
     """
     intensities, positions = [], []
     for frame in frames:
@@ -115,9 +117,48 @@ def ptycho_frames(comm, frames) -> dict:
     shapes = {s for s in comm.allgather(intensities[0].shape if intensities else None) if s is not None}
     if len(shapes) > 1:
         raise InvalidArgument(f"frames of different shapes in one batch: {sorted(shapes)}")
-    shape = shapes.pop() if shapes else (0, 0)
-    return {"intensities": np.stack(intensities) if intensities else np.zeros((0, *shape), np.float32),
-            "positions": np.asarray(positions, dtype=np.int64).reshape(-1, 2)}
+    positions = np.asarray(positions, dtype=np.int64).reshape(-1, 2)
+    if state is not None and intensities:
+        state.setdefault("demo.new", []).append((np.stack(intensities), positions))
+    return {"positions": positions}
+
+
+def live_refine(comm, state, iterations: int, object_shape, frame_shape, probe):
+    """A world call: fold the frames kept since the last call into the rank's
+    :class:`~sparkmpi.ptycho.streaming.StreamingReconstruction` and iterate.
+
+    Returns ``(object, probe, errors)`` on rank 0 (None elsewhere), or None on
+    every rank while some rank holds no frame yet (the engine needs frames on
+    every rank).
+    """
+    from .ptycho.streaming import StreamingReconstruction
+
+    rec = state.get("demo.rec")
+    new = state.get("demo.new", [])
+    held = (rec.n_frames if rec is not None else 0) + sum(len(p) for _, p in new)
+    if min(comm.allgather(held)) == 0:
+        return None
+    if rec is None:
+        # the nominal probe of the optics first, refined once the object has formed
+        rec = state["demo.rec"] = StreamingReconstruction(object_shape, frame_shape, probe=probe, comm=comm,
+                                                          algorithm="dm", probe_update_start=iterations)
+    if new:
+        rec.add_frames(np.concatenate([i for i, _ in new]), np.concatenate([p for _, p in new]))
+        state["demo.new"] = []
+    result = rec.iterate(iterations)
+    return (result.object, result.probe, np.asarray(result.errors), result.seconds,
+            result.iterations) if comm.rank == 0 else None
+
+
+def live_warm(comm, state, object_shape, probe):
+    """A world call before the scan: run the engine once on stand-in frames, so
+    its kernels are compiled before the first live refinement (not counted as latency)."""
+    from .ptycho.streaming import StreamingReconstruction
+
+    rec = StreamingReconstruction(object_shape, probe.shape, probe=probe, comm=comm, algorithm="dm")
+    rec.add_frames(np.ones((2, *probe.shape), np.float32), np.zeros((2, 2), np.int64))
+    rec.iterate(2)
+    return comm.rank
 
 
 #: Frames per rank before the first live reconstruction.
@@ -125,17 +166,20 @@ MIN_FRAMES_PER_RANK = 8
 
 
 class _LiveReconstruction:
-    """After each batch: a Spark-MPI reconstruction over all frames so far."""
+    """After each batch: one call on the stream's world refines over all frames so far."""
 
-    def __init__(self, spark, scan, ranks: int, iterations: int, live_dir: Path, steps: _Steps):
-        self.spark, self.scan, self.ranks = spark, scan, ranks
+    def __init__(self, world, scan, ranks: int, iterations: int, live_dir: Path, steps: _Steps):
+        from .ptycho.simulate import model_probe
+
+        self.world, self.scan, self.ranks = world, scan, ranks
         self.iterations, self.live_dir, self.steps = iterations, live_dir, steps
-        self.intensities: list[np.ndarray] = []
         self.positions: list[np.ndarray] = []
         self.object = self.probe = None
         self.errors: list[float] = []
         self.history: list[dict] = []
         self.seen: set[int] = set()
+        self.refine_s: list[float] = []
+        self._probe0 = model_probe(scan)   # the nominal probe of the beamline's optics
         self._whole = None   # illuminated region of the whole scan
 
     @property
@@ -144,47 +188,40 @@ class _LiveReconstruction:
 
     def add_batch(self, path: str) -> int:
         with np.load(path) as batch:
-            if "result.intensities" not in batch.files:
+            if "result.positions" not in batch.files:
                 return 0
             index = batch["frame_index"]
-            fresh = np.array([i not in self.seen for i in index.tolist()], dtype=bool)
             self.seen.update(index.tolist())
-            self.intensities.append(batch["result.intensities"][fresh])
-            self.positions.append(batch["result.positions"][fresh])
-        return int(fresh.sum())
+            self.positions.append(batch["result.positions"])
+        return int(index.size)
+
+    def warm(self) -> None:
+        self.world.call(live_warm, self.scan.object_shape, self._probe0)
 
     def refine(self, iterations: int):
         from .ptycho import PtychoData
         from .ptycho.metrics import illuminated_mask, nrmse
-        from .ptycho.simulate import model_probe
-        from .ptycho.spark import reconstruct_rdd, scan_rdd
 
-        data = PtychoData(np.concatenate(self.intensities), np.concatenate(self.positions),
-                          self.scan.object_shape)
-        rdd, _ = scan_rdd(self.spark, data, self.ranks)
-        if self.probe is None:
-            # The nominal probe of the beamline's optics (here: the
-            # simulator's aperture model), as a facility would start from.
-            options = {"algorithm": "dm", "iterations": iterations, "probe": model_probe(self.scan)}
-        else:
-            # Warm start: the object and probe of the previous batch; the probe
-            # is refined from the first iteration on.
-            options = {"algorithm": "dm", "iterations": iterations, "probe": self.probe,
-                       "object_init": self.object, "probe_update_start": 0}
-        result = reconstruct_rdd(rdd, self.scan.object_shape, **options)
-        self.object, self.probe = result.object, result.probe
-        self.errors.extend(float(e) for e in result.errors)
+        t0 = time.perf_counter()
+        out = self.world.call(live_refine, iterations, self.scan.object_shape, self._probe0.shape, self._probe0)
+        self.refine_s.append(time.perf_counter() - t0)
+        if out[0] is None:
+            return None
+        self.object, self.probe, errors, seconds, done = out[0]
+        self.errors = [float(e) for e in errors]
+        positions = np.concatenate(self.positions)
         # Quality where the frames so far reach: the rest of the object is not
         # measured yet, and counting it would report coverage, not quality.
-        scanned = illuminated_mask(PtychoData(data.intensities, data.positions, data.object_shape,
+        stand_in = np.zeros((len(positions), *self._probe0.shape), np.float32)   # the mask needs positions only
+        scanned = illuminated_mask(PtychoData(stand_in, positions, self.scan.object_shape,
                                               probe_true=self.scan.probe_true))
         if self._whole is None:
             self._whole = illuminated_mask(self.scan)
-        entry = {"frames": data.n_frames, "iterations": len(self.errors),
+        entry = {"frames": len(positions), "iterations": len(self.errors),
                  "nrmse": float(nrmse(self.object, self.scan.object_true, scanned)),
                  "nrmse_whole_scan": float(nrmse(self.object, self.scan.object_true, self._whole)),
                  "coverage": float((scanned & self._whole).sum() / self._whole.sum()),
-                 "seconds_per_iteration": result.seconds / max(result.iterations, 1)}
+                 "seconds_per_iteration": seconds / max(done, 1), "refine_s": self.refine_s[-1]}
         self.history.append(entry)
         return entry
 
@@ -195,6 +232,8 @@ class _LiveReconstruction:
         if added == 0 or self.frames < min(MIN_FRAMES_PER_RANK * self.ranks, len(self.scan.positions)):
             return
         entry = self.refine(self.iterations)
+        if entry is None:
+            return
         self.publish()
         self.steps.note(f"batch {report.batch}: +{added} frames ({self.frames} received), "
                         f"{report.latency_s or 0:.2f} s latency; object NRMSE {entry['nrmse']:.3f} "
@@ -247,6 +286,7 @@ def run_demo(args) -> dict:
     summary: dict = {"out": str(out)}
     viewers: list[subprocess.Popen] = []
     broker = None
+    world = None
 
     steps(1, f"starting local Spark (local[{args.ranks}])"
              + ("" if args.bootstrap else " and a local Kafka broker"))
@@ -269,7 +309,11 @@ def run_demo(args) -> dict:
 
         steps(3, f"streaming the scan into Kafka at {args.rate:g} frames/s; micro-batches every "
                  f"{args.trigger:g} s through Spark and {args.ranks} MPI ranks")
-        live = _LiveReconstruction(spark, scan, args.ranks, args.iterations_per_batch, out / "live", steps)
+        import sparkmpi
+
+        # One world for the stream and the live reconstruction: the frames stay on its ranks.
+        world = sparkmpi.World(spark, ranks=args.ranks, preload=("sparkmpi.ptycho.streaming",))
+        live = _LiveReconstruction(world, scan, args.ranks, args.iterations_per_batch, out / "live", steps)
         if args.view:
             proc, address = _viewer(["--live", str(out / "live")])
             viewers.append(proc)
@@ -286,16 +330,14 @@ def run_demo(args) -> dict:
                 publisher_error.append(exc)
 
         publisher = threading.Thread(target=_publish, name="sparkmpi-demo-detector", daemon=True)
-        # The live reconstruction's rank module is preloaded (and its numba kernels
-        # loaded) by the fork servers along with the stream's, during the warm-up.
         driver = StreamDriver(spark, bootstrap, topic, "demo", out / "stream", ranks=args.ranks,
-                              trigger=args.trigger, process=ptycho_frames, progress=None, warm_up=False,
-                              job_settings={"preload": ("sparkmpi.ptycho.spark",)})
+                              trigger=args.trigger, process=ptycho_frames, progress=None, world=world)
         # Get the topic, the Spark workers and the rank spares ready before the
         # detector starts, as a beamline would before the scan.
         ensure_topic(bootstrap, topic, partitions=args.ranks)
         driver.start()
         driver.warm_up()
+        live.warm()
         publisher.start()
         report = driver.run(until_end_of_scan=True, idle_timeout=30, on_batch=live.on_batch)
         publisher.join(timeout=30)
@@ -303,13 +345,16 @@ def run_demo(args) -> dict:
             raise publisher_error[0]
         summary["stream"] = {"frames": report.frames, "batches": report.batches,
                              "frames_per_s": report.frames_per_s, "latency_p50_s": report.latency_p50_s,
-                             "latency_p99_s": report.latency_p99_s, "dead_letters": report.dead_letters}
+                             "latency_p99_s": report.latency_p99_s, "dead_letters": report.dead_letters,
+                             "trigger": args.trigger, "mode": "world",
+                             "refine_p50_s": float(np.percentile(live.refine_s, 50)) if live.refine_s else None}
         if live.frames != args.frames:
             raise RuntimeError(f"the stream delivered {live.frames} distinct frames, expected {args.frames}")
 
         steps(4, f"refining over the whole scan: {args.final_iterations} DM iterations on {args.ranks} ranks")
         nrmse = live.refine(args.final_iterations)["nrmse_whole_scan"]
         live.publish()
+        world.close("the live reconstruction is done")   # its task slots go to the tomography
         files = write_ptycho(out / "ptycho", live.object, live.probe, np.asarray(live.errors),
                              summary={"nrmse": nrmse, "frames": live.frames})
         summary["ptycho"] = {"nrmse": nrmse, "iterations": len(live.errors),
@@ -336,6 +381,8 @@ def run_demo(args) -> dict:
         steps(6, "done")
         (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float))
     finally:
+        if world is not None:
+            world.close("the demo ended")
         if broker is not None:
             broker.stop()
         spark.stop()

@@ -36,6 +36,12 @@ pytestmark = pytest.mark.slow
 SHAPE = (32, 32)
 
 
+@pytest.fixture(params=["world", "jobs"])
+def mode(request):
+    """Both ways of running the batches: one long-lived world, or one Spark-MPI job each."""
+    return request.param
+
+
 def _driver(spark, bootstrap, topic, out, **kw):
     kw.setdefault("ranks", 2)
     kw.setdefault("trigger", 0.2)
@@ -51,13 +57,13 @@ def _assert_exactly_once(out, n):
     return summary
 
 
-def test_every_frame_exactly_once_through_spark_and_mpi(spark, broker, tmp_path):
-    n, topic = 400, "drv-exact"
+def test_every_frame_exactly_once_through_spark_and_mpi(spark, broker, tmp_path, mode):
+    n, topic = 400, f"drv-exact-{mode}"
     scan = SyntheticScan(n, SHAPE, "uint16", seed=11, scan_id="exact")
     publish_kafka(scan, broker.bootstrap, topic, partitions=2)
     lines, progress = tmp_path / "events.jsonl", io.StringIO()
     driver = _driver(spark, broker.bootstrap, topic, tmp_path / "out", max_frames=150, json_lines=lines,
-                     progress=progress, expect_shape=SHAPE, expect_dtype="uint16")
+                     progress=progress, expect_shape=SHAPE, expect_dtype="uint16", mode=mode)
     report = driver.run(until_end_of_scan=True)
     assert report.stopped == "end_of_scan"
     assert (report.frames, report.end_markers, report.dead_letters) == (n, 2, 0)
@@ -95,12 +101,12 @@ def test_every_frame_exactly_once_through_spark_and_mpi(spark, broker, tmp_path)
         assert b["job_s"] > 0 and b["write_s"] >= 0 and b["commit_s"] > 0 and b["frames_per_s"] > 0
     assert progress.getvalue().count("batch ") >= report.batches
     # nothing new: a second run does nothing and stops at once
-    again = _driver(spark, broker.bootstrap, topic, tmp_path / "out").run(until_end_of_scan=True)
+    again = _driver(spark, broker.bootstrap, topic, tmp_path / "out", mode=mode).run(until_end_of_scan=True)
     assert (again.batches, again.frames) == (0, 0)
 
 
-def test_crash_between_write_and_commit_is_not_reprocessed(spark, broker, tmp_path):
-    n, topic, out = 240, "drv-crash", tmp_path / "out"
+def test_crash_between_write_and_commit_is_not_reprocessed(spark, broker, tmp_path, mode):
+    n, topic, out = 240, f"drv-crash-{mode}", tmp_path / "out"
     publish_kafka(SyntheticScan(n, SHAPE, seed=2, scan_id="crash"), broker.bootstrap, topic, partitions=2)
 
     class Crash(Exception):
@@ -112,14 +118,16 @@ def test_crash_between_write_and_commit_is_not_reprocessed(spark, broker, tmp_pa
             raise Crash("driver died between the output write and the commit")
 
     with pytest.raises(Crash):
-        _driver(spark, broker.bootstrap, topic, out, max_frames=100, after_write=crash_after_batch_1).run(
+        _driver(spark, broker.bootstrap, topic, out, max_frames=100, after_write=crash_after_batch_1,
+                mode=mode).run(
             until_end_of_scan=True)
     assert [b for b, _ in list_outputs(out)] == [0, 1]
     # batch 0 committed, batch 1 written but not committed
     committed = committed_offsets(broker.bootstrap, "g", topic, [0, 1])
     assert sum(committed.values()) == 100
     lines = tmp_path / "events.jsonl"
-    report = _driver(spark, broker.bootstrap, topic, out, max_frames=100, json_lines=lines).run(until_end_of_scan=True)
+    report = _driver(spark, broker.bootstrap, topic, out, max_frames=100, json_lines=lines, mode=mode).run(
+        until_end_of_scan=True)
     assert sum(r["end"] - r["start"] for r in report.reconciled) == 100   # batch 1 committed, not run again
     events = [json.loads(x) for x in lines.read_text().splitlines()]
     assert events[0]["event"] == "reconciled"
@@ -161,17 +169,17 @@ def _session_alive(pgid):
 KILLS = [("before_write", 1, 1, 1), ("after_write", 2, 3, 2), ("after_commit", 3, 4, 4)]
 
 
-def test_sigkill_at_each_phase_then_restart_loses_and_repeats_nothing(broker, tmp_path):
+def test_sigkill_at_each_phase_then_restart_loses_and_repeats_nothing(broker, tmp_path, mode):
     """The driver as a subprocess (its own Spark), SIGKILLed at each phase of a batch in turn (before
     the output is written, between write and commit, after the commit), started again each time."""
     from sparkmpi.stream.driver import TEST_PAUSE_VARIABLE
 
-    n, per_batch, topic, out = 300, 60, "drv-kill", tmp_path / "out"
+    n, per_batch, topic, out = 300, 60, f"drv-kill-{mode}", tmp_path / "out"
     lines, log_path = tmp_path / "events.jsonl", tmp_path / "driver.log"
     publish_kafka(SyntheticScan(n, SHAPE, seed=5, scan_id="kill"), broker.bootstrap, topic, partitions=2)
     cmd = [sys.executable, "-m", "sparkmpi.cli", "stream", "run", "--bootstrap", broker.bootstrap, "--topic", topic,
            "--group", "g", "--out", str(out), "--ranks", "2", "--trigger", "0.1", "--max-frames", str(per_batch),
-           "--until-end-of-scan", "--json-lines", str(lines), "--quiet"]
+           "--until-end-of-scan", "--json-lines", str(lines), "--quiet", "--mode", mode]
     deadline = time.monotonic() + 250   # every wait of this test together, under the 300 s test timeout
     procs = []
 
@@ -219,6 +227,7 @@ def test_sigkill_at_each_phase_then_restart_loses_and_repeats_nothing(broker, tm
     starts = [e for e in events if e["event"] == "started"]
     # Each restart goes on after the last output on disk; the one after the write-then-kill commits it first.
     assert [e["next_batch"] for e in starts] == [0, 1, 3, 4]
+    assert {e["mode"] for e in starts} == {mode}
     reconciled = [e for e in events if e["event"] == "reconciled"]
     assert len(reconciled) == 1 and sum(r["end"] - r["start"] for r in reconciled[0]["ranges"]) == per_batch
     # (a batch killed after its commit reports no event: the restart does not run it again)
@@ -296,24 +305,28 @@ def _fail_on_rank_1(comm, frames):
     return {"n": np.array([n])}
 
 
-def test_failing_mpi_function_commits_nothing_and_names_the_batch(spark, broker, tmp_path):
-    topic, out = "drv-fail", tmp_path / "out"
+def test_failing_mpi_function_commits_nothing_and_names_the_batch(spark, broker, tmp_path, mode):
+    topic, out = f"drv-fail-{mode}", tmp_path / "out"
     publish_kafka(SyntheticScan(50, SHAPE, seed=3), broker.bootstrap, topic, partitions=2)
     lines = tmp_path / "events.jsonl"
-    driver = _driver(spark, broker.bootstrap, topic, out, process=_fail_on_rank_1, batch_retries=1, json_lines=lines)
+    driver = _driver(spark, broker.bootstrap, topic, out, process=_fail_on_rank_1, batch_retries=1, json_lines=lines,
+                     mode=mode)
     with pytest.raises(BatchFailed) as info:
         driver.run(until_end_of_scan=True)
     message = str(info.value)
-    assert "batch 0 (offsets drv-fail[0] [0, 26), drv-fail[1] [0, 26)) failed 2 time(s)" in message
+    assert f"batch 0 (offsets {topic}[0] [0, 26), {topic}[1] [0, 26)) failed 2 time(s)" in message
     assert "nothing of it was committed" in message and "bad detector calibration on rank one" in message
     assert info.value.batch == 0 and info.value.attempts == 2
     assert [e["event"] for e in _events(lines)].count("retry") == 1
+    # world mode: the failed world was restarted once for the retry, and closed at the end
+    assert driver.restarts == (1 if mode == "world" else 0)
+    assert driver.world is None
     assert list_outputs(out) == []
     assert committed_offsets(broker.bootstrap, "g", topic, [0, 1]) == {(topic, 0): None, (topic, 1): None}
 
 
-def test_flaky_mpi_function_is_retried_and_counted_once(spark, broker, tmp_path):
-    topic, out, marker = "drv-flaky", tmp_path / "out", tmp_path / "failed-once"
+def test_flaky_mpi_function_is_retried_and_counted_once(spark, broker, tmp_path, mode):
+    topic, out, marker = f"drv-flaky-{mode}", tmp_path / "out", tmp_path / "failed-once"
     publish_kafka(SyntheticScan(80, SHAPE, seed=4), broker.bootstrap, topic, partitions=2)
 
     def flaky(comm, frames, _marker=str(marker)):
@@ -322,11 +335,13 @@ def test_flaky_mpi_function_is_retried_and_counted_once(spark, broker, tmp_path)
         result = integrate_frames(comm, frames)
         if comm.rank == 0 and not os.path.exists(_marker):
             open(_marker, "w").close()
-            raise RuntimeError("transient failure")
+            os._exit(3)   # the rank dies: in world mode the world is broken and must be restarted
         return result
 
-    report = _driver(spark, broker.bootstrap, topic, out, process=flaky, max_frames=50).run(until_end_of_scan=True)
+    driver = _driver(spark, broker.bootstrap, topic, out, process=flaky, max_frames=50, mode=mode)
+    report = driver.run(until_end_of_scan=True)
     assert marker.exists()
+    assert driver.restarts == (1 if mode == "world" else 0) and len(driver.restart_s) == driver.restarts
     _assert_exactly_once(out, 80)
     assert report.frames == 80
 
@@ -364,12 +379,12 @@ def test_broker_lost_mid_stream_retries_then_fails_clearly_and_restart_is_exact(
 
         # Lost again, now after batch 3 is planned, as its tasks start reading their ranges.
         class LoseBrokerAtTheRead(StreamDriver):
-            def run_job(self, rdd, batch, ranges):
+            def run_batch(self, source, payloads, batch, ranges):
                 if batch == 3 and not getattr(self, "_lost", False):
                     self._lost = True
                     stop_broker(data, grace=10)
                     leaks.ALLOWANCES.tcp_peer_ports.add(info.port)
-                return super().run_job(rdd, batch, ranges)
+                return super().run_batch(source, payloads, batch, ranges)
 
         lines = tmp_path / "lost-read.jsonl"
         driver = LoseBrokerAtTheRead(spark, info.bootstrap, topic, "g", out, ranks=2, trigger=0.2, progress=None,
@@ -391,7 +406,7 @@ def test_broker_lost_mid_stream_retries_then_fails_clearly_and_restart_is_exact(
         stop_broker(data, grace=10)
 
 
-def test_zeromq_source_feeds_the_same_loop(spark, tmp_path):
+def test_zeromq_source_feeds_the_same_loop(spark, tmp_path, mode):
     n = 300
     scan = SyntheticScan(n, SHAPE, "uint16", seed=8, scan_id="zmq")
     with ZmqPublisher("tcp://127.0.0.1:0") as pub:
@@ -406,7 +421,7 @@ def test_zeromq_source_feeds_the_same_loop(spark, tmp_path):
         thread = threading.Thread(target=send, daemon=True)
         thread.start()
         driver = ZmqStreamDriver(spark, pub.endpoint, tmp_path / "out", ranks=2, trigger=0.1, max_frames=120,
-                                 progress=None)
+                                 progress=None, mode=mode)
         report = driver.run()
         thread.join(10)
     assert not errors
@@ -490,3 +505,56 @@ def test_hanging_process_function_times_out_commits_nothing_and_leaves_no_rank(s
     assert "timed out after 4 s" in message, message
     assert list_outputs(out) == []
     assert committed_offsets(broker.bootstrap, "g", topic, [0, 1]) == {(topic, 0): None, (topic, 1): None}
+
+
+def _count_with_state(comm, frames, state):
+    """Frames seen by this rank since its world started: kept in the rank's state."""
+    n = sum(1 for _ in frames)
+    state["seen"] = state.get("seen", 0) + n
+    state["batches"] = state.get("batches", 0) + 1
+    return {"seen": np.array([state["seen"]]), "batches": np.array([state["batches"]])}
+
+
+def test_process_state_is_kept_across_batches_on_a_world(spark, broker, tmp_path, mode):
+    n, topic, out = 200, f"drv-state-{mode}", tmp_path / "out"
+    publish_kafka(SyntheticScan(n, SHAPE, seed=9), broker.bootstrap, topic, partitions=2)
+    report = _driver(spark, broker.bootstrap, topic, out, process=_count_with_state, max_frames=60,
+                     mode=mode).run(until_end_of_scan=True)
+    assert report.frames == n and report.batches >= 3
+    last = list_outputs(out)[-1][1]
+    with np.load(last) as z:
+        seen, batches = z["result.seen"], z["result.batches"]
+    if mode == "world":   # every rank counted all its frames of every batch
+        assert seen.sum() == n and batches.tolist() == [report.batches] * 2
+    else:                 # a fresh process per batch: the state starts empty each time
+        assert seen.sum() < n and batches.tolist() == [1, 1]
+
+
+def test_continuous_trigger_starts_the_next_batch_at_once(spark, broker, tmp_path):
+    n, topic, out = 300, "drv-continuous", tmp_path / "out"
+    ensure_topic(broker.bootstrap, topic, 2)
+    driver = _driver(spark, broker.bootstrap, topic, out, trigger=30.0, continuous=True)
+    assert driver.trigger == 0.0
+    producer = threading.Thread(target=publish_kafka, daemon=True, kwargs=dict(
+        source=SyntheticScan(n, SHAPE, seed=10, scan_id="cont"), bootstrap=broker.bootstrap, topic=topic,
+        partitions=2, rate=600))
+    producer.start()
+    report = driver.run(until_end_of_scan=True)
+    producer.join(30)
+    _assert_exactly_once(out, n)
+    # a 30 s trigger would have cut one or two batches; continuous cuts one per gap in the stream
+    assert report.batches >= 5 and report.seconds < 25
+
+
+def test_bad_mode_and_a_world_of_the_wrong_size_are_named(spark, tmp_path):
+    with pytest.raises(ValueError, match="mode: expected one of 'world', 'jobs', got 'threads'"):
+        _driver(spark, "127.0.0.1:9092", "t", tmp_path, mode="threads")
+
+    class FakeWorld:
+        size = 3
+        closed = False
+
+    with pytest.raises(ValueError, match="world: it has 3 ranks but ranks=2"):
+        _driver(spark, "127.0.0.1:9092", "t", tmp_path, world=FakeWorld())
+    with pytest.raises(ValueError, match="only used with mode='world', got mode='jobs'"):
+        _driver(spark, "127.0.0.1:9092", "t", tmp_path, world=FakeWorld(), mode="jobs")

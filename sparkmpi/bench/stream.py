@@ -19,6 +19,16 @@ Reported:
 * the driver's per-batch means (``batch_frames``, ``batch_seconds``,
   ``job_s``, ``write_s``, ``commit_s``) to see where the time goes.
 
+``--mode world`` (default) runs the batches on one long-lived MPI world,
+``--mode jobs`` one Spark-MPI job per batch; ``--continuous`` starts the next
+batch as soon as the previous one is written.
+
+``--prefill``: the whole scan is published first, then drained once by a
+world-mode driver and once by a jobs-mode driver (separate consumer groups on
+the same topic): ``drain_frames_per_s`` of each, their ratio, and each mode's
+per-phase means (``job_s`` = ranks reading Kafka + the MPI function, ``write_s``,
+``commit_s``) to show where a batch's time goes.
+
 ``--kill-driver-at 0.5``: once the outputs hold half the frames, the driver is
 SIGKILLed at a random moment of its next batch, started again, and the figures
 cover the whole scan (``kills``, ``restart_s``).
@@ -56,6 +66,12 @@ def add_arguments(parser) -> None:
                         help="seconds between batches (default: 0.5, or 0.05 with --rate: cut as soon as possible)")
     parser.add_argument("--max-frames", type=int, default=None,
                         help="cap on messages per batch (default: 5000, or 2 s of frames at --rate)")
+    parser.add_argument("--mode", choices=("world", "jobs"), default="world",
+                        help="world: one MPI world for the stream (default); jobs: one Spark-MPI job per batch")
+    parser.add_argument("--continuous", action="store_true",
+                        help="cut the next batch as soon as the previous one is written (trigger 0)")
+    parser.add_argument("--prefill", action="store_true",
+                        help="publish the whole scan first, then time the drain in world and in jobs mode")
     parser.add_argument("--kill-driver-at", type=float, default=None, metavar="FRACTION",
                         help="SIGKILL the driver once this fraction of the frames is processed, then restart it")
     parser.add_argument("--timeout", type=float, default=900.0, help="seconds the whole benchmark may take")
@@ -68,12 +84,13 @@ def _python() -> str:
     return sys.executable
 
 
-def _driver_cmd(args, bootstrap: str, out: Path, lines: Path) -> list[str]:
+def _driver_cmd(args, bootstrap: str, out: Path, lines: Path, mode: str | None = None,
+                group: str = "bench") -> list[str]:
     cmd = [_python(), "-m", "sparkmpi.cli", "stream", "run", "--bootstrap", bootstrap, "--topic", "frames",
-           "--group", "bench", "--out", str(out), "--ranks", str(args.ranks), "--trigger", str(args.trigger),
+           "--group", group, "--out", str(out), "--ranks", str(args.ranks), "--trigger", str(args.trigger),
            "--max-frames", str(args.max_frames), "--until-end-of-scan", "--json-lines", str(lines),
-           "--frame-shape", args.frame_shape, "--dtype", args.dtype, "--quiet"]
-    return cmd
+           "--frame-shape", args.frame_shape, "--dtype", args.dtype, "--quiet", "--mode", mode or args.mode]
+    return cmd + (["--continuous"] if args.continuous else [])
 
 
 def _events(lines: Path) -> list[dict]:
@@ -157,6 +174,12 @@ def run(args) -> dict:
 
         publish_kafka(SyntheticScan(4, (8, 8)), bootstrap, "warmup", end_marker=False)
         commit_offsets(bootstrap, "bench-warmup", plan_batch({}, {("warmup", 0): 4}), timeout=30)
+        producer_cmd = [_python(), "-m", "sparkmpi.cli", "detector", "simulate", "--bootstrap", bootstrap,
+                        "--topic", "frames", "--frames", str(args.frames), "--frame-shape", args.frame_shape,
+                        "--dtype", args.dtype, "--partitions", str(args.partitions), "--seed", str(args.seed),
+                        "--json"] + (["--rate", str(args.rate)] if args.rate else [])
+        if args.prefill:
+            return _prefill(args, bootstrap, work, producer_cmd, procs, deadline)
         cmd = _driver_cmd(args, bootstrap, out, lines)
         print("starting the driver:", " ".join(cmd), file=sys.stderr)
         driver = _start_driver(cmd, log)
@@ -164,10 +187,6 @@ def run(args) -> dict:
         _wait_event(driver, lines, lambda e: e.get("event") == "started", deadline, log, "starting the driver")
         print(f"driver ready; publishing {args.frames} frames of {args.frame_shape} {args.dtype} "
               f"at {args.rate or 'full'} frames/s ...", file=sys.stderr)
-        producer_cmd = [_python(), "-m", "sparkmpi.cli", "detector", "simulate", "--bootstrap", bootstrap,
-                        "--topic", "frames", "--frames", str(args.frames), "--frame-shape", args.frame_shape,
-                        "--dtype", args.dtype, "--partitions", str(args.partitions), "--seed", str(args.seed),
-                        "--json"] + (["--rate", str(args.rate)] if args.rate else [])
         producer = subprocess.Popen(producer_cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
                                     stderr=subprocess.PIPE, text=True)
         procs.append(producer)
@@ -211,6 +230,7 @@ def run(args) -> dict:
         report = {
             "frames": int(args.frames), "frame_shape": list(shape), "dtype": args.dtype,
             "rate": args.rate, "partitions": args.partitions, "ranks": args.ranks, "trigger": args.trigger,
+            "mode": args.mode, "continuous": args.continuous,
             "max_frames": args.max_frames, "frames_out": int(summary.frame_index.size),
             "frames_per_s": args.frames / span if span else None,
             "p50_latency_s": float(np.percentile(lat, 50)) if lat.size else None,
@@ -233,3 +253,47 @@ def run(args) -> dict:
         stop_broker(data_dir, grace=10)
         if tmp is not None:
             tmp.cleanup()
+
+
+def _prefill(args, bootstrap: str, work: Path, producer_cmd: list, procs: list, deadline: float) -> dict:
+    """Publish everything, then drain it in each mode; frames/s and the per-phase means side by side."""
+    from sparkmpi.stream._output import read_outputs
+
+    print(f"prefilling the topic with {args.frames} frames of {args.frame_shape} {args.dtype} ...", file=sys.stderr)
+    done = subprocess.run(producer_cmd, stdin=subprocess.DEVNULL, capture_output=True, text=True,
+                          timeout=max(deadline - time.monotonic(), 1))
+    if done.returncode != 0:
+        raise RuntimeError(f"the producer failed (exit {done.returncode}): {done.stderr[-2000:]}")
+    report: dict = {"frames": int(args.frames), "frame_shape": args.frame_shape, "dtype": args.dtype,
+                    "ranks": args.ranks, "partitions": args.partitions, "max_frames": args.max_frames,
+                    "trigger": args.trigger, "continuous": args.continuous, "cpu_count": os.cpu_count()}
+    for mode in ("world", "jobs"):
+        out, lines, log = work / f"out-{mode}", work / f"driver-{mode}.jsonl", work / f"driver-{mode}.log"
+        cmd = _driver_cmd(args, bootstrap, out, lines, mode=mode, group=f"bench-{mode}")
+        print(f"draining in {mode} mode:", " ".join(cmd), file=sys.stderr)
+        driver = _start_driver(cmd, log)
+        procs.append(driver)
+        try:
+            driver.wait(timeout=max(deadline - time.monotonic(), 1))
+        except subprocess.TimeoutExpired:
+            raise TimeoutError(f"the {mode}-mode driver did not drain the topic in time; see {log}") from None
+        if driver.returncode != 0:
+            raise RuntimeError(f"the {mode}-mode driver failed (exit {driver.returncode}); last lines of {log}:\n"
+                               + "\n".join(log.read_text().splitlines()[-15:]))
+        summary = read_outputs(out)
+        lost, duplicated = summary.lost_and_duplicated(np.arange(args.frames))
+        batches = [e for e in _events(lines) if e.get("event") == "batch"]
+        started = [e for e in _events(lines) if e.get("event") == "started"][-1]
+        # the drain: from the first batch's start (its output time less its duration) to the last output
+        t0 = batches[0]["written_at"] - batches[0]["seconds"]
+        span = batches[-1]["written_at"] - t0
+        mean = (lambda key: float(np.mean([b[key] for b in batches])))
+        report[mode] = {"drain_frames_per_s": args.frames / span, "drain_s": span, "batches": len(batches),
+                        "lost": lost, "duplicated": duplicated, "warm_up_s": started.get("warm_up_s"),
+                        "batch_frames": mean("frames"), "batch_seconds": mean("seconds"), "job_s": mean("job_s"),
+                        "write_s": mean("write_s"), "commit_s": mean("commit_s")}
+    report["drain_frames_per_s"] = {m: report[m]["drain_frames_per_s"] for m in ("world", "jobs")}
+    report["world_over_jobs"] = report["world"]["drain_frames_per_s"] / report["jobs"]["drain_frames_per_s"]
+    report["lost"] = report["world"]["lost"] + report["jobs"]["lost"]
+    report["duplicated"] = report["world"]["duplicated"] + report["jobs"]["duplicated"]
+    return report

@@ -86,6 +86,41 @@ def _noop_job(comm, items):
     return [sum(1 for _ in items)]
 
 
+#: The key of the world's per-rank state that holds the installed :class:`_RankJob`.
+JOB_KEY = "sparkmpi.stream.job"
+
+
+def accepts_state(process) -> bool:
+    """Does ``process`` take a ``state`` keyword (the rank's state dict, kept across batches)?"""
+    import inspect
+
+    try:
+        params = inspect.signature(process).parameters
+    except (TypeError, ValueError):   # a builtin or C callable: no state
+        return False
+    p = params.get("state")
+    return p is not None and p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)
+
+
+def _install_job(comm, state, job, warm_source=None):
+    """A world call: keep the batch job on the rank, and load the source's client once."""
+    state[JOB_KEY] = job
+    job._process = None
+    if warm_source is not None:
+        for _ in warm_source(None):
+            pass
+    comm.Barrier()
+    return comm.rank
+
+
+def _world_batch(comm, state, source, payload):
+    """A world call per batch: read this rank's share with ``source`` and run the installed job."""
+    job = state.get(JOB_KEY)
+    if job is None:
+        raise RuntimeError("no stream job installed on this rank (the world was started outside the driver?)")
+    return job(comm, source(payload), state=state)[0]
+
+
 def _check_expectations(frame: Frame, shape, dtype) -> tuple[str, str] | None:
     if shape is not None and tuple(frame.array.shape) != tuple(shape):
         return (f"frame {frame.header.index} has shape {tuple(frame.array.shape)}, expected {tuple(shape)}",
@@ -100,16 +135,24 @@ def _check_expectations(frame: Frame, shape, dtype) -> tuple[str, str] | None:
 class _RankJob:
     """What every rank runs: decode, route bad messages aside, call ``process``, report."""
 
-    def __init__(self, process_pickle: bytes, expect_shape, expect_dtype, check_finite: bool):
+    def __init__(self, process_pickle: bytes, expect_shape, expect_dtype, check_finite: bool,
+                 takes_state: bool = False):
         self.process_pickle = process_pickle
+        self.takes_state = takes_state
+        self._process = None
         self.expect_shape = tuple(expect_shape) if expect_shape is not None else None
         self.expect_dtype = np.dtype(expect_dtype).str if expect_dtype is not None else None
         self.check_finite = check_finite
 
-    def __call__(self, comm, items):
+    def __getstate__(self):
+        return dict(self.__dict__, _process=None)   # the function travels as its pickle
+
+    def __call__(self, comm, items, state: dict | None = None):
         import cloudpickle
 
-        process = cloudpickle.loads(self.process_pickle)
+        if self._process is None:   # once per world (every batch in jobs mode: a fresh process)
+            self._process = cloudpickle.loads(self.process_pickle)
+        process = self._process
         dtype = np.dtype(self.expect_dtype) if self.expect_dtype is not None else None
         index, part, offset, ts = [], [], [], []
         dead, markers = [], []
@@ -142,7 +185,10 @@ class _RankJob:
                     raise InvalidArgumentType(f"unexpected record type {type(item).__name__} in the batch")
 
         stream = frames()
-        result = process(comm, stream)
+        if self.takes_state:
+            result = process(comm, stream, state=state if state is not None else {})
+        else:
+            result = process(comm, stream)
         left = sum(1 for _ in stream)
         if left:
             raise RuntimeError(f"process returned before consuming all frames of rank {comm.rank}: "

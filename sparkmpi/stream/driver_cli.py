@@ -49,7 +49,7 @@ def _run(args) -> int:
     progress = None if args.quiet else sys.stderr
     common = dict(ranks=args.ranks, trigger=args.trigger, max_frames=args.max_frames, expect_shape=shape,
                   expect_dtype=args.dtype, batch_retries=args.batch_retries, job_timeout=args.job_timeout,
-                  progress=progress, json_lines=json_lines)
+                  progress=progress, json_lines=json_lines, mode=args.mode, continuous=args.continuous)
     if args.zmq:
         spark = _spark(args.master or f"local[{args.ranks}]", "sparkmpi-stream-zmq")
         driver = ZmqStreamDriver(spark, args.zmq, args.out, receive_timeout=args.receive_timeout, **common)
@@ -89,9 +89,14 @@ def register_run(verbs) -> argparse.ArgumentParser:
     p.add_argument("--topic", default="frames", help="Kafka topic (default: %(default)s)")
     p.add_argument("--group", default=None, help="consumer group whose committed offsets mark progress")
     p.add_argument("--out", required=True, help="output folder (one per topic and group)")
-    p.add_argument("--ranks", type=int, default=2, help="MPI ranks = Spark partitions per batch (default: %(default)s)")
+    p.add_argument("--ranks", type=int, default=2, help="MPI ranks (default: %(default)s)")
     p.add_argument("--trigger", type=float, default=0.5,
                    help="seconds between batches (default: %(default)s)")
+    p.add_argument("--mode", choices=("world", "jobs"), default="world",
+                   help="world: one MPI world for the whole stream (default); jobs: one Spark-MPI job per batch")
+    p.add_argument("--continuous", action="store_true",
+                   help="start the next batch as soon as the previous one is written and frames are waiting "
+                        "(same as --trigger 0)")
     p.add_argument("--max-frames", type=int, default=None,
                    help="cap on messages per batch; a batch also starts as soon as this many are ready")
     p.add_argument("--until-end-of-scan", action="store_true",
