@@ -56,3 +56,20 @@ def test_a_world_from_a_jupyter_kernel():
     finally:
         client.stop_channels()
         manager.shutdown_kernel(now=False)
+        for context in {id(c): c for c in (client.context, manager.context)}.values():
+            context.destroy(linger=0)   # its signalling sockets would outlive the test
+        _close_jupyter_event_loop()
+
+
+def _close_jupyter_event_loop() -> None:
+    """jupyter_client's blocking calls run on an event loop jupyter_core keeps for the
+    process; close it (and its self-pipe) so the test leaves nothing open."""
+    import asyncio
+
+    from jupyter_core import utils
+
+    loop = utils._loop.get()
+    if loop is not None and not loop.is_running():
+        loop.close()
+        utils._loop.set(None)
+        asyncio.set_event_loop(None)
