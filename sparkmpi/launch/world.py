@@ -288,12 +288,6 @@ def _settings(settings: Settings | None, overrides: dict) -> Settings:
     return settings.replace(**overrides) if overrides else settings
 
 
-def _partition_call(comm, state, records, fn):
-    """A world call in ``run``'s shape: ``fn(comm, records)`` returning an iterable."""
-    out = fn(comm, records)
-    return [] if out is None else list(out)
-
-
 def run(rdd, fn, *, timeout: float | None = None, env: dict[str, str] | None = None,
         settings: Settings | None = None, **setting_overrides: Any) -> list:
     """Run ``fn(comm, partition)`` as one MPI rank per partition of ``rdd``.
@@ -349,7 +343,7 @@ def run(rdd, fn, *, timeout: float | None = None, env: dict[str, str] | None = N
         raise InvalidArgument(f"rdd has {size} partitions but master {sc.master!r} has {cores} task slots; "
                          f"a barrier stage needs one slot per rank (repartition to <= {cores})")
     core = WorldCore(sc, size, settings, env, preload_modules(fn, settings.preload), deliver_partition=True)
-    fn_bytes = pickle_function(functools.partial(_partition_call, fn=fn))
+    fn_bytes = pickle_function(functools.partial(channel.partition_call, fn=fn))
     started = time.monotonic()
     deadline = None if settings.job_timeout is None else started + settings.job_timeout
     outcome: dict = {}
