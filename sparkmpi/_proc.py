@@ -1,8 +1,9 @@
 """Small process helpers shared by the launcher, the broker tooling, the cluster helper and the viewer tooling.
 
 * :func:`die_with_parent` asks Linux to kill this process when its parent dies
-  (``PR_SET_PDEATHSIG``); use it as a ``preexec_fn`` through
-  :func:`parent_death_hook`, or first thing in a child interpreter.
+  (``PR_SET_PDEATHSIG``), first thing in a child interpreter;
+  :func:`with_parent_death` does the same for any command (``setpriv``, no
+  Python between fork and exec).
 * :func:`free_port` picks a TCP port that is free right now.
 * :func:`stop_process` is the one terminate-wait-kill: signal, wait up to a
   grace period, SIGKILL, and always reap; it returns the exit status.
@@ -12,13 +13,14 @@ from __future__ import annotations
 
 import ctypes
 import os
+import shutil
 import signal
 import socket
 import time
 
 from .errors import InvalidArgument, InvalidArgumentType, ProcessError
 
-__all__ = ["pid_running", "die_with_parent", "parent_death_hook", "free_port", "stop_process"]
+__all__ = ["pid_running", "die_with_parent", "with_parent_death", "free_port", "stop_process"]
 
 PR_SET_PDEATHSIG = 1
 #: Exit status of a child whose parent was gone before it asked for the parent-death signal.
@@ -68,14 +70,14 @@ def die_with_parent(parent_pid: int | None = None, sig: int = signal.SIGKILL) ->
         os._exit(PARENT_GONE_EXIT)
 
 
-def parent_death_hook(sig: int = signal.SIGKILL):
-    """A ``preexec_fn`` for :class:`subprocess.Popen`: the child dies with the calling process."""
-    parent = os.getpid()
-
-    def hook() -> None:  # runs in the child between fork and exec
-        die_with_parent(parent, sig)
-
-    return hook
+def with_parent_death(argv: list, sig: str = "KILL") -> list:
+    """``argv`` run under util-linux's ``setpriv --pdeathsig``: the child dies
+    with the calling thread, and no Python runs between fork and exec (a
+    ``preexec_fn`` there can deadlock on a lock another thread held at the
+    fork: a Py4J connection's finaliser logging, say).  Where ``setpriv`` is
+    missing the child does not get the signal."""
+    setpriv = shutil.which("setpriv")
+    return [setpriv, f"--pdeathsig={sig}", "--", *argv] if setpriv else list(argv)
 
 
 def free_port(host: str = "127.0.0.1") -> int:

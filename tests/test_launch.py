@@ -72,7 +72,7 @@ def plain_mpi4py(comm, partition):
     total = world.allreduce(sum(partition), op=MPI.SUM)
     gathered = world.gather(world.Get_rank(), root=0)
     return [{"rank": world.Get_rank(), "size": world.Get_size(), "total": total, "gathered": gathered,
-             "pid": os.getpid(), "ppid": os.getppid(), "kvs": MPI.Get_processor_name() and os.environ["PMI_RANK"]}]
+             "pid": os.getpid(), "ppid": os.getppid(), "pmi_rank": os.environ["PMI_RANK"], "processor": MPI.Get_processor_name()}]
 
 
 def identity_ranks(comm, partition):
@@ -121,7 +121,8 @@ def test_unmodified_mpi4py_code_and_rank_is_partition(sc):
     assert [r["rank"] for r in results] == [0, 1]
     assert all(r["size"] == 2 and r["total"] == 45 for r in results)
     assert results[0]["gathered"] == [0, 1] and results[1]["gathered"] is None
-    assert [r["kvs"] for r in results] == ["0", "1"]
+    assert [r["pmi_rank"] for r in results] == ["0", "1"]   # the rank's PMI wiring, as MPICH read it
+    assert all(r["processor"] for r in results)
 
 
 def test_single_rank_and_results_in_rank_order(sc):
@@ -141,6 +142,18 @@ def test_numpy_records_cross_without_pickling_into_the_stream(sc):
 
     out = sparkmpi.run(sc.parallelize(frames, 2), sums)
     assert sum(out) == sum(int(f.sum()) for f in frames)
+    # The channel the records cross: each array is a segment of its own (out of band),
+    # not bytes inside the pickle stream, and arrives as a view of the received buffer.
+    from sparkmpi.launch import channel
+
+    segments = channel.encode(frames)
+    assert len(segments) == 1 + len(frames)
+    assert all(seg.nbytes == f.nbytes for seg, f in zip(segments[1:], frames))
+    assert segments[0].nbytes < 1000   # the pickle stream holds no pixel data
+    received = [bytearray(seg) for seg in segments]
+    decoded = channel.decode(received)
+    assert all(np.array_equal(a, f) for a, f in zip(decoded, frames))
+    assert all(np.shares_memory(a, np.frombuffer(buf, np.uint8)) for a, buf in zip(decoded, received[1:]))
 
 
 def test_twenty_jobs_fresh_processes_and_no_leaks(sc):
@@ -160,7 +173,8 @@ def test_twenty_jobs_fresh_processes_and_no_leaks(sc):
         assert _wait_until(lambda: not any(_alive(p) for p in pids)), "rank processes outlived their job"
         for r in results:
             # Measured once the worker's spares are back (they are forked a moment after the task).
-            _wait_until(lambda: len(_children_named(r[3], "sparkmpi-rank")) == 2, timeout=2)
+            assert _wait_until(lambda: len(_children_named(r[3], "sparkmpi-rank")) == 2, timeout=5), \
+                f"worker {r[3]} did not get its two spares back"
             worker_fds.setdefault(r[3], []).append(len(os.listdir(f"/proc/{r[3]}/fd")))
     assert len(seen_pids) == 40
     # Only the bounded set of warm spares remains (one per Spark Python worker).

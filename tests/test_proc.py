@@ -31,9 +31,9 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 # A child that starts a grandchild sleeping for a minute, prints its pid and waits.
 _MIDDLE = """
     import subprocess, sys
-    from sparkmpi._proc import parent_death_hook
-    hook = parent_death_hook() if sys.argv[1] == "hook" else None
-    child = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"], preexec_fn=hook)
+    from sparkmpi._proc import with_parent_death
+    argv = [sys.executable, "-c", "import time; time.sleep(60)"]
+    child = subprocess.Popen(with_parent_death(argv) if sys.argv[1] == "hook" else argv)
     print(child.pid, flush=True)
     sys.stdin.read()
 """

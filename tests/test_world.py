@@ -278,3 +278,15 @@ def test_run_hands_large_partitions_to_their_ranks(sc):
     # while its rank waits in MPI_Init for PMI answers.
     rdd = sc.parallelize(range(2), 2).map(lambda i: np.full(2_000_000, i + 1.0))
     assert sparkmpi.run(rdd, lambda comm, part: [float(sum(a.sum() for a in part))], timeout=120) == [2e6, 4e6]
+
+
+def test_ranks_that_never_connect_time_out_naming_the_slots_instead_of_hanging(spark):
+    with sparkmpi.World(spark, ranks=2) as holder:   # holds both task slots of local[2]
+        started = time.monotonic()
+        with pytest.raises(JobTimeout) as info:
+            sparkmpi.World(spark, ranks=1, start_timeout=3)
+        assert time.monotonic() - started < 20
+        message = str(info.value)
+        assert "not every rank connected within 3 s (is the cluster short of free task slots?)" in message
+        assert "rank 0: never connected" in message
+        assert holder.call(lambda comm, state: comm.rank) == [0, 1]   # the other world is unharmed

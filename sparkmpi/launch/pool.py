@@ -260,10 +260,9 @@ class _ForkServer:
 
     def fork(self, timeout: float | None = None, preload=()) -> RankProcess:
         """A rank now: the oldest pending one, else a new one, with ``preload``
-        imported first.  A one-off job waits for that (a first 10-iteration
-        ptychography job: 1.5 s instead of 1.2 s), but the next jobs start warm
-        (0.16 s instead of 0.52 s).  Leaving the preload to the spares forked
-        after the task made the second job wait for it instead (1.5 s)."""
+        imported first: this job waits for the imports so that the spares
+        forked after it have them (BENCHMARKS.md, "Launcher: why it is
+        written as it is")."""
         timeout = FORK_SERVER_TIMEOUT if timeout is None else timeout
         if not self.check_ready(timeout):
             raise ForkServerError(f"the fork server did not finish its imports within {timeout:.0f} s")
@@ -389,11 +388,10 @@ def replenish_soon(count: int, fork_server: bool = True, *, preload=(), delay: f
     """:func:`replenish`, a moment after the task that called it has returned.
 
     Forking a spare right away (fork, copy-on-write faults, the child's start)
-    took CPU from the Spark task's own return: a trivial 2-rank job took
-    86-93 ms with the replacement forked at once, 80-89 ms with it requested
-    0.1 s later (three paired runs of 20 jobs).  With a ready fork
-    server the request is sent ``delay`` s later from a timer thread (the next
-    task in between uses the other spare, or forks its rank itself: 3-4 ms).
+    takes CPU from the Spark task's own return (BENCHMARKS.md, "Launcher: why
+    it is written as it is").  With a ready fork server the request is sent
+    ``delay`` s later from a timer thread (a task in between uses the other
+    spare, or forks its rank itself).
     Processes are never *started* from that thread, since a child's
     parent-death signal follows the thread that started it; without a ready
     server this replenishes now.

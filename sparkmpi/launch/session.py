@@ -5,9 +5,8 @@ short MPI jobs (micro-batches, iterative solvers driven from Python):
 
 * ``spark.python.unix.domain.socket.enabled``: by default Spark feeds its
   Python workers over loopback TCP, where a task's command and data arrive
-  in small writes that Nagle's algorithm and delayed ACKs hold back for about
-  40 ms.  Over Unix sockets a trivial one-rank MPI job on 2 cores took 90 ms
-  instead of 130 ms, and a trivial plain Spark job 33 ms instead of 80 ms.
+  in small writes that Nagle's algorithm and delayed ACKs hold back (the
+  figures are in BENCHMARKS.md, "Launcher: why it is written as it is").
 * the console progress bar is off (it interleaves with the caller's output).
 * under a ``sparkmpi`` command, Spark's log4j output and the JVM's own
   start-up lines go to the command's log file (:mod:`sparkmpi._console`).

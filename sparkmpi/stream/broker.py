@@ -36,7 +36,7 @@ from dataclasses import asdict, dataclass
 from importlib import resources
 from pathlib import Path
 
-from .._proc import free_port, parent_death_hook, pid_running, stop_process
+from .._proc import free_port, pid_running, stop_process, with_parent_death
 from .._retry import retry
 from ..config import setting
 from ..errors import InvalidArgument, ProcessError, RetryTimeout
@@ -420,8 +420,8 @@ def start_broker(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, port: int = DEF
            "-XX:-UsePerfData", f"-Dlog4j2.configurationFile={data_dir / 'log4j2.properties'}",
            f"-Dkafka.logs.dir={data_dir}", "-cp", classpath, "kafka.Kafka", str(data_dir / "server.properties")]
     with open(data_dir / OUT_FILE, "ab") as out:
-        proc = subprocess.Popen(cmd, cwd=data_dir, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-                                start_new_session=True, preexec_fn=parent_death_hook() if die_with_parent else None)
+        proc = subprocess.Popen(with_parent_death(cmd) if die_with_parent else cmd, cwd=data_dir,
+                                stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     _CHILDREN[proc.pid] = proc
     info = BrokerInfo(pid=proc.pid, host=HOST, port=port, controller_port=controller_port,
                       data_dir=str(data_dir), version=version, started=started)

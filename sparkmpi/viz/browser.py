@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .._proc import parent_death_hook, stop_process
+from .._proc import stop_process, with_parent_death
 from .errors import ViewerError
 from ..errors import InvalidArgument, InvalidArgumentType
 
@@ -70,8 +70,8 @@ class ViewerProcess:
     def start(self) -> "ViewerProcess":
         cmd = [sys.executable, "-m", "sparkmpi.cli", "view", *self.args]
         self.started_at = time.perf_counter()
-        self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=self._stderr, env=self.env,
-                                     preexec_fn=parent_death_hook())
+        self.proc = subprocess.Popen(with_parent_death(cmd), stdout=subprocess.PIPE, stderr=self._stderr,
+                                     env=self.env)
         deadline = self.started_at + self.timeout
         line = b""
         with selectors.DefaultSelector() as sel:
