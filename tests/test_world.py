@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import textwrap
+import threading
 import time
 
 import numpy as np
@@ -65,6 +66,8 @@ def test_scatter_sends_one_array_per_rank_and_kwargs_reach_every_rank(spark):
             world.call(recall, scatter=[1, 2, 3])
         with pytest.raises(TypeError, match="fn must be a callable"):
             world.call("recall")
+        with pytest.raises(ValueError, match="the call's arguments cannot be pickled"):
+            world.call(recall, threading.Lock())
         assert world.call(lambda comm, state: comm.size) == [2, 2]   # bad arguments did not close it
 
 

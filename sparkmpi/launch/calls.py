@@ -21,7 +21,7 @@ import time
 from typing import Any, Callable
 
 from ..config import Settings
-from ..errors import JobFailed, JobTimeout
+from ..errors import InvalidArgument, JobFailed, JobTimeout
 from . import channel
 from .job import get_server, resolve_host
 from .task import TaskSpec, run_rank_task
@@ -204,16 +204,22 @@ class WorldCore:
         return JobFailed(f"MPI world {self.kvsname}: {cause}", job_id=self.kvsname, rank=rank, cause=cause)
 
     # -- calls -----------------------------------------------------------------
-    def call(self, fn_bytes: bytes, per_rank_args: list | None, args: tuple, kwargs: dict,
-             deadline: float | None, timeout: float | None) -> list:
+    def encode_call(self, fn_bytes: bytes, per_rank_args: list | None, args: tuple, kwargs: dict
+                    ) -> tuple[int, list]:
+        """The call's id and its frame for each rank (arguments pickled once when shared)."""
         call_id = next(self.calls)
+        try:
+            if per_rank_args is None:
+                shared = channel.encode({"id": call_id, "fn": fn_bytes, "args": list(args), "kwargs": kwargs})
+                return call_id, [shared] * self.size
+            return call_id, [channel.encode({"id": call_id, "fn": fn_bytes, "args": [*args, extra],
+                                             "kwargs": kwargs}) for extra in per_rank_args]
+        except Exception as exc:  # noqa: BLE001  (nothing was sent: the world stays open)
+            raise InvalidArgument(f"the call's arguments cannot be pickled: {type(exc).__name__}: {exc}") from exc
+
+    def call(self, call_id: int, frames: list, deadline: float | None, timeout: float | None) -> list:
+        """Send ``frames`` (from :meth:`encode_call`) and wait for every rank's result."""
         endpoint = self.endpoint
-        if per_rank_args is None:
-            shared = channel.encode({"id": call_id, "fn": fn_bytes, "args": list(args), "kwargs": kwargs})
-            frames = [shared] * self.size
-        else:
-            frames = [channel.encode({"id": call_id, "fn": fn_bytes, "args": [*args, extra], "kwargs": kwargs})
-                      for extra in per_rank_args]
         what = f"call {call_id}"
         for rank in range(self.size):
             try:

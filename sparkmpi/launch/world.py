@@ -236,8 +236,9 @@ class World:
             self._cancel_idle_timer()
             timeout = self.settings.job_timeout if timeout is None else timeout
             deadline = None if timeout is None else time.monotonic() + timeout
+            call_id, frames = core.encode_call(fn_bytes, per_rank, args, kwargs)
             try:
-                return core.call(fn_bytes, per_rank, args, kwargs, deadline, timeout)
+                return core.call(call_id, frames, deadline, timeout)
             except BaseException as exc:
                 if not core.teardown_done:
                     core.teardown(f"interrupted: {type(exc).__name__}")
@@ -353,8 +354,8 @@ def run(rdd, fn, *, timeout: float | None = None, env: dict[str, str] | None = N
         # its own JVM connection, a fixed cost per job); this one talks to the ranks.
         try:
             core.wait_started(deadline)
-            outcome["results"] = core.call(fn_bytes, None, (channel.PartitionRef(PARTITION_KEY),), {},
-                                           deadline, settings.job_timeout)
+            call_id, frames = core.encode_call(fn_bytes, None, (channel.PartitionRef(PARTITION_KEY),), {})
+            outcome["results"] = core.call(call_id, frames, deadline, settings.job_timeout)
             core.close("run finished")
         except BaseException as exc:  # noqa: BLE001  (re-raised in the caller's thread)
             outcome["error"] = exc
