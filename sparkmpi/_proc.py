@@ -74,8 +74,10 @@ def with_parent_death(argv: list, sig: str = "KILL") -> list:
     """``argv`` run under util-linux's ``setpriv --pdeathsig``: the child dies
     with the calling thread, and no Python runs between fork and exec (a
     ``preexec_fn`` there can deadlock on a lock another thread held at the
-    fork: a Py4J connection's finaliser logging, say).  Where ``setpriv`` is
-    missing the child does not get the signal."""
+    fork: a Py4J connection's finaliser logging, say).  A parent that dies
+    before ``setpriv`` has made its request (the first milliseconds) leaves
+    the child running; where ``setpriv`` is missing the child does not get
+    the signal."""
     setpriv = shutil.which("setpriv")
     return [setpriv, f"--pdeathsig={sig}", "--", *argv] if setpriv else list(argv)
 

@@ -32,8 +32,9 @@ def _wait_gone(pid: int, timeout: float) -> bool:
 _MIDDLE = """
     import subprocess, sys
     from sparkmpi._proc import with_parent_death
-    argv = [sys.executable, "-c", "import time; time.sleep(60)"]
-    child = subprocess.Popen(with_parent_death(argv) if sys.argv[1] == "hook" else argv)
+    argv = [sys.executable, "-c", "print('up', flush=True); import time; time.sleep(60)"]
+    child = subprocess.Popen(with_parent_death(argv) if sys.argv[1] == "hook" else argv, stdout=subprocess.PIPE)
+    child.stdout.readline()   # running Python: setpriv has set the signal before its exec
     print(child.pid, flush=True)
     sys.stdin.read()
 """

@@ -62,7 +62,7 @@ def test_jobs_on_a_local_standalone_cluster():
     lost = report["lost"]
     assert lost is not None and lost["type"] == "JobFailed", lost
     # (Spark's own text for now: "the Spark stage failed: An error occurred while calling ...".)
-    assert lost["seconds"] < 60 and lost["message"].startswith("MPI job sparkmpi_"), lost
+    assert lost["seconds"] < 60 and lost["message"].startswith("MPI world sparkmpi_"), lost
     # Found by the leak check: MPICH's segment of the lost job stays in /dev/shm unless someone removes
     # it (the driver script does, by the job's id); once the launcher removes it, this list is empty.
     assert all(path.startswith("/dev/shm/mpich_") for path in lost["segments_left"]), lost

@@ -372,7 +372,7 @@ def run(rdd, fn, *, timeout: float | None = None, env: dict[str, str] | None = N
         raise outcome["error"]
     if core.stage_error is not None:
         error = core.stage_error
-        raise JobFailed(f"MPI job {core.kvsname}: the Spark stage failed: {short_error(error)}",
+        raise JobFailed(f"MPI world {core.kvsname}: the Spark stage failed: {short_error(error)}",
                         job_id=core.kvsname, cause=str(error)) from error
     return [record for part in outcome["results"] for record in part]
 
