@@ -592,8 +592,9 @@ POOL_SCRIPT = r"""
 import os, signal, subprocess
 from sparkmpi.launch import channel, pool
 
+spares = pool.SparePool(fork_timeout=60.0)
 # A forked rank says READY with its pid, is this process's child, and reports its death like one.
-proc = pool.spawn()
+proc = spares.spawn()
 kind, pid, _ = channel.recv_message(proc.ctrl)
 assert kind == channel.READY and pid == proc.pid, (kind, pid, proc.pid)
 assert isinstance(proc.popen, pool.ForkedChild)
@@ -605,28 +606,30 @@ proc.close()
 
 # warm_up's preload: a fork requested earlier without the module (by the replenish
 # timer, say) and still pending is dropped too, not handed out as a spare later.
-pool._server.request(())
-with pool._lock:
-    pool.drop_spares_without(("colorsys",))
-    pool.replenish(2, True, block=True, preload=("colorsys",))
-assert not pool._server.pending
-assert [p.preload for p in pool._spares] == [("colorsys",)] * 2, [p.preload for p in pool._spares]
-for spare in list(pool._spares):
-    pool._spares.remove(spare)
-    spare.stop(0)
+spares.server.request(())
+assert spares.prepare(2, True, ("colorsys",), timeout=30) == 2
+assert not spares.server.pending
+assert [p.preload for p in spares.spares] == [("colorsys",)] * 2, [p.preload for p in spares.spares]
+# The oldest spare is handed out first, and a fresh one is not made while spares wait.
+first = spares.spares[0]
+assert spares.acquire(True, ("colorsys",)) is first
+first.stop(0)
+spares.clear()
+assert not spares.spares and spares.server is None
 
 # A fork server that stops answering (stopped with SIGSTOP): each time the rank starts
-# fresh and the server is killed; after MAX_FORK_SERVER_FAILURES the worker stops trying.
-pool.FORK_SERVER_TIMEOUT = 1.0
-for attempt in range(pool.MAX_FORK_SERVER_FAILURES):
-    server = pool._fork_server(start=True)
+# fresh and the server is killed; after max_server_failures the worker stops trying.
+spares = pool.SparePool(fork_timeout=1.0, max_server_failures=3)
+for attempt in range(spares.max_server_failures):
+    server = spares.fork_server(start=True)
     assert server is not None, attempt
     os.kill(server.popen.pid, signal.SIGSTOP)
-    proc = pool.spawn()
+    proc = spares.spawn()
     assert isinstance(proc.popen, subprocess.Popen), type(proc.popen)
     assert server.popen.poll() is not None, "the stuck fork server was left running"
     proc.stop(1)
-assert pool._fork_server(start=True) is None
+assert spares.fork_server(start=True) is None
+assert pool.worker_pool() is pool.worker_pool()
 print("ok")
 """
 

@@ -131,11 +131,7 @@ def _prepare_worker(warm_pool: int, fork_server: bool, timeout: float, preload: 
 
     for _ in iterator:
         pass  # read the partition, or PySpark discards this worker afterwards
-    with pool._lock:   # no spares from the replenish timer between the two calls
-        if preload and fork_server:
-            pool.drop_spares_without(preload)
-        pool.replenish(warm_pool, fork_server, block=True, preload=preload)
-    return [(os.getpid(), pool.wait_ready(timeout))]
+    return [(os.getpid(), pool.worker_pool().prepare(warm_pool, fork_server, preload, timeout))]
 
 
 def warm_up(sc, *, warm_pool: int | None = None, fork_server: bool | None = None,

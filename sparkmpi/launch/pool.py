@@ -36,11 +36,7 @@ from dataclasses import dataclass, field
 from .._proc import pid_running, stop_process
 from . import channel
 
-_spares: list["RankProcess"] = []
-_lock = threading.RLock()
 PR_SET_CHILD_SUBREAPER = 36
-#: Seconds to wait for the fork server's imports, and for one fork.
-FORK_SERVER_TIMEOUT = 60.0
 
 
 class ForkedChild:
@@ -167,7 +163,8 @@ class ForkServerError(RuntimeError):
 class _ForkServer:
     """This worker's :mod:`.fork_server` process and its control socket."""
 
-    def __init__(self) -> None:
+    def __init__(self, timeout: float) -> None:
+        self.timeout = timeout   # for its imports, and for one fork
         libc = ctypes.CDLL(None, use_errno=True)
         # Ranks forked by the server are re-parented to this process (see fork_server).
         if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
@@ -242,7 +239,7 @@ class _ForkServer:
 
     def collect(self, timeout: float | None = None) -> RankProcess:
         """The rank of the oldest pending request (waits up to ``timeout`` s for it)."""
-        timeout = FORK_SERVER_TIMEOUT if timeout is None else timeout
+        timeout = self.timeout if timeout is None else timeout
         parent_end, err_read, preload = self.pending.popleft()
         try:
             kind, pid = self._receive(timeout)
@@ -263,7 +260,7 @@ class _ForkServer:
         imported first: this job waits for the imports so that the spares
         forked after it have them (BENCHMARKS.md, "Launcher: why it is
         written as it is")."""
-        timeout = FORK_SERVER_TIMEOUT if timeout is None else timeout
+        timeout = self.timeout if timeout is None else timeout
         if not self.check_ready(timeout):
             raise ForkServerError(f"the fork server did not finish its imports within {timeout:.0f} s")
         if not self.pending:
@@ -279,234 +276,272 @@ class _ForkServer:
         stop_process(self.popen, 0 if kill else 2, sig=signal.SIGKILL if kill else 0)
 
 
-_server: _ForkServer | None = None
-_server_failures = 0
-#: After this many failures of its fork server, a worker starts fresh interpreters only.
-MAX_FORK_SERVER_FAILURES = 3
+class SparePool:
+    """One Spark Python worker's rank processes: its fork server, the warm
+    spares, and the process groups of ended ranks still to reap.
 
-
-def _fork_server(start: bool) -> _ForkServer | None:
-    """This worker's fork server (a dead one is replaced when ``start``); None if unusable."""
-    global _server
-    if _server is not None and not _server.alive():
-        _server.close()
-        _server = None
-    if _server is None and start and _server_failures < MAX_FORK_SERVER_FAILURES:
-        try:
-            _server = _ForkServer()
-        except (OSError, ForkServerError) as exc:
-            _fork_server_failed(str(exc))
-    return _server
-
-
-def _fork_server_failed(reason: str) -> None:
-    global _server, _server_failures
-    _server_failures += 1
-    if _server_failures >= MAX_FORK_SERVER_FAILURES:
-        print(f"sparkmpi: the rank fork server failed {_server_failures} times (last: {reason}); "
-              f"this worker starts ranks as fresh interpreters from now on", file=sys.stderr, flush=True)
-    if _server is not None:
-        _server.close(kill=True)  # it failed: it may be stuck
-        _server = None
-
-
-def spawn(fork_server: bool = True, preload=()) -> RankProcess:
-    """Make a rank process now: forked by the fork server if possible, else a fresh interpreter."""
-    with _lock:
-        server = _fork_server(start=True) if fork_server else None
-        if server is not None:
-            try:
-                return server.fork(preload=preload)
-            except (OSError, ForkServerError) as exc:
-                _fork_server_failed(str(exc))
-        return spawn_fresh()
-
-
-def _collect_forks(block: bool) -> None:
-    """Move the fork server's finished forks to the spares (all pending ones if ``block``)."""
-    server = _server
-    while server is not None and server.pending and (block or server.answer_waiting()):
-        try:
-            _spares.append(server.collect())
-        except (OSError, ForkServerError) as exc:
-            _fork_server_failed(str(exc))
-            return
-
-
-def acquire(fork_server: bool = True, preload=()) -> RankProcess:
-    """The oldest live warm spare (the likeliest to have finished its imports),
-    else a new rank process."""
-    with _lock:
-        reap_ended_groups()
-        _collect_forks(block=False)
-        for proc in list(_spares):
-            if not proc.alive():
-                _spares.remove(proc)
-                proc.stop(0)
-            elif fork_server or not isinstance(proc.popen, ForkedChild):
-                _spares.remove(proc)
-                return proc
-        return spawn(fork_server, preload)
-
-
-def replenish(count: int, fork_server: bool = True, *, block: bool = False, preload=()) -> None:
-    """Make spares until ``count`` live ones wait or are being forked (dead ones are reaped).
-
-    Never waits for the fork server unless ``block``: forks are requested
-    and picked up by a later call, and with the server still importing
-    nothing is requested yet.  With ``block``, returns with every spare made.
-    The fork server imports the modules of ``preload`` before it forks them.
+    A worker has one (:func:`worker_pool`); its methods may be called from
+    the task threads and from the replenish timer, so each holds :attr:`lock`.
     """
-    with _lock:
-        _collect_forks(block=False)
-        for proc in [p for p in _spares if not p.alive()]:
-            _spares.remove(proc)
+
+    def __init__(self, *, fork_timeout: float = 60.0, max_server_failures: int = 3,
+                 replenish_delay: float = 0.1, group_watch_s: float = 60.0) -> None:
+        #: Seconds to wait for the fork server's imports, and for one fork.
+        self.fork_timeout = fork_timeout
+        #: After this many failures of its fork server, the worker starts fresh interpreters only.
+        self.max_server_failures = max_server_failures
+        #: Seconds after a task before the spares that replace its rank are forked.
+        self.replenish_delay = replenish_delay
+        #: Seconds after which an ended group is no longer watched (its members are not ours to reap).
+        self.group_watch_s = group_watch_s
+        self.lock = threading.RLock()
+        self.spares: list[RankProcess] = []
+        self.server: _ForkServer | None = None
+        self.server_failures = 0
+        self._later: threading.Timer | None = None
+        self._ended_groups: dict[int, float] = {}   # pgid -> when its rank ended
+
+    # -- the fork server --------------------------------------------------
+
+    def fork_server(self, start: bool) -> _ForkServer | None:
+        """This worker's fork server (a dead one is replaced when ``start``); None if unusable."""
+        with self.lock:
+            if self.server is not None and not self.server.alive():
+                self.server.close()
+                self.server = None
+            if self.server is None and start and self.server_failures < self.max_server_failures:
+                try:
+                    self.server = _ForkServer(self.fork_timeout)
+                except (OSError, ForkServerError) as exc:
+                    self._server_failed(str(exc))
+            return self.server
+
+    def _server_failed(self, reason: str) -> None:
+        self.server_failures += 1
+        if self.server_failures >= self.max_server_failures:
+            print(f"sparkmpi: the rank fork server failed {self.server_failures} times (last: {reason}); "
+                  f"this worker starts ranks as fresh interpreters from now on", file=sys.stderr, flush=True)
+        if self.server is not None:
+            self.server.close(kill=True)  # it failed: it may be stuck
+            self.server = None
+
+    def _collect_forks(self, block: bool) -> None:
+        """Move the fork server's finished forks to the spares (all pending ones if ``block``)."""
+        server = self.server
+        while server is not None and server.pending and (block or server.answer_waiting()):
+            try:
+                self.spares.append(server.collect())
+            except (OSError, ForkServerError) as exc:
+                self._server_failed(str(exc))
+                return
+
+    def _drop_dead_spares(self) -> None:
+        for proc in [p for p in self.spares if not p.alive()]:
+            self.spares.remove(proc)
             proc.stop(0)
-        server = _fork_server(start=True) if fork_server else None
-        pending = len(server.pending) if server is not None else 0
-        if len(_spares) + pending < count or (block and pending):
+
+    # -- ranks for tasks --------------------------------------------------
+
+    def spawn(self, fork_server: bool = True, preload=()) -> RankProcess:
+        """Make a rank process now: forked by the fork server if possible, else a fresh interpreter."""
+        with self.lock:
+            server = self.fork_server(start=True) if fork_server else None
             if server is not None:
                 try:
-                    if server.check_ready(FORK_SERVER_TIMEOUT if block else 0.0):
-                        for _ in range(count - len(_spares) - pending):
-                            server.request(preload)
-                        if block:
-                            _collect_forks(block=True)
-                    return
-                except ForkServerError as exc:
-                    _fork_server_failed(str(exc))
-            while len(_spares) < count:
-                _spares.append(spawn(fork_server, preload))
+                    return server.fork(preload=preload)
+                except (OSError, ForkServerError) as exc:
+                    self._server_failed(str(exc))
+            return spawn_fresh()
 
+    def acquire(self, fork_server: bool = True, preload=()) -> RankProcess:
+        """The oldest live warm spare (the likeliest to have finished its imports),
+        else a new rank process."""
+        with self.lock:
+            self.reap_ended_groups()
+            self._collect_forks(block=False)
+            for proc in list(self.spares):
+                if not proc.alive():
+                    self.spares.remove(proc)
+                    proc.stop(0)
+                elif fork_server or not isinstance(proc.popen, ForkedChild):
+                    self.spares.remove(proc)
+                    return proc
+            return self.spawn(fork_server, preload)
 
-#: Seconds after a task before the spares that replace its rank are forked.
-REPLENISH_DELAY_S = 0.1
-_later: threading.Timer | None = None
+    def replenish(self, count: int, fork_server: bool = True, *, block: bool = False, preload=()) -> None:
+        """Make spares until ``count`` live ones wait or are being forked (dead ones are reaped).
 
+        Never waits for the fork server unless ``block``: forks are requested
+        and picked up by a later call, and with the server still importing
+        nothing is requested yet.  With ``block``, returns with every spare made.
+        The fork server imports the modules of ``preload`` before it forks them.
+        """
+        with self.lock:
+            self._collect_forks(block=False)
+            self._drop_dead_spares()
+            server = self.fork_server(start=True) if fork_server else None
+            pending = len(server.pending) if server is not None else 0
+            if len(self.spares) + pending < count or (block and pending):
+                if server is not None:
+                    try:
+                        if server.check_ready(self.fork_timeout if block else 0.0):
+                            for _ in range(count - len(self.spares) - pending):
+                                server.request(preload)
+                            if block:
+                                self._collect_forks(block=True)
+                        return
+                    except ForkServerError as exc:
+                        self._server_failed(str(exc))
+                while len(self.spares) < count:
+                    self.spares.append(self.spawn(fork_server, preload))
 
-def replenish_soon(count: int, fork_server: bool = True, *, preload=(), delay: float | None = None) -> None:
-    """:func:`replenish`, a moment after the task that called it has returned.
+    def replenish_soon(self, count: int, fork_server: bool = True, *, preload=(),
+                       delay: float | None = None) -> None:
+        """:meth:`replenish`, a moment after the task that called it has returned.
 
-    Forking a spare right away (fork, copy-on-write faults, the child's start)
-    takes CPU from the Spark task's own return (BENCHMARKS.md, "Launcher: why
-    it is written as it is").  With a ready fork server the request is sent
-    ``delay`` s later from a timer thread (a task in between uses the other
-    spare, or forks its rank itself).
-    Processes are never *started* from that thread, since a child's
-    parent-death signal follows the thread that started it; without a ready
-    server this replenishes now.
-    """
-    global _later
-    delay = REPLENISH_DELAY_S if delay is None else delay
-    with _lock:
-        server = _server
-        if not fork_server or server is None or not server.alive() or not server.ready or delay <= 0:
-            replenish(count, fork_server, preload=preload)
-            return
-        if _later is not None and _later.is_alive():
-            return   # one is due already (back-to-back tasks)
-        _later = threading.Timer(delay, _replenish_from_server, args=(count, tuple(preload)))
-        _later.daemon = True
-        _later.start()
+        Forking a spare right away (fork, copy-on-write faults, the child's start)
+        takes CPU from the Spark task's own return (BENCHMARKS.md, "Launcher: why
+        it is written as it is").  With a ready fork server the request is sent
+        ``delay`` s later from a timer thread (a task in between uses the other
+        spare, or forks its rank itself).
+        Processes are never *started* from that thread, since a child's
+        parent-death signal follows the thread that started it; without a ready
+        server this replenishes now.
+        """
+        delay = self.replenish_delay if delay is None else delay
+        with self.lock:
+            server = self.server
+            if not fork_server or server is None or not server.alive() or not server.ready or delay <= 0:
+                self.replenish(count, fork_server, preload=preload)
+                return
+            if self._later is not None and self._later.is_alive():
+                return   # one is due already (back-to-back tasks)
+            self._later = threading.Timer(delay, self._replenish_from_server, args=(count, tuple(preload)))
+            self._later.daemon = True
+            self._later.start()
 
-
-def _replenish_from_server(count: int, preload: tuple) -> None:
-    """Timer body: request spares from the running fork server only (starts no process)."""
-    with _lock:
-        reap_ended_groups()
-        try:
-            _collect_forks(block=False)
-            server = _server
-            if server is None or not server.alive() or not server.ready:
-                return   # the next task makes its rank itself
-            live = [p for p in _spares if p.alive()]
-            for _ in range(count - len(live) - len(server.pending)):
-                server.request(preload)
-        except (OSError, ForkServerError) as exc:
-            print(f"sparkmpi: could not ask the fork server for spares: {exc}", file=sys.stderr, flush=True)
-
-
-#: Process groups of finished ranks that may still have members to reap: pgid -> when ended.
-_ended_groups: dict[int, float] = {}
-#: Seconds after which an ended group is no longer watched (its members are not ours to reap).
-ENDED_GROUP_WATCH_S = 60.0
-
-
-def end_rank_group(pgid: int) -> None:
-    """Kill what is left of a finished rank's process group (background
-    processes its code started) and reap those that became this worker's
-    children.  Call after the rank itself has been reaped: the rank is a
-    member of its own group, and its exit status is read by its owner."""
-    try:
-        os.killpg(pgid, signal.SIGKILL)
-    except (ProcessLookupError, PermissionError):
-        return   # nothing left of the group
-    with _lock:
-        _ended_groups[pgid] = time.monotonic()
-        reap_ended_groups()
-
-
-def reap_ended_groups() -> None:
-    """Reap the killed members of ended rank groups that were re-parented here
-    (called again later for those that had not died yet)."""
-    with _lock:
-        now = time.monotonic()
-        for pgid, ended in list(_ended_groups.items()):
-            while True:
-                try:
-                    pid, _ = os.waitpid(-pgid, os.WNOHANG)
-                except ChildProcessError:
-                    pid = 0
-                if pid == 0:
-                    break
+    def _replenish_from_server(self, count: int, preload: tuple) -> None:
+        """Timer body: request spares from the running fork server only (starts no process)."""
+        with self.lock:
+            self.reap_ended_groups()
             try:
-                os.killpg(pgid, 0)
-                gone = now - ended > ENDED_GROUP_WATCH_S
-            except (ProcessLookupError, PermissionError):
-                gone = True
-            if gone:
-                del _ended_groups[pgid]
+                self._collect_forks(block=False)
+                server = self.server
+                if server is None or not server.alive() or not server.ready:
+                    return   # the next task makes its rank itself
+                live = [p for p in self.spares if p.alive()]
+                for _ in range(count - len(live) - len(server.pending)):
+                    server.request(preload)
+            except (OSError, ForkServerError) as exc:
+                print(f"sparkmpi: could not ask the fork server for spares: {exc}", file=sys.stderr, flush=True)
 
+    def drop_spares_without(self, preload) -> int:
+        """Stop the spares forked before the modules of ``preload`` were asked for
+        (so the next ones have them), and any spares due from the timer; returns
+        how many were stopped.  Hold :attr:`lock` until the replacements are
+        requested, or the timer may request spares without them meanwhile."""
+        wanted = set(preload)
+        with self.lock:
+            if self._later is not None:
+                self._later.cancel()
+            # Forks requested earlier (by the timer, say) may lack them too: collect
+            # them now, so they are judged with the rest instead of becoming spares later.
+            self._collect_forks(block=True)
+            stale = [p for p in self.spares if not wanted <= set(p.preload)]   # fresh interpreters too
+            for proc in stale:
+                self.spares.remove(proc)
+                proc.stop(0)
+        return len(stale)
 
-def drop_spares_without(preload) -> int:
-    """Stop the spares forked before the modules of ``preload`` were asked for
-    (so the next ones have them), and any spares due from the timer; returns
-    how many were stopped.  Call with the lock held until the replacements
-    are requested, or the timer may request spares without them meanwhile."""
-    wanted = set(preload)
-    with _lock:
-        if _later is not None:
-            _later.cancel()
-        # Forks requested earlier (by the timer, say) may lack them too: collect
-        # them now, so they are judged with the rest instead of becoming spares later.
-        _collect_forks(block=True)
-        stale = [p for p in _spares if not wanted <= set(p.preload)]   # fresh interpreters too
-        for proc in stale:
-            _spares.remove(proc)
-            proc.stop(0)
-    return len(stale)
+    def prepare(self, count: int, fork_server: bool, preload=(), timeout: float = 10.0) -> int:
+        """Have ``count`` spares with ``preload`` imported, ready; returns how many are ready."""
+        with self.lock:   # no spares from the replenish timer between the two calls
+            if preload and fork_server:
+                self.drop_spares_without(preload)
+            self.replenish(count, fork_server, block=True, preload=preload)
+        return self.wait_ready(timeout)
 
+    def wait_ready(self, timeout: float = 10.0) -> int:
+        """Wait until every spare has finished its imports (said READY); return how many are ready."""
+        import selectors
 
-def wait_ready(timeout: float = 10.0) -> int:
-    """Wait until every spare has finished its imports (said READY); return how many are ready."""
-    import selectors
-
-    deadline = time.monotonic() + timeout
-    ready = 0
-    for proc in list(_spares):
-        if proc.ready:
-            ready += 1
-            continue
-        with selectors.DefaultSelector() as sel:
-            sel.register(proc.ctrl, selectors.EVENT_READ)
-            if not sel.select(max(0.0, deadline - time.monotonic())):
+        deadline = time.monotonic() + timeout
+        ready = 0
+        for proc in list(self.spares):
+            if proc.ready:
+                ready += 1
                 continue
+            with selectors.DefaultSelector() as sel:
+                sel.register(proc.ctrl, selectors.EVENT_READ)
+                if not sel.select(max(0.0, deadline - time.monotonic())):
+                    continue
+            try:
+                kind, _, fds = channel.recv_message(proc.ctrl)
+            except (channel.ChannelClosed, OSError, ValueError):
+                continue  # a dead spare: acquire() skips it
+            for fd in fds:
+                os.close(fd)
+            proc.ready = kind == channel.READY
+            ready += proc.ready
+        return ready
+
+    def clear(self) -> None:
+        """Stop every spare and the fork server (a worker that is going away)."""
+        with self.lock:
+            if self._later is not None:
+                self._later.cancel()
+            for proc in self.spares:
+                proc.stop(0)
+            self.spares.clear()
+            if self.server is not None:
+                self.server.close(kill=True)
+                self.server = None
+
+    # -- what ended ranks left behind -------------------------------------
+
+    def end_rank_group(self, pgid: int) -> None:
+        """Kill what is left of a finished rank's process group (background
+        processes its code started) and reap those that became this worker's
+        children.  Call after the rank itself has been reaped: the rank is a
+        member of its own group, and its exit status is read by its owner."""
         try:
-            kind, _, fds = channel.recv_message(proc.ctrl)
-        except (channel.ChannelClosed, OSError, ValueError):
-            continue  # a dead spare: acquire() skips it
-        for fd in fds:
-            os.close(fd)
-        proc.ready = kind == channel.READY
-        ready += proc.ready
-    return ready
+            os.killpg(pgid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            return   # nothing left of the group
+        with self.lock:
+            self._ended_groups[pgid] = time.monotonic()
+            self.reap_ended_groups()
+
+    def reap_ended_groups(self) -> None:
+        """Reap the killed members of ended rank groups that were re-parented here
+        (called again later for those that had not died yet)."""
+        with self.lock:
+            now = time.monotonic()
+            for pgid, ended in list(self._ended_groups.items()):
+                while True:
+                    try:
+                        pid, _ = os.waitpid(-pgid, os.WNOHANG)
+                    except ChildProcessError:
+                        pid = 0
+                    if pid == 0:
+                        break
+                try:
+                    os.killpg(pgid, 0)
+                    gone = now - ended > self.group_watch_s
+                except (ProcessLookupError, PermissionError):
+                    gone = True
+                if gone:
+                    del self._ended_groups[pgid]
+
+
+_worker_pool: SparePool | None = None
+_worker_pool_lock = threading.Lock()
+
+
+def worker_pool() -> SparePool:
+    """This process's pool (a Spark Python worker has one, made on first use)."""
+    global _worker_pool
+    with _worker_pool_lock:
+        if _worker_pool is None:
+            _worker_pool = SparePool()
+        return _worker_pool

@@ -97,7 +97,7 @@ def serve(ctrl: socket.socket) -> None:
     from sparkmpi.launch import channel
 
     # Lead a process group of our own: whatever the job's code starts and leaves
-    # behind is killed with the group when the task ends (pool.end_rank_group).
+    # behind is killed with the group when the task ends (SparePool.end_rank_group in pool.py).
     os.setpgid(0, 0)
     channel.send_message(ctrl, channel.READY, os.getpid())
     ctrl.settimeout(IDLE_EXIT_S)

@@ -355,7 +355,8 @@ def run_rank_task(spec: TaskSpec, iterator):
         for _ in iterator:
             pass  # read the partition, or PySpark discards this worker afterwards
     settings = spec.settings
-    proc = pool.acquire(settings.fork_server, spec.preload)
+    spares = pool.worker_pool()
+    proc = spares.acquire(settings.fork_server, spec.preload)
     task_relay = _Relay(spec, rank, proc)
     try:
         hosts = _task_hosts(context)
@@ -371,9 +372,9 @@ def run_rank_task(spec: TaskSpec, iterator):
     finally:
         task_relay.close()
         proc.stop(settings.kill_grace)
-        pool.end_rank_group(proc.pid)
+        spares.end_rank_group(proc.pid)
         shm.remove_job_segments(spec.kvsname)
-        pool.replenish_soon(settings.warm_pool, settings.fork_server, preload=spec.preload)
+        spares.replenish_soon(settings.warm_pool, settings.fork_server, preload=spec.preload)
     return iter(())
 
 
