@@ -160,3 +160,63 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     # a killed driver's temporary is cleaned at start
     (tmp_path / ".tmp-batch-000001.npz.123").write_bytes(b"half")
     assert remove_stale_temporaries(tmp_path) == 1 and os.listdir(tmp_path) == []
+
+
+# ---------------------------------------------------------------- integrate_frames
+
+class _OneRank:
+    """The two collectives integrate_frames uses, for a world of one rank."""
+
+    rank = 0
+
+    def allgather(self, value):
+        return [value]
+
+    def Allreduce(self, local, out, op=None):
+        out[...] = local
+
+
+class _F:
+    def __init__(self, array):
+        self.array = array
+
+
+def _integrate_one_by_one(arrays):
+    intensity, centre, total = [], [], None
+    for a in arrays:
+        rows, cols = a.sum(axis=1, dtype=np.float64), a.sum(axis=0, dtype=np.float64)
+        s = float(rows.sum())
+        intensity.append(s)
+        centre.append((rows @ np.arange(rows.size) / s, cols @ np.arange(cols.size) / s) if s else (np.nan, np.nan))
+        total = a.astype(np.float64) if total is None else total + a
+    return np.array(intensity), np.array(centre).reshape(-1, 2), total
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "uint16", "int16", "uint32", "int64", "float32", "float64"])
+def test_integrate_frames_matches_the_frame_by_frame_sums(dtype):
+    from sparkmpi.stream._rank import integrate_frames
+
+    rng = np.random.default_rng(3)
+    high = 255 if dtype == "uint8" else 60000 if dtype != "int16" else 30000
+    arrays = [rng.integers(0, high, (23, 17)).astype(dtype) for _ in range(150)]   # > 2 chunks
+    arrays[70][:] = 0   # an empty frame: NaN centre
+    out = integrate_frames(_OneRank(), (_F(a) for a in arrays))
+    intensity, centre, total = _integrate_one_by_one(arrays)
+    np.testing.assert_array_equal(out["intensity"], intensity)
+    np.testing.assert_allclose(out["centre_of_mass"], centre, rtol=1e-13, equal_nan=True)
+    np.testing.assert_allclose(out["sum_image"], total, rtol=1e-13)
+    assert np.isnan(out["centre_of_mass"][70]).all()
+
+
+def test_integrate_frames_without_a_sum_image_when_shapes_differ_and_refuses_non_images():
+    from sparkmpi.errors import InvalidArgument
+    from sparkmpi.stream._rank import integrate_frames
+
+    arrays = [np.ones((4, 4), np.uint16)] * 3 + [np.ones((4, 5), np.uint16)] + [np.full((4, 4), 2, np.uint16)]
+    out = integrate_frames(_OneRank(), (_F(a) for a in arrays))
+    assert "sum_image" not in out
+    np.testing.assert_array_equal(out["intensity"], [16, 16, 16, 20, 32])
+    empty = integrate_frames(_OneRank(), iter(()))
+    assert empty["intensity"].shape == (0,) and empty["centre_of_mass"].shape == (0, 2)
+    with pytest.raises(InvalidArgument, match=r"2-d images, got shape \(2, 2, 2\)"):
+        integrate_frames(_OneRank(), iter([_F(np.ones((2, 2, 2)))]))

@@ -27,7 +27,10 @@ batch as soon as the previous one is written.
 world-mode driver and once by a jobs-mode driver (separate consumer groups on
 the same topic): ``drain_frames_per_s`` of each, their ratio, and each mode's
 per-phase means (``job_s`` = ranks reading Kafka + the MPI function, ``write_s``,
-``commit_s``) to show where a batch's time goes.
+``commit_s``) to show where a batch's time goes.  The drain runs from the
+first batch's start to the output of the last batch that carried frames (the
+end-of-scan markers after it are not frames), and its batches are cut back
+to back (as ``--continuous``: a drain has frames waiting all the time).
 
 ``--kill-driver-at 0.5``: once the outputs hold half the frames, the driver is
 SIGKILLed at a random moment of its next batch, started again, and the figures
@@ -266,10 +269,12 @@ def _prefill(args, bootstrap: str, work: Path, producer_cmd: list, procs: list, 
         raise RuntimeError(f"the producer failed (exit {done.returncode}): {done.stderr[-2000:]}")
     report: dict = {"frames": int(args.frames), "frame_shape": args.frame_shape, "dtype": args.dtype,
                     "ranks": args.ranks, "partitions": args.partitions, "max_frames": args.max_frames,
-                    "trigger": args.trigger, "continuous": args.continuous, "cpu_count": os.cpu_count()}
+                    "trigger": 0.0, "continuous": True, "cpu_count": os.cpu_count()}
     for mode in ("world", "jobs"):
         out, lines, log = work / f"out-{mode}", work / f"driver-{mode}.jsonl", work / f"driver-{mode}.log"
         cmd = _driver_cmd(args, bootstrap, out, lines, mode=mode, group=f"bench-{mode}")
+        if "--continuous" not in cmd:
+            cmd.append("--continuous")
         print(f"draining in {mode} mode:", " ".join(cmd), file=sys.stderr)
         driver = _start_driver(cmd, log)
         procs.append(driver)
@@ -282,7 +287,7 @@ def _prefill(args, bootstrap: str, work: Path, producer_cmd: list, procs: list, 
                                + "\n".join(log.read_text().splitlines()[-15:]))
         summary = read_outputs(out)
         lost, duplicated = summary.lost_and_duplicated(np.arange(args.frames))
-        batches = [e for e in _events(lines) if e.get("event") == "batch"]
+        batches = [e for e in _events(lines) if e.get("event") == "batch" and e.get("frames")]
         started = [e for e in _events(lines) if e.get("event") == "started"][-1]
         # the drain: from the first batch's start (its output time less its duration) to the last output
         t0 = batches[0]["written_at"] - batches[0]["seconds"]
