@@ -57,6 +57,10 @@ def register(subparsers) -> None:
                         help="seconds between micro-batches (default 0.1: a call on the world costs milliseconds)")
     parser.add_argument("--iterations-per-batch", type=int, default=10,
                         help="DM iterations after each micro-batch (default 10)")
+    parser.add_argument("--refine-budget", type=float, default=0.12,
+                        help="seconds a live refinement may take: each batch runs as many DM iterations as fit, "
+                             "from the last refinement's seconds per iteration, at least 1 and at most "
+                             "--iterations-per-batch (default 0.12; frames arriving meanwhile wait for it)")
     parser.add_argument("--final-iterations", type=int, default=60,
                         help="DM iterations over the whole scan at the end (default 60)")
     parser.add_argument("--tomo-size", type=int, default=256, help="tilt-series side in pixels (default 256)")
@@ -77,8 +81,8 @@ def _check(args) -> None:
             raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(args, name)}")
     if args.frames < 2 * args.ranks:
         raise UsageError(f"--frames must be at least twice --ranks, got {args.frames}")
-    if args.rate <= 0 or args.trigger <= 0:
-        raise UsageError("--rate and --trigger must be > 0")
+    if args.rate <= 0 or args.trigger <= 0 or args.refine_budget <= 0:
+        raise UsageError("--rate, --trigger and --refine-budget must be > 0")
 
 
 class _Steps:
@@ -123,7 +127,7 @@ def ptycho_frames(comm, frames, state=None) -> dict:
     return {"positions": positions}
 
 
-def live_refine(comm, state, iterations: int, object_shape, frame_shape, probe):
+def live_refine(comm, state, iterations: int, object_shape, frame_shape, probe, probe_update_start=None):
     """A world call: fold the frames kept since the last call into the rank's
     :class:`~sparkmpi.ptycho.streaming.StreamingReconstruction` and iterate.
 
@@ -141,7 +145,8 @@ def live_refine(comm, state, iterations: int, object_shape, frame_shape, probe):
     if rec is None:
         # the nominal probe of the optics first, refined once the object has formed
         rec = state["demo.rec"] = StreamingReconstruction(object_shape, frame_shape, probe=probe, comm=comm,
-                                                          algorithm="dm", probe_update_start=iterations)
+                                                          algorithm="dm",
+                                                          probe_update_start=probe_update_start or iterations)
     if new:
         rec.add_frames(np.concatenate([i for i, _ in new]), np.concatenate([p for _, p in new]))
         state["demo.new"] = []
@@ -168,11 +173,14 @@ MIN_FRAMES_PER_RANK = 8
 class _LiveReconstruction:
     """After each batch: one call on the stream's world refines over all frames so far."""
 
-    def __init__(self, world, scan, ranks: int, iterations: int, live_dir: Path, steps: _Steps):
+    def __init__(self, world, scan, ranks: int, iterations: int, live_dir: Path, steps: _Steps,
+                 budget: float | None = None):
         from .ptycho.simulate import model_probe
 
         self.world, self.scan, self.ranks = world, scan, ranks
         self.iterations, self.live_dir, self.steps = iterations, live_dir, steps
+        self.budget = budget
+        self._seconds_per_iteration: float | None = None
         self.positions: list[np.ndarray] = []
         self.object = self.probe = None
         self.errors: list[float] = []
@@ -203,11 +211,14 @@ class _LiveReconstruction:
         from .ptycho.metrics import illuminated_mask, nrmse
 
         t0 = time.perf_counter()
-        out = self.world.call(live_refine, iterations, self.scan.object_shape, self._probe0.shape, self._probe0)
+        out = self.world.call(live_refine, iterations, self.scan.object_shape, self._probe0.shape, self._probe0,
+                              probe_update_start=self.iterations)
         self.refine_s.append(time.perf_counter() - t0)
         if out[0] is None:
             return None
         self.object, self.probe, errors, seconds, done = out[0]
+        if done:
+            self._seconds_per_iteration = (self.refine_s[-1]) / done
         self.errors = [float(e) for e in errors]
         positions = np.concatenate(self.positions)
         # Quality where the frames so far reach: the rest of the object is not
@@ -221,7 +232,8 @@ class _LiveReconstruction:
                  "nrmse": float(nrmse(self.object, self.scan.object_true, scanned)),
                  "nrmse_whole_scan": float(nrmse(self.object, self.scan.object_true, self._whole)),
                  "coverage": float((scanned & self._whole).sum() / self._whole.sum()),
-                 "seconds_per_iteration": seconds / max(done, 1), "refine_s": self.refine_s[-1]}
+                 "seconds_per_iteration": seconds / max(done, 1), "refine_s": self.refine_s[-1],
+                 "iterations_run": int(done)}
         self.history.append(entry)
         return entry
 
@@ -231,13 +243,20 @@ class _LiveReconstruction:
         # starts from it: wait for a few frames per rank (or the whole scan).
         if added == 0 or self.frames < min(MIN_FRAMES_PER_RANK * self.ranks, len(self.scan.positions)):
             return
-        entry = self.refine(self.iterations)
+        entry = self.refine(self.live_iterations())
         if entry is None:
             return
         self.publish()
         self.steps.note(f"batch {report.batch}: +{added} frames ({self.frames} received), "
                         f"{report.latency_s or 0:.2f} s latency; object NRMSE {entry['nrmse']:.3f} "
                         f"over the {entry['coverage']:.0%} of the object scanned")
+
+    def live_iterations(self) -> int:
+        """DM iterations for this batch: as many as fit in the budget (a refinement
+        holds up the next batch), from the last refinement's seconds per iteration."""
+        if self.budget is None or self._seconds_per_iteration is None:
+            return self.iterations
+        return max(1, min(self.iterations, int(self.budget / self._seconds_per_iteration)))
 
     def publish(self) -> None:
         from .viz import publish_snapshot
@@ -313,7 +332,8 @@ def run_demo(args) -> dict:
 
         # One world for the stream and the live reconstruction: the frames stay on its ranks.
         world = sparkmpi.World(spark, ranks=args.ranks, preload=("sparkmpi.ptycho.streaming",))
-        live = _LiveReconstruction(world, scan, args.ranks, args.iterations_per_batch, out / "live", steps)
+        live = _LiveReconstruction(world, scan, args.ranks, args.iterations_per_batch, out / "live", steps,
+                                   budget=args.refine_budget)
         if args.view:
             proc, address = _viewer(["--live", str(out / "live")])
             viewers.append(proc)
@@ -346,7 +366,7 @@ def run_demo(args) -> dict:
         summary["stream"] = {"frames": report.frames, "batches": report.batches,
                              "frames_per_s": report.frames_per_s, "latency_p50_s": report.latency_p50_s,
                              "latency_p99_s": report.latency_p99_s, "dead_letters": report.dead_letters,
-                             "trigger": args.trigger, "mode": "world",
+                             "trigger": args.trigger, "mode": "world", "refine_budget_s": args.refine_budget,
                              "refine_p50_s": float(np.percentile(live.refine_s, 50)) if live.refine_s else None}
         if live.frames != args.frames:
             raise RuntimeError(f"the stream delivered {live.frames} distinct frames, expected {args.frames}")

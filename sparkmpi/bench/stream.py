@@ -39,6 +39,7 @@ cover the whole scan (``kills``, ``restart_s``).
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import random
@@ -81,6 +82,12 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--keep", metavar="DIR", default=None,
                         help="work in DIR and keep the broker data, outputs and logs there")
+
+
+def _mean_of(batches: list, key: str) -> float | None:
+    """Mean of a per-batch figure; None where the batches do not report it (jobs mode's rank phases)."""
+    values = [b[key] for b in batches if b.get(key) is not None]
+    return float(np.mean(values)) if values else None
 
 
 def _python() -> str:
@@ -229,7 +236,7 @@ def run(args) -> dict:
         first_produced = float(summary.frame_ts.min()) if summary.frame_ts.size else None
         span = (summary.last_written - first_produced) if first_produced is not None else None
         batches = [e for e in _events(lines) if e.get("event") == "batch"]
-        mean = (lambda key: float(np.mean([b[key] for b in batches])) if batches else None)
+        mean = functools.partial(_mean_of, batches)
         report = {
             "frames": int(args.frames), "frame_shape": list(shape), "dtype": args.dtype,
             "rate": args.rate, "partitions": args.partitions, "ranks": args.ranks, "trigger": args.trigger,
@@ -243,6 +250,7 @@ def run(args) -> dict:
             "batches": summary.batches, "producer_frames_per_s": published["frames_per_s"],
             "batch_frames": mean("frames"), "batch_seconds": mean("seconds"), "job_s": mean("job_s"),
             "write_s": mean("write_s"), "commit_s": mean("commit_s"),
+            "rank_read_s": mean("rank_read_s"), "rank_process_s": mean("rank_process_s"),
             "kill_driver_at": args.kill_driver_at, "kills": kills, "restart_s": restart_s,
             "retries": sum(1 for e in _events(lines) if e.get("event") in ("retry", "broker_retry")),
             "reconciled_batches": sum(1 for e in _events(lines) if e.get("event") == "reconciled"),
@@ -291,12 +299,13 @@ def _prefill(args, bootstrap: str, work: Path, producer_cmd: list, procs: list, 
         started = [e for e in _events(lines) if e.get("event") == "started"][-1]
         # the drain: from the first batch's start (its output time less its duration) to the last output
         t0 = batches[0]["written_at"] - batches[0]["seconds"]
+        mean = functools.partial(_mean_of, batches)
         span = batches[-1]["written_at"] - t0
-        mean = (lambda key: float(np.mean([b[key] for b in batches])))
         report[mode] = {"drain_frames_per_s": args.frames / span, "drain_s": span, "batches": len(batches),
                         "lost": lost, "duplicated": duplicated, "warm_up_s": started.get("warm_up_s"),
                         "batch_frames": mean("frames"), "batch_seconds": mean("seconds"), "job_s": mean("job_s"),
-                        "write_s": mean("write_s"), "commit_s": mean("commit_s")}
+                        "write_s": mean("write_s"), "commit_s": mean("commit_s"),
+                        "rank_read_s": mean("rank_read_s"), "rank_process_s": mean("rank_process_s")}
     report["drain_frames_per_s"] = {m: report[m]["drain_frames_per_s"] for m in ("world", "jobs")}
     report["world_over_jobs"] = report["world"]["drain_frames_per_s"] / report["jobs"]["drain_frames_per_s"]
     report["lost"] = report["world"]["lost"] + report["jobs"]["lost"]

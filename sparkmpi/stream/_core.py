@@ -243,7 +243,10 @@ class _BatchCore:
         write_atomic_npz(path, arrays)
         if self.after_write is not None:
             self.after_write(batch, path)
-        return path, written_at, {"meta": meta, "frame_ts": arrays["frame_ts"], "dead": dead, "markers": markers}
+        phases = {k: max(r[k] for r in results) if all(k in r for r in results) else None
+                  for k in ("read_s", "process_s")}
+        return path, written_at, {"meta": meta, "frame_ts": arrays["frame_ts"], "dead": dead, "markers": markers,
+                                  "phases": phases}
 
     def account(self, batch: int, source: str, ranges, merged: dict, path: Path, attempts: int,
                 t_start: float, t_job: float, t_write: float, t_commit: float, t_end: float) -> BatchReport:
@@ -266,7 +269,9 @@ class _BatchCore:
             frames_per_s=meta["frames"] / seconds if seconds > 0 else 0.0,
             total_frames=self.totals["frames"], total_dead_letters=self.totals["dead_letters"],
             stream_frames_per_s=self.totals["frames"] / max(t_end - self.first_start, 1e-9),
-            path=str(path), written_at=meta["written_at"], reasons=meta["reasons"])
+            path=str(path), written_at=meta["written_at"], reasons=meta["reasons"],
+            rank_read_s=merged.get("phases", {}).get("read_s"),
+            rank_process_s=merged.get("phases", {}).get("process_s"))
         self.reporter.event(report.to_json(), report.line())
         return report
 

@@ -8,6 +8,7 @@ BENCHMARKS.md, streaming).
 
 from __future__ import annotations
 
+import time
 from typing import Any, Callable, Iterable, Iterator, Mapping
 
 import numpy as np
@@ -166,7 +167,12 @@ def _world_batch(comm, state, source, payload):
     job = state.get(JOB_KEY)
     if job is None:
         raise RuntimeError("no stream job installed on this rank (the world was started outside the driver?)")
-    return job(comm, source(payload), state=state)[0]
+    t0 = time.perf_counter()
+    records = list(source(payload))   # a range reader returns lists: this copies no frame
+    t1 = time.perf_counter()
+    report = job(comm, iter(records), state=state)[0]
+    report["read_s"], report["process_s"] = t1 - t0, time.perf_counter() - t1
+    return report
 
 
 def _check_expectations(frame: Frame, shape, dtype) -> tuple[str, str] | None:

@@ -40,6 +40,9 @@ class BatchReport:
     path: str
     written_at: float
     reasons: dict = field(default_factory=dict)
+    # world mode, the slowest rank's share of job_s: reading its ranges, and decode + process
+    rank_read_s: float | None = None
+    rank_process_s: float | None = None
 
     def to_json(self) -> dict:
         return {"event": "batch", **asdict(self)}
