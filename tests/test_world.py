@@ -86,6 +86,38 @@ def test_rank_output_reaches_the_caller_prefixed_with_the_rank(spark, capfd):
     assert "[1] warning on 1\n" in err and "[0] warning on 0\n" in err
 
 
+def start_chatter(comm, state, megabytes):
+    """A rank thread that prints ``megabytes`` of output as fast as it can, between calls."""
+    line = "y" * 1023
+
+    def chatter():
+        for _ in range(megabytes * 1024):
+            print(line, flush=True)
+
+    thread = threading.Thread(target=chatter, daemon=True)
+    thread.start()
+    state["chatter"] = thread
+    return comm.rank
+
+
+def join_chatter(comm, state, big):
+    state.pop("chatter").join()
+    return int(big.size)
+
+
+@pytest.mark.timeout(120)
+def test_a_large_call_reaches_ranks_that_print_while_it_is_sent(spark, capfd):
+    # The driver reads the relays' output while it writes a call (WorldCore._wait):
+    # what a rank prints meanwhile arrives whole, and the call goes through.
+    big = [np.zeros(4 << 20, np.uint8), np.ones(4 << 20, np.uint8)]
+    with sparkmpi.World(spark, ranks=2) as world:
+        world.call(start_chatter, 4)
+        assert world.call(join_chatter, scatter=big, timeout=60) == [4 << 20] * 2
+    out, _ = capfd.readouterr()
+    assert out.count("[0] " + "y" * 1023 + "\n") == 4 * 1024
+    assert out.count("[1] " + "y" * 1023 + "\n") == 4 * 1024
+
+
 def test_a_rank_that_raises_closes_the_world_and_restart_starts_a_fresh_one(spark):
     def fail_on_one(comm, state):
         if comm.rank == 1:

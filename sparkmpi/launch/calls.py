@@ -18,6 +18,7 @@ import socket
 import sys
 import threading
 import time
+from collections import deque
 from typing import Any, Callable
 
 from ..config import Settings
@@ -147,17 +148,31 @@ class WorldCore:
 
     # -- waiting ---------------------------------------------------------------
     def _wait(self, want: Callable[[], bool], deadline: float | None, on_frame, what: str,
-              timeout_reason: Callable[[], str]) -> None:
-        """Read frames until ``want()``; raise on a failure, a lost relay or the deadline."""
+              timeout_reason: Callable[[], str], outgoing: dict[int, deque] | None = None) -> None:
+        """Read frames until ``want()``; raise on a failure, a lost relay or the deadline.
+
+        ``outgoing`` (rank -> buffers to write) is sent meanwhile, as the relays
+        take it: a rank that prints while a large call is on its way keeps
+        its relay writing to us, and a blocking send would then wait on a
+        relay that waits on us.
+        """
         endpoint = self.endpoint
+        outgoing = {rank: queue for rank, queue in (outgoing or {}).items() if queue}
+        for rank in list(outgoing):
+            if self._send_some(rank, outgoing[rank], what):
+                del outgoing[rank]
         with selectors.DefaultSelector() as sel:
             sel.register(endpoint.listener, selectors.EVENT_READ, None)
-            registered = set()
-            while not want():
+            registered: dict[int, int] = {}
+            while outgoing or not want():
                 for rank, sock in endpoint.conns.items():
-                    if rank not in registered:
-                        sel.register(sock, selectors.EVENT_READ, rank)
-                        registered.add(rank)
+                    events = selectors.EVENT_READ | (selectors.EVENT_WRITE if rank in outgoing else 0)
+                    if registered.get(rank) not in (events, -1):
+                        if rank in registered:
+                            sel.modify(sock, events, rank)
+                        else:
+                            sel.register(sock, events, rank)
+                        registered[rank] = events
                 if self.job.failed.is_set():
                     self._raise_failure(what)
                 if self.stage_done.is_set() and self.stage_error is not None:
@@ -165,15 +180,21 @@ class WorldCore:
                 if deadline is not None and time.monotonic() > deadline:
                     self.job.abort(timeout_reason(), dump_stacks=True)
                     self._raise_failure(what, timed_out=True)
-                for key, _ in sel.select(timeout=_POLL_S):
+                for key, mask in sel.select(timeout=_POLL_S):
                     if key.data is None:
                         endpoint.accept()
                         continue
                     rank = key.data
+                    if mask & selectors.EVENT_WRITE and rank in outgoing:
+                        if self._send_some(rank, outgoing[rank], what):
+                            del outgoing[rank]
+                    if not mask & selectors.EVENT_READ:
+                        continue
                     try:
                         kind, segments, _ = channel.recv_frame(endpoint.conns[rank])
                     except (OSError, EOFError, ValueError):
                         sel.unregister(key.fileobj)
+                        registered[rank] = -1   # never registered again
                         if rank in endpoint.closed:
                             continue  # its relay is done after CLOSED
                         self._raise_failure(what, lost=f"lost the relay of rank {rank} "
@@ -183,6 +204,23 @@ class WorldCore:
                         self.output.write(rank, message["stream"], message["data"])
                     else:
                         on_frame(rank, kind, segments)
+
+    def _send_some(self, rank: int, queue: deque, what: str) -> bool:
+        """Write what the relay of ``rank`` takes now, without blocking; True once ``queue`` is sent."""
+        sock = self.endpoint.conns[rank]
+        while queue:
+            try:
+                sent = sock.send(queue[0], socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return False
+            except OSError:
+                self._raise_failure(what, lost=f"lost the relay of rank {rank} "
+                                               f"(on {self.endpoint.hosts.get(rank, '?')})")
+            if sent == queue[0].nbytes:
+                queue.popleft()
+            else:
+                queue[0] = queue[0][sent:]
+        return True
 
     def wait_started(self, deadline: float | None) -> None:
         endpoint = self.endpoint
@@ -219,13 +257,8 @@ class WorldCore:
 
     def call(self, call_id: int, frames: list, deadline: float | None, timeout: float | None) -> list:
         """Send ``frames`` (from :meth:`encode_call`) and wait for every rank's result."""
-        endpoint = self.endpoint
         what = f"call {call_id}"
-        for rank in range(self.size):
-            try:
-                channel.send_frame(endpoint.conns[rank], channel.CALL, frames[rank])
-            except OSError:
-                self._raise_failure(what, lost=f"lost the relay of rank {rank} (on {endpoint.hosts.get(rank)})")
+        outgoing = {rank: deque(channel.frame_pieces(channel.CALL, frames[rank])) for rank in range(self.size)}
         results: dict[int, Any] = {}
 
         def on_frame(rank, kind, segments):
@@ -235,7 +268,7 @@ class WorldCore:
             results[rank] = channel.decode(segments)["value"]
 
         self._wait(lambda: len(results) == self.size, deadline, on_frame, what,
-                   lambda: f"{what} timed out after {timeout:g} s; {self._waiting_for(results)}")
+                   lambda: f"{what} timed out after {timeout:g} s; {self._waiting_for(results)}", outgoing)
         return [results[r] for r in range(self.size)]
 
     def _waiting_for(self, results: dict) -> str:

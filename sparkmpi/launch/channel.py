@@ -71,18 +71,38 @@ def send_message(sock: socket.socket, kind: int, obj: Any, fds: tuple[int, ...] 
     send_frame(sock, kind, encode(obj, dumps), fds)
 
 
+def frame_pieces(kind: int, segments) -> list[memoryview]:
+    """The bytes of one message of ``kind`` as a few buffers to write in order.
+
+    Small segments join the header in one buffer (one packet, one wake-up of
+    the peer); large ones stay as they are, without a copy.
+    """
+    segments = [s if isinstance(s, memoryview) else memoryview(s) for s in segments]
+    head = bytearray(_PREAMBLE.pack(_MAGIC, kind, len(segments)))
+    head += struct.pack(f"!{len(segments)}Q", *(s.nbytes for s in segments))
+    pieces: list[memoryview] = []
+    for segment in segments:
+        if segment.nbytes <= _SMALL:
+            head += segment.cast("B") if segment.ndim != 1 or segment.format != "B" else segment
+        else:
+            if head:
+                pieces.append(memoryview(head))
+                head = bytearray()
+            pieces.append(segment.cast("B") if segment.ndim != 1 or segment.format != "B" else segment)
+    if head:
+        pieces.append(memoryview(head))
+    return pieces
+
+
 def send_frame(sock: socket.socket, kind: int, segments, fds: tuple[int, ...] = ()) -> None:
     """Send already encoded ``segments`` as one message of ``kind`` (a relay forwards them unread)."""
+    if not fds:
+        for piece in frame_pieces(kind, segments):
+            sock.sendall(piece)
+        return
     segments = [s if isinstance(s, memoryview) else memoryview(s) for s in segments]
-    preamble = _PREAMBLE.pack(_MAGIC, kind, len(segments))
-    lengths = struct.pack(f"!{len(segments)}Q", *(s.nbytes for s in segments))
-    if fds:
-        socket.send_fds(sock, [preamble], list(fds))
-        head = bytearray(lengths)
-    else:
-        head = bytearray(preamble + lengths)
-    # Small segments join the header in one write (one packet, one wake-up of
-    # the peer); large ones go as they are, without a copy.
+    socket.send_fds(sock, [_PREAMBLE.pack(_MAGIC, kind, len(segments))], list(fds))
+    head = bytearray(struct.pack(f"!{len(segments)}Q", *(s.nbytes for s in segments)))
     for segment in segments:
         if segment.nbytes <= _SMALL:
             head += segment
