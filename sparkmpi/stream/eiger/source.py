@@ -156,6 +156,7 @@ class EigerStreamDriver(StreamDriver):
         if channels not in CHANNEL_MODES:
             raise InvalidArgument(f"channels: expected one of {CHANNEL_MODES}, got {channels!r}")
         self.channels = channels
+        self.check_finite = bool(kwargs.get("check_finite", True))
         super().__init__(*args, **kwargs)
 
     def _warm_reader(self):
