@@ -26,7 +26,8 @@ from ..offsets import DeadLetter as KafkaDeadLetter, DeadLetterWriter
 from ...errors import InvalidArgument
 from . import _bridge_state as st
 from .records import RecordKey
-from .stream2 import decode_message, _dumps
+from .stream1 import Stream1Decoder
+from .stream2 import _dumps, decode_message, to_stream2
 
 __all__ = ["BridgeReport", "run_bridge"]
 
@@ -148,11 +149,14 @@ def _monitor_events(monitor) -> list[str]:
 
 def run_bridge(endpoint: str, bootstrap: str, topic: str, *, partitions: int = 1, end_timeout: float = 10.0,
                series: int | None = None, idle_timeout: float | None = None, kafka_timeout: float = 30.0,
-               progress=sys.stderr, json_lines=None, stop=None) -> BridgeReport:
-    """Bridge the detector at ``endpoint`` (its Stream V2 PUSH socket) into ``topic``.
+               stream: str = "v2", progress=sys.stderr, json_lines=None, stop=None) -> BridgeReport:
+    """Bridge the detector at ``endpoint`` (its Stream V2 or V1 PUSH socket) into ``topic``.
 
     Parameters
     ----------
+    stream : {"v2", "v1"}
+        The detector's interface.  Stream V1 series are written to Kafka as
+        Stream V2 messages (:func:`.stream2.to_stream2`), blobs not recompressed.
     series : int, optional
         Stop once this many series have ended (complete or not).
     idle_timeout : float, optional
@@ -175,6 +179,9 @@ def run_bridge(endpoint: str, bootstrap: str, topic: str, *, partitions: int = 1
         raise InvalidArgument(f"series: expected an integer >= 1 or None, got {series!r}")
     if idle_timeout is not None and not idle_timeout > 0:
         raise InvalidArgument(f"idle_timeout: expected seconds > 0 or None, got {idle_timeout!r}")
+    if stream not in ("v1", "v2"):
+        raise InvalidArgument(f"stream: expected 'v1' or 'v2', got {stream!r}")
+    v1 = Stream1Decoder() if stream == "v1" else None
     state = st.BridgeState(partitions, end_timeout)
     kafka = _Kafka(bootstrap, topic, partitions, kafka_timeout)
     report = BridgeReport(endpoint, bootstrap, topic, partitions, 0, 0)
@@ -236,11 +243,16 @@ def run_bridge(endpoint: str, bootstrap: str, topic: str, *, partitions: int = 1
                     # a detector sends one message per part; a simulator may batch several in one
                     for part in parts:
                         raw = part.bytes
-                        try:
-                            decoded = decode_message(raw)
-                        except FrameError as exc:   # handed to the state as data: a dead letter
-                            decoded = exc
-                        act(state.message(decoded, raw, last))
+                        if v1 is not None:
+                            for decoded in v1.feed(raw):
+                                act(state.message(decoded, raw if isinstance(decoded, FrameError)
+                                                  else to_stream2(decoded), last))
+                        else:
+                            try:
+                                decoded = decode_message(raw)
+                            except FrameError as exc:   # handed to the state as data: a dead letter
+                                decoded = exc
+                            act(state.message(decoded, raw, last))
                         sequence += 1
             act(state.tick(time.monotonic()))
             if series is not None and len(state.finished) >= series:
