@@ -8,7 +8,8 @@ frame there, in the rank.  It yields what the Kafka driver's rank job
 expects: :class:`~sparkmpi.stream.offsets.Frame` (header ``scan`` =
 ``eiger-<series_id>``, ``index`` = image id, ``pos`` = the image's
 ``appendix.scan_position`` when present, ``ts`` = the sender's time when the
-image carries one, else the bridge's Kafka timestamp), ``EndMarker`` per end
+image carries one, else the bridge's Kafka timestamp; ``extra`` holds
+``series_id``, ``real_time`` and ``decode_s``, the seconds decompression took), ``EndMarker`` per end
 record, and ``DeadLetter`` (with the reason) for anything that does not
 decode.
 
@@ -19,6 +20,7 @@ with that reader: the same batches, outputs, commits and exactly-once.
 from __future__ import annotations
 
 import functools
+import time
 from collections import OrderedDict
 from typing import Iterator
 
@@ -99,7 +101,9 @@ def decode_eiger_record(record: KafkaRecord, start_for, *, channels: str = "firs
         start = _STARTS.get(("local", record.topic, record.partition, key.start_offset)) or \
             start_for(record.partition, key.start_offset)
         check_image(message, start)
+        t_decode = time.perf_counter()
         arrays = message.decode()
+        decode_s = time.perf_counter() - t_decode
         if channels == "first":
             array = arrays.get(start.channels[0])
             if array is None:
@@ -118,7 +122,8 @@ def decode_eiger_record(record: KafkaRecord, start_for, *, channels: str = "firs
             if isinstance(appendix.get("sent_at"), (int, float)):
                 ts = float(appendix["sent_at"])
         header = FrameHeader(f"eiger-{message.series_id}", message.image_id, position, ts, array.shape,
-                             array.dtype.str, {"series_id": message.series_id, "real_time": message.real_time})
+                             array.dtype.str, {"series_id": message.series_id, "real_time": message.real_time,
+                                              "decode_s": decode_s})
         return Frame(header, array, *where)
     except FrameError as exc:
         return DeadLetter(*where, record.key, record.value, str(exc), exc.code)
