@@ -232,3 +232,22 @@ def test_encoders_check_their_arguments():
         s2.encode_start(0, image_shape=(4,))
     with pytest.raises(InvalidArgument, match="typed-array tag"):
         s2.encode_image(0, 0, frame().astype(np.complex64))
+
+
+def test_fuzz_garbage_only_ever_raises_frame_error():
+    from hypothesis import given, settings, strategies as hs
+
+    good = s2.encode_image(1, 0, frame((8, 8)), compression="bslz4")
+
+    @settings(max_examples=300, deadline=None)
+    @given(hs.binary(max_size=200) | hs.builds(lambda i, b: good[:i] + b + good[i + len(b):],
+                                                hs.integers(0, len(good)), hs.binary(min_size=1, max_size=8)))
+    def check(data):
+        try:
+            msg = s2.decode_message(data)
+            if isinstance(msg, s2.ImageMessage):
+                msg.decode()
+        except FrameError:
+            pass
+
+    check()
