@@ -144,3 +144,35 @@ def test_record_keys_round_trip_and_refuse_junk():
         with pytest.raises(FrameError) as info:
             parse_key(junk)
         assert info.value.code == "bad_key"
+
+
+def test_open_series_found_from_the_topic_keys():
+    from sparkmpi.stream.eiger.records import open_series
+
+    k = lambda *a, **kw: RecordKey(*a, **kw).encode()  # noqa: E731
+    closed = {0: [(0, k("start", 1)), (1, k("image", 1, image_id=0, start_offset=0)),
+                  (2, k("end", 1, images=1, start_offset=0))]}
+    assert open_series(closed) is None
+    assert open_series({0: []}) is None
+    left = {0: closed[0] + [(3, k("start", 2)), (4, k("image", 2, image_id=0, start_offset=3)), (5, b"junk"),
+                            (6, k("image", 2, image_id=2, start_offset=3))],
+            1: [(0, k("start", 2)), (1, k("image", 2, image_id=1, start_offset=0))]}
+    found = open_series(left)
+    assert (found.series_id, found.start_offsets, found.image_ids, found.per_partition) == \
+        (2, {0: 3, 1: 0}, frozenset({0, 1, 2}), (2, 1))
+    left[1].append((2, k("end", 2, images=1, start_offset=0)))
+    assert open_series(left) is None
+
+
+def test_a_resumed_series_skips_what_is_on_the_topic():
+    state = st.BridgeState(partitions=2)
+    s, _ = start(5, n=4)
+    (note,) = state.resume(s, {0, 1}, (1, 1), now=0)
+    assert note.event == "series_resumed" and "2 images already bridged" in note.text
+    assert isinstance(state.message(*image(5, 1), now=1)[0], st.DeadLetter)
+    (a,) = state.message(*image(5, 2), now=1)
+    assert isinstance(a, st.PublishImage)
+    acts = state.message(*end(5), now=2)
+    assert acts[0].images_per_partition == (2, 1)
+    with pytest.raises(InvalidArgument, match="per_partition"):
+        st.BridgeState(partitions=2).resume(s, set(), (0,), now=0)

@@ -157,3 +157,45 @@ def test_missing_end_message_times_out_with_the_series_id(broker):
         report = bridge.result()
     (s,) = report.series
     assert s["series_id"] == 12 and s["images"] == 3 and "no end message within 1 s" in s["incomplete"]
+
+
+def test_a_killed_bridge_is_resumed_without_loss_or_duplicates(broker, tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    from sparkmpi._proc import stop_process
+
+    topic = "eiger-resume"
+    frames = [np.full((16, 16), i, np.uint16) for i in range(10)]
+    with Stream2Sender("tcp://127.0.0.1:0", send_timeout=20) as sender:
+        cmd = [sys.executable, "-m", "sparkmpi.cli", "detector", "bridge", "--from", sender.endpoint,
+               "--topic", topic, "--bootstrap", broker.bootstrap, "-q"]
+        first = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                 stderr=open(tmp_path / "bridge.log", "w"))
+        try:
+            sender.send_message(s2.encode_start(3, image_shape=(16, 16), number_of_images=10), "start")
+            for i in range(6):
+                sender.send_message(s2.encode_image(3, i, frames[i]), f"image {i}")
+            _wait_for(broker.bootstrap, topic, 7)
+            first.send_signal(signal.SIGKILL)   # no end record: the series stays open on the topic
+            first.wait(10)
+        finally:
+            stop_process(first, grace=1)
+        bridge = _Bridge(sender.endpoint, broker.bootstrap, topic, series=1, end_timeout=20)
+        bridge.start()
+        for i in range(4, 10):                  # 4 and 5 again: the detector does not know what was bridged
+            sender.send_message(s2.encode_image(3, i, frames[i]), f"image {i}")
+        sender.send_message(s2.encode_end(3), "end")
+        report = bridge.result()
+    assert report.events[0]["event"] == "series_resumed"
+    assert report.images == 4 and report.dead_letters == 2
+    assert report.series == [{"series_id": 3, "images": 10, "expected": 10, "incomplete": None,
+                              "per_partition": [10]}]
+    (low, high), = watermarks(broker.bootstrap, topic).values()
+    records = read_offset_range(broker.bootstrap, topic, 0, low, high)
+    keys = [parse_key(r.key) for r in records]
+    assert [k.image_id for k in keys if k.kind == "image"] == list(range(10))
+    assert [(k.kind, k.images) for k in keys if k.kind != "image"] == [("start", None), ("end", 10)]
+    values = [s2.decode_message(r.value) for r in records if parse_key(r.key).kind == "image"]
+    assert all(np.array_equal(m.decode()["threshold_1"], frames[m.image_id]) for m in values)

@@ -104,6 +104,18 @@ class BridgeState:
         self.finished: list[dict] = []     # one summary per closed series
         self.dead = 0
 
+    def resume(self, start: StartMessage, seen, per_partition, now: float) -> list[Action]:
+        """Take over a series an earlier bridge left open on the topic (its start record, no end record).
+
+        ``seen`` are the image ids already on the topic; they are not bridged again.
+        """
+        if len(per_partition) != self.partitions:
+            raise InvalidArgument(f"per_partition: expected {self.partitions} counts, got {len(per_partition)}")
+        self.series = _Series(start, set(seen), list(per_partition))
+        self.last_message = now
+        return [Report("series_resumed", f"series {start.series_id}: resumed from the topic "
+                                         f"({len(self.series.seen)} images already bridged)", start.series_id)]
+
     # -- events ------------------------------------------------------------
     def message(self, decoded, raw: bytes, now: float) -> list[Action]:
         """A message arrived: ``decoded`` is the parsed message or the :class:`FrameError` parsing raised."""

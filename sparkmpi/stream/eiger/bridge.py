@@ -25,7 +25,7 @@ from ..kafka_client import ErrorTrap, check_broker, client_config, ensure_topic
 from ..offsets import DeadLetter as KafkaDeadLetter, DeadLetterWriter
 from ...errors import InvalidArgument
 from . import _bridge_state as st
-from .records import RecordKey
+from .records import RecordKey, open_series
 from .stream1 import Stream1Decoder
 from .stream2 import _dumps, decode_message, to_stream2
 
@@ -132,6 +132,25 @@ class _Kafka:
     def close(self) -> None:
         self.flush("closing the bridge")
 
+    def open_series(self, window: int):
+        """The series an earlier bridge left open on the topic, with its start message (or None)."""
+        from ..offsets import read_offset_range, watermarks
+
+        marks = watermarks(self.bootstrap, self.topic, timeout=self.timeout)
+        keys = {}
+        for (_, partition), (low, high) in sorted(marks.items()):
+            first = max(low, high - window)
+            records = read_offset_range(self.bootstrap, self.topic, partition, first, high, timeout=self.timeout)
+            keys[partition] = [(r.offset, r.key) for r in records]
+        found = open_series(keys)
+        if found is None:
+            return None
+        record = read_offset_range(self.bootstrap, self.topic, 0, found.start_offsets[0],
+                                   found.start_offsets[0] + 1, timeout=self.timeout)[0]
+        start = decode_message(record.value)
+        self.start_offsets = dict(found.start_offsets)
+        return found, start
+
 
 def _monitor_events(monitor) -> list[str]:
     import zmq
@@ -149,7 +168,8 @@ def _monitor_events(monitor) -> list[str]:
 
 def run_bridge(endpoint: str, bootstrap: str, topic: str, *, partitions: int = 1, end_timeout: float = 10.0,
                series: int | None = None, idle_timeout: float | None = None, kafka_timeout: float = 30.0,
-               stream: str = "v2", progress=sys.stderr, json_lines=None, stop=None) -> BridgeReport:
+               stream: str = "v2", resume: bool = True, resume_window: int = 100_000, progress=sys.stderr,
+               json_lines=None, stop=None) -> BridgeReport:
     """Bridge the detector at ``endpoint`` (its Stream V2 or V1 PUSH socket) into ``topic``.
 
     Parameters
@@ -164,6 +184,10 @@ def run_bridge(endpoint: str, bootstrap: str, topic: str, *, partitions: int = 1
     end_timeout : float
         Seconds without a message, within a series, before the series is
         closed as incomplete (reported with its id).
+    resume : bool
+        Take over a series an earlier bridge left open on the topic (its start
+        record and no end record, among each partition's last
+        ``resume_window`` records): images already there are not bridged again.
     stop : threading.Event, optional
         Set it to stop the bridge (an open series ends incomplete).
 
@@ -223,6 +247,11 @@ def run_bridge(endpoint: str, bootstrap: str, topic: str, *, partitions: int = 1
             out.flush()
 
     try:
+        if resume:
+            found = kafka.open_series(resume_window)
+            if found is not None:
+                left, start = found
+                act(state.resume(start, left.image_ids, left.per_partition, time.monotonic()))
         while True:
             if stop is not None and stop.is_set():
                 report.stopped = "stopped"

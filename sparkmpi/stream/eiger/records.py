@@ -75,3 +75,55 @@ def parse_key(key: bytes | None) -> RecordKey:
                          start_offset=_number(parts[4], "start offset", key), incomplete=len(parts) == 6)
     raise FrameError(f"record key {key!r:.120}: expected {PREFIX}/start/S, {PREFIX}/image/S/I/O or "
                      f"{PREFIX}/end/S/N/O[/incomplete]", "bad_key")
+
+
+@dataclass(frozen=True)
+class OpenSeries:
+    """A series whose start record is on the topic and whose end record is not."""
+
+    series_id: int
+    start_offsets: dict           # partition -> offset of its start record
+    image_ids: frozenset
+    per_partition: tuple
+
+
+def open_series(keys_by_partition: dict) -> OpenSeries | None:
+    """From each partition's ``[(offset, key bytes), ...]`` (in offset order): the series left open, if any.
+
+    The last start record decides: if an end record of that series follows it
+    (in any partition) the series is closed and None is returned.
+    """
+    last_start: dict = {}
+    for partition, items in keys_by_partition.items():
+        for offset, raw in items:
+            try:
+                key = parse_key(raw)
+            except FrameError:
+                continue
+            if key.kind == "start":
+                last_start[partition] = (offset, key.series_id)
+    if not last_start:
+        return None
+    series = max(last_start.values())[1]
+    starts, ids, counts = {}, set(), {}
+    for partition, items in keys_by_partition.items():
+        start = last_start.get(partition)
+        if start is None or start[1] != series:
+            return None
+        starts[partition] = start[0]
+        counts[partition] = 0
+        for offset, raw in items:
+            if offset <= start[0]:
+                continue
+            try:
+                key = parse_key(raw)
+            except FrameError:
+                continue
+            if key.series_id != series:
+                continue
+            if key.kind == "end":
+                return None
+            if key.kind == "image":
+                ids.add(key.image_id)
+                counts[partition] += 1
+    return OpenSeries(series, starts, frozenset(ids), tuple(counts[p] for p in sorted(counts)))
