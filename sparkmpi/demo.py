@@ -362,9 +362,10 @@ def run_demo(args) -> dict:
                 publisher_error.append(exc)
 
         publisher = threading.Thread(target=_publish, name="sparkmpi-demo-detector", daemon=True)
+        driver_class = StreamDriver
         if args.detector == "eiger":
-            from .stream.eiger.source import EigerStreamDriver as StreamDriver  # noqa: F811  (same arguments)
-        driver = StreamDriver(spark, bootstrap, topic, "demo", out / "stream", ranks=args.ranks,
+            from .stream.eiger.source import EigerStreamDriver as driver_class  # the same arguments
+        driver = driver_class(spark, bootstrap, topic, "demo", out / "stream", ranks=args.ranks,
                               trigger=args.trigger, process=ptycho_frames, progress=None, world=world)
         # Get the topic, the Spark workers and the rank spares ready before the
         # detector starts, as a beamline would before the scan.

@@ -61,9 +61,10 @@ def _run(args) -> int:
 
         check_broker(bootstrap, timeout=args.start_timeout)
         spark = _spark(args.master or f"local[{args.ranks}]", "sparkmpi-stream")
+        driver_class = StreamDriver
         if args.eiger:
-            from .eiger.source import EigerStreamDriver as StreamDriver  # noqa: F811  (same arguments)
-        driver = StreamDriver(spark, bootstrap, args.topic, args.group, args.out,
+            from .eiger.source import EigerStreamDriver as driver_class  # the same arguments
+        driver = driver_class(spark, bootstrap, args.topic, args.group, args.out,
                               broker_retries=args.broker_retries, retry_backoff=args.retry_backoff,
                               start_timeout=args.start_timeout, topic_timeout=args.topic_timeout, **common)
         report = driver.run(until_end_of_scan=args.until_end_of_scan, idle_timeout=args.idle_timeout,
