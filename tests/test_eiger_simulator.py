@@ -101,3 +101,19 @@ def test_rest_client_errors_name_the_request(eiger):
     closed = SimplonClient("127.0.0.1", free_port(), timeout=1.0)
     with pytest.raises(SimplonError, match="no answer within 1 s"):
         closed.state()
+
+
+def test_acquire_command_drives_the_simulator(eiger, broker, capsys):
+    import json
+
+    from sparkmpi.cli import main
+
+    topic = "eiger-sim-acquire"
+    bridge = _Bridge(eiger.stream_v2, broker.bootstrap, topic, series=1, end_timeout=30)
+    bridge.start()
+    assert main(["detector", "acquire", "--rest", f"127.0.0.1:{eiger.rest_port}", "--nimages", "2",
+                 "--stream", "v2", "--frame-time", "0.02", "--json"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert (out["nimages"], out["stream"], out["state"]) == (2, "v2", "idle")
+    report = bridge.result(60)
+    assert report.images == 2 and report.series[0]["incomplete"] is None
