@@ -132,16 +132,28 @@ class _Kafka:
     def close(self) -> None:
         self.flush("closing the bridge")
 
-    def open_series(self, window: int):
-        """The series an earlier bridge left open on the topic, with its start message (or None)."""
+    def open_series(self, window: int, chunk: int = 256):
+        """The series an earlier bridge left open on the topic, with its start message (or None).
+
+        Each partition is read backwards, ``chunk`` records at a time, until
+        its last start record (at most ``window`` records back): what is read
+        is the open series itself (Kafka cannot fetch keys without values).
+        """
         from ..offsets import read_offset_range, watermarks
 
         marks = watermarks(self.bootstrap, self.topic, timeout=self.timeout)
         keys = {}
         for (_, partition), (low, high) in sorted(marks.items()):
-            first = max(low, high - window)
-            records = read_offset_range(self.bootstrap, self.topic, partition, first, high, timeout=self.timeout)
-            keys[partition] = [(r.offset, r.key) for r in records]
+            items: list = []
+            pos = high
+            while pos > max(low, high - window):
+                first = max(low, high - window, pos - chunk)
+                records = read_offset_range(self.bootstrap, self.topic, partition, first, pos, timeout=self.timeout)
+                items[:0] = [(r.offset, r.key) for r in records]
+                pos = first
+                if any(r.key and r.key.startswith(b"eiger2/start/") for r in records):
+                    break
+            keys[partition] = items
         found = open_series(keys)
         if found is None:
             return None
