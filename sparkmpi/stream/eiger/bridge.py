@@ -268,7 +268,11 @@ def run_bridge(endpoint: str, bootstrap: str, topic: str, *, partitions: int = 1
             if stop is not None and stop.is_set():
                 report.stopped = "stopped"
                 break
-            events = dict(poller.poll(100))
+            try:
+                events = dict(poller.poll(100))
+            except KeyboardInterrupt:   # Ctrl-C: end the open series and deliver everything, as for a stop
+                report.stopped = "interrupted"
+                break
             now = time.monotonic()
             if monitor in events:
                 for event in _monitor_events(monitor):
@@ -286,8 +290,13 @@ def run_bridge(endpoint: str, bootstrap: str, topic: str, *, partitions: int = 1
                         raw = part.bytes
                         if v1 is not None:
                             for decoded in v1.feed(raw):
-                                act(state.message(decoded, raw if isinstance(decoded, FrameError)
-                                                  else to_stream2(decoded), last))
+                                value = raw
+                                if not isinstance(decoded, FrameError):
+                                    try:
+                                        value = to_stream2(decoded)
+                                    except InvalidArgument as exc:
+                                        decoded = FrameError(f"cannot be written as Stream V2: {exc}", "bad_message")
+                                act(state.message(decoded, value, last))
                         else:
                             try:
                                 decoded = decode_message(raw)
