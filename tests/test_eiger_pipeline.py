@@ -87,6 +87,7 @@ def test_sender_bridge_driver_ranks_exactly_once(spark, broker, tmp_path):
         producer = Producer({"bootstrap.servers": broker.bootstrap})
         producer.produce(topic, cut, key=RecordKey("image", 7, image_id=200, start_offset=0).encode())
         producer.produce(topic, blob, key=RecordKey("image", 7, image_id=200, start_offset=3).encode())
+        producer.produce(topic, blob, key=RecordKey("image", 7, image_id=200, start_offset=10**6).encode())
         assert producer.flush(10) == 0
         sender.send_message(s2.encode_end(7), "end")
         report = bridge.result()
@@ -101,7 +102,7 @@ def test_sender_bridge_driver_ranks_exactly_once(spark, broker, tmp_path):
     driver = EigerStreamDriver(spark, broker.bootstrap, topic, "g", out, ranks=2, trigger=0.2, max_frames=10,
                                progress=None, warm_up=False)
     result = driver.run(until_end_of_scan=True)
-    assert (result.frames, result.dead_letters, result.end_markers) == (n, 2, 1)
+    assert (result.frames, result.dead_letters, result.end_markers) == (n, 3, 1)
     summary = read_outputs(out)
     assert summary.lost_and_duplicated(np.arange(n)) == (0, 0)
     expected_sum = sum(frame.astype(np.float64) for _, _, frame in scan)
@@ -118,7 +119,7 @@ def test_sender_bridge_driver_ranks_exactly_once(spark, broker, tmp_path):
             if "result.sum_image" in z.files:
                 total += z["result.sum_image"]
     assert np.array_equal(total, expected_sum), "the ranks' decoded frames differ from what was sent"
-    assert reasons == {"bad_compressed_data": 1, "unknown_series": 1}
+    assert reasons == {"bad_compressed_data": 1, "unknown_series": 2}
 
 
 def test_lost_connection_and_restarted_series_lose_and_duplicate_nothing(broker):

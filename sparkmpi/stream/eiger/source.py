@@ -28,6 +28,7 @@ import numpy as np
 
 from ..frames import EndOfScan, FrameError, FrameHeader
 from ..offsets import DeadLetter, EndMarker, Frame, KafkaRecord, OffsetRange, read_offset_range
+from .._errors import OffsetError
 from ..driver import StreamDriver
 from ...errors import InvalidArgument
 from .records import parse_key
@@ -51,8 +52,11 @@ def _start_for(bootstrap: str, timeout: float, consumer_config, topic: str, part
     key = (bootstrap, topic, partition, offset)
     start = _STARTS.get(key)
     if start is None:
-        records = read_offset_range(bootstrap, topic, partition, offset, offset + 1, timeout=timeout,
-                                    consumer_config=consumer_config)
+        try:
+            records = read_offset_range(bootstrap, topic, partition, offset, offset + 1, timeout=timeout,
+                                        consumer_config=consumer_config)
+        except OffsetError as exc:   # a key pointing outside the partition: this record is bad, not the batch
+            raise FrameError(f"the start record the key points to is not there: {exc}", "unknown_series") from None
         if not records:
             raise FrameError(f"{topic}[{partition}] has no start record at offset {offset}", "unknown_series")
         record = records[0]
