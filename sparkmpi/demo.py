@@ -364,7 +364,7 @@ def run_demo(args) -> dict:
         publisher = threading.Thread(target=_publish, name="sparkmpi-demo-detector", daemon=True)
         driver_class = StreamDriver
         if args.detector == "eiger":
-            from .stream.eiger.source import EigerStreamDriver as driver_class  # the same arguments
+            from .stream.eiger.driver import EigerStreamDriver as driver_class  # the same arguments
         driver = driver_class(spark, bootstrap, topic, "demo", out / "stream", ranks=args.ranks,
                               trigger=args.trigger, process=ptycho_frames, progress=None, world=world)
         # Get the topic, the Spark workers and the rank spares ready before the

@@ -17,7 +17,7 @@ from sparkmpi.stream.eiger import stream2 as s2
 from sparkmpi.stream.eiger.bridge import run_bridge
 from sparkmpi.stream.eiger.records import RecordKey, parse_key
 from sparkmpi.stream.eiger.sender import SeriesPlan, Stream2Sender
-from sparkmpi.stream.eiger.source import EigerStreamDriver
+from sparkmpi.stream.eiger.driver import EigerStreamDriver
 from sparkmpi.stream.offsets import read_offset_range, watermarks
 
 pytestmark = pytest.mark.slow

@@ -1,7 +1,7 @@
 """``sparkmpi bench detector``: Stream V2 sender -> bridge -> Kafka -> driver -> ranks that decompress and sum.
 
 Starts a real Kafka broker in a temporary folder and the stream driver
-(:class:`~sparkmpi.stream.eiger.source.EigerStreamDriver`, world mode, in this
+(:class:`~sparkmpi.stream.eiger.driver.EigerStreamDriver`, world mode, in this
 process, on ``local[RANKS]`` Spark); once its world is up, the bridge
 (``sparkmpi detector bridge``) and the project's Stream V2 sender
 (``sparkmpi detector send``) start as processes and one series of
@@ -108,7 +108,7 @@ def _one_core_decode(scan, compression: str | None, repeat: int = 20) -> tuple[f
 def _series(args, spark, bootstrap: str, work: Path, compression: str | None, shape, deadline: float) -> dict:
     from ..stream._output import list_outputs, read_outputs
     from ..stream.detector import SyntheticScan
-    from ..stream.eiger.source import EigerStreamDriver
+    from ..stream.eiger.driver import EigerStreamDriver
     from ..stream.kafka_client import ensure_topic
 
     name = compression or "raw"

@@ -63,7 +63,7 @@ def _run(args) -> int:
         spark = _spark(args.master or f"local[{args.ranks}]", "sparkmpi-stream")
         driver_class = StreamDriver
         if args.eiger:
-            from .eiger.source import EigerStreamDriver as driver_class  # the same arguments
+            from .eiger.driver import EigerStreamDriver as driver_class  # the same arguments
         driver = driver_class(spark, bootstrap, args.topic, args.group, args.out,
                               broker_retries=args.broker_retries, retry_backoff=args.retry_backoff,
                               start_timeout=args.start_timeout, topic_timeout=args.topic_timeout, **common)

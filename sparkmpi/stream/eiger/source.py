@@ -13,8 +13,9 @@ image carries one, else the bridge's Kafka timestamp; ``extra`` holds
 record, and ``DeadLetter`` (with the reason) for anything that does not
 decode.
 
-:class:`EigerStreamDriver` is the Kafka :class:`~sparkmpi.stream.driver.StreamDriver`
-with that reader: the same batches, outputs, commits and exactly-once.
+:class:`~.driver.EigerStreamDriver` (a module of its own, so that a rank
+importing this one does not import the driver's) is the Kafka driver with
+this reader.
 """
 
 from __future__ import annotations
@@ -29,8 +30,6 @@ import numpy as np
 from ..frames import EndOfScan, FrameError, FrameHeader
 from ..offsets import DeadLetter, EndMarker, Frame, KafkaRecord, OffsetRange, read_offset_range
 from .._errors import OffsetError
-from ..driver import StreamDriver
-from ...errors import InvalidArgument
 from .records import parse_key
 from .stream2 import EndMessage, ImageMessage, StartMessage, check_image, decode_message
 
@@ -150,30 +149,3 @@ def _warm_eiger(bootstrap: str, timeout: float, ranges, _ignored) -> Iterator:
     import cbor2  # noqa: F401
 
     return iter(read_eiger_ranges(bootstrap, timeout, None, "first", True, ranges))
-
-
-class EigerStreamDriver(StreamDriver):
-    """The Kafka stream driver over a topic written by ``sparkmpi detector bridge``.
-
-    Takes :class:`~sparkmpi.stream.driver.StreamDriver`'s arguments, plus
-    ``channels``: ``"first"`` (each frame is the first threshold) or
-    ``"all"`` (each frame is (C, H, W), every threshold).  Frames are
-    decompressed in the ranks.
-    """
-
-    def __init__(self, *args, channels: str = "first", **kwargs):
-        if channels not in CHANNEL_MODES:
-            raise InvalidArgument(f"channels: expected one of {CHANNEL_MODES}, got {channels!r}")
-        self.channels = channels
-        self.check_finite = bool(kwargs.get("check_finite", True))
-        super().__init__(*args, **kwargs)
-
-    def _warm_reader(self):
-        return functools.partial(_warm_eiger, self.bootstrap, self.read_timeout,
-                                 [OffsetRange(self.topic, self.partitions[0], 0, 0)])
-
-    def run_batch(self, source, payloads, batch, ranges):
-        # the driver's reader hands out raw records; this one decodes them in the ranks
-        reader = functools.partial(read_eiger_ranges, self.bootstrap, self.read_timeout,
-                                   self.consumer_config or None, self.channels, self.check_finite)
-        return super().run_batch(reader, payloads, batch, ranges)
