@@ -67,6 +67,9 @@ def register(subparsers) -> None:
     parser.add_argument("--tomo-angles", type=int, default=74, help="projections (default 74, -73..+73 deg)")
     parser.add_argument("--bootstrap", default=None,
                         help="use this Kafka cluster (host:port) instead of starting a local broker")
+    parser.add_argument("--detector", choices=("kafka", "eiger"), default="kafka",
+                        help="kafka: the simulator publishes frames to Kafka; eiger: it streams them as an Eiger "
+                             "does (Stream V2, bslz4) through `sparkmpi detector bridge` (default kafka)")
     parser.add_argument("--view", action="store_true",
                         help="serve the live viewer while streaming and the result viewers at the end")
     parser.set_defaults(func=_main)
@@ -101,6 +104,31 @@ class _Steps:
         if self.quiet:
             return
         print(f"        {text}", file=sys.stderr, flush=True)
+
+
+def _stream_eiger(source, bootstrap: str, topic: str, rate: float, partitions: int) -> None:
+    """The project's Stream V2 sender -> ``run_bridge`` -> ``topic``: one series, bslz4-compressed."""
+    from .stream.eiger.bridge import run_bridge
+    from .stream.eiger.sender import SeriesPlan, Stream2Sender
+
+    with Stream2Sender("tcp://127.0.0.1:0", send_timeout=30) as sender:
+        result: dict = {}
+
+        def bridge():
+            try:
+                result["report"] = run_bridge(sender.endpoint, bootstrap, topic, partitions=partitions, series=1,
+                                              progress=None)
+            except BaseException as exc:  # noqa: BLE001  (re-raised below)
+                result["error"] = exc
+
+        thread = threading.Thread(target=bridge, name="sparkmpi-demo-bridge", daemon=True)
+        thread.start()
+        sender.send_series(source, SeriesPlan(series_id=1, compression="bslz4", rate=rate))
+        thread.join(60)
+    if "error" in result:
+        raise result["error"]
+    if thread.is_alive() or result["report"].images != source.count:
+        raise RuntimeError(f"the bridge did not bridge the {source.count} images of the series in time")
 
 
 def ptycho_frames(comm, frames, state=None) -> dict:
@@ -344,13 +372,20 @@ def run_demo(args) -> dict:
 
         def _publish():
             try:
-                publish_kafka(NpzScan(scan_path, dtype="float32", scan_id="demo"), bootstrap, topic,
-                              rate=args.rate, partitions=args.ranks)
+                if args.detector == "eiger":   # an Eiger's Stream V2 through the bridge into the topic
+                    _stream_eiger(NpzScan(scan_path, dtype="float32", scan_id="demo"), bootstrap, topic,
+                                  args.rate, args.ranks)
+                else:
+                    publish_kafka(NpzScan(scan_path, dtype="float32", scan_id="demo"), bootstrap, topic,
+                                  rate=args.rate, partitions=args.ranks)
             except BaseException as exc:  # noqa: BLE001  (re-raised in the main thread)
                 publisher_error.append(exc)
 
         publisher = threading.Thread(target=_publish, name="sparkmpi-demo-detector", daemon=True)
-        driver = StreamDriver(spark, bootstrap, topic, "demo", out / "stream", ranks=args.ranks,
+        driver_class = StreamDriver
+        if args.detector == "eiger":
+            from .stream.eiger.driver import EigerStreamDriver as driver_class  # the same arguments
+        driver = driver_class(spark, bootstrap, topic, "demo", out / "stream", ranks=args.ranks,
                               trigger=args.trigger, process=ptycho_frames, progress=None, world=world)
         # Get the topic, the Spark workers and the rank spares ready before the
         # detector starts, as a beamline would before the scan.
@@ -366,7 +401,8 @@ def run_demo(args) -> dict:
         summary["stream"] = {"frames": report.frames, "batches": report.batches,
                              "frames_per_s": report.frames_per_s, "latency_p50_s": report.latency_p50_s,
                              "latency_p99_s": report.latency_p99_s, "dead_letters": report.dead_letters,
-                             "trigger": args.trigger, "mode": "world", "refine_budget_s": args.refine_budget,
+                             "trigger": args.trigger, "mode": "world", "detector": args.detector,
+                             "refine_budget_s": args.refine_budget,
                              "refine_p50_s": float(np.percentile(live.refine_s, 50)) if live.refine_s else None}
         if live.frames != args.frames:
             raise RuntimeError(f"the stream delivered {live.frames} distinct frames, expected {args.frames}")

@@ -156,6 +156,9 @@ def _register_detector(subparsers) -> None:
     p.add_argument("--timeout", type=float, default=30.0,
                    help="seconds allowed for the broker check and final delivery (default: %(default)s)")
     p.set_defaults(func=_simulate)
+    from .eiger.cli import register_verbs as _register_eiger
+
+    _register_eiger(verbs, add_bootstrap_argument)
 
 
 def register(subparsers) -> None:

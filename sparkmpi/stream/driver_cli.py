@@ -61,7 +61,10 @@ def _run(args) -> int:
 
         check_broker(bootstrap, timeout=args.start_timeout)
         spark = _spark(args.master or f"local[{args.ranks}]", "sparkmpi-stream")
-        driver = StreamDriver(spark, bootstrap, args.topic, args.group, args.out,
+        driver_class = StreamDriver
+        if args.eiger:
+            from .eiger.driver import EigerStreamDriver as driver_class  # the same arguments
+        driver = driver_class(spark, bootstrap, args.topic, args.group, args.out,
                               broker_retries=args.broker_retries, retry_backoff=args.retry_backoff,
                               start_timeout=args.start_timeout, topic_timeout=args.topic_timeout, **common)
         report = driver.run(until_end_of_scan=args.until_end_of_scan, idle_timeout=args.idle_timeout,
@@ -87,6 +90,8 @@ def register_run(verbs) -> argparse.ArgumentParser:
                    help="receive from a ZeroMQ PUSH endpoint (e.g. tcp://127.0.0.1:5555) instead of Kafka "
                         "(weaker guarantee: frames in flight when the driver dies are lost)")
     p.add_argument("--topic", default="frames", help="Kafka topic (default: %(default)s)")
+    p.add_argument("--eiger", action="store_true",
+                   help="the topic holds an Eiger stream bridged by `sparkmpi detector bridge` (decoded in the ranks)")
     p.add_argument("--group", default=None, help="consumer group whose committed offsets mark progress")
     p.add_argument("--out", required=True, help="output folder (one per topic and group)")
     p.add_argument("--ranks", type=int, default=2, help="MPI ranks (default: %(default)s)")
