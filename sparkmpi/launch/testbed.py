@@ -93,7 +93,7 @@ class Testbed:
     plan: Plan
     master_port: int = 0
     webui_port: int = 0
-    cores: int = 1
+    cores: tuple = (1,)     # per host
     log_dir: str = ""
     pids: dict = field(default_factory=dict)     # role -> [pid, start time]
     _procs: dict = field(default_factory=dict, repr=False)
@@ -113,9 +113,10 @@ class Testbed:
         """Driver settings for a session on this testbed (the driver on the bridge address)."""
         return {"spark.driver.host": self.plan.bridge_address,
                 "spark.driver.bindAddress": self.plan.bridge_address,
-                "spark.executor.cores": str(self.cores),
+                # No spark.executor.cores: each worker runs one executor with all its cores, so
+                # Spark's one-task-per-executor rounds spread ranks over hosts.
                 "spark.executor.memory": "512m",
-                "spark.cores.max": str(self.cores * len(self.plan.hosts)),
+                "spark.cores.max": str(sum(self.cores)),
                 "spark.ui.enabled": "false",
                 "spark.executorEnv.PYTHONPATH": os.environ.get("PYTHONPATH", "")}
 
@@ -159,7 +160,7 @@ class Testbed:
             work = os.path.join(self.log_dir, f"work-{h.index}")
             os.makedirs(work, exist_ok=True)
             worker = [spark_class, "org.apache.spark.deploy.worker.Worker", self.master_url,
-                      "--host", h.address, "--cores", str(self.cores), "--memory", memory,
+                      "--host", h.address, "--cores", str(self.cores[h.index - 1]), "--memory", memory,
                       "--webui-port", "0", "--work-dir", work]
             self._spawn(f"worker-{h.index}", ["ip", "netns", "exec", h.namespace,
                                               *testbed_plan.host_wrapper(h.hostname, worker)],
@@ -227,7 +228,7 @@ class Testbed:
             stop_process(old, grace=2.0, group=True)
         spark_class = os.path.join(spark_home(), "bin", "spark-class")
         worker = [spark_class, "org.apache.spark.deploy.worker.Worker", self.master_url,
-                  "--host", h.address, "--cores", str(self.cores), "--memory", memory,
+                  "--host", h.address, "--cores", str(self.cores[index - 1]), "--memory", memory,
                   "--webui-port", "0", "--work-dir", os.path.join(self.log_dir, f"work-{index}")]
         self._spawn(role, ["ip", "netns", "exec", h.namespace, *testbed_plan.host_wrapper(h.hostname, worker)],
                     self._spark_env(h.address))
@@ -318,9 +319,11 @@ def new_name() -> str:
     return "t" + uuid.uuid4().hex[:4]
 
 
-def up(hosts: int, name: str | None = None, *, cores: int = 1, memory: str = "1g",
+def up(hosts: int, name: str | None = None, *, cores: int | tuple = 1, memory: str = "1g",
        second_interface: bool = False, timeout: float = 90.0) -> Testbed:
     """Build the network of ``hosts`` simulated hosts and start Spark on it; torn down on failure.
+
+    ``cores`` is each host's worker's core count, one for all or a tuple with one per host.
 
     Raises
     ------
@@ -330,13 +333,15 @@ def up(hosts: int, name: str | None = None, *, cores: int = 1, memory: str = "1g
     reason = unavailable_reason()
     if reason is not None:
         raise TestbedError(reason)
-    if isinstance(cores, bool) or not isinstance(cores, int) or cores < 1:
-        raise InvalidArgument(f"cores: expected an integer >= 1, got {cores!r}")
+    per_host = (cores,) * hosts if isinstance(cores, int) and not isinstance(cores, bool) else tuple(cores)
+    if len(per_host) != hosts or not all(isinstance(c, int) and not isinstance(c, bool) and c >= 1
+                                         for c in per_host):
+        raise InvalidArgument(f"cores: expected an integer >= 1 or {hosts} of them (one per host), got {cores!r}")
     name = new_name() if name is None else name
     if os.path.exists(os.path.join(STATE_DIR, f"{name}.json")):
         raise TestbedError(f"a testbed named {name!r} is up already; 'sparkmpi testbed down --name {name}'")
     in_use = testbed_plan.subnets_in_use(_ip(["ip", "-o", "-4", "addr", "show"]).stdout)
-    bed = Testbed(plan=testbed_plan.plan(name, hosts, in_use), cores=cores,
+    bed = Testbed(plan=testbed_plan.plan(name, hosts, in_use), cores=per_host,
                   log_dir=tempfile.mkdtemp(prefix=f"sparkmpi-testbed-{name}-"))
     try:
         bed.save()
@@ -362,7 +367,7 @@ def load(name: str = DEFAULT_NAME) -> Testbed:
     except FileNotFoundError:
         raise TestbedError(f"no testbed named {name!r} is up (no {path})") from None
     return Testbed(plan=Plan.from_dict(data["plan"]), master_port=data["master_port"],
-                   webui_port=data["webui_port"], cores=data["cores"], log_dir=data["log_dir"],
+                   webui_port=data["webui_port"], cores=tuple(data["cores"]), log_dir=data["log_dir"],
                    pids=data["pids"])
 
 

@@ -1,0 +1,63 @@
+"""Scenarios the multi-host tests run in the testbed's driver (``driver.py``): ``fn(spark, bed, **kw)``.
+
+Each returns plain data (lists, dicts, numbers) for the test to compare with
+the single-process result it computes itself.
+"""
+
+import socket
+import time
+
+import numpy as np
+
+import sparkmpi
+
+
+def wait_for_executors(spark, count, timeout):
+    """Until ``count`` executors have registered (each host's), so every job sees every slot."""
+    sc = spark.sparkContext
+    deadline = time.monotonic() + timeout
+    while sc._jsc.sc().getExecutorMemoryStatus().size() - 1 < count:   # minus the driver's
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"only {sc._jsc.sc().getExecutorMemoryStatus().size() - 1} of {count} "
+                               f"executors registered after {timeout} s")
+        time.sleep(0.2)
+
+
+def _placement(comm, records):
+    from mpi4py import MPI
+
+    shared = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    node_ranks = shared.allgather(comm.rank)
+    data = np.array([float(r) for r in records], dtype=np.float64)
+    total = np.zeros(1)
+    comm.Allreduce(np.array([data.sum()]), total)
+    big = np.arange(200_000, dtype=np.float32) * (comm.rank + 1)
+    big_sum = np.empty_like(big)
+    comm.Allreduce(big, big_sum)
+    gathered = comm.allgather(socket.gethostname())
+    return [{"rank": comm.rank, "size": comm.size, "host": socket.gethostname(), "node_ranks": node_ranks,
+             "total": float(total[0]), "big_checksum": float(big_sum.astype(np.float64).sum()),
+             "hosts_seen": gathered}]
+
+
+def placement(spark, bed, ranks, records=40):
+    """sparkmpi.run over ``ranks`` partitions: where each rank ran, its node group and reductions."""
+    rdd = spark.sparkContext.parallelize(range(records), ranks)
+    return sparkmpi.run(rdd, _placement, start_timeout=60, timeout=60)
+
+
+def _world_step(comm, state, factor):
+    import socket as sk
+
+    from mpi4py import MPI
+
+    state["calls"] = state.get("calls", 0) + 1
+    value = comm.allreduce(float(comm.rank + 1) * factor, op=MPI.SUM)
+    return {"rank": comm.rank, "host": sk.gethostname(), "calls": state["calls"], "sum": value}
+
+
+def world_calls(spark, bed, ranks, factors):
+    """A persistent World across hosts called once per factor; the answers and the world's hosts."""
+    with sparkmpi.World(spark, ranks, start_timeout=60) as world:
+        answers = [world.call(_world_step, f, timeout=60) for f in factors]
+        return {"answers": answers, "hosts": world.hosts}

@@ -1,0 +1,55 @@
+"""MPI across simulated hosts: network namespaces with their own host names and /dev/shm.
+
+One testbed (3 hosts with 2, 2 and 1 cores) and one driver process serve the
+whole module; each job is compared with what one process computes.
+"""
+
+import numpy as np
+import pytest
+
+from hosts_fixtures import CORES, hosts_driver, testbed  # noqa: F401  (fixtures)
+
+pytestmark = pytest.mark.slow
+
+
+def _expected_checksum(size):
+    one = np.arange(200_000, dtype=np.float32).astype(np.float64).sum()
+    return one * sum(r + 1 for r in range(size))
+
+
+def _check_placement(result, size, records):
+    assert [r["rank"] for r in result] == list(range(size))
+    assert all(r["size"] == size for r in result)
+    assert all(r["total"] == float(sum(range(records))) for r in result)
+    assert all(r["big_checksum"] == _expected_checksum(size) for r in result)
+    hosts = [r["host"] for r in result]
+    assert all(r["hosts_seen"] == hosts for r in result)
+    # COMM_TYPE_SHARED groups are exactly the ranks on one (simulated) host.
+    for r in result:
+        assert r["node_ranks"] == [o["rank"] for o in result if o["host"] == r["host"]]
+    return hosts
+
+
+def test_two_hosts_one_rank_each(hosts_driver, testbed):
+    result = hosts_driver.ok("placement", ranks=2, records=10)
+    hosts = _check_placement(result, 2, 10)
+    assert len(set(hosts)) == 2 and set(hosts) <= {h.hostname for h in testbed.hosts}
+
+
+def test_three_hosts_unequal_ranks_share_memory_only_within_a_host(hosts_driver, testbed):
+    size = sum(CORES)
+    result = hosts_driver.ok("placement", ranks=size, records=50)
+    hosts = _check_placement(result, size, 50)
+    counts = sorted(hosts.count(h) for h in set(hosts))
+    assert counts == sorted(CORES)      # 2 + 2 + 1: shared memory inside, the network between
+    assert any(len(r["node_ranks"]) == 2 for r in result) and any(len(r["node_ranks"]) == 1 for r in result)
+
+
+def test_a_persistent_world_across_hosts(hosts_driver):
+    out = hosts_driver.ok("world_calls", ranks=3, factors=[1.0, 2.5, -1.0])
+    assert len(set(out["hosts"])) == 3     # one rank per host: Spark offers one task per executor a round
+    for i, factor in enumerate([1.0, 2.5, -1.0]):
+        answers = out["answers"][i]
+        assert [a["rank"] for a in answers] == [0, 1, 2]
+        assert all(a["sum"] == factor * 6.0 and a["calls"] == i + 1 for a in answers)
+        assert [a["host"] for a in answers] == out["hosts"]
