@@ -53,3 +53,32 @@ def test_a_persistent_world_across_hosts(hosts_driver):
         assert [a["rank"] for a in answers] == [0, 1, 2]
         assert all(a["sum"] == factor * 6.0 and a["calls"] == i + 1 for a in answers)
         assert [a["host"] for a in answers] == out["hosts"]
+
+
+def _check_lost_host(report, testbed, index, within):
+    error = report["error"]
+    assert error is not None and error["type"] == "JobFailed", report
+    host = testbed.host(index).hostname
+    assert report["detected_s"] is not None and report["detected_s"] < within, report
+    if report["fault"] != "sigkill":
+        assert "no contact for" in error["message"] and host in error["message"], error
+        assert f"rank {error['rank']} on host {host}" in error["message"], error
+    else:
+        assert f"on {host}" in error["message"] and error["rank"] is not None, error
+    # The next job on every host (the link back, the host thawed, the worker restarted) works.
+    _check_placement(report["next"], sum(CORES), 10)
+    assert len({r["host"] for r in report["next"]}) == len(CORES)
+
+
+@pytest.mark.parametrize("fault, within", [("link_down", 8.0), ("sigstop", 8.0)])
+def test_a_silent_host_fails_the_job_within_host_timeout(hosts_driver, testbed, fault, within):
+    report = hosts_driver.ok("lost_host", fault=fault, host=3, host_timeout=4.0)
+    _check_lost_host(report, testbed, 3, within)
+
+
+def test_a_killed_host_fails_the_job_in_seconds_and_the_survivors_run_the_next(hosts_driver, testbed):
+    report = hosts_driver.ok("lost_host", fault="sigkill", host=3)
+    _check_lost_host(report, testbed, 3, 8.0)
+    survivors = report["survivors"]
+    _check_placement(survivors, CORES[0] + CORES[1], 10)
+    assert testbed.host(3).hostname not in {r["host"] for r in survivors}

@@ -22,7 +22,7 @@ from typing import Any, Callable
 
 from ..config import Settings
 from ..errors import InvalidArgument, JobFailed, JobTimeout
-from . import channel
+from . import channel, heartbeat
 from .job import get_server, resolve_host
 from .task import TaskSpec, run_rank_task
 
@@ -120,6 +120,8 @@ class WorldCore:
         self.calls = itertools.count(1)
         self.closed_reason: str | None = None
         self.teardown_done = False
+        #: Ranks whose host went silent (the heartbeat found them): teardown does not wait for them.
+        self.silent_ranks: set[int] = set()
 
     # -- the stage -------------------------------------------------------------
     def task(self):
@@ -150,6 +152,7 @@ class WorldCore:
               timeout_reason: Callable[[], str]) -> None:
         """Read frames until ``want()``; raise on a failure, a lost relay or the deadline."""
         endpoint = self.endpoint
+        watch = heartbeat.ContactWatch(self.settings.host_timeout)
         with selectors.DefaultSelector() as sel:
             sel.register(endpoint.listener, selectors.EVENT_READ, None)
             registered = set()
@@ -158,6 +161,7 @@ class WorldCore:
                     if rank not in registered:
                         sel.register(sock, selectors.EVENT_READ, rank)
                         registered.add(rank)
+                self._heartbeat(watch, registered, what)
                 if self.job.failed.is_set():
                     self._raise_failure(what)
                 if self.stage_done.is_set() and self.stage_error is not None:
@@ -178,11 +182,35 @@ class WorldCore:
                             continue  # its relay is done after CLOSED
                         self._raise_failure(what, lost=f"lost the relay of rank {rank} "
                                                        f"(on {endpoint.hosts.get(rank, '?')})")
+                    watch.contact(rank, time.monotonic())
+                    if kind == channel.PONG:
+                        continue
                     if kind == channel.OUTPUT:
                         message = channel.decode(segments)
                         self.output.write(rank, message["stream"], message["data"])
                     else:
                         on_frame(rank, kind, segments)
+
+    def _heartbeat(self, watch: heartbeat.ContactWatch, connected: set, what: str) -> None:
+        """Ping the connected relays that are due; fail the job when one has been silent too long."""
+        endpoint, now = self.endpoint, time.monotonic()
+        for rank in connected:
+            if rank in endpoint.closed:
+                watch.forget(rank)
+            else:
+                watch.watch(rank, now)
+        for rank in watch.pings_due(now):
+            try:
+                channel.send_message(endpoint.conns[rank], channel.PING, None)
+            except (OSError, KeyError):
+                pass  # a closed connection is found by the read that follows
+        lost = watch.lost(now)
+        if lost:
+            rank, silent = lost[0]
+            self.silent_ranks.update(r for r, _ in lost)
+            cause = heartbeat.lost_message(rank, endpoint.hosts.get(rank, "?"), silent, watch.timeout)
+            self.job.abort(cause, rank=rank)
+            self._raise_failure(what)
 
     def wait_started(self, deadline: float | None) -> None:
         endpoint = self.endpoint
@@ -293,7 +321,7 @@ class WorldCore:
                 job.abort(reason)
             # The relays got the abort: let them stop their ranks and report
             # before Spark kills the tasks, then cancel (no stage retries).
-            job.wait_relays_gone(settings.kill_grace + 3.0)
+            job.wait_relays_gone(settings.kill_grace + 3.0, ignore=self.silent_ranks)
             if not self.stage_done.is_set():
                 self.sc.cancelJobsWithTag(self.tag)
         self.endpoint.close()

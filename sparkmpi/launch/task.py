@@ -178,6 +178,9 @@ class _Relay:
             except (channel.ChannelClosed, ConnectionError):
                 self.execute(handle(relay.DriverClosed()))
                 return
+            if kind == channel.PING:
+                self._answer_ping()
+                return
             self.execute(handle(relay.DriverFrame(kind, segments)))
         elif what == "inbox":
             self._receive_partition()
@@ -195,6 +198,10 @@ class _Relay:
                 status = self.proc.popen.wait()
                 tail = self.stderr_tail.decode("utf-8", "replace").strip()
                 self.execute(handle(relay.RankExited(status, tail)))
+
+    def _answer_ping(self) -> None:
+        """The driver's heartbeat: answer at once, whatever the rank is doing (see .heartbeat)."""
+        _send_quietly(lambda: channel.send_message(self.driver, channel.PONG, None))
 
     def _receive_partition(self) -> None:
         """One delivery to the inbox: HELLO with the token, then the DATA frame, which goes to the rank."""
