@@ -122,7 +122,7 @@ class Settings:
     kafka_home: str = ""
     verbose: bool = False
     world_idle_timeout: float | None = None
-    host_timeout: float = 10.0
+    host_timeout: float = 8.0
 
     def __post_init__(self) -> None:
         if not isinstance(self.pmi_host, str) or not self.pmi_host:

@@ -239,6 +239,21 @@ class Testbed:
                 raise TestbedError(f"the worker of {h.hostname} did not come back within 60 s")
             time.sleep(0.3)
 
+    def launcher_script(self) -> str:
+        """Write the ``ssh`` stand-in for Hydra into the log folder; its path (see
+        :func:`~sparkmpi.launch.testbed_plan.launcher_script`)."""
+        pids = {}
+        for h in self.plan.hosts:
+            pid = self._live(f"worker-{h.index}")
+            if pid is None:
+                raise TestbedError(f"the worker of {h.hostname} is not running; no process to enter that host by")
+            pids[h.address] = pid
+        path = os.path.join(self.log_dir, "enter-host.sh")
+        with open(path, "w") as fh:
+            fh.write(testbed_plan.launcher_script(pids))
+        os.chmod(path, 0o755)
+        return path
+
     # ------------------------------------------------------------------ teardown
     def down(self) -> list[str]:
         """Remove everything; returns one line per step that failed (empty: all gone)."""
@@ -367,7 +382,8 @@ def load(name: str = DEFAULT_NAME) -> Testbed:
     except FileNotFoundError:
         raise TestbedError(f"no testbed named {name!r} is up (no {path})") from None
     return Testbed(plan=Plan.from_dict(data["plan"]), master_port=data["master_port"],
-                   webui_port=data["webui_port"], cores=tuple(data["cores"]), log_dir=data["log_dir"],
+                   webui_port=data["webui_port"], cores=tuple(data["cores"]) if isinstance(data["cores"], list)
+                   else (data["cores"],) * len(data["plan"]["hosts"]), log_dir=data["log_dir"],
                    pids=data["pids"])
 
 

@@ -147,3 +147,20 @@ def plan(name: str, hosts: int, subnets_in_use: set | frozenset = frozenset()) -
 def subnets_in_use(ip_addr_output: str) -> set:
     """Third octets of the 198.18.x.0/24 addresses in ``ip -o -4 addr`` output."""
     return {int(m.group(1)) for m in re.finditer(r"inet 198\.18\.(\d+)\.\d+/", ip_addr_output)}
+
+
+def launcher_script(host_pids: dict) -> str:
+    """A shell script that stands in for ``ssh`` under Hydra (``mpiexec -launcher ssh -launcher-exec``):
+    called as ``SCRIPT [options] HOST COMMAND...``, it runs COMMAND inside the simulated host
+    ``HOST`` (an address), entering the network, UTS and mount namespaces of a process living there
+    (``host_pids``: address -> pid), as ssh would run it on a real host."""
+    cases = "".join(f"  {address}) pid={pid} ;;\n" for address, pid in sorted(host_pids.items()))
+    return ("#!/bin/sh\n"
+            "# Written by sparkmpi.launch.testbed: Hydra's ssh launcher, into a simulated host.\n"
+            'while [ $# -gt 0 ]; do case "$1" in -*) shift ;; *) break ;; esac; done\n'
+            'host="$1"; shift\n'
+            'case "$host" in\n'
+            f"{cases}"
+            '  *) echo "testbed launcher: no simulated host $host" >&2; exit 255 ;;\n'
+            "esac\n"
+            'exec nsenter --target "$pid" --net --uts --mount sh -c "$*"\n')
