@@ -1,6 +1,7 @@
 """The multi-host testbed for tests: simulated hosts, Spark on them, a driver process on the bridge.
 
-``testbed`` (module scope) brings up :data:`CORES` workers' worth of hosts
+``testbed`` (module scope) brings up :data:`CORES` workers' worth of hosts, each
+with a second interface (``eth1``) that leads nowhere,
 and tears them down after the module, also when a test failed, then checks
 that no namespace, link or process of it is left.  ``hosts_driver`` is a
 :class:`Driver` talking to ``tests/hosts/driver.py`` in its own process.
@@ -22,6 +23,7 @@ from sparkmpi._proc import stop_process
 HERE = os.path.dirname(__file__)
 #: Cores of each host's worker: 2 + 2 + 1 slots, so 2 ranks spread over 2 hosts, 5 fill 2 + 2 + 1.
 CORES = (2, 2, 1)
+NETWORK_INTERFACE = "eth0"
 
 
 def skip_reason():
@@ -37,7 +39,8 @@ class Driver:
         self.bed = bed
         self.address = os.path.join(tempfile.mkdtemp(prefix="sparkmpi-hosts-driver-"), "socket")
         key = secrets.token_bytes(16)
-        env = dict(os.environ, **bed.driver_environment())
+        # Every host also has eth1, which leads nowhere: the jobs must keep to eth0.
+        env = dict(os.environ, **bed.driver_environment(), SPARKMPI_NETWORK_INTERFACE=NETWORK_INTERFACE)
         self.log = open(os.path.join(bed.log_dir, "driver.log"), "w+")
         self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "hosts", "driver.py"), bed.plan.name,
                                       self.address, key.hex()], stdout=self.log, stderr=subprocess.STDOUT,
@@ -91,7 +94,7 @@ def testbed():
         pytest.skip(reason)
     from sparkmpi.launch import testbed as tb
 
-    bed = tb.up(len(CORES), cores=CORES)
+    bed = tb.up(len(CORES), cores=CORES, second_interface=True)
     leaks.ALLOWANCES.process_roots.update(pid for pid, _ in bed.pids.values())
     try:
         yield bed

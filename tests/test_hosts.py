@@ -82,3 +82,49 @@ def test_a_killed_host_fails_the_job_in_seconds_and_the_survivors_run_the_next(h
     survivors = report["survivors"]
     _check_placement(survivors, CORES[0] + CORES[1], 10)
     assert testbed.host(3).hostname not in {r["host"] for r in survivors}
+
+
+def test_without_network_interface_the_unrouted_second_interface_fails_the_job_fast(hosts_driver):
+    answer = hosts_driver.call("placement", ranks=2, records=4, network_interface="")
+    assert answer[0] == "error" and answer[1] == "JobFailed", answer
+    assert answer[4] < 20, answer          # MPI_Init fails ("unreachable"): no hang
+    assert "unreachable" in answer[2].lower() or "No route" in answer[2], answer[2][:2000]
+
+
+def test_a_network_interface_the_hosts_lack_is_named_at_once(hosts_driver, testbed):
+    answer = hosts_driver.call("placement", ranks=2, records=4, network_interface="ib7")
+    assert answer[0] == "error" and answer[1] == "JobFailed", answer
+    assert answer[4] < 15, answer
+    assert "network_interface 'ib7' does not exist on host smpi-" in answer[2], answer[2][:2000]
+    assert "eth0, eth1" in answer[2]
+
+
+def test_native_mpiexec_across_the_same_hosts(testbed):
+    """Hydra from the mpich wheel, its ssh launcher replaced by a script entering each host."""
+    import os
+    import subprocess
+    import sys
+
+    from hosts_fixtures import NETWORK_INTERFACE
+    from sparkmpi.bench.allreduce import mpiexec_path
+
+    hosts = ",".join(h.address for h in testbed.hosts)
+    # One line from rank 0: Hydra interleaves the ranks' output.
+    code = ("import json, socket; import numpy as np; from mpi4py import MPI; c = MPI.COMM_WORLD; "
+            "s = c.Split_type(MPI.COMM_TYPE_SHARED); b = np.arange(100000, dtype='f') * (c.rank + 1); "
+            "o = np.empty_like(b); c.Allreduce(b, o); "
+            "rows = c.gather([str(c.rank), socket.gethostname(), str(s.size), str(float(o.astype('d').sum()))]); "
+            "c.rank == 0 and print('RANKS ' + json.dumps(rows), flush=True)")
+    cmd = [mpiexec_path(), "-launcher", "ssh", "-launcher-exec", testbed.launcher_script(),
+           "-localhost", testbed.plan.bridge_address, "-hosts", hosts, "-n", "3", "-ppn", "1",
+           "-genv", "UCX_NET_DEVICES", NETWORK_INTERFACE, sys.executable, "-c", code]
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PMI_")}
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=60, env=env)
+    assert done.returncode == 0, done.stderr[-3000:]
+    import json
+
+    lines = [json.loads(line[6:]) for line in done.stdout.splitlines() if line.startswith("RANKS ")][0]
+    expected = float(np.arange(100000, dtype=np.float32).astype(np.float64).sum() * 6)
+    assert [int(r) for r, *_ in lines] == [0, 1, 2]
+    assert sorted(h for _, h, _, _ in lines) == sorted(h.hostname for h in testbed.hosts)
+    assert all(size == "1" and float(total) == expected for _, _, size, total in lines)

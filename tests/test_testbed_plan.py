@@ -6,7 +6,8 @@ import pytest
 
 from sparkmpi.errors import InvalidArgument, InvalidArgumentType
 from sparkmpi.launch import testbed_plan
-from sparkmpi.launch.testbed_plan import IFNAME_MAX, PREFIX, Plan, host_wrapper, plan, subnets_in_use
+from sparkmpi.launch.testbed_plan import (IFNAME_MAX, PREFIX, Plan, host_wrapper, launcher_script, plan,
+                                          subnets_in_use)
 
 BENCHMARK_RANGE = ipaddress.ip_network("198.18.0.0/15")
 
@@ -79,11 +80,12 @@ def test_up_commands_build_the_bridge_first_then_each_host_in_its_namespace():
     assert not any("eth1" in cmd for cmd in cmds)
 
 
-def test_second_interface_is_a_dummy_link_with_its_own_subnet():
+def test_second_interface_is_a_link_to_nowhere_with_its_own_subnet():
     p = plan("s", 2)
     cmds = p.up_commands(second_interface=True)
     for h in p.hosts:
-        assert ["ip", "-n", h.namespace, "link", "add", "eth1", "type", "dummy"] in cmds
+        assert ["ip", "-n", h.namespace, "link", "add", "eth1", "type", "veth", "peer", "name", "eth1-peer"] in cmds
+        assert not any(c[-1] == "eth1-peer" and "addr" in c for c in cmds)   # nothing answers there
         assert ["ip", "-n", h.namespace, "addr", "add", f"{h.second_address}/24", "dev", "eth1"] in cmds
 
 
@@ -108,8 +110,33 @@ def test_plan_round_trips_through_a_dict():
 
 def test_host_wrapper_gives_its_own_hostname_and_dev_shm():
     argv = host_wrapper("smpi-x-host1", ["java", "-cp", "a b"])
-    assert argv[:5] == ["unshare", "--uts", "--mount", "--propagation", "private"]
-    script = argv[7]
+    assert argv[0] == "unshare"
+    options = argv[1:argv.index("sh")]
+    assert {"--uts", "--ipc", "--mount", "--pid", "--fork", "--mount-proc"} <= set(options)
+    assert options[options.index("--propagation") + 1] == "private"
+    script = argv[argv.index("-c") + 1]
     assert 'hostname "$0"' in script and "mount -t tmpfs" in script and "/dev/shm" in script
     assert script.endswith('exec "$@"')
-    assert argv[8:] == ["smpi-x-host1", "java", "-cp", "a b"]
+    assert argv[argv.index("-c") + 2:] == ["smpi-x-host1", "java", "-cp", "a b"]
+
+
+def test_launcher_script_enters_the_host_of_the_address_hydra_names():
+    text = launcher_script({"198.18.1.2": 111, "198.18.1.3": 222})
+    assert text.startswith("#!/bin/sh\n")
+    assert "198.18.1.2) pid=111 ;;" in text and "198.18.1.3) pid=222 ;;" in text
+    assert 'nsenter --target "$pid" --net --uts --ipc --mount --pid sh -c "$*"' in text
+    assert "exit 255" in text       # an unknown host fails as ssh does
+
+
+def test_launcher_script_runs_in_sh(tmp_path):
+    import subprocess
+
+    script = tmp_path / "enter.sh"
+    # Only the argument handling: nsenter is swapped for echo.
+    script.write_text(launcher_script({"198.18.1.2": 111}).replace("exec nsenter", "exec echo nsenter"))
+    done = subprocess.run(["sh", str(script), "-x", "-q", "198.18.1.2", "hydra_pmi_proxy", "--control-port", "h:1"],
+                          capture_output=True, text=True)
+    assert done.returncode == 0 and done.stdout.split()[:3] == ["nsenter", "--target", "111"]
+    assert done.stdout.strip().endswith("-c hydra_pmi_proxy --control-port h:1")
+    unknown = subprocess.run(["sh", str(script), "198.18.9.9", "true"], capture_output=True, text=True)
+    assert unknown.returncode == 255 and "no simulated host 198.18.9.9" in unknown.stderr

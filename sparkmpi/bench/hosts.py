@@ -90,9 +90,9 @@ def inject(bed, fault: str, host: int) -> None:
     elif fault == "sigkill":                 # its worker, executor, Python workers and ranks
         bed.signal_host(host, signal.SIGKILL)
     elif fault == "executor_kill":           # all but the worker, which starts a new executor
-        worker = bed.pids.get(f"worker-{host}", [None])[0]
+        worker = {bed.pids.get(f"worker-{host}", [None])[0], bed.host_init_pid(host)}   # unshare, the JVM
         for pid in bed.host_pids(host):
-            if pid != worker:
+            if pid not in worker:
                 try:
                     os.kill(pid, signal.SIGKILL)
                 except ProcessLookupError:

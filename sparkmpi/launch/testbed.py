@@ -239,12 +239,40 @@ class Testbed:
                 raise TestbedError(f"the worker of {h.hostname} did not come back within 60 s")
             time.sleep(0.3)
 
+    def refresh(self) -> None:
+        """Take the pids from the state file (another process may have restarted a worker)."""
+        try:
+            with open(self.state_path()) as fh:
+                pids = json.load(fh)["pids"]
+        except (OSError, ValueError, KeyError):
+            return
+        for role, entry in pids.items():
+            if self.pids.get(role) != entry:
+                self.pids[role] = entry
+                replaced = self._procs.pop(role, None)
+                if replaced is not None:
+                    replaced.poll()    # reap it if it is gone (it was killed: a fault test)
+
+    def host_init_pid(self, index: int) -> int | None:
+        """The pid (as the root namespace numbers it) of host ``index``'s process 1: the child that
+        ``unshare`` forked into the host's namespaces (None when the host is not running)."""
+        outer = self._live(f"worker-{index}")
+        if outer is None:
+            return None
+        try:
+            with open(f"/proc/{outer}/task/{outer}/children") as fh:
+                children = fh.read().split()
+        except OSError:
+            return None
+        return int(children[0]) if children else None
+
     def launcher_script(self) -> str:
         """Write the ``ssh`` stand-in for Hydra into the log folder; its path (see
         :func:`~sparkmpi.launch.testbed_plan.launcher_script`)."""
+        self.refresh()
         pids = {}
         for h in self.plan.hosts:
-            pid = self._live(f"worker-{h.index}")
+            pid = self.host_init_pid(h.index)
             if pid is None:
                 raise TestbedError(f"the worker of {h.hostname} is not running; no process to enter that host by")
             pids[h.address] = pid
@@ -258,6 +286,7 @@ class Testbed:
     def down(self) -> list[str]:
         """Remove everything; returns one line per step that failed (empty: all gone)."""
         problems: list[str] = []
+        self.refresh()
         for h in self.plan.hosts:      # a frozen host would ignore SIGTERM
             self.signal_host(h.index, signal.SIGCONT)
         roles = sorted(self.pids, key=lambda r: r == "master")   # workers first, the master last

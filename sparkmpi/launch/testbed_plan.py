@@ -6,8 +6,9 @@ and a private ``/dev/shm`` (a mount namespace with a fresh tmpfs), so MPICH
 on two simulated hosts cannot meet through shared memory.  Addresses come
 from 198.18.0.0/15, the range reserved for benchmarking (RFC 2544): host
 ``i`` of subnet ``s`` is ``198.18.s.(i+1)`` and the bridge ``198.18.s.1``.
-Each host may get a second, non-routed interface (a dummy link with an
-address in ``198.19.s.0/24`` that nobody else can reach), to test that jobs
+Each host may get a second, non-routed interface (``eth1``, with an address
+in ``198.19.s.0/24`` that nobody else can reach: its veth peer stays inside the
+host, with no address), to test that jobs
 pick the right interface.
 
 :func:`plan` turns (name, host count, subnets already in use) into a
@@ -32,6 +33,7 @@ _NAME = re.compile(r"[a-z0-9]{1,5}")
 #: Interface names inside a host namespace.
 HOST_IFACE = "eth0"
 SECOND_IFACE = "eth1"
+SECOND_PEER = "eth1-peer"
 NETMASK_BITS = 24
 
 
@@ -69,8 +71,11 @@ class Plan:
                      ns + ["addr", "add", f"{h.address}/{NETMASK_BITS}", "dev", HOST_IFACE],
                      ns + ["link", "set", HOST_IFACE, "up"]]
             if second_interface:
-                cmds += [ns + ["link", "add", SECOND_IFACE, "type", "dummy"],
+                # A veth pair with both ends in the host (dummy links need a kernel module that
+                # containers may lack): the peer end has no address, so nothing answers there.
+                cmds += [ns + ["link", "add", SECOND_IFACE, "type", "veth", "peer", "name", SECOND_PEER],
                          ns + ["addr", "add", f"{h.second_address}/{NETMASK_BITS}", "dev", SECOND_IFACE],
+                         ns + ["link", "set", SECOND_PEER, "up"],
                          ns + ["link", "set", SECOND_IFACE, "up"]]
         return cmds
 
@@ -102,12 +107,21 @@ class Plan:
                    hosts=tuple(Host(**h) for h in data["hosts"]))
 
 
+#: Namespaces a simulated host has of its own besides the network one.  Not only the UTS name and
+#: ``/dev/shm`` (mount): UCX also meets peers through System V shared memory (IPC) and reads their
+#: memory with process_vm_readv (CMA, which needs their pids: PID), and would otherwise treat two
+#: simulated hosts as one machine.
+HOST_NAMESPACES = ("--uts", "--ipc", "--mount", "--pid")
+
+
 def host_wrapper(hostname: str, argv: list[str]) -> list[str]:
-    """``argv`` run as one simulated host's process: its own UTS name and a fresh tmpfs on
-    ``/dev/shm``, in a mount namespace whose changes stay private (they vanish with its last
-    process, so nothing is left mounted).  Run it inside ``ip netns exec NS``."""
+    """``argv`` run as one simulated host's first process: its own UTS name, System V IPC, PID
+    numbering (with its own ``/proc``) and a fresh tmpfs on ``/dev/shm``, in a mount namespace whose
+    changes stay private (they vanish with its last process, so nothing is left mounted).  Run it
+    inside ``ip netns exec NS``; ``unshare`` forks, and its child is the host's process 1."""
     script = 'hostname "$0" && mount -t tmpfs -o mode=1777 tmpfs /dev/shm && exec "$@"'
-    return ["unshare", "--uts", "--mount", "--propagation", "private", "sh", "-c", script, hostname, *argv]
+    return ["unshare", *HOST_NAMESPACES, "--fork", "--mount-proc", "--propagation", "private",
+            "sh", "-c", script, hostname, *argv]
 
 
 def plan(name: str, hosts: int, subnets_in_use: set | frozenset = frozenset()) -> Plan:
@@ -152,8 +166,9 @@ def subnets_in_use(ip_addr_output: str) -> set:
 def launcher_script(host_pids: dict) -> str:
     """A shell script that stands in for ``ssh`` under Hydra (``mpiexec -launcher ssh -launcher-exec``):
     called as ``SCRIPT [options] HOST COMMAND...``, it runs COMMAND inside the simulated host
-    ``HOST`` (an address), entering the network, UTS and mount namespaces of a process living there
-    (``host_pids``: address -> pid), as ssh would run it on a real host."""
+    ``HOST`` (an address), entering the network, UTS, IPC, mount and PID namespaces of a process living there
+    (``host_pids``: address -> the pid of a process inside: the host's process 1), as ssh would
+    run it on a real host."""
     cases = "".join(f"  {address}) pid={pid} ;;\n" for address, pid in sorted(host_pids.items()))
     return ("#!/bin/sh\n"
             "# Written by sparkmpi.launch.testbed: Hydra's ssh launcher, into a simulated host.\n"
@@ -163,4 +178,4 @@ def launcher_script(host_pids: dict) -> str:
             f"{cases}"
             '  *) echo "testbed launcher: no simulated host $host" >&2; exit 255 ;;\n'
             "esac\n"
-            'exec nsenter --target "$pid" --net --uts --mount sh -c "$*"\n')
+            'exec nsenter --target "$pid" --net --uts --ipc --mount --pid sh -c "$*"\n')

@@ -30,10 +30,10 @@ def _placement(comm, records):
              "hosts_seen": gathered}]
 
 
-def placement(spark, bed, ranks, records=40):
+def placement(spark, bed, ranks, records=40, **settings):
     """sparkmpi.run over ``ranks`` partitions: where each rank ran, its node group and reductions."""
     rdd = spark.sparkContext.parallelize(range(records), ranks)
-    return sparkmpi.run(rdd, _placement, start_timeout=60, timeout=60)
+    return sparkmpi.run(rdd, _placement, start_timeout=60, timeout=60, **settings)
 
 
 def _world_step(comm, state, factor):
