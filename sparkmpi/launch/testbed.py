@@ -253,10 +253,20 @@ class Testbed:
                 if replaced is not None:
                     replaced.poll()    # reap it if it is gone (it was killed: a fault test)
 
+    def start_on_host(self, index: int, role: str, argv: list[str], env: dict | None = None,
+                      hosts_file: str = "") -> None:
+        """Start ``argv`` as host ``index``'s process 1 (instead of a Spark worker: ``up(spark=False)``),
+        recorded as ``role`` (``<name>-<index>``) for teardown."""
+        h = self.host(index)
+        self._spawn(role, ["ip", "netns", "exec", h.namespace, *testbed_plan.host_wrapper(h.hostname, argv, hosts_file)],
+                    dict(os.environ, **(env or {})))
+        self.save()
+
     def host_init_pid(self, index: int) -> int | None:
         """The pid (as the root namespace numbers it) of host ``index``'s process 1: the child that
         ``unshare`` forked into the host's namespaces (None when the host is not running)."""
-        outer = self._live(f"worker-{index}")
+        roles = [r for r in self.pids if r.endswith(f"-{index}") and r != "master"]
+        outer = next((pid for pid in map(self._live, sorted(roles)) if pid is not None), None)
         if outer is None:
             return None
         try:
@@ -364,10 +374,12 @@ def new_name() -> str:
 
 
 def up(hosts: int, name: str | None = None, *, cores: int | tuple = 1, memory: str = "1g",
-       second_interface: bool = False, timeout: float = 90.0) -> Testbed:
+       second_interface: bool = False, timeout: float = 90.0, spark: bool = True) -> Testbed:
     """Build the network of ``hosts`` simulated hosts and start Spark on it; torn down on failure.
 
     ``cores`` is each host's worker's core count, one for all or a tuple with one per host.
+    ``spark=False`` builds the network only; start each host's process 1 with
+    :meth:`Testbed.start_on_host` (the SLURM test starts ``slurmd`` there).
 
     Raises
     ------
@@ -391,11 +403,12 @@ def up(hosts: int, name: str | None = None, *, cores: int | tuple = 1, memory: s
         bed.save()
         for cmd in bed.plan.up_commands(second_interface=second_interface):
             _ip(cmd)
-        bed.master_port = free_port(bed.plan.bridge_address)
-        bed.webui_port = free_port(bed.plan.bridge_address)
-        bed._start_spark(memory)
-        bed.save()
-        bed.wait_for_workers(timeout=timeout)
+        if spark:
+            bed.master_port = free_port(bed.plan.bridge_address)
+            bed.webui_port = free_port(bed.plan.bridge_address)
+            bed._start_spark(memory)
+            bed.save()
+            bed.wait_for_workers(timeout=timeout)
     except BaseException:
         bed.down()
         raise

@@ -114,14 +114,25 @@ class Plan:
 HOST_NAMESPACES = ("--uts", "--ipc", "--mount", "--pid")
 
 
-def host_wrapper(hostname: str, argv: list[str]) -> list[str]:
+def host_wrapper(hostname: str, argv: list[str], hosts_file: str = "") -> list[str]:
     """``argv`` run as one simulated host's first process: its own UTS name, System V IPC, PID
     numbering (with its own ``/proc``) and a fresh tmpfs on ``/dev/shm``, in a mount namespace whose
     changes stay private (they vanish with its last process, so nothing is left mounted).  Run it
-    inside ``ip netns exec NS``; ``unshare`` forks, and its child is the host's process 1."""
+    inside ``ip netns exec NS``; ``unshare`` forks, and its child is the host's process 1.
+    ``hosts_file``, if given, is bind-mounted on the host's ``/etc/hosts`` (so the hosts resolve
+    each other's names, as SLURM and Spark's defaults need)."""
     script = 'hostname "$0" && mount -t tmpfs -o mode=1777 tmpfs /dev/shm && exec "$@"'
+    if hosts_file:
+        script = f'mount --bind "{hosts_file}" /etc/hosts && ' + script
     return ["unshare", *HOST_NAMESPACES, "--fork", "--mount-proc", "--propagation", "private",
             "sh", "-c", script, hostname, *argv]
+
+
+def hosts_file_text(plan: "Plan", extra: dict | None = None) -> str:
+    """``/etc/hosts`` lines naming every host of ``plan`` (and ``extra``: name -> address)."""
+    lines = ["127.0.0.1 localhost"] + [f"{h.address} {h.hostname}" for h in plan.hosts]
+    lines += [f"{address} {name}" for name, address in sorted((extra or {}).items())]
+    return "\n".join(lines) + "\n"
 
 
 def plan(name: str, hosts: int, subnets_in_use: set | frozenset = frozenset()) -> Plan:
