@@ -55,6 +55,19 @@ def test_a_persistent_world_across_hosts(hosts_driver):
         assert [a["host"] for a in answers] == out["hosts"]
 
 
+def test_mpi_tomography_across_hosts_equals_one_process(hosts_driver, tmp_path):
+    tmp_path.chmod(0o755)
+    out = hosts_driver.ok("tomography", ranks=len(CORES), folder=str(tmp_path))
+    assert out["ranks"] == len(CORES) and out["max_abs_diff"] < 1e-5, out
+
+
+def test_distributed_ptychography_across_hosts_equals_one_process(hosts_driver, tmp_path):
+    tmp_path.chmod(0o755)
+    out = hosts_driver.ok("ptychography", ranks=len(CORES), folder=str(tmp_path))
+    assert out["ranks"] == len(CORES) and out["frames_per_rank"] == [24, 24, 24], out
+    assert out["object_rel_diff"] < 1e-4, out
+
+
 def _check_lost_host(report, testbed, index, within):
     error = report["error"]
     assert error is not None and error["type"] == "JobFailed", report

@@ -4,6 +4,7 @@ Each returns plain data (lists, dicts, numbers) for the test to compare with
 the single-process result it computes itself.
 """
 
+import os
 import socket
 import time
 
@@ -70,3 +71,30 @@ def lost_host(spark, bed, fault, host, host_timeout=None, ranks=3):
     report["next"] = placement(spark, bed, sum(bed.cores), records=10)
     report["next_job_s"] = time.monotonic() - started
     return report
+
+
+def tomography(spark, bed, ranks, folder):
+    """The MPI tomography job (SIRT, slices split over ranks) against one process: max abs difference."""
+    from sparkmpi.tomo import default_angles, simulate_tilt_series, sirt
+    from sparkmpi.tomo.spark import reconstruct_mpi
+
+    path = os.path.join(folder, "series.tif")
+    series, _ = simulate_tilt_series(24, angles_deg=default_angles(16, 70.0), out=path)
+    volume, info = reconstruct_mpi(spark, path, ranks=ranks, iterations=15, positivity=True, timeout=120)
+    serial = sirt(series.sinograms(), series.angles_deg, iterations=15, positivity=True)
+    return {"ranks": info["ranks"], "max_abs_diff": float(np.abs(volume - serial).max())}
+
+
+def ptychography(spark, bed, ranks, folder):
+    """The distributed ptychography (DM, frames split over ranks) against one process: relative error."""
+    from sparkmpi import ptycho
+    from sparkmpi.ptycho.spark import reconstruct_mpi
+
+    data = ptycho.simulate(frames=72, frame_size=48, seed=1)
+    path = data.save(os.path.join(folder, "scan.npz"))
+    probe = ptycho.model_probe(data)
+    mask = ptycho.illuminated_mask(data)
+    out = reconstruct_mpi(spark, path, ranks=ranks, iterations=8, probe=probe, timeout=180)
+    serial = ptycho.reconstruct(data, iterations=8, probe=probe)
+    rel = float(np.linalg.norm((out.object - serial.object)[mask]) / np.linalg.norm(serial.object[mask]))
+    return {"ranks": out.ranks, "frames_per_rank": out.frames_per_rank, "object_rel_diff": rel}
