@@ -9,6 +9,7 @@ that no namespace, link or process of it is left.  ``hosts_driver`` is a
 
 import os
 import secrets
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -102,6 +103,7 @@ def testbed():
         problems = bed.down()
         left = bed.leftovers()
         assert not problems and not left, f"the testbed was not removed: {problems} {left}"
+        shutil.rmtree(bed.log_dir, ignore_errors=True)     # its logs, kept only when teardown failed
 
 
 @pytest.fixture(scope="module")

@@ -9,6 +9,7 @@ start Spark standalone on the allocation and run an MPI job across the nodes.
 import json
 import os
 import re
+import shutil
 import subprocess
 import sys
 
@@ -75,6 +76,9 @@ def test_the_readme_sbatch_recipe_runs_an_mpi_job_across_slurm_nodes(tmp_path):
             cluster.stop()
         problems = bed.down()
         assert not problems and not bed.leftovers(), (problems, bed.leftovers())
+        shutil.rmtree(bed.log_dir, ignore_errors=True)
+        if cluster is not None:
+            shutil.rmtree(cluster.folder, ignore_errors=True)
     assert [r[0] for r in result] == [0, 1, 2, 3] and all(r[1] == 4 for r in result)
     assert all(r[3] == sum(range(40)) for r in result)
     assert {r[2] for r in result} <= {h.hostname for h in bed.hosts}
