@@ -86,6 +86,7 @@ class Driver:
             pass
         stop_process(self.proc, grace=5.0, group=True)
         self.log.close()
+        shutil.rmtree(os.path.dirname(self.address), ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
