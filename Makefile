@@ -19,6 +19,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	sh scripts/install-browser.sh
+	sh scripts/install-slurm.sh
 	$(VENV)/bin/python -m pytest -q
 
 clean:

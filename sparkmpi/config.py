@@ -99,6 +99,20 @@ class Settings:
     world_idle_timeout : float or None
         Seconds a :class:`~sparkmpi.World` may wait for its next call before
         it closes itself and frees its task slots; None keeps it open.
+    host_timeout : float
+        Seconds a rank's relay may stay silent while the driver waits on its
+        world (the driver pings each relay every ``host_timeout / 5`` s, at
+        most every second) before the job fails with "no contact for N s"
+        naming the rank and its host: a host whose link went down, that is
+        frozen or powered off.  Without it Spark notices only after its own
+        executor timeout (a minute or more).
+    network_interface : str
+        The network interface the ranks' MPI traffic between hosts uses
+        (``eth0``, ``ib0``): sets ``UCX_NET_DEVICES``, ``FI_TCP_IFACE`` and
+        ``FI_SOCKETS_IFACE`` for them, unless the job's ``env`` sets them.  ""
+        (default) leaves the choice to the fabric, which uses every interface
+        with an address and fails where one of them is not routed between the
+        hosts.  A host without that interface fails the job at once, naming it.
     """
 
     pmi_host: str = "auto"
@@ -115,6 +129,8 @@ class Settings:
     kafka_home: str = ""
     verbose: bool = False
     world_idle_timeout: float | None = None
+    host_timeout: float = 8.0
+    network_interface: str = ""
 
     def __post_init__(self) -> None:
         if not isinstance(self.pmi_host, str) or not self.pmi_host:
@@ -123,6 +139,12 @@ class Settings:
             raise ConfigError(f"pmi_port must be in 0..65535, got {self.pmi_port}")
         _positive_or_none("job_timeout", self.job_timeout)
         _positive_or_none("world_idle_timeout", self.world_idle_timeout)
+        if (not isinstance(self.network_interface, str) or len(self.network_interface) > 15
+                or any(c.isspace() or c in "/," for c in self.network_interface)):
+            raise ConfigError(f"network_interface must be an interface name such as 'eth0' (or '' for the "
+                              f"fabric's choice), got {self.network_interface!r}")
+        if _positive_or_none("host_timeout", self.host_timeout) is None:
+            raise ConfigError("host_timeout must be set")
         if _positive_or_none("start_timeout", self.start_timeout) is None:
             raise ConfigError("start_timeout must be set")
         if not (0 <= int(self.warm_pool) <= 64):
@@ -178,7 +200,8 @@ _KINDS = {"pmi_host": str, "pmi_port": int, "job_timeout": "float|None",
           "start_timeout": float, "warm_pool": int, "kill_grace": float,
           "fork_server": bool, "single_host_netmod": str, "preload": "modules",
           "rank_idle_exit_s": float, "fft_workers": int, "kafka_home": str, "verbose": bool,
-          "world_idle_timeout": "float|None"}
+          "world_idle_timeout": "float|None", "host_timeout": float,
+          "network_interface": str}
 
 
 def load_settings(environ: Mapping[str, str] | None = None, **overrides: Any) -> Settings:

@@ -23,7 +23,7 @@ from typing import Any, Callable
 
 from ..config import Settings
 from ..errors import InvalidArgument, JobFailed, JobTimeout
-from . import channel
+from . import channel, heartbeat
 from .job import get_server, resolve_host
 from .task import TaskSpec, run_rank_task
 
@@ -121,6 +121,8 @@ class WorldCore:
         self.calls = itertools.count(1)
         self.closed_reason: str | None = None
         self.teardown_done = False
+        #: Ranks whose host went silent (the heartbeat found them): teardown does not wait for them.
+        self.silent_ranks: set[int] = set()
 
     # -- the stage -------------------------------------------------------------
     def task(self):
@@ -157,9 +159,10 @@ class WorldCore:
         relay that waits on us.
         """
         endpoint = self.endpoint
+        watch = heartbeat.ContactWatch(self.settings.host_timeout)
         outgoing = {rank: queue for rank, queue in (outgoing or {}).items() if queue}
         for rank in list(outgoing):
-            if self._send_some(rank, outgoing[rank], what):
+            if self._send_some(rank, outgoing[rank], what, watch):
                 del outgoing[rank]
         with selectors.DefaultSelector() as sel:
             sel.register(endpoint.listener, selectors.EVENT_READ, None)
@@ -173,6 +176,7 @@ class WorldCore:
                         else:
                             sel.register(sock, events, rank)
                         registered[rank] = events
+                self._heartbeat(watch, {r for r, e in registered.items() if e != -1}, what, busy=outgoing)
                 if self.job.failed.is_set():
                     self._raise_failure(what)
                 if self.stage_done.is_set() and self.stage_error is not None:
@@ -186,7 +190,7 @@ class WorldCore:
                         continue
                     rank = key.data
                     if mask & selectors.EVENT_WRITE and rank in outgoing:
-                        if self._send_some(rank, outgoing[rank], what):
+                        if self._send_some(rank, outgoing[rank], what, watch):
                             del outgoing[rank]
                     if not mask & selectors.EVENT_READ:
                         continue
@@ -199,14 +203,20 @@ class WorldCore:
                             continue  # its relay is done after CLOSED
                         self._raise_failure(what, lost=f"lost the relay of rank {rank} "
                                                        f"(on {endpoint.hosts.get(rank, '?')})")
+                    watch.contact(rank, time.monotonic())
+                    if kind == channel.PONG:
+                        continue
                     if kind == channel.OUTPUT:
                         message = channel.decode(segments)
                         self.output.write(rank, message["stream"], message["data"])
                     else:
                         on_frame(rank, kind, segments)
 
-    def _send_some(self, rank: int, queue: deque, what: str) -> bool:
-        """Write what the relay of ``rank`` takes now, without blocking; True once ``queue`` is sent."""
+    def _send_some(self, rank: int, queue: deque, what: str, watch: heartbeat.ContactWatch) -> bool:
+        """Write what the relay of ``rank`` takes now, without blocking; True once ``queue`` is sent.
+
+        A relay that takes bytes is in contact (``watch``), even before it answers.
+        """
         sock = self.endpoint.conns[rank]
         while queue:
             try:
@@ -216,11 +226,40 @@ class WorldCore:
             except OSError:
                 self._raise_failure(what, lost=f"lost the relay of rank {rank} "
                                                f"(on {self.endpoint.hosts.get(rank, '?')})")
+            if sent:
+                watch.contact(rank, time.monotonic())
             if sent == queue[0].nbytes:
                 queue.popleft()
             else:
                 queue[0] = queue[0][sent:]
         return True
+
+    def _heartbeat(self, watch: heartbeat.ContactWatch, connected: set, what: str, busy=()) -> None:
+        """Ping the connected relays that are due; fail the job when one has been silent too long.
+
+        Ranks in ``busy`` have a call half written to them: a ping there would
+        cut into it (the bytes they take count as contact instead).
+        """
+        endpoint, now = self.endpoint, time.monotonic()
+        for rank in connected:
+            if rank in endpoint.closed:
+                watch.forget(rank)
+            else:
+                watch.watch(rank, now)
+        for rank in watch.pings_due(now):
+            if rank in busy:
+                continue
+            try:
+                channel.send_message(endpoint.conns[rank], channel.PING, None)
+            except (OSError, KeyError):
+                pass  # a closed connection is found by the read that follows
+        lost = watch.lost(now)
+        if lost:
+            rank, silent = lost[0]
+            self.silent_ranks.update(r for r, _ in lost)
+            cause = heartbeat.lost_message(rank, endpoint.hosts.get(rank, "?"), silent, watch.timeout)
+            self.job.abort(cause, rank=rank)
+            self._raise_failure(what)
 
     def wait_started(self, deadline: float | None) -> None:
         endpoint = self.endpoint
@@ -326,7 +365,7 @@ class WorldCore:
                 job.abort(reason)
             # The relays got the abort: let them stop their ranks and report
             # before Spark kills the tasks, then cancel (no stage retries).
-            job.wait_relays_gone(settings.kill_grace + 3.0)
+            job.wait_relays_gone(settings.kill_grace + 3.0, ignore=self.silent_ranks)
             if not self.stage_done.is_set():
                 self.sc.cancelJobsWithTag(self.tag)
         self.endpoint.close()

@@ -27,9 +27,11 @@ JOB, DATA, RESULT, ERROR, READY, FORK, FORKED = 1, 2, 3, 4, 5, 6, 7
 # between, and CLOSE -> CLOSED (MPI finalised).  HELLO opens a relay's
 # connection to the driver's world endpoint; DATA also carries partitions.
 STARTED, CALL, CLOSE, CLOSED, OUTPUT, HELLO = 8, 9, 10, 11, 12, 13
+# The driver's heartbeat (see .heartbeat): PING to a relay while it waits, PONG back at once.
+PING, PONG = 14, 15
 KIND_NAMES = {JOB: "job", DATA: "data", RESULT: "result", ERROR: "error", READY: "ready", FORK: "fork",
               FORKED: "forked", STARTED: "started", CALL: "call", CLOSE: "close", CLOSED: "closed",
-              OUTPUT: "output", HELLO: "hello"}
+              OUTPUT: "output", HELLO: "hello", PING: "ping", PONG: "pong"}
 
 
 @dataclass(frozen=True)

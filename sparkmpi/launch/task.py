@@ -24,7 +24,7 @@ from .._retry import retry
 from ..config import Settings
 from ..pmi import control
 from ..pmi.wire import LineBuffer, parse_line
-from . import channel, pool, relay, shm
+from . import channel, interfaces, pool, relay, shm
 
 STDERR_TAIL = 4000
 CONNECT_TIMEOUT = 15.0
@@ -178,6 +178,9 @@ class _Relay:
             except (channel.ChannelClosed, ConnectionError):
                 self.execute(handle(relay.DriverClosed()))
                 return
+            if kind == channel.PING:
+                self._answer_ping()
+                return
             self.execute(handle(relay.DriverFrame(kind, segments)))
         elif what == "inbox":
             self._receive_partition()
@@ -195,6 +198,10 @@ class _Relay:
                 status = self.proc.popen.wait()
                 tail = self.stderr_tail.decode("utf-8", "replace").strip()
                 self.execute(handle(relay.RankExited(status, tail)))
+
+    def _answer_ping(self) -> None:
+        """The driver's heartbeat: answer at once, whatever the rank is doing (see .heartbeat)."""
+        _send_quietly(lambda: channel.send_message(self.driver, channel.PONG, None))
 
     def _receive_partition(self) -> None:
         """One delivery to the inbox: HELLO with the token, then the DATA frame, which goes to the rank."""
@@ -334,7 +341,17 @@ def rank_environment(spec: TaskSpec, task_hosts, environ=None) -> dict:
     if (netmod and len(set(task_hosts)) == 1
             and NETMOD_VARIABLE not in env and NETMOD_VARIABLE not in environ):
         env[NETMOD_VARIABLE] = netmod
+    env.update(interfaces.interface_environment(spec.settings.network_interface, env, environ))
     return env
+
+
+def check_network_interface(spec: TaskSpec, task_relay: "_Relay") -> None:
+    """Fail this rank (and so the job) before MPI starts when its host lacks ``network_interface``."""
+    problem = interfaces.missing_interface(spec.settings.network_interface,
+                                           [name for _, name in socket.if_nameindex()], socket.gethostname())
+    if problem is not None:
+        _send_quietly(task_relay.server.sendall, control.text_line(control.FAILED, problem))
+        raise RankError(problem)
 
 
 def _task_hosts(context) -> list:
@@ -361,6 +378,7 @@ def run_rank_task(spec: TaskSpec, iterator):
     try:
         hosts = _task_hosts(context)
         task_relay.connect(hosts[rank])
+        check_network_interface(spec, task_relay)
         task_relay.start_rank(rank_environment(spec, hosts), records)
         del records
         task_relay.run()

@@ -1,0 +1,100 @@
+"""Scenarios the multi-host tests run in the testbed's driver (``driver.py``): ``fn(spark, bed, **kw)``.
+
+Each returns plain data (lists, dicts, numbers) for the test to compare with
+the single-process result it computes itself.
+"""
+
+import os
+import socket
+import time
+
+import numpy as np
+
+import sparkmpi
+from sparkmpi.bench.hosts import wait_for_executors  # noqa: F401  (used by driver.py)
+
+
+def _placement(comm, records):
+    from mpi4py import MPI
+
+    shared = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    node_ranks = shared.allgather(comm.rank)
+    data = np.array([float(r) for r in records], dtype=np.float64)
+    total = np.zeros(1)
+    comm.Allreduce(np.array([data.sum()]), total)
+    big = np.arange(200_000, dtype=np.float32) * (comm.rank + 1)
+    big_sum = np.empty_like(big)
+    comm.Allreduce(big, big_sum)
+    gathered = comm.allgather(socket.gethostname())
+    return [{"rank": comm.rank, "size": comm.size, "host": socket.gethostname(), "node_ranks": node_ranks,
+             "total": float(total[0]), "big_checksum": float(big_sum.astype(np.float64).sum()),
+             "hosts_seen": gathered}]
+
+
+def placement(spark, bed, ranks, records=40, **settings):
+    """sparkmpi.run over ``ranks`` partitions: where each rank ran, its node group and reductions."""
+    rdd = spark.sparkContext.parallelize(range(records), ranks)
+    return sparkmpi.run(rdd, _placement, start_timeout=60, timeout=60, **settings)
+
+
+def _world_step(comm, state, factor):
+    import socket as sk
+
+    from mpi4py import MPI
+
+    state["calls"] = state.get("calls", 0) + 1
+    value = comm.allreduce(float(comm.rank + 1) * factor, op=MPI.SUM)
+    return {"rank": comm.rank, "host": sk.gethostname(), "calls": state["calls"], "sum": value}
+
+
+def world_calls(spark, bed, ranks, factors):
+    """A persistent World across hosts called once per factor; the answers and the world's hosts."""
+    with sparkmpi.World(spark, ranks, start_timeout=60) as world:
+        answers = [world.call(_world_step, f, timeout=60) for f in factors]
+        return {"answers": answers, "hosts": world.hosts}
+
+
+
+def lost_host(spark, bed, fault, host, host_timeout=None, ranks=3):
+    """A busy job with ``host`` cut off once every rank runs (see sparkmpi.bench.hosts.lost_host_job);
+    then (SIGKILL) a job on the surviving hosts; then, the host back, a job on every host."""
+    from sparkmpi.bench import hosts as bench_hosts
+
+    report = bench_hosts.lost_host_job(spark, bed, fault, host, ranks, host_timeout=host_timeout)
+    if fault == "sigkill":
+        survivors = sum(bed.cores) - bed.cores[host - 1]
+        started = time.monotonic()
+        report["survivors"] = placement(spark, bed, survivors, records=10)
+        report["survivors_job_s"] = time.monotonic() - started
+    bench_hosts.recover(spark, bed, fault, host)
+    started = time.monotonic()
+    report["next"] = placement(spark, bed, sum(bed.cores), records=10)
+    report["next_job_s"] = time.monotonic() - started
+    return report
+
+
+def tomography(spark, bed, ranks, folder):
+    """The MPI tomography job (SIRT, slices split over ranks) against one process: max abs difference."""
+    from sparkmpi.tomo import default_angles, simulate_tilt_series, sirt
+    from sparkmpi.tomo.spark import reconstruct_mpi
+
+    path = os.path.join(folder, "series.tif")
+    series, _ = simulate_tilt_series(24, angles_deg=default_angles(16, 70.0), out=path)
+    volume, info = reconstruct_mpi(spark, path, ranks=ranks, iterations=15, positivity=True, timeout=120)
+    serial = sirt(series.sinograms(), series.angles_deg, iterations=15, positivity=True)
+    return {"ranks": info["ranks"], "max_abs_diff": float(np.abs(volume - serial).max())}
+
+
+def ptychography(spark, bed, ranks, folder):
+    """The distributed ptychography (DM, frames split over ranks) against one process: relative error."""
+    from sparkmpi import ptycho
+    from sparkmpi.ptycho.spark import reconstruct_mpi
+
+    data = ptycho.simulate(frames=72, frame_size=48, seed=1)
+    path = data.save(os.path.join(folder, "scan.npz"))
+    probe = ptycho.model_probe(data)
+    mask = ptycho.illuminated_mask(data)
+    out = reconstruct_mpi(spark, path, ranks=ranks, iterations=8, probe=probe, timeout=180)
+    serial = ptycho.reconstruct(data, iterations=8, probe=probe)
+    rel = float(np.linalg.norm((out.object - serial.object)[mask]) / np.linalg.norm(serial.object[mask]))
+    return {"ranks": out.ranks, "frames_per_rank": out.frames_per_rank, "object_rel_diff": rel}

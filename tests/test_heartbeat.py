@@ -1,0 +1,71 @@
+"""The driver's heartbeat bookkeeping: contact times in, pings and lost ranks out (no sockets)."""
+
+import pytest
+
+from sparkmpi.errors import InvalidArgument
+from sparkmpi.launch.heartbeat import ContactWatch, lost_message, ping_interval
+
+
+def test_interval_is_a_fifth_of_the_timeout_at_most_one_second():
+    assert ping_interval(10.0) == 1.0
+    assert ping_interval(2.0) == pytest.approx(0.4)
+    assert ContactWatch(2.0).interval == pytest.approx(0.4)
+
+
+def test_a_silent_rank_is_lost_after_the_timeout_and_not_before():
+    w = ContactWatch(timeout=10.0)
+    w.watch(0, now=100.0)
+    w.watch(1, now=100.0)
+    w.contact(0, now=105.0)
+    assert w.lost(110.0) == []
+    assert w.lost(110.5) == [(1, 10.5)]
+    assert w.lost(115.5) == [(0, 10.5), (1, 15.5)]
+
+
+def test_contact_keeps_a_rank_alive_indefinitely():
+    w = ContactWatch(timeout=3.0)
+    w.watch(0, now=0.0)
+    for t in range(1, 100):
+        w.contact(0, now=float(t))
+        assert w.lost(float(t) + 0.5) == []
+
+
+def test_pings_go_once_per_interval_to_each_watched_rank():
+    w = ContactWatch(timeout=5.0)          # interval 1 s
+    w.watch(0, 0.0)
+    w.watch(2, 0.0)
+    assert w.pings_due(0.0) == [0, 2]
+    assert w.pings_due(0.5) == []
+    w.watch(1, 0.6)
+    assert w.pings_due(0.6) == [1]
+    assert w.pings_due(1.0) == [0, 2]
+    assert w.pings_due(1.7) == [1]
+
+
+def test_forgotten_and_unwatched_ranks_are_never_lost_or_pinged():
+    w = ContactWatch(timeout=1.0)
+    w.watch(0, 0.0)
+    w.contact(7, 0.5)                      # never watched: ignored
+    w.forget(0)
+    assert w.lost(100.0) == [] and w.pings_due(100.0) == [] and w.next_deadline() is None
+
+
+def test_watch_twice_keeps_the_first_clock_and_contact_never_goes_back():
+    w = ContactWatch(timeout=4.0)
+    w.watch(0, 0.0)
+    w.watch(0, 3.0)
+    assert w.next_deadline() == 4.0
+    w.contact(0, 5.0)
+    w.contact(0, 2.0)                      # an older frame read late
+    assert w.next_deadline() == 9.0
+
+
+@pytest.mark.parametrize("timeout, interval", [(0, 0), (-1, 0), (5.0, 6.0), (5.0, -1.0)])
+def test_bad_timeouts_are_refused(timeout, interval):
+    with pytest.raises(InvalidArgument):
+        ContactWatch(timeout=timeout, interval=interval)
+
+
+def test_the_message_names_rank_host_and_silence():
+    text = lost_message(3, "smpi-x-host2", 10.4, 10.0)
+    assert "no contact for 10 s" in text and "rank 3" in text and "smpi-x-host2" in text
