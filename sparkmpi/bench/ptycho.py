@@ -6,7 +6,10 @@ here; the iteration loop timed inside the ranks, slowest rank) with
 ``job_s`` (the whole Spark-MPI job on the driver: rank start-up, loading
 the frames from the NPZ on the executors, set-up, iterations, results),
 ``seconds_per_iteration_1rank`` (one process, all frames, all cores),
-``nrmse`` (object against ground truth, illuminated region, 1 rank),
+``nrmse`` (object against ground truth, illuminated region, 1 rank, after
+registering translation, phase ramp and complex factor:
+:func:`sparkmpi.ptycho.metrics.register`; ``shift_px`` the registered
+translation, ``nrmse_unregistered`` the plain figure),
 ``fourier_error`` and ``backend``; unless ``--no-mpiexec``, also
 ``seconds_per_iteration_mpiexec`` (the same split under plain ``mpiexec``).
 Each distributed object is compared with the one-process object
@@ -111,11 +114,13 @@ def run(args) -> dict:
     result = ptycho.reconstruct(data, algorithm=args.algorithm, iterations=args.iterations,
                                 probe_update_start=_probe_start(args), probe=probe,
                                 backend=args.backend, kernels=args.kernels)
+    quality = ptycho.object_quality(result.object, data, mask=mask)
     report = {
         "frames": args.frames, "frame_size": args.frame_size, "iterations": args.iterations,
         "algorithm": args.algorithm, "backend": result.state.backend,
         "seconds_per_iteration_1rank": result.seconds_per_iteration,
-        "nrmse": ptycho.nrmse(result.object, data.object_true, mask),
+        "nrmse": quality.nrmse, "shift_px": list(quality.shift_px),
+        "nrmse_unregistered": quality.nrmse_unregistered,
         "fourier_error": result.fourier_error, "cpu_count": os.cpu_count(),
         "ranks": args.ranks,
     }
@@ -126,13 +131,13 @@ def run(args) -> dict:
             dist = _distributed_spark(path, args, probe)
             obj = dist.pop("object")
             report.update(dist)
-            report["nrmse_spark"] = ptycho.nrmse(obj, data.object_true, mask)
+            report["nrmse_spark"] = ptycho.registered_nrmse(obj, data.object_true, mask)
             report["spark_vs_1rank_relative_difference"] = _rel(obj, result.object, mask)
         if not args.no_mpiexec and args.ranks > 1:
             print(f"reconstructing under mpiexec -n {args.ranks} ...", file=sys.stderr)
             dist = _distributed_mpiexec(path, args, Path(tmp) / "result.npz")
             obj = dist.pop("object")
             report.update(dist)
-            report["nrmse_mpiexec"] = ptycho.nrmse(obj, data.object_true, mask)
+            report["nrmse_mpiexec"] = ptycho.registered_nrmse(obj, data.object_true, mask)
             report["mpiexec_vs_1rank_relative_difference"] = _rel(obj, result.object, mask)
     return report

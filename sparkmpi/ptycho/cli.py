@@ -81,7 +81,7 @@ def _simulate(args) -> int:
 
 def _reconstruct(args) -> int:
     from .engines import reconstruct
-    from .metrics import illuminated_mask, nrmse
+    from .metrics import illuminated_mask, object_quality, probe_quality
     from .mpi_job import _probe_init
     from .output import write_outputs
     from .simulate import load
@@ -106,7 +106,10 @@ def _reconstruct(args) -> int:
     if data.probe_true is not None:
         mask = illuminated_mask(data)
     if data.object_true is not None and mask is not None:
-        summary["nrmse"] = nrmse(result.object, data.object_true, mask)
+        # registered: a drifted probe translates the object without making it worse
+        summary.update(object_quality(result.object, data, mask=mask).as_dict())
+    if data.probe_true is not None:
+        summary.update(probe_quality(result.probe, data.probe_true).as_dict("probe_"))
     summary["files"] = write_outputs(args.out, result.object, result.probe, result.errors,
                                      mask=mask, summary=summary)
     print(f"wrote {args.out}: {result.seconds_per_iteration:.3f} s/iteration"

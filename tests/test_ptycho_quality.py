@@ -1,0 +1,86 @@
+"""Issue 18: the registered quality metric, probe constraints, position refinement, files."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sparkmpi import ptycho
+from sparkmpi.ptycho import errors as perr
+from sparkmpi.ptycho import metrics
+
+
+@pytest.fixture(scope="module")
+def scan():
+    return ptycho.simulate(96, 32, seed=1)
+
+
+def _copy(obj, shift, ramp, scale):
+    """``scale * obj(r - shift) e^{i ramp.r}``: the shift circular and exact (Fourier)."""
+    return scale * metrics._fourier_shift(obj, shift) * metrics._ramp(obj.shape, *ramp)
+
+
+# --------------------------------------------------------------------------- the metric
+@pytest.mark.parametrize("shift,ramp,scale", [
+    ((3.3, -5.7), (0.02, -0.035), 0.7 * np.exp(1.1j)),
+    ((0.0, 0.0), (0.0, 0.0), 1.0),
+    ((-7.6, 2.2), (-0.1, 0.05), 2.0 - 1.0j),
+    ((0.45, 0.0), (0.0, 0.004), -0.3j),
+])
+def test_registered_nrmse_agrees_with_the_known_transform(scan, shift, ramp, scale):
+    """A noisy object, shifted (subpixel), rescaled and phase-ramped: the reported NRMSE equals,
+    to 1e-3, the NRMSE computed by undoing the known transform (independent of the search)."""
+    truth = scan.object_true.astype(np.complex128)
+    mask = ptycho.illuminated_mask(scan)
+    rng = np.random.default_rng(7)
+    noisy = truth + 0.03 * (rng.standard_normal(truth.shape) + 1j * rng.standard_normal(truth.shape))
+    copy = _copy(noisy, shift, ramp, scale)
+    # independent: undo the ramp, the shift and the scale as they were made
+    undone = metrics._fourier_shift(copy * metrics._ramp(truth.shape, -ramp[0], -ramp[1]),
+                                    (-shift[0], -shift[1])) / scale
+    independent = float(np.linalg.norm((undone - truth)[mask]) / np.linalg.norm(truth[mask]))
+    got = ptycho.register(copy, truth, mask)
+    assert got.nrmse == pytest.approx(independent, abs=1e-3)
+    assert got.shift_px == pytest.approx(shift, abs=0.05)
+    assert got.ramp == pytest.approx(ramp, abs=1e-3)
+    assert abs(got.scale * scale - 1) < 0.01   # gamma undoes the scale
+    if shift != (0.0, 0.0):   # the plain metric is fooled by the translation
+        assert got.nrmse_unregistered > 2 * got.nrmse
+    assert ptycho.registered_nrmse(copy, truth, mask) == got.nrmse
+
+
+def test_registered_nrmse_still_fails_wrong_objects(scan):
+    truth = scan.object_true
+    mask = ptycho.illuminated_mask(scan)
+    rng = np.random.default_rng(0)
+    blank = np.ones_like(truth)
+    noise = np.exp(1j * rng.uniform(-np.pi, np.pi, truth.shape)).astype(truth.dtype)
+    flipped = truth[::-1, ::-1]
+    for wrong in (blank, noise, flipped):
+        assert ptycho.registered_nrmse(wrong, truth, mask) > 0.3
+    assert ptycho.registered_nrmse(truth, truth, mask) < 1e-6
+    # no worse than the plain figure, ever
+    assert ptycho.registered_nrmse(noise, truth, mask) <= ptycho.nrmse(noise, truth, mask) + 1e-12
+
+
+def test_probe_quality_reports_the_opposite_shift(scan):
+    probe = scan.probe_true.astype(np.complex128)
+    moved = _copy(probe, (-2.5, 1.25), (0.0, 0.0), 3.0)
+    q = ptycho.probe_quality(moved, scan.probe_true)
+    assert q.nrmse < 1e-3 and q.shift_px == pytest.approx((-2.5, 1.25), abs=0.02)
+    assert q.nrmse_unregistered > 0.3
+
+
+def test_object_quality_and_bad_arguments(scan):
+    q = ptycho.object_quality(scan.object_true, scan)
+    assert q.nrmse < 1e-6 and set(q.as_dict()) >= {"nrmse", "shift_px", "nrmse_unregistered"}
+    with pytest.raises(perr.FrameMismatchError, match="shape"):
+        ptycho.register(scan.object_true[:5], scan.object_true)
+    with pytest.raises(perr.FrameMismatchError, match="mask has shape"):
+        ptycho.register(scan.object_true, scan.object_true, np.ones((3, 3), bool))
+    with pytest.raises(perr.PtychoInputError, match="no pixels"):
+        ptycho.register(scan.object_true, scan.object_true, np.zeros(scan.object_shape, bool))
+    with pytest.raises(perr.PtychoInputError, match="upsample"):
+        ptycho.register(scan.object_true, scan.object_true, upsample=0)
+    with pytest.raises(perr.ProbeShapeError, match="probe"):
+        ptycho.probe_quality(np.ones((3, 3)), scan.probe_true)
