@@ -42,7 +42,9 @@ class Engine:
 
     def __init__(self, bk: Backend, intensities: np.ndarray, positions: np.ndarray,
                  object_shape, probe, obj, exit_waves, comm, regularization: float,
-                 threads: int, pin_ramp: bool = True, centroid=None):
+                 threads: int, pin_ramp: bool = True, centroid=None,
+                 probe_support: float | None = None, probe_center: bool = False,
+                 probe_power: bool = False):
         xp = bk.xp
         self.bk, self.xp, self.comm = bk, xp, comm
         self.reg = float(regularization)
@@ -71,6 +73,16 @@ class Engine:
         self._centroid0 = None
         if pin_ramp:
             self._centroid0 = centroid or self._spectrum_centroid(self.P)
+        self._support = None
+        if probe_support is not None:
+            self._support = xp.asarray(probe_support_mask(frame_shape, probe_support))
+        self.probe_center = bool(probe_center)
+        self._power_target = None
+        if probe_power:   # the largest measured frame power, all ranks
+            from ._kernels import allreduce_max
+
+            frame_power = np.asarray(intensities, dtype=np.float64).sum(axis=(1, 2)).max()
+            self._power_target = float(allreduce_max(comm, [float(frame_power)])[0])
         self._setup(probe, obj, frame_shape, tuple(object_shape), threads)
         self.work = xp.empty(self.a.shape, dtype=xp.complex64)
         self.tmp = xp.empty(self.a.shape, dtype=xp.complex64)
@@ -131,10 +143,53 @@ class Engine:
         pnum += d * self.P
         pnum /= pden + d
         self.P = pnum.astype(xp.complex64, copy=False)
+        self._constrain_probe()
         if self.pin_ramp:
             self._pin_probe_spectrum()
         self._probe_changed()
         self._den = None
+
+    def _constrain_probe(self) -> None:
+        """The real-space probe constraints, in order: support, centring, power.
+
+        Each is computed from the probe alone (the same on every rank), and
+        the centring and power steps change the object (and the exit waves)
+        by the matching gauge, so the data are explained as before.
+        """
+        xp = self.xp
+        if self._support is not None:
+            self.P *= self._support
+        if self.probe_center:
+            offset = probe_offset(self.P, xp)
+            if max(abs(offset[0]), abs(offset[1])) >= 1.0:
+                self._move_probe(int(round(offset[0])), int(round(offset[1])))
+        if self._power_target is not None:
+            power = float(xp.sum(self.P.real ** 2 + self.P.imag ** 2, dtype=xp.float64))
+            if power > 0:
+                factor = np.float32(np.sqrt(self._power_target / power))
+                self.P *= factor
+                self.O /= factor
+
+    def _move_probe(self, dy: int, dx: int) -> None:
+        """``P(r) <- P(r + n)``, ``O(x) <- O(x + n)``, ``psi_j(r) <- psi_j(r + n)``, ``n = (dy, dx)``.
+
+        ``P(r + n) O(r + n + r_j) = psi_j(r + n)``: the exit waves move by the
+        same whole pixels, which in Fourier space is a phase ramp the same
+        for every frame, and the measured moduli do not change.  The object
+        rolls circularly; its edges are unlit by a support smaller than the
+        frame.
+        """
+        xp = self.xp
+        self.P = xp.roll(self.P, (-dy, -dx), axis=(0, 1))
+        self.O = xp.roll(self.O, (-dy, -dx), axis=(0, 1))
+        h, w = self.P.shape
+        ramp = (np.exp(2j * np.pi * np.fft.fftfreq(h) * dy)[:, None]
+                * np.exp(2j * np.pi * np.fft.fftfreq(w) * dx)[None, :]).astype(np.complex64)
+        self._apply_wave_ramp(xp.asarray(ramp))
+
+    def _apply_wave_ramp(self, ramp) -> None:
+        """Multiply every frame of ``Psi`` by ``ramp`` (H, W), now."""
+        self.Psi *= ramp
 
     def _spectrum_centroid(self, probe):
         """Circular centroid (rows, cols) of ``|F P|^2``, in frequency pixels."""
@@ -252,6 +307,10 @@ class ExactEngine(Engine):
     def _apply_frame_phase(self, phase) -> None:
         self._frame_phase = phase   # applied by the next fused pass over Psi
 
+    def _apply_wave_ramp(self, ramp) -> None:
+        super()._apply_wave_ramp(ramp)
+        self._work_is_psi = False
+
     def _take_phase(self):
         phase, self._frame_phase = self._frame_phase, None
         return phase
@@ -356,6 +415,28 @@ class GenericEngine(Engine):
         Phi *= np.float32(beta)
         Psi += Phi
         return err
+
+
+def probe_support_mask(frame_shape, fraction: float) -> np.ndarray:
+    """Float32 0/1 disc centred at ``(H // 2, W // 2)`` (where probes are centred),
+    diameter ``fraction * min(H, W)``."""
+    h, w = frame_shape
+    y = np.arange(h) - h // 2
+    x = np.arange(w) - w // 2
+    radius = 0.5 * float(fraction) * min(h, w)
+    return ((y[:, None] ** 2 + x[None, :] ** 2) <= radius * radius).astype(np.float32)
+
+
+def probe_offset(probe, xp=np) -> tuple:
+    """Intensity centroid of ``probe`` minus the frame centre ``(H // 2, W // 2)``, pixels."""
+    power = probe.real.astype(xp.float64) ** 2 + probe.imag.astype(xp.float64) ** 2
+    total = float(power.sum())
+    if total <= 0:
+        return (0.0, 0.0)
+    h, w = probe.shape
+    cy = float((power.sum(axis=1) * xp.arange(h)).sum()) / total
+    cx = float((power.sum(axis=0) * xp.arange(w)).sum()) / total
+    return (cy - h // 2, cx - w // 2)
 
 
 def make_engine(bk: Backend, *args, kernels: str = "auto", **kwargs) -> Engine:

@@ -257,7 +257,9 @@ def reconstruct_frames(intensities, positions, object_shape, options: Options, *
         threads = bk.fft_workers or 1
     eng = make_engine(bk, arr, pos, object_shape, probe, object_init, exit_waves, comm,
                       options.regularization, threads, pin_ramp=bool(options.pin_probe_ramp),
-                      centroid=centroid, kernels=options.kernels)
+                      centroid=centroid, kernels=options.kernels,
+                      probe_support=options.probe_support, probe_center=options.probe_center,
+                      probe_power=options.probe_power)
     step = eng.step(algorithm)
     beta = options.relaxation
     iterations = int(options.iterations)
