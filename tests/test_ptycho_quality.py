@@ -150,3 +150,92 @@ def test_probe_constraint_options_are_checked():
             ptycho.Options(probe_support=bad)
     with pytest.raises(ptycho.PtychoInputError, match="probe_center must be True or False"):
         ptycho.Options(probe_center="yes")
+
+
+# --------------------------------------------------------------------------- files
+CXI_GEOMETRY = dict(energy_j=8000 * 1.602176634e-19, distance_m=2.0, detector_pixel_m=75e-6)
+
+
+def test_cxi_round_trip_converts_metres_with_the_documented_geometry(tmp_path, scan):
+    from sparkmpi.ptycho import files
+
+    path = files.write_cxi(tmp_path / "scan.cxi", scan, **CXI_GEOMETRY)
+    got = files.read_scan(path)
+    np.testing.assert_array_equal(got.intensities, scan.intensities)
+    np.testing.assert_array_equal(got.positions, scan.positions - scan.positions.min(axis=0))
+    assert got.object_shape == tuple(int(v) for v in
+                                     (scan.positions - scan.positions.min(axis=0)).max(axis=0)
+                                     + np.array(scan.frame_shape))
+    # lambda z / (N p): 1.5498 A * 2 m / (32 * 75 um) = 129.2 nm
+    wavelength = 6.62607015e-34 * 299792458.0 / CXI_GEOMETRY["energy_j"]
+    expected = wavelength * 2.0 / (scan.frame_shape[0] * 75e-6)
+    assert got.metadata["pixel_size_m"] == pytest.approx([expected, expected], rel=1e-6)
+    # eV instead of CXI's joules is recognised
+    import h5py
+
+    with h5py.File(path, "r+") as f:
+        f[files.CXI_PATHS["energy"]][()] = 8000.0
+    assert files.read_scan(path).metadata["pixel_size_m"][0] == pytest.approx(expected, rel=1e-6)
+    res = ptycho.reconstruct(got, iterations=5, probe=ptycho.model_probe(scan))
+    assert np.isfinite(res.errors).all()
+
+
+@pytest.mark.parametrize("break_it, exc, words", [
+    (lambda f: f.__delitem__("entry_1/data_1/data"), perr.DataFormatError,
+     "missing dataset 'entry_1/data_1/data'"),
+    (lambda f: f.__delitem__("entry_1/sample_1/geometry_1/translation"), perr.DataFormatError,
+     "missing dataset 'entry_1/sample_1/geometry_1/translation'"),
+    (lambda f: f.__delitem__("entry_1/instrument_1/detector_1/distance"), perr.DataFormatError,
+     "missing dataset 'entry_1/instrument_1/detector_1/distance'"),
+    (lambda f: f.__delitem__("entry_1/instrument_1/source_1/energy"), perr.DataFormatError,
+     "missing dataset 'entry_1/instrument_1/source_1/energy'"),
+    (lambda f: [f.__delitem__("entry_1/instrument_1/detector_1/x_pixel_size"),
+                f.__delitem__("entry_1/instrument_1/detector_1/y_pixel_size")],
+     perr.DataFormatError, "x_pixel_size"),
+    (lambda f: _replace(f, "entry_1/sample_1/geometry_1/translation", np.zeros((5, 3))),
+     perr.FrameMismatchError, r"translation' has shape \(5, 3\); expected \(96, 3\)"),
+    (lambda f: _replace(f, "entry_1/data_1/data", np.zeros((96, 32))),
+     perr.FrameMismatchError, r"must be \(frames, rows, cols\), got shape \(96, 32\)"),
+    (lambda f: _replace(f, "entry_1/instrument_1/detector_1/distance", -1.0),
+     perr.DataFormatError, "distance' must hold a positive number"),
+])
+def test_bad_cxi_files_name_what_is_wrong(tmp_path, scan, break_it, exc, words):
+    import h5py
+
+    from sparkmpi.ptycho import files
+
+    path = files.write_cxi(tmp_path / "scan.cxi", scan, **CXI_GEOMETRY)
+    with h5py.File(path, "r+") as f:
+        break_it(f)
+    with pytest.raises(exc, match=words):
+        files.read_scan(path)
+
+
+def _replace(f, name, value):
+    del f[name]
+    f[name] = value
+
+
+def test_not_hdf5_and_unknown_suffix(tmp_path):
+    from sparkmpi.ptycho import files
+
+    bad = tmp_path / "scan.cxi"
+    bad.write_bytes(b"not hdf5")
+    with pytest.raises(perr.DataFormatError, match="cannot read CXI file"):
+        files.read_scan(bad)
+    with pytest.raises(perr.DataFormatError, match="expected a .cxi"):
+        files.read_scan(tmp_path / "scan.tif")
+
+
+def test_results_written_to_hdf5_with_positions(tmp_path, scan):
+    import h5py
+
+    res = ptycho.reconstruct(scan, iterations=3, probe=ptycho.model_probe(scan))
+    written = ptycho.write_outputs(tmp_path / "out", res.object, res.probe, res.errors,
+                                   summary={"nrmse": 0.1}, positions=res.positions)
+    with h5py.File(written["hdf5"], "r") as f:
+        np.testing.assert_array_equal(f["object"][()], res.object)
+        np.testing.assert_array_equal(f["positions"][()], res.positions)
+        assert '"nrmse": 0.1' in f.attrs["summary"]
+    with np.load(written["arrays"]) as npz:
+        np.testing.assert_array_equal(npz["positions"], scan.positions)

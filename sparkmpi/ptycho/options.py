@@ -129,6 +129,7 @@ class Options:
     refine_positions: bool = False
     position_refine_start: int = 10
     position_refine_interval: int = 1
+    position_refine_stop: int | None = None
     position_max_step: float = 1.0
     position_max_shift: float = 8.0
 
@@ -170,6 +171,9 @@ class Options:
         if not _whole(self.position_refine_start, 0):
             raise PtychoInputError(f"position_refine_start must be an integer >= 0, "
                                    f"got {self.position_refine_start!r}")
+        if self.position_refine_stop is not None and not _whole(self.position_refine_stop, 0):
+            raise PtychoInputError(f"position_refine_stop must be an integer >= 0 or None, "
+                                   f"got {self.position_refine_stop!r}")
         if not _whole(self.position_refine_interval, 1):
             raise PtychoInputError(f"position_refine_interval must be an integer >= 1, "
                                    f"got {self.position_refine_interval!r}")
@@ -212,6 +216,8 @@ class Options:
 
     def refines_positions(self, iteration: int) -> bool:
         """Whether iteration number ``iteration`` ends with a position-refinement step."""
+        if self.position_refine_stop is not None and iteration >= self.position_refine_stop:
+            return False
         return bool(self.refine_positions and iteration >= self.position_refine_start
                     and (iteration - self.position_refine_start) % self.position_refine_interval == 0)
 
