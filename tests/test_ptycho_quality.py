@@ -239,3 +239,95 @@ def test_results_written_to_hdf5_with_positions(tmp_path, scan):
         assert '"nrmse": 0.1' in f.attrs["summary"]
     with np.load(written["arrays"]) as npz:
         np.testing.assert_array_equal(npz["positions"], scan.positions)
+
+
+# --------------------------------------------------------------------------- position refinement
+@pytest.fixture(scope="module")
+def refine_scan():
+    """128 frames of 48x48 (noise-free) and the exact-position reconstruction's NRMSE."""
+    data = ptycho.simulate(128, 48, seed=0)
+    exact = ptycho.reconstruct(data, iterations=100, probe=ptycho.model_probe(data))
+    return data, ptycho.object_quality(exact.object, data).nrmse
+
+
+@pytest.mark.parametrize("errors", [dict(random_px=2), dict(scale=1.03, rotation_deg=1.0)],
+                         ids=["random-2px", "scale-rotation"])
+def test_position_refinement_recovers_injected_errors(refine_scan, errors):
+    """Injected errors (random up to 2 px; a 3 % scale with a 1 degree rotation): the position
+    error falls to about half or less, and the NRMSE to within ~20x of the exact-position
+    result, from ~100x (measured: random 1.63 -> 0.47 px, NRMSE 0.028 against 0.285 unrefined
+    and 0.0024 exact; systematic 0.94 -> 0.48 px, 0.042 against 0.216).  The issue's 1.2x of
+    the exact result is not reached (docs/ptycho.md)."""
+    from sparkmpi.ptycho.positions import perturb_positions, position_error
+
+    data, exact = refine_scan
+    noisy = perturb_positions(data.positions, data.frame_shape, data.object_shape, seed=1, **errors)
+    scan = ptycho.PtychoData(data.intensities, noisy, data.object_shape)
+    probe = ptycho.model_probe(data)
+    plain = ptycho.reconstruct(scan, iterations=100, probe=probe)
+    refined = ptycho.reconstruct(scan, iterations=100, probe=probe, refine_positions=True)
+    before = position_error(noisy, data.positions)
+    after = position_error(refined.positions, data.positions)
+    assert after < 0.6 * before
+    nrmse_plain = ptycho.object_quality(plain.object, data).nrmse
+    nrmse_refined = ptycho.object_quality(refined.object, data).nrmse
+    assert nrmse_refined < 0.3 * nrmse_plain and nrmse_refined < 25 * exact
+    assert sum(refined.positions_moved) > 0
+    assert refined.positions.dtype == np.float64 and refined.positions.shape == noisy.shape
+    assert np.abs(refined.positions - noisy).max() <= 8.0 + 1e-9   # position_max_shift
+
+
+def test_position_refinement_distributed_equals_one_process(scan):
+    """Frames split over 2 thread ranks (exact CPU path and the generic/CuPy code): the same
+    object, probe and refined positions as one process, bit for bit."""
+    pytest.importorskip("mpi4py")
+    from ptycho_fixtures import run_ranks
+    from sparkmpi.ptycho.positions import perturb_positions
+
+    noisy = perturb_positions(scan.positions, scan.frame_shape, scan.object_shape,
+                              random_px=2, seed=1)
+    for kernels in ("auto", "generic"):
+        opts = dict(iterations=24, probe=ptycho.model_probe(scan), refine_positions=True,
+                    position_refine_start=3, position_refine_interval=2, kernels=kernels)
+        serial = ptycho.reconstruct(dict(intensities=scan.intensities, positions=noisy,
+                                         object_shape=scan.object_shape), **opts)
+        out = run_ranks([0, 40, 96], lambda comm, sl: ptycho.reconstruct_rank(
+            comm, scan.intensities[sl], noisy[sl], scan.object_shape, threads=1, **opts))
+        assert sum(serial.positions_moved) > 0
+        np.testing.assert_array_equal(np.concatenate([o.positions for o in out]), serial.positions)
+        for o in out:
+            np.testing.assert_array_equal(o.object, serial.object)
+            np.testing.assert_array_equal(o.probe, serial.probe)
+            assert o.positions_moved == serial.positions_moved
+
+
+def test_resume_carries_refined_positions(scan):
+    from sparkmpi.ptycho.positions import perturb_positions
+
+    noisy = perturb_positions(scan.positions, scan.frame_shape, scan.object_shape,
+                              random_px=2, seed=1)
+    data = dict(intensities=scan.intensities, positions=noisy, object_shape=scan.object_shape)
+    opts = dict(probe=ptycho.model_probe(scan), refine_positions=True, position_refine_start=2,
+                position_refine_interval=2)
+    one = ptycho.reconstruct(data, iterations=20, **opts)
+    first = ptycho.reconstruct(data, iterations=9, **opts)
+    second = ptycho.reconstruct(data, iterations=11, state=first.state, **opts)
+    # a resumed run is not bit-equal (the state's exit waves pass through two float32 FFTs)
+    np.testing.assert_allclose(second.positions, one.positions, atol=1e-3)
+    assert first.positions_moved + second.positions_moved == one.positions_moved
+    np.testing.assert_array_equal(second.state.positions_whole, one.state.positions_whole)
+    assert np.abs(second.object - one.object).max() < 1e-2
+
+
+def test_position_options_are_checked():
+    for field, bad, words in [("position_refine_interval", 0, "position_refine_interval must be"),
+                              ("position_max_step", 0, "position_max_step must be"),
+                              ("position_max_shift", -1, "position_max_shift must be"),
+                              ("position_refine_stop", -2, "position_refine_stop must be"),
+                              ("refine_positions", 1, "refine_positions must be True or False")]:
+        with pytest.raises(ptycho.PtychoInputError, match=words):
+            ptycho.Options(**{field: bad})
+    o = ptycho.Options(refine_positions=True, position_refine_start=4, position_refine_interval=3,
+                       position_refine_stop=12)
+    assert [i for i in range(20) if o.refines_positions(i)] == [4, 7, 10]
+    assert not any(ptycho.Options().refines_positions(i) for i in range(50))

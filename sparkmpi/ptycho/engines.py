@@ -103,6 +103,9 @@ class ReconstructionState:
         Refined positions so far (``refine_positions``), this call's frames.
     positions_start : ndarray (N, 2) float64 or None
         The positions the refinement started from (``position_max_shift``).
+    positions_whole : ndarray (N, 2) int64 or None
+        The whole pixels the engine used (not always the rounded
+        ``positions``: a pixel changes with hysteresis).
     """
 
     algorithm: str
@@ -115,6 +118,7 @@ class ReconstructionState:
     probe_centroid: tuple | None = None
     positions: Any = None
     positions_start: Any = None
+    positions_whole: Any = None
 
 
 @dataclass
@@ -268,7 +272,7 @@ def reconstruct_frames(intensities, positions, object_shape, options: Options, *
                 raise FrameMismatchError(f"state.positions has shape {positions_float.shape} "
                                          f"but positions has shape {pos.shape}; resume with "
                                          f"the same frames")
-            pos = np.rint(positions_float).astype(np.int64)
+            pos = np.asarray(state.positions_whole, dtype=np.int64)
     if probe is None:
         probe = initial_probe(arr, comm)
     probe = check_complex_image(probe, frame_shape, "probe")
@@ -319,7 +323,8 @@ def reconstruct_frames(intensities, positions, object_shape, options: Options, *
     new_state = ReconstructionState(algorithm, start_iteration + iterations, eng.O, eng.P,
                                     eng.exit_waves(), errors, bk.name,
                                     tuple(eng._centroid0) if eng._centroid0 else None,
-                                    eng.positions.copy(), eng.positions_start.copy())
+                                    eng.positions.copy(), eng.positions_start.copy(),
+                                    eng.geom.positions.copy())
     return Result(np.asarray(bk.asnumpy(eng.O)), np.asarray(bk.asnumpy(eng.P)),
                   np.asarray(errors, dtype=np.float64), new_state, seconds, iterations,
                   eng.positions.copy(), moved)

@@ -128,7 +128,7 @@ class Options:
     probe_power: bool = False
     refine_positions: bool = False
     position_refine_start: int = 10
-    position_refine_interval: int = 1
+    position_refine_interval: int = 4
     position_refine_stop: int | None = None
     position_max_step: float = 1.0
     position_max_shift: float = 8.0
