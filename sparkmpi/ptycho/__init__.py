@@ -50,6 +50,7 @@ from .metrics import (
     register,
     registered_nrmse,
 )
+from .files import read_scan, write_cxi
 from .options import Options
 from .output import write_outputs
 from .simulate import (
@@ -97,6 +98,8 @@ __all__ = [
     "registered_nrmse",
     "Registration",
     "write_outputs",
+    "read_scan",
+    "write_cxi",
     "StreamingReconstruction",
     "micro_batches",
 ]
