@@ -96,16 +96,21 @@ class Options:
     refine_positions : bool
         Refine the scan positions (:mod:`sparkmpi.ptycho.positions`): each
         rank moves its own frames by a least-squares step along the object's
-        gradient (Odstrcil et al. 2018), subpixel, from iteration
-        ``position_refine_start`` on, every ``position_refine_interval``
-        iterations, at most ``position_max_step`` pixels per axis a step and
-        ``position_max_shift`` pixels from the given positions.  The engine
-        uses the nearest whole pixel; :attr:`Result.positions` holds the
-        refined (fractional) positions.
+        gradient (Odstrcil et al. 2018), subpixel, on the schedule below.
+        The engine works on whole pixels (a frame's pixel changes with
+        hysteresis); :attr:`Result.positions` holds the refined fractional
+        positions.
     position_refine_start : int
+        First iteration with a refinement step (10).
     position_refine_interval : int
+        Iterations between refinement steps (4: DM settles in between; every
+        iteration measured worse and slower, BENCHMARKS.md).
+    position_refine_stop : int or None
+        No refinement from this iteration on (``None``: to the end).
     position_max_step : float
+        Pixels per axis a frame may move in one step (1.0).
     position_max_shift : float
+        Pixels per axis a frame may move from its given position (8.0).
 
     Raises
     ------
