@@ -236,7 +236,7 @@ class _LiveReconstruction:
 
     def refine(self, iterations: int):
         from .ptycho import PtychoData
-        from .ptycho.metrics import illuminated_mask, nrmse
+        from .ptycho.metrics import illuminated_mask, registered_nrmse
 
         t0 = time.perf_counter()
         out = self.world.call(live_refine, iterations, self.scan.object_shape, self._probe0.shape, self._probe0,
@@ -257,8 +257,9 @@ class _LiveReconstruction:
         if self._whole is None:
             self._whole = illuminated_mask(self.scan)
         entry = {"frames": len(positions), "iterations": len(self.errors),
-                 "nrmse": float(nrmse(self.object, self.scan.object_true, scanned)),
-                 "nrmse_whole_scan": float(nrmse(self.object, self.scan.object_true, self._whole)),
+                 "nrmse": float(registered_nrmse(self.object, self.scan.object_true, scanned)),
+                 "nrmse_whole_scan": float(registered_nrmse(self.object, self.scan.object_true,
+                                                            self._whole)),
                  "coverage": float((scanned & self._whole).sum() / self._whole.sum()),
                  "seconds_per_iteration": seconds / max(done, 1), "refine_s": self.refine_s[-1],
                  "iterations_run": int(done)}

@@ -107,3 +107,25 @@ def test_spark_bad_layout_fails_on_the_driver(sc, scan, tmp_path):
         reconstruct_mpi(sc, data, ranks=2, probe=np.ones((8, 8), np.complex64))
     with pytest.raises(perr.PtychoInputError, match="cannot be split over 3 ranks"):
         reconstruct_mpi(sc, data.subset(slice(0, 2)), ranks=3)
+
+
+@pytest.mark.slow
+def test_spark_position_refinement_equals_serial(spark, scan):
+    """Issue 18: injected 2 px errors refined over 2 Spark-MPI ranks (each rank its own
+    frames): the positions, object and probe equal one process bit for bit, and the
+    positions come back in frame order."""
+    from sparkmpi.ptycho.positions import perturb_positions, position_error
+
+    data, _ = scan
+    noisy = perturb_positions(data.positions, data.frame_shape, data.object_shape,
+                              random_px=2, seed=1)
+    moved = ptycho.PtychoData(data.intensities, noisy, data.object_shape)
+    probe = ptycho.model_probe(data)
+    opts = dict(iterations=40, probe=probe, refine_positions=True, position_refine_start=5)
+    out = reconstruct_mpi(spark, moved, ranks=2, timeout=240, **opts)
+    serial = ptycho.reconstruct(moved, **opts)
+    np.testing.assert_array_equal(out.positions, serial.positions)
+    np.testing.assert_array_equal(out.object, serial.object)
+    np.testing.assert_array_equal(out.probe, serial.probe)
+    assert out.positions_moved == serial.positions_moved and sum(out.positions_moved) > 0
+    assert position_error(out.positions, data.positions) < position_error(noisy, data.positions)

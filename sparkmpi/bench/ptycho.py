@@ -6,11 +6,23 @@ here; the iteration loop timed inside the ranks, slowest rank) with
 ``job_s`` (the whole Spark-MPI job on the driver: rank start-up, loading
 the frames from the NPZ on the executors, set-up, iterations, results),
 ``seconds_per_iteration_1rank`` (one process, all frames, all cores),
-``nrmse`` (object against ground truth, illuminated region, 1 rank),
+``nrmse`` (object against ground truth, illuminated region, 1 rank, after
+registering translation, phase ramp and complex factor:
+:func:`sparkmpi.ptycho.metrics.register`; ``shift_px`` the registered
+translation, ``nrmse_unregistered`` the plain figure),
 ``fourier_error`` and ``backend``; unless ``--no-mpiexec``, also
 ``seconds_per_iteration_mpiexec`` (the same split under plain ``mpiexec``).
 Each distributed object is compared with the one-process object
 (``*_vs_1rank_relative_difference``, over the illuminated region).
+
+``--position-error PX`` injects random position errors (uniform in
+``[-PX, PX]`` per axis, whole pixels, :func:`sparkmpi.ptycho.positions.perturb_positions`)
+and adds ``nrmse_exact_positions`` (= ``nrmse``), ``nrmse_noisy_positions``
+(the noisy positions taken as exact), ``nrmse_refined`` (the noisy positions,
+``refine_positions=True``), ``position_error_px_before`` / ``_after`` (RMS
+distance to the true positions after removing the mean offset),
+``seconds_per_iteration_1rank_refined`` and, through Spark,
+``seconds_per_iteration_refined`` with ``refined_vs_plain_seconds_ratio``.
 """
 
 from __future__ import annotations
@@ -41,6 +53,10 @@ def add_arguments(parser) -> None:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--kernels", choices=("auto", "numba", "numpy"), default="auto",
                         help="CPU kernels: fused numba (auto when installed) or NumPy")
+    parser.add_argument("--position-error", type=float, default=0.0,
+                        help="inject random position errors up to PX pixels and refine them")
+    parser.add_argument("--position-refine-interval", type=int, default=None,
+                        help="refine positions every K iterations (default: the Options default)")
     parser.add_argument("--master", default=None, help="Spark master (default local[RANKS])")
     parser.add_argument("--no-spark", action="store_true",
                         help="skip the Spark-distributed run (seconds_per_iteration)")
@@ -65,7 +81,7 @@ def _distributed_mpiexec(path: Path, args, out: Path) -> dict:
             "mpiexec_wall_seconds": time.perf_counter() - t0, "object": got["object"]}
 
 
-def _distributed_spark(path: Path, args, probe) -> dict:
+def _distributed_spark(path, args, probe, **settings) -> dict:
     """The reconstruction over ``args.ranks`` Spark-MPI ranks (``sparkmpi.run``)."""
     from sparkmpi.launch.session import spark_session   # also points Spark at this interpreter
     from sparkmpi.ptycho.spark import reconstruct_mpi
@@ -78,13 +94,14 @@ def _distributed_spark(path: Path, args, probe) -> dict:
         out = reconstruct_mpi(spark, path, ranks=args.ranks, algorithm=args.algorithm,
                               iterations=args.iterations,
                               probe_update_start=_probe_start(args), probe=probe,
-                              backend=args.backend, kernels=args.kernels)
+                              backend=args.backend, kernels=args.kernels, **settings)
     finally:
         spark.stop()
     return {"seconds_per_iteration": out.seconds_per_iteration, "job_s": out.job_seconds,
             "spark_start_s": spark_start_s, "threads_per_rank": out.threads_per_rank,
             "frames_per_rank": out.frames_per_rank, "kernels": out.kernels,
-            "fourier_error_spark": out.fourier_error, "object": out.object}
+            "fourier_error_spark": out.fourier_error, "object": out.object,
+            "positions": out.positions}
 
 
 def _probe_start(args):
@@ -111,11 +128,13 @@ def run(args) -> dict:
     result = ptycho.reconstruct(data, algorithm=args.algorithm, iterations=args.iterations,
                                 probe_update_start=_probe_start(args), probe=probe,
                                 backend=args.backend, kernels=args.kernels)
+    quality = ptycho.object_quality(result.object, data, mask=mask)
     report = {
         "frames": args.frames, "frame_size": args.frame_size, "iterations": args.iterations,
         "algorithm": args.algorithm, "backend": result.state.backend,
         "seconds_per_iteration_1rank": result.seconds_per_iteration,
-        "nrmse": ptycho.nrmse(result.object, data.object_true, mask),
+        "nrmse": quality.nrmse, "shift_px": list(quality.shift_px),
+        "nrmse_unregistered": quality.nrmse_unregistered,
         "fourier_error": result.fourier_error, "cpu_count": os.cpu_count(),
         "ranks": args.ranks,
     }
@@ -125,14 +144,61 @@ def run(args) -> dict:
             print(f"reconstructing over {args.ranks} Spark-MPI ranks ...", file=sys.stderr)
             dist = _distributed_spark(path, args, probe)
             obj = dist.pop("object")
+            dist.pop("positions")
             report.update(dist)
-            report["nrmse_spark"] = ptycho.nrmse(obj, data.object_true, mask)
+            report["nrmse_spark"] = ptycho.registered_nrmse(obj, data.object_true, mask)
             report["spark_vs_1rank_relative_difference"] = _rel(obj, result.object, mask)
         if not args.no_mpiexec and args.ranks > 1:
             print(f"reconstructing under mpiexec -n {args.ranks} ...", file=sys.stderr)
             dist = _distributed_mpiexec(path, args, Path(tmp) / "result.npz")
             obj = dist.pop("object")
             report.update(dist)
-            report["nrmse_mpiexec"] = ptycho.nrmse(obj, data.object_true, mask)
+            report["nrmse_mpiexec"] = ptycho.registered_nrmse(obj, data.object_true, mask)
             report["mpiexec_vs_1rank_relative_difference"] = _rel(obj, result.object, mask)
+        if args.position_error > 0:
+            report.update(_position_runs(data, probe, args, report))
     return report
+
+
+def _position_runs(data, probe, args, report) -> dict:
+    """Noisy positions taken as exact, then refined (1 process, and through Spark)."""
+    from sparkmpi import ptycho
+    from sparkmpi.ptycho.positions import perturb_positions, position_error
+
+    noisy = perturb_positions(data.positions, data.frame_shape, data.object_shape,
+                              random_px=args.position_error, seed=args.seed + 1)
+    scan = ptycho.PtychoData(data.intensities, noisy, data.object_shape, data.object_true,
+                             data.probe_true, dict(data.metadata))
+    common = dict(algorithm=args.algorithm, iterations=args.iterations,
+                  probe_update_start=_probe_start(args), probe=probe, backend=args.backend,
+                  kernels=args.kernels)
+    refine = {"refine_positions": True}
+    if args.position_refine_interval:
+        refine["position_refine_interval"] = args.position_refine_interval
+    out = {"nrmse_exact_positions": report["nrmse"],
+           "position_error_px_before": position_error(noisy, data.positions)}
+    print("reconstructing with the noisy positions as exact ...", file=sys.stderr)
+    plain = ptycho.reconstruct(scan, **common)
+    out["nrmse_noisy_positions"] = ptycho.object_quality(plain.object, data).nrmse
+    print("reconstructing with position refinement ...", file=sys.stderr)
+    refined = ptycho.reconstruct(scan, **common, **refine)
+    quality = ptycho.object_quality(refined.object, data)
+    out.update(nrmse_refined=quality.nrmse, shift_px_refined=list(quality.shift_px),
+               position_error_px_after=position_error(refined.positions, data.positions),
+               position_error_px_after_whole=position_error(np.rint(refined.positions),
+                                                            data.positions),
+               seconds_per_iteration_1rank_refined=refined.seconds_per_iteration,
+               seconds_per_iteration_1rank_noisy=plain.seconds_per_iteration)
+    out["nrmse_refined_vs_exact"] = out["nrmse_refined"] / max(report["nrmse"], 1e-300)
+    if not args.no_spark:
+        print(f"reconstructing with position refinement over {args.ranks} Spark-MPI ranks ...",
+              file=sys.stderr)
+        dist = _distributed_spark(scan, args, probe, **refine)
+        out["seconds_per_iteration_refined"] = dist["seconds_per_iteration"]
+        out["nrmse_refined_spark"] = ptycho.registered_nrmse(dist["object"], data.object_true,
+                                                             ptycho.illuminated_mask(data))
+        out["position_error_px_after_spark"] = position_error(dist["positions"], data.positions)
+        if "seconds_per_iteration" in report:
+            out["refined_vs_plain_seconds_ratio"] = (dist["seconds_per_iteration"]
+                                                     / report["seconds_per_iteration"])
+    return out

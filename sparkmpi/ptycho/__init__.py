@@ -5,7 +5,7 @@ Public API::
     from sparkmpi import ptycho
     data = ptycho.simulate(frames=512, frame_size=128)
     result = ptycho.reconstruct(data, algorithm="dm", iterations=100)
-    ptycho.nrmse(result.object, data.object_true, ptycho.illuminated_mask(data))
+    ptycho.object_quality(result.object, data).nrmse   # translation, ramp, scale removed
 
 Distributed through Spark (one MPI rank per partition, ``sparkmpi.run``)::
 
@@ -39,7 +39,18 @@ from .errors import (
     ProbeShapeError,
     PtychoInputError,
 )
-from .metrics import illuminated_mask, illumination, nrmse, object_nrmse
+from .metrics import (
+    Registration,
+    illuminated_mask,
+    illumination,
+    nrmse,
+    object_nrmse,
+    object_quality,
+    probe_quality,
+    register,
+    registered_nrmse,
+)
+from .files import read_scan, write_cxi
 from .options import Options
 from .output import write_outputs
 from .simulate import (
@@ -81,7 +92,14 @@ __all__ = [
     "illumination",
     "nrmse",
     "object_nrmse",
+    "object_quality",
+    "probe_quality",
+    "register",
+    "registered_nrmse",
+    "Registration",
     "write_outputs",
+    "read_scan",
+    "write_cxi",
     "StreamingReconstruction",
     "micro_batches",
 ]

@@ -28,6 +28,9 @@ __all__ = ["Engine", "ExactEngine", "GenericEngine", "make_engine"]
 class Engine:
     """Buffers and the shared parts of one reconstruction on one rank.
 
+    ``phi_after_step``: a step leaves ``F(P O_j)`` in ``tmp`` (position refinement
+    then needs no forward FFT).
+
     The iterate is kept in Fourier space, ``Psi_j = F psi_j``: the modulus
     projection then needs no transform and the misfit of ``F(P O_j)`` comes
     for free.  Each iteration does one inverse FFT (``psi`` for the overlap
@@ -42,7 +45,9 @@ class Engine:
 
     def __init__(self, bk: Backend, intensities: np.ndarray, positions: np.ndarray,
                  object_shape, probe, obj, exit_waves, comm, regularization: float,
-                 threads: int, pin_ramp: bool = True, centroid=None):
+                 threads: int, pin_ramp: bool = True, centroid=None,
+                 probe_support: float | None = None, probe_center: bool = False,
+                 probe_power: bool = False, positions_start=None):
         xp = bk.xp
         self.bk, self.xp, self.comm = bk, xp, comm
         self.reg = float(regularization)
@@ -54,15 +59,14 @@ class Engine:
         allreduce_sums(comm, [norm])
         self.norm = max(float(norm[0]), np.finfo(np.float64).tiny)
         frame_shape = tuple(intensities.shape[1:])
-        self.geom = Geometry(bk, positions, frame_shape, object_shape, threads=threads)
-        # The scan's comb summed over ranks (integer counts: exact): the object
-        # denominator sum_j shift(|P|^2) is then computed whole, and identically, on
-        # every rank, with no Allreduce.
-        comb = np.asarray(self.geom._comb, dtype=np.float64).copy()
-        count = np.array([float(len(positions))])
-        allreduce_sums(comm, [comb, count])
-        self.geom.set_comb(comb)
-        self.n_total = int(count[0])
+        self.frame_shape, self.object_shape = frame_shape, tuple(object_shape)
+        self.threads = threads
+        self.geom = None
+        self._make_geometry(positions)
+        # refined positions (fractional), where they started, and what the engine uses
+        self.positions = np.asarray(positions, dtype=np.float64).copy()
+        self.positions_start = (self.positions.copy() if positions_start is None
+                                else np.asarray(positions_start, dtype=np.float64).copy())
         self.fourier = Fourier(bk, self.a, workers=threads)
         self.P = xp.asarray(probe, dtype=xp.complex64)
         self.O = xp.asarray(obj, dtype=xp.complex64)
@@ -71,6 +75,16 @@ class Engine:
         self._centroid0 = None
         if pin_ramp:
             self._centroid0 = centroid or self._spectrum_centroid(self.P)
+        self._support = None
+        if probe_support is not None:
+            self._support = xp.asarray(probe_support_mask(frame_shape, probe_support))
+        self.probe_center = bool(probe_center)
+        self._power_target = None
+        if probe_power:   # the largest measured frame power, all ranks
+            from ._kernels import allreduce_max
+
+            frame_power = np.asarray(intensities, dtype=np.float64).sum(axis=(1, 2)).max()
+            self._power_target = float(allreduce_max(comm, [float(frame_power)])[0])
         self._setup(probe, obj, frame_shape, tuple(object_shape), threads)
         self.work = xp.empty(self.a.shape, dtype=xp.complex64)
         self.tmp = xp.empty(self.a.shape, dtype=xp.complex64)
@@ -80,6 +94,89 @@ class Engine:
         else:
             self.Psi = xp.array(exit_waves, dtype=xp.complex64, copy=True)
         self.fourier.forward(self.Psi)
+
+    def _make_geometry(self, positions) -> None:
+        """Geometry for whole-pixel ``positions``; collective (the comb's Allreduce)."""
+        if self.geom is not None:
+            self.geom.close()
+        self.geom = Geometry(self.bk, positions, self.frame_shape, self.object_shape,
+                             threads=self.threads)
+        # The scan's comb summed over ranks (integer counts: exact): the object
+        # denominator sum_j shift(|P|^2) is then computed whole, and identically, on
+        # every rank, with no Allreduce.
+        comb = np.asarray(self.geom._comb, dtype=np.float64).copy()
+        count = np.array([float(len(positions))])
+        allreduce_sums(self.comm, [comb, count])
+        self.geom.set_comb(comb)
+        self.n_total = int(count[0])
+        self._den = None
+
+    def set_positions(self, positions) -> None:
+        """Use new whole-pixel ``positions`` (this rank's frames); collective: every rank calls it."""
+        self._make_geometry(np.asarray(positions, dtype=np.int64))
+        self._positions_changed()
+
+    def _positions_changed(self) -> None:
+        """Called after :meth:`set_positions` rebuilt the geometry."""
+
+    def refine_positions(self, max_step: float, max_shift: float, have_phi: bool = False) -> int:
+        """One position-refinement step for this rank's frames (:mod:`sparkmpi.ptycho.positions`).
+
+        Collective: every rank calls it in the same iteration.  ``have_phi``:
+        ``tmp`` already holds ``F(P O_j)`` for the current object and probe.
+        Returns the number of frames, over all ranks, whose whole pixel changed.
+        """
+        from .positions import GAIN, HYSTERESIS, clamp_positions, quantise, solve_steps
+
+        xp = self.xp
+        tmp = self.tmp
+        frames = xp.ascontiguousarray(self.geom.gather(self.O))
+        if not have_phi:
+            xp.multiply(frames, self.P, out=tmp)
+            self.fourier.forward(tmp)
+        self.fourier.project(tmp)          # Pi_F(F P O_j)
+        self.fourier.inverse(tmp)
+        frames *= self.P
+        tmp -= frames                      # chi_j = Pi_F(P O_j) - P O_j
+        del frames
+        obj = self.O
+        grad_y = 0.5 * (xp.roll(obj, -1, axis=0) - xp.roll(obj, 1, axis=0))
+        grad_x = 0.5 * (xp.roll(obj, -1, axis=1) - xp.roll(obj, 1, axis=1))
+        steps = solve_steps(self._position_sums(tmp, grad_y, grad_x))
+        del grad_y, grad_x
+        move = quantise(np.clip(GAIN * steps, -max_step, max_step))
+        # the mean move over every frame of every rank is a translation of the object: off
+        total = np.concatenate([move.sum(axis=0), [float(len(move))]])
+        allreduce_sums(self.comm, [total])
+        mean = quantise(total[:2] / max(total[2], 1.0))
+        self.positions = quantise(clamp_positions(self.positions + move - mean,
+                                                  self.positions_start, self.frame_shape,
+                                                  self.object_shape, max_shift))
+        # A frame changes whole pixel only once its position is past the half pixel by
+        # HYSTERESIS: a frame at its true pixel then does not flip on the step's noise.
+        current = self.geom.positions
+        away = np.abs(self.positions - current) > 0.5 + HYSTERESIS
+        whole = np.where(away, np.rint(self.positions).astype(np.int64), current)
+        moved = np.flatnonzero(np.any(whole != current, axis=1))
+        changed = np.array([float(len(moved))])
+        allreduce_sums(self.comm, [changed])
+        if changed[0] > 0:
+            if len(moved):   # a moved frame's iterate restarts from F(P O_j) at its new place
+                waves = xp.empty((len(moved),) + self.frame_shape, dtype=xp.complex64)
+                self.geom.gather_at(self.O, whole[moved], out=waves)
+                waves *= self.P
+                self.fourier.forward(waves)
+                self._reset_waves(moved, waves)
+            self.set_positions(whole)
+        return int(changed[0])
+
+    def _position_sums(self, chi, grad_y, grad_x) -> np.ndarray:
+        """:func:`sparkmpi.ptycho.positions.position_sums` for this rank's frames, given
+        the object's gradient planes; whole-stack array code (the CPU engine fuses it)."""
+        from .positions import position_sums
+
+        return position_sums(self.P, self.geom.gather(grad_y), self.geom.gather(grad_x), chi,
+                             self.xp)
 
     # ---- what the implementations provide
     def _setup(self, probe, obj, frame_shape, object_shape, threads) -> None:
@@ -131,10 +228,57 @@ class Engine:
         pnum += d * self.P
         pnum /= pden + d
         self.P = pnum.astype(xp.complex64, copy=False)
+        self._constrain_probe()
         if self.pin_ramp:
             self._pin_probe_spectrum()
         self._probe_changed()
         self._den = None
+
+    def _constrain_probe(self) -> None:
+        """The real-space probe constraints, in order: support, centring, power.
+
+        Each is computed from the probe alone (the same on every rank), and
+        the centring and power steps change the object (and the exit waves)
+        by the matching gauge, so the data are explained as before.
+        """
+        xp = self.xp
+        if self._support is not None:
+            self.P *= self._support
+        if self.probe_center:
+            offset = probe_offset(self.P, xp)
+            if max(abs(offset[0]), abs(offset[1])) >= 1.0:
+                self._move_probe(int(round(offset[0])), int(round(offset[1])))
+        if self._power_target is not None:
+            power = float(xp.sum(self.P.real ** 2 + self.P.imag ** 2, dtype=xp.float64))
+            if power > 0:
+                factor = np.float32(np.sqrt(self._power_target / power))
+                self.P *= factor
+                self.O /= factor
+
+    def _move_probe(self, dy: int, dx: int) -> None:
+        """``P(r) <- P(r + n)``, ``O(x) <- O(x + n)``, ``psi_j(r) <- psi_j(r + n)``, ``n = (dy, dx)``.
+
+        ``P(r + n) O(r + n + r_j) = psi_j(r + n)``: the exit waves move by the
+        same whole pixels, which in Fourier space is a phase ramp the same
+        for every frame, and the measured moduli do not change.  The object
+        rolls circularly; its edges are unlit by a support smaller than the
+        frame.
+        """
+        xp = self.xp
+        self.P = xp.roll(self.P, (-dy, -dx), axis=(0, 1))
+        self.O = xp.roll(self.O, (-dy, -dx), axis=(0, 1))
+        h, w = self.P.shape
+        ramp = (np.exp(2j * np.pi * np.fft.fftfreq(h) * dy)[:, None]
+                * np.exp(2j * np.pi * np.fft.fftfreq(w) * dx)[None, :]).astype(np.complex64)
+        self._apply_wave_ramp(xp.asarray(ramp))
+
+    def _apply_wave_ramp(self, ramp) -> None:
+        """Multiply every frame of ``Psi`` by ``ramp`` (H, W), now."""
+        self.Psi *= ramp
+
+    def _reset_waves(self, index, waves) -> None:
+        """``Psi[index] = waves`` (Fourier-space waves of the current object and probe)."""
+        self.Psi[self.xp.asarray(index)] = waves
 
     def _spectrum_centroid(self, probe):
         """Circular centroid (rows, cols) of ``|F P|^2``, in frequency pixels."""
@@ -203,6 +347,8 @@ class ExactEngine(Engine):
     kernels : {"auto", "numba", "numpy"}
     """
 
+    phi_after_step = True
+
     def __init__(self, *args, kernels: str = "auto", **kwargs):
         self.kernels = kernels
         self.ops = None
@@ -225,6 +371,16 @@ class ExactEngine(Engine):
         super().close()
         if self.ops is not None:
             self.ops.close()
+
+    def _position_sums(self, chi, grad_y, grad_x) -> np.ndarray:
+        return self.ops.position_sums(chi, self.P, grad_y, grad_x)
+
+    def _positions_changed(self) -> None:
+        self.ops.close()
+        self.ops = make_ops(self.kernels, self.geom.positions, self.frame_shape,
+                            self.object_shape, self.threads)
+        cover = float(max(1, self.geom.coverage()))
+        self.obj_sums.covers = [cover, cover]
 
     def gather_multiply(self, obj, probe, out):
         return self.ops.gather_mul(obj, probe, out)
@@ -251,6 +407,18 @@ class ExactEngine(Engine):
 
     def _apply_frame_phase(self, phase) -> None:
         self._frame_phase = phase   # applied by the next fused pass over Psi
+
+    def _apply_wave_ramp(self, ramp) -> None:
+        super()._apply_wave_ramp(ramp)
+        self._work_is_psi = False
+
+    def _reset_waves(self, index, waves) -> None:
+        # a pending gauge phase (applied to all of Psi by the next pass) is not due on
+        # waves made from the current object and probe: divide it out beforehand
+        self.Psi[index] = waves
+        if self._frame_phase is not None:
+            self.Psi[index] /= self._frame_phase[index][:, None, None]
+        self._work_is_psi = False
 
     def _take_phase(self):
         phase, self._frame_phase = self._frame_phase, None
@@ -283,6 +451,8 @@ class GenericEngine(Engine):
     Partial sums are float64 or complex128, so a distributed result matches
     one process to rounding, not bit for bit.
     """
+
+    phi_after_step = False   # the steps reuse tmp
 
     def _setup(self, probe, obj, frame_shape, object_shape, threads) -> None:
         self._conjP = self.xp.conj(self.P)
@@ -356,6 +526,28 @@ class GenericEngine(Engine):
         Phi *= np.float32(beta)
         Psi += Phi
         return err
+
+
+def probe_support_mask(frame_shape, fraction: float) -> np.ndarray:
+    """Float32 0/1 disc centred at ``(H // 2, W // 2)`` (where probes are centred),
+    diameter ``fraction * min(H, W)``."""
+    h, w = frame_shape
+    y = np.arange(h) - h // 2
+    x = np.arange(w) - w // 2
+    radius = 0.5 * float(fraction) * min(h, w)
+    return ((y[:, None] ** 2 + x[None, :] ** 2) <= radius * radius).astype(np.float32)
+
+
+def probe_offset(probe, xp=np) -> tuple:
+    """Intensity centroid of ``probe`` minus the frame centre ``(H // 2, W // 2)``, pixels."""
+    power = probe.real.astype(xp.float64) ** 2 + probe.imag.astype(xp.float64) ** 2
+    total = float(power.sum())
+    if total <= 0:
+        return (0.0, 0.0)
+    h, w = probe.shape
+    cy = float((power.sum(axis=1) * xp.arange(h)).sum()) / total
+    cx = float((power.sum(axis=0) * xp.arange(w)).sum()) / total
+    return (cy - h // 2, cx - w // 2)
 
 
 def make_engine(bk: Backend, *args, kernels: str = "auto", **kwargs) -> Engine:

@@ -244,6 +244,47 @@ def _probe_sums(psi, obj, pos, s_num, s_den, pre, pim, pden, col):  # pragma: no
     return top
 
 
+@_jit
+def _position_sums(chi, probe, gy, gx, pos, out):  # pragma: no cover - compiled
+    # per frame j, with a = P grad_y O_j, b = P grad_x O_j (the object's gradient planes
+    # gathered here): out[j] = (<a,a>, <b,b>, Re<a,b>, Re<a,chi_j>, Re<b,chi_j>), float64
+    n, h, w = chi.shape
+    for j in range(n):
+        y0 = pos[j, 0]
+        x0 = pos[j, 1]
+        saa = 0.0
+        sbb = 0.0
+        sab = 0.0
+        sac = 0.0
+        sbc = 0.0
+        for r in range(h):
+            crow = chi[j, r]
+            prow = probe[r]
+            yrow = gy[y0 + r, x0:x0 + w]
+            xrow = gx[y0 + r, x0:x0 + w]
+            for c in range(w):
+                p = prow[c]
+                a = p * yrow[c]
+                b = p * xrow[c]
+                v = crow[c]
+                ar = np.float64(a.real)
+                ai = np.float64(a.imag)
+                br = np.float64(b.real)
+                bi = np.float64(b.imag)
+                vr = np.float64(v.real)
+                vi = np.float64(v.imag)
+                saa += ar * ar + ai * ai
+                sbb += br * br + bi * bi
+                sab += ar * br + ai * bi
+                sac += ar * vr + ai * vi
+                sbc += br * vr + bi * vi
+        out[j, 0] = saa
+        out[j, 1] = sbb
+        out[j, 2] = sab
+        out[j, 3] = sac
+        out[j, 4] = sbc
+
+
 # --------------------------------------------------------------------------- drivers
 def _chunks(n: int, parts: int):
     parts = max(1, min(parts, n))
@@ -302,6 +343,13 @@ class NumpyOps:
     def gather_mul(self, obj, probe, out):
         np.multiply(self._window(obj), probe, out=out)
         return out
+
+    def position_sums(self, chi, probe, grad_y, grad_x) -> np.ndarray:
+        """Per frame, with ``a = P grad_y O_j``, ``b = P grad_x O_j``: ``(<a,a>, <b,b>,
+        Re<a,b>, Re<a,chi_j>, Re<b,chi_j>)``, float64 (N, 5) (position refinement)."""
+        from .positions import position_sums
+
+        return position_sums(probe, self._window(grad_y), self._window(grad_x), chi, np)
 
     def dm_update(self, Psi, Phi, a, beta: float, work, phase=None) -> float:
         """Misfit ``sum (|Phi| - a)^2``; ``Psi <- Psi + beta (Pi_F(2 Phi - Psi) - Phi)``;
@@ -428,6 +476,11 @@ class FusedOps(NumpyOps):
 
     def gather_mul(self, obj, probe, out):
         self._map(lambda i, s: _gather_mul(obj, probe, self.pos[s], out[s]))
+        return out
+
+    def position_sums(self, chi, probe, grad_y, grad_x) -> np.ndarray:
+        out = np.empty((len(self.pos), 5), dtype=np.float64)
+        self._map(lambda i, s: _position_sums(chi[s], probe, grad_y, grad_x, self.pos[s], out[s]))
         return out
 
     def _phase(self, phase):

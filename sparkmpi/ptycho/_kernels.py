@@ -295,6 +295,21 @@ class Geometry:
         out[...] = res
         return out
 
+    def gather_at(self, obj, positions, out):
+        """Frames of ``obj`` at other whole-pixel ``positions`` (N, 2), into ``out`` (N, H, W)."""
+        pos = np.asarray(positions, dtype=np.int64)
+        h, w = self.frame_shape
+        if self.backend.name == "cupy":
+            xp = self.xp
+            self._k["gather"](obj, xp.asarray(pos[:, 0].astype(np.int32)),
+                              xp.asarray(pos[:, 1].astype(np.int32)), np.int32(h), np.int32(w),
+                              np.int32(self.object_shape[1]), out)
+            return out
+        from numpy.lib.stride_tricks import sliding_window_view
+
+        out[...] = sliding_window_view(obj, self.frame_shape)[pos[:, 0], pos[:, 1]]
+        return out
+
     def gather_multiply(self, obj, probe, out):
         """``out = probe * gather(obj)`` (the overlap-constrained exit waves)."""
         if self.backend.name == "cupy":

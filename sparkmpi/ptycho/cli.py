@@ -47,7 +47,8 @@ def register(subparsers) -> None:
     sim.set_defaults(func=_simulate)
 
     rec = verbs.add_parser("reconstruct", help="reconstruct a scan; write NPZ and PNG outputs")
-    rec.add_argument("file", help="NPZ file from 'sparkmpi ptycho simulate' (or same format)")
+    rec.add_argument("file", help="NPZ file from 'sparkmpi ptycho simulate' (or same format), "
+                                  "or a CXI file (.cxi/.h5: entry_1/data_1/data, ...)")
     rec.add_argument("--algorithm", choices=("dm", "raar"), default="dm")
     rec.add_argument("--iterations", type=int, default=100)
     rec.add_argument("--probe-update-start", type=int, default=10,
@@ -57,6 +58,16 @@ def register(subparsers) -> None:
                      help="initial probe: nominal model from the metadata, mean diffraction "
                           "pattern, or the file's probe_true")
     rec.add_argument("--backend", choices=("numpy", "cupy", "auto"), default="numpy")
+    rec.add_argument("--probe-support", type=float, default=0.8,
+                     help="probe support, fraction of the frame (0: none)")
+    rec.add_argument("--no-probe-center", action="store_true", help="do not centre the probe")
+    rec.add_argument("--probe-power", action="store_true",
+                     help="normalise the probe's power to the brightest frame")
+    rec.add_argument("--refine-positions", action="store_true",
+                     help="refine the scan positions (written with the result)")
+    rec.add_argument("--position-refine-start", type=int, default=10)
+    rec.add_argument("--translation-sign", type=float, default=1.0,
+                     help="CXI files: +1 sample translation, -1 beam translation")
     rec.add_argument("--out", required=True, help="output directory")
     rec.set_defaults(func=_reconstruct)
 
@@ -81,12 +92,13 @@ def _simulate(args) -> int:
 
 def _reconstruct(args) -> int:
     from .engines import reconstruct
-    from .metrics import illuminated_mask, nrmse
+    from .metrics import illuminated_mask, object_quality, probe_quality
     from .mpi_job import _probe_init
     from .output import write_outputs
-    from .simulate import load
+    from .files import read_scan
 
-    data = load(args.file)
+    data = read_scan(args.file, **({} if args.file.lower().endswith(".npz")
+                                   else {"translation_sign": args.translation_sign}))
     probe = _probe_init(data, args.probe_init)
     every = max(1, args.iterations // 10)
 
@@ -97,7 +109,11 @@ def _reconstruct(args) -> int:
     result = reconstruct(data, algorithm=args.algorithm, iterations=args.iterations,
                          probe_update_start=None if args.probe_update_start < 0
                          else args.probe_update_start,
-                         beta=args.beta, backend=args.backend, probe=probe, callback=progress)
+                         beta=args.beta, backend=args.backend, probe=probe, callback=progress,
+                         probe_support=args.probe_support if args.probe_support > 0 else None,
+                         probe_center=not args.no_probe_center, probe_power=args.probe_power,
+                         refine_positions=args.refine_positions,
+                         position_refine_start=args.position_refine_start)
     summary = {"file": args.file, "algorithm": args.algorithm, "iterations": args.iterations,
                "backend": result.state.backend, "seconds": result.seconds,
                "seconds_per_iteration": result.seconds_per_iteration,
@@ -106,9 +122,14 @@ def _reconstruct(args) -> int:
     if data.probe_true is not None:
         mask = illuminated_mask(data)
     if data.object_true is not None and mask is not None:
-        summary["nrmse"] = nrmse(result.object, data.object_true, mask)
+        # registered: a drifted probe translates the object without making it worse
+        summary.update(object_quality(result.object, data, mask=mask).as_dict())
+    if data.probe_true is not None:
+        summary.update(probe_quality(result.probe, data.probe_true).as_dict("probe_"))
+    if args.refine_positions:
+        summary["positions_moved"] = int(sum(result.positions_moved))
     summary["files"] = write_outputs(args.out, result.object, result.probe, result.errors,
-                                     mask=mask, summary=summary)
+                                     mask=mask, summary=summary, positions=result.positions)
     print(f"wrote {args.out}: {result.seconds_per_iteration:.3f} s/iteration"
           + (f", NRMSE {summary['nrmse']:.4f}" if "nrmse" in summary else ""), file=sys.stderr)
     if args.json:

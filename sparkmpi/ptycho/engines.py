@@ -99,6 +99,13 @@ class ReconstructionState:
     probe_centroid : (float, float) or None
         Far-field centroid of the first iteration's probe, the reference
         that ``pin_probe_ramp`` keeps the probe at.
+    positions : ndarray (N, 2) float64 or None
+        Refined positions so far (``refine_positions``), this call's frames.
+    positions_start : ndarray (N, 2) float64 or None
+        The positions the refinement started from (``position_max_shift``).
+    positions_whole : ndarray (N, 2) int64 or None
+        The whole pixels the engine used (not always the rounded
+        ``positions``: a pixel changes with hysteresis).
     """
 
     algorithm: str
@@ -109,6 +116,9 @@ class ReconstructionState:
     errors: list = field(default_factory=list)
     backend: str = "numpy"
     probe_centroid: tuple | None = None
+    positions: Any = None
+    positions_start: Any = None
+    positions_whole: Any = None
 
 
 @dataclass
@@ -128,6 +138,13 @@ class Result:
         Wall time of the iterations of this call (set-up excluded).
     iterations : int
         Iterations done by this call.
+    positions : ndarray, float64, shape (N, 2)
+        The scan positions at the end (top-left, pixels, the frames of this
+        call in their order): refined and fractional with
+        ``refine_positions``, else the given ones.
+    positions_moved : list of int
+        Per position-refinement step, the frames (all ranks) whose whole-pixel
+        position changed.
     """
 
     object: np.ndarray
@@ -136,6 +153,8 @@ class Result:
     state: ReconstructionState
     seconds: float
     iterations: int
+    positions: np.ndarray | None = None
+    positions_moved: list = field(default_factory=list)
 
     @property
     def seconds_per_iteration(self) -> float:
@@ -226,6 +245,7 @@ def reconstruct_frames(intensities, positions, object_shape, options: Options, *
     errors: list = []
     start_iteration = 0
     centroid = None
+    positions_float = positions_start = None
     if state is not None:
         if not isinstance(state, ReconstructionState):
             raise PtychoInputError(f"state must be a ReconstructionState from an earlier "
@@ -245,6 +265,14 @@ def reconstruct_frames(intensities, positions, object_shape, options: Options, *
         errors = list(state.errors)
         start_iteration = int(state.iteration)
         centroid = state.probe_centroid
+        if state.positions is not None:
+            positions_float = np.asarray(state.positions, dtype=np.float64)
+            positions_start = state.positions_start
+            if positions_float.shape != pos.shape:
+                raise FrameMismatchError(f"state.positions has shape {positions_float.shape} "
+                                         f"but positions has shape {pos.shape}; resume with "
+                                         f"the same frames")
+            pos = np.asarray(state.positions_whole, dtype=np.int64)
     if probe is None:
         probe = initial_probe(arr, comm)
     probe = check_complex_image(probe, frame_shape, "probe")
@@ -257,18 +285,27 @@ def reconstruct_frames(intensities, positions, object_shape, options: Options, *
         threads = bk.fft_workers or 1
     eng = make_engine(bk, arr, pos, object_shape, probe, object_init, exit_waves, comm,
                       options.regularization, threads, pin_ramp=bool(options.pin_probe_ramp),
-                      centroid=centroid, kernels=options.kernels)
+                      centroid=centroid, kernels=options.kernels,
+                      probe_support=options.probe_support, probe_center=options.probe_center,
+                      probe_power=options.probe_power, positions_start=positions_start)
+    if positions_float is not None:
+        eng.positions = positions_float.copy()
     step = eng.step(algorithm)
     beta = options.relaxation
     iterations = int(options.iterations)
     sync_each = comm is not None or callback is not None
     pending = []
+    moved = []
     try:
         bk.synchronize()
         t0 = time.perf_counter()
         for k in range(iterations):
             it = start_iteration + k
             err = step(beta, options.updates_probe(it))
+            if options.refines_positions(it):
+                moved.append(eng.refine_positions(options.position_max_step,
+                                                  options.position_max_shift,
+                                                  have_phi=eng.phi_after_step))
             if sync_each:
                 buf = np.array([float(err)], dtype=np.float64)
                 allreduce_sums(comm, [buf])
@@ -285,9 +322,12 @@ def reconstruct_frames(intensities, positions, object_shape, options: Options, *
     errors.extend(math.sqrt(float(e) / eng.norm) for e in pending)
     new_state = ReconstructionState(algorithm, start_iteration + iterations, eng.O, eng.P,
                                     eng.exit_waves(), errors, bk.name,
-                                    tuple(eng._centroid0) if eng._centroid0 else None)
+                                    tuple(eng._centroid0) if eng._centroid0 else None,
+                                    eng.positions.copy(), eng.positions_start.copy(),
+                                    eng.geom.positions.copy())
     return Result(np.asarray(bk.asnumpy(eng.O)), np.asarray(bk.asnumpy(eng.P)),
-                  np.asarray(errors, dtype=np.float64), new_state, seconds, iterations)
+                  np.asarray(errors, dtype=np.float64), new_state, seconds, iterations,
+                  eng.positions.copy(), moved)
 
 
 def reconstruct(data, *, probe=None, object_init=None, state: ReconstructionState | None = None,

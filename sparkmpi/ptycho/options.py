@@ -32,6 +32,16 @@ def _whole(value, least: int) -> bool:
         return False
 
 
+def _between(value, low: float, high: float) -> bool:
+    """True for a real number in ``(low, high]`` (not a bool)."""
+    if isinstance(value, bool):
+        return False
+    try:
+        return low < float(value) <= high
+    except (TypeError, ValueError):
+        return False
+
+
 @dataclass(frozen=True)
 class Options:
     """How to reconstruct: the algorithm and its settings (not the data or the start).
@@ -66,6 +76,41 @@ class Options:
         After each probe update, undo any shift of the probe's far-field
         centroid relative to the initial probe's, so the linear phase-ramp
         ambiguity (``P e^{-iqr}``, ``O e^{iqr}``) cannot drift into the object.
+    probe_support : float or None
+        Real-space probe support: after each probe update the probe is set to
+        zero outside a centred circle whose diameter is this fraction of the
+        frame's smaller side (0.8 by default, as the field's codes keep a
+        support on by default; ``None``: no support).  A probe whose rings
+        fill the frame (``make_probe(kind="focused")``) needs ``None`` or a
+        larger fraction (up to 1.5, the whole frame).
+    probe_center : bool
+        After each probe update, when the probe's intensity centroid is a
+        pixel or more from the frame centre, move the probe back by the
+        whole pixels of that offset, and the object and the exit waves with
+        it (``P(r + n)``, ``O(r + n)``, ``psi_j(r + n)``: the same data), so
+        the probe cannot wander off its support.
+    probe_power : bool
+        After each probe update, scale the probe so that ``sum |P|^2`` equals
+        the largest measured frame power ``max_j sum I_j``, and the object by
+        the inverse factor (the same exit waves).
+    refine_positions : bool
+        Refine the scan positions (:mod:`sparkmpi.ptycho.positions`): each
+        rank moves its own frames by a least-squares step along the object's
+        gradient (Odstrcil et al. 2018), subpixel, on the schedule below.
+        The engine works on whole pixels (a frame's pixel changes with
+        hysteresis); :attr:`Result.positions` holds the refined fractional
+        positions.
+    position_refine_start : int
+        First iteration with a refinement step (10).
+    position_refine_interval : int
+        Iterations between refinement steps (4: DM settles in between; every
+        iteration measured worse and slower, BENCHMARKS.md).
+    position_refine_stop : int or None
+        No refinement from this iteration on (``None``: to the end).
+    position_max_step : float
+        Pixels per axis a frame may move in one step (1.0).
+    position_max_shift : float
+        Pixels per axis a frame may move from its given position (8.0).
 
     Raises
     ------
@@ -83,6 +128,15 @@ class Options:
     kernels: str = "auto"
     refine_probe: bool = True
     pin_probe_ramp: bool = True
+    probe_support: float | None = 0.8
+    probe_center: bool = True
+    probe_power: bool = False
+    refine_positions: bool = False
+    position_refine_start: int = 10
+    position_refine_interval: int = 4
+    position_refine_stop: int | None = None
+    position_max_step: float = 1.0
+    position_max_shift: float = 8.0
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -112,6 +166,28 @@ class Options:
             raise PtychoInputError(f"threads must be an integer >= 1 or None, got {self.threads!r}")
         if self.kernels not in KERNELS:
             raise PtychoInputError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
+        if self.probe_support is not None and not _between(self.probe_support, 0, 1.5):
+            raise PtychoInputError(f"probe_support must be a fraction of the frame in (0, 1.5] "
+                                   f"or None, got {self.probe_support!r}")
+        for name in ("refine_probe", "pin_probe_ramp", "probe_center", "probe_power",
+                     "refine_positions"):
+            if not (isinstance(getattr(self, name), bool) or type(getattr(self, name)).__name__ == "bool_"):
+                raise PtychoInputError(f"{name} must be True or False, got {getattr(self, name)!r}")
+        if not _whole(self.position_refine_start, 0):
+            raise PtychoInputError(f"position_refine_start must be an integer >= 0, "
+                                   f"got {self.position_refine_start!r}")
+        if self.position_refine_stop is not None and not _whole(self.position_refine_stop, 0):
+            raise PtychoInputError(f"position_refine_stop must be an integer >= 0 or None, "
+                                   f"got {self.position_refine_stop!r}")
+        if not _whole(self.position_refine_interval, 1):
+            raise PtychoInputError(f"position_refine_interval must be an integer >= 1, "
+                                   f"got {self.position_refine_interval!r}")
+        if not _between(self.position_max_step, 0, 64):
+            raise PtychoInputError(f"position_max_step must be pixels in (0, 64], "
+                                   f"got {self.position_max_step!r}")
+        if not _between(self.position_max_shift, 0, 4096):
+            raise PtychoInputError(f"position_max_shift must be pixels in (0, 4096], "
+                                   f"got {self.position_max_shift!r}")
 
     @classmethod
     def of(cls, options: Options | None = None, **settings) -> Options:
@@ -142,6 +218,13 @@ class Options:
     def relaxation(self) -> float:
         """``beta``, or the algorithm's default when ``beta`` is None."""
         return DEFAULT_BETA[self.algorithm] if self.beta is None else float(self.beta)
+
+    def refines_positions(self, iteration: int) -> bool:
+        """Whether iteration number ``iteration`` ends with a position-refinement step."""
+        if self.position_refine_stop is not None and iteration >= self.position_refine_stop:
+            return False
+        return bool(self.refine_positions and iteration >= self.position_refine_start
+                    and (iteration - self.position_refine_start) % self.position_refine_interval == 0)
 
     def updates_probe(self, iteration: int) -> bool:
         """Whether iteration number ``iteration`` (counted over resumed calls) refines the probe."""

@@ -10,6 +10,9 @@
 ``object_amplitude.png`` amplitude, min..max mapped to black..white.
 ``probe_amplitude.png`` probe amplitude.
 ``errors.png``          Fourier-modulus error against iteration, log scale.
+``reconstruction.h5``   the same arrays in HDF5, with ``positions`` (the
+                        refined scan positions, when given)
+                        (:func:`sparkmpi.ptycho.files.write_result_hdf5`).
 """
 
 from __future__ import annotations
@@ -90,7 +93,8 @@ def error_curve_png(errors, path, *, size=(640, 400), title="Fourier-modulus err
     return Path(path)
 
 
-def write_outputs(directory, obj, probe, errors, *, mask=None, summary: dict | None = None) -> dict:
+def write_outputs(directory, obj, probe, errors, *, mask=None, summary: dict | None = None,
+                  positions=None, hdf5: bool = True) -> dict:
     """Write the arrays and pictures of a reconstruction into ``directory``.
 
     Parameters
@@ -105,6 +109,10 @@ def write_outputs(directory, obj, probe, errors, *, mask=None, summary: dict | N
         Illuminated region: grey levels are stretched over it.
     summary : dict, optional
         JSON-serialisable figures stored in the NPZ.
+    positions : ndarray (N, 2), optional
+        Scan positions (refined), stored in the NPZ and the HDF5 file.
+    hdf5 : bool
+        Also write ``reconstruction.h5``.
 
     Returns
     -------
@@ -122,12 +130,18 @@ def write_outputs(directory, obj, probe, errors, *, mask=None, summary: dict | N
     files = {}
     npz = out / "reconstruction.npz"
     tmp = out / "reconstruction.npz.part"
+    extra = {} if positions is None else {"positions": np.asarray(positions, dtype=np.float64)}
     with open(tmp, "wb") as fh:
         np.savez(fh, object=obj.astype(np.complex64), probe=probe.astype(np.complex64),
                  errors=np.asarray(errors, dtype=np.float64),
-                 summary=np.asarray(json.dumps(summary or {}, sort_keys=True)))
+                 summary=np.asarray(json.dumps(summary or {}, sort_keys=True)), **extra)
     tmp.replace(npz)
     files["arrays"] = str(npz)
+    if hdf5:
+        from .files import write_result_hdf5
+
+        files["hdf5"] = str(write_result_hdf5(out / "reconstruction.h5", obj, probe, errors,
+                                              positions=positions, summary=summary))
     phase = np.angle(obj)
     if mask is not None and np.any(mask):
         # remove the global phase so the picture does not wrap needlessly

@@ -68,6 +68,11 @@ class SparkResult:
         FFT / kernel threads each rank used.
     kernels : str
         ``"numba"`` or ``"numpy"`` (CPU), or the backend's own (``"cupy"``).
+    positions : ndarray (N, 2) float64 or None
+        The scan positions at the end, in frame-index order (refined with
+        ``refine_positions``), gathered from every rank.
+    positions_moved : list of int
+        Frames that changed whole pixel, per refinement step (all ranks).
     """
 
     object: np.ndarray
@@ -80,6 +85,8 @@ class SparkResult:
     frames_per_rank: list = field(default_factory=list)
     threads_per_rank: int = 1
     kernels: str = ""
+    positions: np.ndarray | None = None
+    positions_moved: list = field(default_factory=list)
 
     @property
     def seconds_per_iteration(self) -> float:
@@ -291,7 +298,8 @@ def _records_rank(comm, records, *, object_shape, options: Options, probe, objec
     result = reconstruct_rank(comm, frames, positions, object_shape, probe=probe,
                               object_init=object_init, options=options)
     out = {"rank": comm.rank, "frames": int(len(index)), "threads": int(options.threads),
-           "kernels": _kernels_used(options)}
+           "kernels": _kernels_used(options), "frame_index": np.asarray(index),
+           "positions": result.positions, "positions_moved": list(result.positions_moved)}
     if comm.rank == 0:
         out.update(object=result.object, probe=result.probe, errors=result.errors,
                    seconds=float(result.seconds), iterations=int(result.iterations))
@@ -390,11 +398,16 @@ def reconstruct_rdd(rdd, object_shape, *, timeout: float | None = None, env=None
             raise cls(message)
     outs = sorted(outs, key=lambda o: o["rank"])
     root = outs[0]
+    positions = None
+    if all(o.get("positions") is not None for o in outs):
+        index = np.concatenate([o["frame_index"] for o in outs])
+        positions = np.concatenate([o["positions"] for o in outs])[np.argsort(index, kind="stable")]
     return SparkResult(object=root["object"], probe=root["probe"], errors=root["errors"],
                        seconds=root["seconds"], iterations=root["iterations"],
                        job_seconds=job_seconds, ranks=len(outs),
                        frames_per_rank=[o["frames"] for o in outs],
-                       threads_per_rank=root["threads"], kernels=root["kernels"])
+                       threads_per_rank=root["threads"], kernels=root["kernels"],
+                       positions=positions, positions_moved=root.get("positions_moved", []))
 
 
 def reconstruct_mpi(spark, source, *, ranks: int = 2, timeout: float | None = None,
