@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from ..errors import PMIProtocolError
 from . import control
 from .space import JobSpace
-from .wire import LineBuffer, parse_line
+from .wire import CommandReader, LineBuffer, parse_line
 
 log = logging.getLogger("sparkmpi.pmi")
 
@@ -38,6 +38,8 @@ class _Conn:
     peer: str
     opened: float
     lines: LineBuffer = field(default_factory=LineBuffer)
+    #: Joins the lines of a multi-line ``mcmd=`` command (MPI_Comm_spawn).
+    commands: CommandReader = field(default_factory=CommandReader)
     out: bytearray = field(default_factory=bytearray)
     job: "JobHandle | None" = None
     rank: int = -1
@@ -270,7 +272,9 @@ class PMIServer:
                     if conn.job is None:
                         return
                 else:
-                    self._deliver(conn.job, conn.job.space.handle(conn.rank, parse_line(raw)))
+                    command = conn.commands.feed(raw)
+                    if command is not None:
+                        self._deliver(conn.job, conn.job.space.handle(conn.rank, command))
         except PMIProtocolError as exc:
             if conn.job is None:
                 self._refuse(conn, f"malformed first line: {exc}")
