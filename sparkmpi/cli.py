@@ -29,6 +29,7 @@ NOUN_MODULES = (
     "sparkmpi.stream.cli",
     "sparkmpi.viz.cli",
     "sparkmpi.demo",
+    "sparkmpi.launch.exec_cli",
 )
 
 

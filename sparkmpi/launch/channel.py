@@ -27,9 +27,13 @@ JOB, DATA, RESULT, ERROR, READY, FORK, FORKED = 1, 2, 3, 4, 5, 6, 7
 # between, and CLOSE -> CLOSED (MPI finalised).  HELLO opens a relay's
 # connection to the driver's world endpoint; DATA also carries partitions.
 STARTED, CALL, CLOSE, CLOSED, OUTPUT, HELLO = 8, 9, 10, 11, 12, 13
+# Ranks that are external programs (:mod:`.programs`): the relay reports
+# OUTPUT and one EXITED (its program's exit status); the driver sends rank 0
+# its STDIN (empty data: end of input).
+EXITED, STDIN = 14, 15
 KIND_NAMES = {JOB: "job", DATA: "data", RESULT: "result", ERROR: "error", READY: "ready", FORK: "fork",
               FORKED: "forked", STARTED: "started", CALL: "call", CLOSE: "close", CLOSED: "closed",
-              OUTPUT: "output", HELLO: "hello"}
+              OUTPUT: "output", HELLO: "hello", EXITED: "exited", STDIN: "stdin"}
 
 
 @dataclass(frozen=True)
