@@ -42,20 +42,3 @@ def test_open_port_accept_connect_through_published_names(sc):
     results = sparkmpi.run(sc.parallelize(range(2), 2), connect_two_groups, timeout=60)
     # rank 0 is group 0 (world ranks {0}), rank 1 group 1 ({1}): each sees the other's sum.
     assert results == [(0, 0, 0, 1, True), (1, 1, 1, 0, True)]
-
-
-def spawn_unserved(comm, partition):
-    import sys
-
-    from mpi4py import MPI
-
-    try:
-        MPI.COMM_SELF.Spawn(sys.executable, args=["-c", "pass"], maxprocs=1)
-        return ["spawned"]
-    except MPI.Exception as exc:
-        return [exc.Get_error_string()]
-
-
-def test_an_unserved_pmi_command_fails_that_mpi_call_not_the_job(sc):
-    [message] = sparkmpi.run(sc.parallelize(range(1), 1), spawn_unserved, timeout=60)
-    assert message != "spawned" and "PMI_Spawn_multiple returned -1" in message

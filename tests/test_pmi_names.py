@@ -38,6 +38,7 @@ def test_mcmd_block_parses_with_raw_values():
     assert command.get("arg2") == "print(1)"
     assert command.get("preput_val_0") == "tag#0$connentry#2087C0[2]637$"  # '#', '$', '[' kept
     assert parse_mcmd([b"mcmd=spawn", b"arg1=x y", b"endcmd"]).get("arg1") == "x y"  # spaces too
+    assert parse_mcmd([b"mcmd=spawn", b"arg1=", b"endcmd"]).get("arg1") == ""  # an empty argument
 
 
 def test_reader_joins_blocks_and_passes_single_lines():
@@ -52,7 +53,6 @@ def test_reader_joins_blocks_and_passes_single_lines():
 @pytest.mark.parametrize("block, fragment", [
     ([b"mcmd=", b"endcmd"], "bad multi-line command name"),
     ([b"mcmd=spawn", b"=x", b"endcmd"], "expected key=value"),
-    ([b"mcmd=spawn", b"nprocs=", b"endcmd"], "value after nprocs="),
     ([b"mcmd=spawn", b"a b=1", b"endcmd"], "expected key=value"),
     ([b"mcmd=spawn", b"nprocs=2"], "does not end with 'endcmd'"),
     ([b"cmd=spawn", b"endcmd"], "starting with 'mcmd='"),

@@ -18,11 +18,11 @@ from ..pmi import control
 from ..pmi.wire import parse_line
 from . import channel
 from .relay import (DriverClosed, Finish, RankExited, RankOutput, RankPMILine, ServerClosed, ServerLine,
-                    StopRank, ToRankPMI, ToServer, describe_status)
+                    StartChildren, StopRank, ToRankPMI, ToServer, describe_status)
 
 __all__ = ["ProgramRelayState", "DriverInput", "ToStdin", "Report", "KeepOutput",
            "ServerLine", "ServerClosed", "RankPMILine", "RankOutput", "RankExited", "DriverClosed",
-           "ToServer", "ToRankPMI", "StopRank", "Finish"]
+           "ToServer", "ToRankPMI", "StopRank", "StartChildren", "Finish"]
 
 
 @dataclass(frozen=True)
@@ -84,6 +84,8 @@ class ProgramRelayState:
         if not event.line.startswith(b"cmd=" + control.PREFIX.encode()):
             return [] if self.stopping else [ToRankPMI(event.line)]
         command = parse_line(event.line)
+        if command.name == control.SPAWN:
+            return [] if self.stopping else [StartChildren(event.line)]
         if command.name == control.ABORT:
             return self._stop(f"job {self.kvsname} aborted: {control.decode_text(command)}")
         return self._stop(f"unexpected control line from the PMI server: {event.line!r}")

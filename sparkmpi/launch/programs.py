@@ -37,6 +37,7 @@ from ..errors import InvalidArgument, InvalidArgumentType, JobFailed, JobTimeout
 from ..pmi import control
 from ..pmi.wire import LineBuffer, parse_line
 from . import channel, program_relay as pr, shm
+from .spawned import SpawnedChildren
 from .job import get_server, local_cores, resolve_host
 from .task import CONNECT_TIMEOUT, NETMOD_VARIABLE, RankError, _task_hosts, connect_with_retry
 
@@ -181,6 +182,8 @@ class _ProgramRelay:
         self.kept = bytearray()
         self.stderr_tail = bytearray()
         self.early: list = []
+        self.env: dict = {}
+        self.children: SpawnedChildren | None = None
 
     def connect(self) -> None:
         spec = self.spec
@@ -210,6 +213,7 @@ class _ProgramRelay:
     def start(self, env: dict, records) -> None:
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.pmi = ours
+        self.env = {k: v for k, v in env.items() if not k.startswith("PMI_")}
         feeds_stdin = self.spec.pipe or (self.spec.stdin_to_rank0 and self.rank == 0)
         cwd = self.spec.cwd or (_spark_files_dir() if self.spec.files else None)
         try:
@@ -283,6 +287,9 @@ class _ProgramRelay:
                 self.execute(handle(pr.DriverInput(bytes(message))))
         elif what in (1, 2):
             self._forward(what)
+        elif what == "spawned-output":
+            for stream, data in self.children.take_output():
+                self.execute(handle(pr.RankOutput(stream, data)))
         elif what == "exit":
             deadline = time.monotonic() + DRAIN_S
             # What it wrote last is still in the pipes (or held open by its own children: not waited for long).
@@ -331,6 +338,15 @@ class _ProgramRelay:
                     self.stdin.feed([action.data])
             elif isinstance(action, pr.StopRank):
                 self._stop_program()
+                if self.children is not None:
+                    self.children.kill_all()
+            elif isinstance(action, pr.StartChildren):
+                job, token, commands = control.decode_spawn(parse_line(action.line))
+                if self.children is None:
+                    self.children = SpawnedChildren((self.spec.server_host, self.spec.server_port), self.host,
+                                                    self.rank, self.env, self.spec.settings.kill_grace)
+                    self.sel.register(self.children.wake_r, selectors.EVENT_READ, "spawned-output")
+                _send_quietly(self.server.sendall, control.spawned_line(self.children.start(job, token, commands)))
 
     def _stop_program(self) -> None:
         """SIGTERM the program's process group; SIGKILL after the grace (in a thread: the loop
@@ -357,6 +373,8 @@ class _ProgramRelay:
         threading.Thread(target=kill_later, name="sparkmpi-program-kill", daemon=True).start()
 
     def close(self) -> None:
+        if self.children is not None:
+            self.children.stop()  # spawned processes are reaped with the rank's task
         if self.popen is not None:
             try:
                 stop_process(self.popen, self.spec.settings.kill_grace, group=True)

@@ -215,6 +215,10 @@ class JobSpace:
         self._barrier_epoch = 0
         self._deferred_mapping_gets: list[int] = []
         self._spawn_blocks: dict[int, list] = {}
+        #: Size of the spawn each rank's relay is starting (answered by its SPAWNED line).
+        self.spawn_pending: dict[int, int] = {}
+        #: appnum of each rank (MPI_APPNUM: the command index of a spawn_multiple); None: all ``appnum``.
+        self.rank_appnums: list[int] | None = None
 
     # -- progress --------------------------------------------------------
     @property
@@ -368,6 +372,10 @@ class JobSpace:
             return self.relay_done(rank)
         if command.name == control.FAILED:
             return self.relay_failed(rank, control.decode_text(command))
+        if command.name == control.SPAWNED and rank in self.spawn_pending:
+            total = self.spawn_pending.pop(rank)
+            error = None if command.get("ok") == "1" else (control.decode_text(command) or "the spawn failed")
+            return self.spawn_started(rank, total, error)
         raise PMIProtocolError(f"unexpected control command {command.name} from rank {rank}")
 
     def _cmd_initack(self, rank, state, cmd):
@@ -396,7 +404,8 @@ class JobSpace:
                               vallen_max=VALLEN_MAX))]
 
     def _cmd_get_appnum(self, rank, state, cmd):
-        return [(rank, _reply("appnum", rc=0, appnum=self.appnum))]
+        appnum = self.rank_appnums[rank] if self.rank_appnums else self.appnum
+        return [(rank, _reply("appnum", rc=0, appnum=appnum))]
 
     def _cmd_get_my_kvsname(self, rank, state, cmd):
         return [(rank, _reply("my_kvsname", rc=0, kvsname=self.kvsname))]

@@ -212,8 +212,6 @@ def parse_mcmd(lines: Iterable[bytes]) -> Command:
         key, eq, raw = line.partition(b"=")
         if not key or not all(c in _KEY_CHARS for c in key):
             raise PMIProtocolError(f"expected key=value in mcmd={name.decode()}, got {_show(line)}")
-        if eq and not raw:
-            raise PMIProtocolError(f"expected a value after {key.decode()}= in mcmd={name.decode()}")
         try:
             value = _unescape(raw).decode("ascii") if eq else None
         except UnicodeDecodeError:
