@@ -198,3 +198,25 @@ def test_exec_usage_errors(capsys):
     assert "no program given" in capsys.readouterr().err
     assert cli.main(["exec", "-n", "2", "--env", "NOEQUALS", "--", "true"]) == 2
     assert "NAME=VALUE" in capsys.readouterr().err
+
+
+def test_ctrl_c_stops_every_rank_within_seconds(spark, tmp_path):
+    import _thread
+    import threading
+
+    marker = tmp_path / "started"
+    script = (f"import time, pathlib; from mpi4py import MPI; pathlib.Path('{marker}-%d' % MPI.COMM_WORLD.rank)"
+              ".touch(); time.sleep(60)")
+
+    def interrupt_once_both_run():
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline and not all((tmp_path / f"started-{r}").exists() for r in (0, 1)):
+            time.sleep(0.05)
+        _thread.interrupt_main()  # what Ctrl-C does to `sparkmpi exec`
+
+    threading.Thread(target=interrupt_once_both_run, daemon=True).start()
+    started = time.monotonic()
+    with pytest.raises(KeyboardInterrupt):
+        sparkmpi.run_program(spark, ["python", "-c", script], ranks=2, timeout=60)
+    assert time.monotonic() - started < 20
+    # The leak check (tests/leaks.py) fails the test if a rank outlived the interrupt.

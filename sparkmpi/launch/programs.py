@@ -570,6 +570,8 @@ class ProgramJob:
             self.stage_done.set()
 
     def run(self, rdd, timeout: float | None) -> ProgramResult:
+        self.sel = selectors.DefaultSelector()
+        self.sel.register(self.listener, selectors.EVENT_READ, None)
         stage = threading.Thread(target=self._run_stage, args=(rdd,), name=self.tag, daemon=True)
         stage.start()
         started = time.monotonic()
@@ -591,37 +593,35 @@ class ProgramJob:
         deadline = None if timeout is None else started + timeout
         stdin_thread = None
         failed_at = None
-        with selectors.DefaultSelector() as sel:
-            self.sel = sel
-            sel.register(self.listener, selectors.EVENT_READ, None)
-            while len(self.exits) < self.size:
-                now = time.monotonic()
-                if self.stdin is not None and stdin_thread is None and 0 in self.conns:
-                    stdin_thread = threading.Thread(target=self._send_stdin, name=f"{self.tag}-stdin",
-                                                    daemon=True)
-                    stdin_thread.start()
-                if deadline is not None and now > deadline:
-                    reason = f"timed out after {timeout:g} s"
-                    self.job.abort(f"the job {reason}")
-                    self._drain(now + self.settings.kill_grace + 5.0)
-                    return reason
-                if len(self.conns) < self.size and now > start_by:
-                    reason = (f"not every rank started within {self.settings.start_timeout:g} s (is the cluster "
-                              f"short of free task slots?); {self.job.status()}")
-                    self.job.abort(reason)
-                    self._drain(now + self.settings.kill_grace + 5.0)
-                    return reason
-                if self.job.failed.is_set():
-                    failed_at = failed_at or now
-                    if now - failed_at > self.settings.kill_grace + 10.0:
-                        return None  # the rest never reported: they are counted as unknown
-                if self.stage_done.is_set():
-                    # The tasks have returned: what they reported is in the sockets already.
-                    self._drain(now + 2.0)
-                    if len(self.exits) < self.size:
-                        self.job.abort("the Spark stage ended before every rank reported its exit")
-                    return None
-                self._poll(0.05)
+        # self.sel lives as long as run(): after an interrupt the exits still drain through it
+        while len(self.exits) < self.size:
+            now = time.monotonic()
+            if self.stdin is not None and stdin_thread is None and 0 in self.conns:
+                stdin_thread = threading.Thread(target=self._send_stdin, name=f"{self.tag}-stdin",
+                                                daemon=True)
+                stdin_thread.start()
+            if deadline is not None and now > deadline:
+                reason = f"timed out after {timeout:g} s"
+                self.job.abort(f"the job {reason}")
+                self._drain(now + self.settings.kill_grace + 5.0)
+                return reason
+            if len(self.conns) < self.size and now > start_by:
+                reason = (f"not every rank started within {self.settings.start_timeout:g} s (is the cluster "
+                          f"short of free task slots?); {self.job.status()}")
+                self.job.abort(reason)
+                self._drain(now + self.settings.kill_grace + 5.0)
+                return reason
+            if self.job.failed.is_set():
+                failed_at = failed_at or now
+                if now - failed_at > self.settings.kill_grace + 10.0:
+                    return None  # the rest never reported: they are counted as unknown
+            if self.stage_done.is_set():
+                # The tasks have returned: what they reported is in the sockets already.
+                self._drain(now + 2.0)
+                if len(self.exits) < self.size:
+                    self.job.abort("the Spark stage ended before every rank reported its exit")
+                return None
+            self._poll(0.05)
         return None
 
     def _poll(self, timeout: float) -> None:
@@ -692,8 +692,12 @@ class ProgramJob:
     def _teardown(self, stage: threading.Thread) -> None:
         self.job.close()
         if not self.stage_done.wait(self.settings.kill_grace + 5.0):
-            self.sc.cancelJobsWithTag(self.tag)
+            try:
+                self.sc.cancelJobsWithTag(self.tag)
+            except Exception:  # noqa: BLE001  (a JVM that got the Ctrl-C too is gone: nothing to cancel)
+                pass
         stage.join(self.settings.kill_grace + 30.0)
+        self.sel.close()
         for sock in self.conns.values():
             sock.close()
         self.listener.close()
