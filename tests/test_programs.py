@@ -12,7 +12,7 @@ import pytest
 
 import sparkmpi
 from sparkmpi import cli
-from sparkmpi.errors import InvalidArgument, InvalidArgumentType, JobFailed, JobTimeout
+from sparkmpi.errors import InvalidArgument, InvalidArgumentType, JobFailed
 
 MPICC = os.path.join(os.path.dirname(sys.executable), "mpicc")
 
