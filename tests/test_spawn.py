@@ -124,3 +124,18 @@ def test_the_space_answers_the_spawn_when_the_relay_says_the_children_started():
     assert parse_line(reply).name == "spawn_result" and parse_line(reply).get("errcodes") == "0,0"
     with pytest.raises(Exception, match="unexpected control command"):
         space.handle(0, parse_line(control.spawned_line(None)))  # no spawn pending any more
+
+
+def spawn_in_call(comm, state, tag):
+    from mpi4py import MPI
+
+    inter = comm.Spawn(sys.executable, args=["-c", CHILD, tag], maxprocs=1, root=0)
+    got = inter.gather(None, root=MPI.ROOT if comm.rank == 0 else MPI.PROC_NULL)
+    inter.Disconnect()
+    return got
+
+
+def test_spawn_in_a_persistent_world_twice(spark):
+    with sparkmpi.World(spark, ranks=2) as world:
+        assert world.call(spawn_in_call, "first") == [[(0, 1, 0, ["first"])], None]
+        assert world.call(spawn_in_call, "second") == [[(0, 1, 0, ["second"])], None]
