@@ -7,6 +7,8 @@ Public API::
     with sparkmpi.World(spark, ranks=2) as world:  # ranks start once
         world.call(fn, *args)        # fn(comm, state, *args) on every rank -> [rank 0's value, ...]
     results = sparkmpi.run(rdd, fn)   # one-call world: fn(comm, partition_iterator) -> iterable
+    sparkmpi.run_program(spark, ["./a.out"], ranks=2)   # any MPI program, like mpiexec -n 2
+    lines = sparkmpi.pipe(rdd, ["./a.out"])              # RDD.pipe, with the ranks in one MPI world
 
 See :class:`sparkmpi.World` and :func:`sparkmpi.run`.
 """
@@ -17,6 +19,8 @@ from .errors import ConfigError, JobFailed, JobTimeout, PMIProtocolError, SparkM
 __all__ = [
     "World",
     "run",
+    "run_program",
+    "pipe",
     "warm_up",
     "spark_session",
     "Settings",
@@ -40,6 +44,26 @@ def run(rdd, fn, **options):
     from .launch.world import run as _run
 
     return _run(rdd, fn, **options)
+
+
+def run_program(spark, argv, **options):
+    """Run an MPI program (a script or a compiled code) as Spark barrier tasks, like ``mpiexec``.
+
+    See :func:`sparkmpi.launch.programs.run_program`.
+    """
+    from .launch.programs import run_program as _run_program
+
+    return _run_program(spark, argv, **options)
+
+
+def pipe(rdd, argv, **options):
+    """Like ``RDD.pipe``, but the program's ranks form one MPI world.
+
+    See :func:`sparkmpi.launch.programs.pipe`.
+    """
+    from .launch.programs import pipe as _pipe
+
+    return _pipe(rdd, argv, **options)
 
 
 def warm_up(sc, **options):

@@ -30,6 +30,7 @@ NOUN_MODULES = (
     "sparkmpi.viz.cli",
     "sparkmpi.demo",
     "sparkmpi.launch.testbed",
+    "sparkmpi.launch.exec_cli",
 )
 
 

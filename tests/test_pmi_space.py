@@ -125,8 +125,8 @@ def test_unknown_and_unsupported_commands_get_error_replies():
     space = admitted(JobSpace(1), 0)
     [(_, reply)] = replies(space.handle(0, cmd("cmd=frobnicate x=1")))
     assert reply.name == "error" and reply.get("rc") == "-1" and "frobnicate" in reply.get("msg")
-    [(_, reply)] = replies(space.handle(0, cmd("cmd=spawn")))
-    assert reply.name == "spawn_result" and reply.get("rc") == "-1"
+    [(_, reply)] = replies(space.handle(0, cmd("cmd=singinit pmi_version=1 pmi_subversion=1")))
+    assert reply.name == "singinit_info" and reply.get("rc") == "-1" and "singinit" in reply.get("msg")
     [(_, reply)] = replies(space.handle(0, cmd("cmd=init pmi_version=2 pmi_subversion=0")))
     assert reply.get("rc") == "-1" and "version 1" in reply.get("msg")
 

@@ -29,9 +29,13 @@ JOB, DATA, RESULT, ERROR, READY, FORK, FORKED = 1, 2, 3, 4, 5, 6, 7
 STARTED, CALL, CLOSE, CLOSED, OUTPUT, HELLO = 8, 9, 10, 11, 12, 13
 # The driver's heartbeat (see .heartbeat): PING to a relay while it waits, PONG back at once.
 PING, PONG = 14, 15
+# Ranks that are external programs (:mod:`.programs`): the relay reports
+# OUTPUT and one EXITED (its program's exit status); the driver sends rank 0
+# its STDIN (empty data: end of input).
+EXITED, STDIN = 16, 17
 KIND_NAMES = {JOB: "job", DATA: "data", RESULT: "result", ERROR: "error", READY: "ready", FORK: "fork",
               FORKED: "forked", STARTED: "started", CALL: "call", CLOSE: "close", CLOSED: "closed",
-              OUTPUT: "output", HELLO: "hello", PING: "ping", PONG: "pong"}
+              OUTPUT: "output", HELLO: "hello", PING: "ping", PONG: "pong", EXITED: "exited", STDIN: "stdin"}
 
 
 @dataclass(frozen=True)

@@ -125,6 +125,13 @@ class StopRank:
 
 
 @dataclass(frozen=True)
+class StartChildren:
+    """Start the processes of an MPI_Comm_spawn (``line``: the server's
+    ``cmd=sparkmpi-spawn``) and answer the server (:mod:`.spawned`)."""
+    line: bytes
+
+
+@dataclass(frozen=True)
 class Finish:
     """The world closed cleanly: the task ends."""
 
@@ -181,6 +188,8 @@ class RelayState:
         if not event.line.startswith(b"cmd=" + control.PREFIX.encode()):
             return [ToRankPMI(event.line)]
         command = parse_line(event.line)
+        if command.name == control.SPAWN:
+            return [StartChildren(event.line)]
         if command.name == control.ABORT:
             dump = [DumpStacks()] if command.get("stacks") == "1" else []
             return dump + self._fail(f"job {self.kvsname} aborted; {self.where} was stopped. "

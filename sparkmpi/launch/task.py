@@ -25,6 +25,7 @@ from ..config import Settings
 from ..pmi import control
 from ..pmi.wire import LineBuffer, parse_line
 from . import channel, interfaces, pool, relay, shm
+from .spawned import SpawnedChildren
 
 STDERR_TAIL = 4000
 CONNECT_TIMEOUT = 15.0
@@ -77,6 +78,9 @@ class _Relay:
         self.stdout_fd = -1
         self.pmi = self.server = self.driver = self.inbox = None
         self._early: list = []
+        self.rank_env: dict = {}
+        #: Processes this rank started with MPI_Comm_spawn (made on the first spawn).
+        self.children: SpawnedChildren | None = None
 
     # -- setup -------------------------------------------------------------
     def connect(self, inbox_host: str) -> None:
@@ -123,6 +127,7 @@ class _Relay:
         relay while its rank waits in ``MPI_Init`` for PMI answers)."""
         pmi_ours, pmi_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
         self.pmi = pmi_ours
+        self.rank_env = dict(env)
         inputs = {} if records is None else {PARTITION_KEY: records}
         job = {"rank": self.rank, "size": self.spec.size, "env": env, "inputs": inputs}
         try:
@@ -184,6 +189,10 @@ class _Relay:
             self.execute(handle(relay.DriverFrame(kind, segments)))
         elif what == "inbox":
             self._receive_partition()
+        elif what == "spawned-output":
+            for stream, data in self.children.take_output():
+                if not self.state.finished:
+                    self.execute(handle(relay.RankOutput(stream, data)))
         elif what in ("rank-stderr", "rank-stdout"):
             self._forward_output(2 if what == "rank-stderr" else 1)
         elif what == "rank-ctrl":
@@ -280,12 +289,26 @@ class _Relay:
                 _send_quietly(lambda: channel.send_frame(self.driver, action.kind, action.segments))
             elif isinstance(action, relay.DumpStacks):
                 self._report_stacks()
+            elif isinstance(action, relay.StartChildren):
+                self._start_children(action.line)
             elif isinstance(action, relay.StopRank):
                 self.proc.stop(self.spec.settings.kill_grace)
             elif isinstance(action, relay.Fail):
                 raise RankError(action.cause)
             elif isinstance(action, relay.Finish):
                 return
+
+    def _start_children(self, line: bytes) -> None:
+        """MPI_Comm_spawn from this rank: start the children here (see :mod:`.spawned`) and answer."""
+        job, token, commands = control.decode_spawn(parse_line(line))
+        if self.children is None:
+            env = {k: v for k, v in os.environ.items() if not k.startswith("SPARKMPI_")}
+            env.update({"PYTHONPATH": pool._child_pythonpath(), **self.rank_env})
+            self.children = SpawnedChildren((self.spec.server_host, self.spec.server_port), socket.gethostname(),
+                                            self.rank, env, self.spec.settings.kill_grace)
+            self.sel.register(self.children.wake_r, selectors.EVENT_READ, "spawned-output")
+        error = self.children.start(job, token, commands)
+        _send_quietly(self.server.sendall, control.spawned_line(error))
 
     def _report_stacks(self) -> None:
         """Ask the rank for its threads' stacks (faulthandler on SIGUSR1) and report them."""
@@ -306,6 +329,8 @@ class _Relay:
         _send_quietly(self.server.sendall, control.text_line(control.FAILED, text[-8000:]))
 
     def close(self) -> None:
+        if self.children is not None:
+            self.children.stop()  # spawned processes are reaped with the rank's task
         for sock in (self.pmi, self.server, self.driver, self.inbox):
             if sock is not None:
                 sock.close()

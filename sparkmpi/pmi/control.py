@@ -16,11 +16,17 @@ Server to relay::
     cmd=sparkmpi-welcome
     cmd=sparkmpi-refused reason64=B64
     cmd=sparkmpi-abort reason64=B64 stacks=0|1
+    cmd=sparkmpi-spawn job=KVSNAME token=HEX parent=R commands64=B64(JSON)
+
+and the relay's answer to a spawn (:mod:`sparkmpi.launch.spawned` starts the children)::
+
+    cmd=sparkmpi-spawned ok=1 | ok=0 reason64=B64
 """
 
 from __future__ import annotations
 
 import base64
+import json
 from dataclasses import dataclass
 
 from ..errors import PMIProtocolError
@@ -29,6 +35,30 @@ from .wire import Command, format_command
 PREFIX = "sparkmpi-"
 HELLO, WELCOME, REFUSED, ABORT, DONE, FAILED = (
     PREFIX + n for n in ("hello", "welcome", "refused", "abort", "done", "failed"))
+
+
+SPAWN, SPAWNED = PREFIX + "spawn", PREFIX + "spawned"
+
+
+def spawn_line(job: str, token: str, parent_rank: int, commands: list) -> bytes:
+    """Ask the relay of ``parent_rank`` to start ``commands`` (``[{"execname", "nprocs",
+    "args", "info"}]``) as the ranks of job ``job``."""
+    blob = base64.b64encode(json.dumps(commands).encode()).decode("ascii")
+    return format_command(SPAWN, {"job": job, "token": token, "parent": parent_rank, "commands64": blob})
+
+
+def decode_spawn(command: Command) -> tuple[str, str, list]:
+    """``(job, token, commands)`` of a :data:`SPAWN` line."""
+    try:
+        commands = json.loads(base64.b64decode(command.require("commands64"), validate=True))
+    except ValueError:
+        raise PMIProtocolError(f"cmd={command.name}: commands64 is not base64 JSON") from None
+    return command.require("job"), command.require("token"), commands
+
+
+def spawned_line(error: str | None) -> bytes:
+    """The relay's answer to :data:`SPAWN`: the children started, or why not."""
+    return format_command(SPAWNED, {"ok": 1}) if error is None else text_line(SPAWNED, error, ok=0)
 
 
 def is_control(command: Command) -> bool:

@@ -24,7 +24,7 @@ from dataclasses import dataclass, field
 from ..errors import PMIProtocolError
 from . import control
 from .space import JobSpace
-from .wire import LineBuffer, parse_line
+from .wire import CommandReader, LineBuffer, parse_line
 
 log = logging.getLogger("sparkmpi.pmi")
 
@@ -38,6 +38,8 @@ class _Conn:
     peer: str
     opened: float
     lines: LineBuffer = field(default_factory=LineBuffer)
+    #: Joins the lines of a multi-line ``mcmd=`` command (MPI_Comm_spawn).
+    commands: CommandReader = field(default_factory=CommandReader)
     out: bytearray = field(default_factory=bytearray)
     job: "JobHandle | None" = None
     rank: int = -1
@@ -75,6 +77,9 @@ class JobHandle:
         self.finished = threading.Event()
         self.failed = threading.Event()
         self.conns: dict[int, _Conn] = {}
+        #: The jobs MPI_Comm_spawn started from this one, and the job that spawned this one.
+        self.children: list[JobHandle] = []
+        self.parent: JobHandle | None = None
 
     @property
     def failure(self):
@@ -169,6 +174,7 @@ class PMIServer:
     def open_job(self, size: int) -> JobHandle:
         """Create a key space for a job of ``size`` ranks."""
         job = JobHandle(self, size)
+        job.space.spawn_enabled = True  # relays start the children (sparkmpi.launch.spawned)
         with self._lock:
             self._jobs[job.kvsname] = job
         return job
@@ -209,6 +215,8 @@ class PMIServer:
             self._jobs.pop(job.kvsname, None)
             for conn in job.conns.values():
                 conn.closing = "the job was closed"
+            for child in job.children:
+                self._close_job(child)
         self._wake()
 
     def _wake(self) -> None:
@@ -272,7 +280,11 @@ class PMIServer:
                     if conn.job is None:
                         return
                 else:
-                    self._deliver(conn.job, conn.job.space.handle(conn.rank, parse_line(raw)))
+                    command = conn.commands.feed(raw)
+                    if command is not None:
+                        self._deliver(conn.job, conn.job.space.handle(conn.rank, command))
+                        if conn.job.space.spawn_requests:
+                            self._serve_spawns(conn.job)
         except PMIProtocolError as exc:
             if conn.job is None:
                 self._refuse(conn, f"malformed first line: {exc}")
@@ -314,8 +326,32 @@ class PMIServer:
         if job.space.failure is not None and not job.failed.is_set():
             log.info("job %s failed at %s", job.kvsname, job.space.where(job.space.failure.rank))
             job.failed.set()
+            parent = job.parent
+            if parent is not None and parent.space.failure is None and not parent.space.closed:
+                # As under mpiexec, a spawned job that fails takes its parents down too.
+                cause = job.space.failure.cause
+                self._deliver(parent, parent.space.abort(None, f"a job it spawned ({job.kvsname}) failed: {cause}"))
         if job.space.all_done:
             job.finished.set()
+
+    def _serve_spawns(self, job: JobHandle) -> None:
+        """Open a key space for each spawn's children and ask the parent's relay to start them."""
+        while job.space.spawn_requests:
+            request = job.space.spawn_requests.pop(0)
+            child = JobHandle(self, request.total)
+            child.space.names = job.space.names  # one name service for a job and what it spawned
+            child.space.kvs.update(dict(request.preput))
+            child.space.rank_appnums = [index for index, c in enumerate(request.commands) for _ in range(c.nprocs)]
+            child.space.spawn_enabled = False  # children's relays are threads that do not spawn (docs/pmi.md)
+            child.parent = job
+            job.children.append(child)
+            self._jobs[child.kvsname] = child
+            commands = [{"execname": c.execname, "nprocs": c.nprocs, "args": list(c.args), "info": list(c.info)}
+                        for c in request.commands]
+            job.space.spawn_pending[request.parent_rank] = request.total
+            conn = job.conns.get(request.parent_rank)
+            if conn is not None:
+                conn.out += control.spawn_line(child.kvsname, child.token, request.parent_rank, commands)
 
     def _drop(self, conn: _Conn, why: str) -> None:
         fd = conn.sock.fileno()

@@ -37,10 +37,20 @@ PROCESS_MAPPING_KEY = "PMI_process_mapping"
 
 Outgoing = tuple[int, bytes]
 
-# Valid PMI-1 queries that sparkmpi does not offer (name service, spawn):
-# answered with the reply name the client waits for and rc=-1.
-_UNSUPPORTED_REPLIES = {"publish_name": "publish_result", "unpublish_name": "unpublish_result",
-                        "lookup_name": "lookup_result", "spawn": "spawn_result"}
+#: Every PMI-1 query MPICH's client sends, and the reply name it waits for
+#: (MPICH's src/pmi/maint/pmi-1.1.txt).  A query without a handler here gets
+#: that reply with rc=-1 and a message, so the one MPI call fails in its rank.
+REPLY_NAMES = {"init": "response_to_init", "initack": "initack", "fullinit": "fullinit-response",
+               "get_maxes": "maxes", "get_universe_size": "universe_size", "get_appnum": "appnum",
+               "get_my_kvsname": "my_kvsname", "put": "put_result", "get": "get_result",
+               "barrier_in": "barrier_out", "finalize": "finalize_ack", "publish_name": "publish_result",
+               "unpublish_name": "unpublish_result", "lookup_name": "lookup_result", "spawn": "spawn_result",
+               "singinit": "singinit_info"}
+#: Reply name for a query MPICH does not define either.
+UNKNOWN_REPLY = "error"
+#: Longest service name and port name accepted by the name service (MPI_MAX_PORT_NAME is 256).
+SERVICE_MAX = 256
+PORT_MAX = 1024
 
 
 def new_kvsname() -> str:
@@ -83,6 +93,8 @@ class Failure:
 
     rank: int | None
     cause: str
+    #: The code the rank passed to MPI_Abort, when that is how it failed.
+    exit_code: int | None = None
 
 
 @dataclass
@@ -96,6 +108,68 @@ class RankState:
     finalized: bool = False
     done: bool = False
     last_command: str = ""
+
+
+@dataclass(frozen=True)
+class SpawnCommand:
+    """One command of an ``MPI_Comm_spawn(_multiple)``: one ``mcmd=spawn`` block."""
+
+    execname: str
+    nprocs: int
+    args: tuple[str, ...] = ()
+    info: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
+class SpawnRequest:
+    """A whole spawn from ``parent_rank``: its commands and the keys to preput in the children's space."""
+
+    parent_rank: int
+    commands: tuple[SpawnCommand, ...]
+    preput: tuple[tuple[str, str], ...] = ()
+
+    @property
+    def total(self) -> int:
+        """Size of the children's COMM_WORLD."""
+        return sum(c.nprocs for c in self.commands)
+
+
+#: Most processes one spawn may ask for.
+SPAWN_MAX_PROCS = 1024
+
+
+def parse_spawn_block(cmd: Command) -> tuple[SpawnCommand, int, int, tuple[tuple[str, str], ...]]:
+    """One ``mcmd=spawn`` block as ``(command, totspawns, spawnssofar, preput)``.
+
+    MPICH sends ``nprocs execname totspawns spawnssofar argcnt arg1.. preput_num
+    preput_key_i preput_val_i info_num info_key_i info_val_i`` (preput keys in
+    the first block only).  Raises PMIProtocolError naming a missing or bad field.
+    """
+    nprocs = cmd.require_int("nprocs")
+    if not 1 <= nprocs <= SPAWN_MAX_PROCS:
+        raise PMIProtocolError(f"mcmd=spawn: nprocs must be 1..{SPAWN_MAX_PROCS}, got {nprocs}")
+    total, so_far = cmd.require_int("totspawns"), cmd.require_int("spawnssofar")
+    if not 1 <= so_far <= total:
+        raise PMIProtocolError(f"mcmd=spawn: spawnssofar={so_far} outside 1..totspawns={total}")
+
+    def counted(count_key: str, *names: str, base: int = 0) -> list:
+        raw = cmd.get(count_key) or "0"
+        if not raw.isdigit():
+            raise PMIProtocolError(f"mcmd=spawn: {count_key} must be a count, got {raw!r}")
+        count = int(raw)
+        items = []
+        for i in range(base, base + count):
+            values = [cmd.get(name.format(i)) for name in names]
+            if any(v is None for v in values):
+                missing = [n.format(i) for n, v in zip(names, values) if v is None]
+                raise PMIProtocolError(f"mcmd=spawn: {count_key}={count} but {', '.join(missing)} is missing")
+            items.append(values[0] if len(values) == 1 else tuple(values))
+        return items
+
+    command = SpawnCommand(execname=cmd.require("execname"), nprocs=nprocs,
+                           args=tuple(counted("argcnt", "arg{}", base=1)),
+                           info=tuple(counted("info_num", "info_key_{}", "info_val_{}")))
+    return command, total, so_far, tuple(counted("preput_num", "preput_key_{}", "preput_val_{}"))
 
 
 def _reply(name: str, **args: object) -> bytes:
@@ -122,6 +196,14 @@ class JobSpace:
     #: What relays reported after the failure (e.g. their rank's stacks), by rank.
     reports: dict[int, str] = field(default_factory=dict)
     closed: bool = False
+    #: Published service names -> port names (MPI_Publish_name); a job and
+    #: the jobs it spawns share one table.
+    names: dict[str, str] = field(default_factory=dict)
+    #: Whether ``MPI_Comm_spawn`` is served: the server then takes each
+    #: finished request from :attr:`spawn_requests` and answers with
+    #: :meth:`spawn_started`; otherwise it fails in the calling rank.
+    spawn_enabled: bool = False
+    spawn_requests: list = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not isinstance(self.size, int) or self.size < 1:
@@ -132,6 +214,11 @@ class JobSpace:
         self._barrier_count = 0
         self._barrier_epoch = 0
         self._deferred_mapping_gets: list[int] = []
+        self._spawn_blocks: dict[int, list] = {}
+        #: Size of the spawn each rank's relay is starting (answered by its SPAWNED line).
+        self.spawn_pending: dict[int, int] = {}
+        #: appnum of each rank (MPI_APPNUM: the command index of a spawn_multiple); None: all ``appnum``.
+        self.rank_appnums: list[int] | None = None
 
     # -- progress --------------------------------------------------------
     @property
@@ -241,7 +328,8 @@ class JobSpace:
             return []  # the rank finished, or the driver is tearing the job down
         return self.abort(rank, f"lost the relay of {self.where(rank)}: {why}")
 
-    def abort(self, rank: int | None, cause: str, dump_stacks: bool = False) -> list[Outgoing]:
+    def abort(self, rank: int | None, cause: str, dump_stacks: bool = False,
+              exit_code: int | None = None) -> list[Outgoing]:
         """Fail the job from ``rank`` (None: the job as a whole) with ``cause``.
 
         Only the first failure counts: it returns an abort line for every
@@ -250,7 +338,7 @@ class JobSpace:
         """
         if self.failure is not None:
             return []
-        self.failure = Failure(rank, cause)
+        self.failure = Failure(rank, cause, exit_code)
         line = control.text_line(control.ABORT, cause, stacks=int(dump_stacks))
         return [(r, line) for r in self.connected_ranks()]
 
@@ -272,12 +360,11 @@ class JobSpace:
         if self.failure is not None:
             return []
         state.last_command = command.name
-        if command.name in _UNSUPPORTED_REPLIES:
-            return [(rank, _reply(_UNSUPPORTED_REPLIES[command.name], rc=-1,
-                                  msg=f"cmd={command.name} is not supported by sparkmpi"))]
         handler = getattr(self, "_cmd_" + command.name.replace("-", "_"), None)
         if handler is None:
-            return [(rank, _reply("error", rc=-1, msg=f"unknown or unsupported command {command.name!r}"))]
+            reply = REPLY_NAMES.get(command.name, UNKNOWN_REPLY)
+            what = "not served by sparkmpi's PMI server" if command.name in REPLY_NAMES else "unknown"
+            return [(rank, _reply(reply, rc=-1, msg=f"PMI command {command.name!r} is {what}"))]
         return handler(rank, state, command)
 
     def _control(self, rank: int, command: Command) -> list[Outgoing]:
@@ -285,6 +372,10 @@ class JobSpace:
             return self.relay_done(rank)
         if command.name == control.FAILED:
             return self.relay_failed(rank, control.decode_text(command))
+        if command.name == control.SPAWNED and rank in self.spawn_pending:
+            total = self.spawn_pending.pop(rank)
+            error = None if command.get("ok") == "1" else (control.decode_text(command) or "the spawn failed")
+            return self.spawn_started(rank, total, error)
         raise PMIProtocolError(f"unexpected control command {command.name} from rank {rank}")
 
     def _cmd_initack(self, rank, state, cmd):
@@ -313,7 +404,8 @@ class JobSpace:
                               vallen_max=VALLEN_MAX))]
 
     def _cmd_get_appnum(self, rank, state, cmd):
-        return [(rank, _reply("appnum", rc=0, appnum=self.appnum))]
+        appnum = self.rank_appnums[rank] if self.rank_appnums else self.appnum
+        return [(rank, _reply("appnum", rc=0, appnum=appnum))]
 
     def _cmd_get_my_kvsname(self, rank, state, cmd):
         return [(rank, _reply("my_kvsname", rc=0, kvsname=self.kvsname))]
@@ -376,4 +468,80 @@ class JobSpace:
     def _cmd_abort(self, rank, state, cmd):
         code = cmd.get("exitcode", "?")
         message = cmd.get("message") or "(no message)"
-        return self.abort(rank, f"rank {rank} called MPI_Abort with exit code {code}: {message}")
+        try:
+            exit_code = int(code)
+        except ValueError:
+            exit_code = None
+        return self.abort(rank, f"rank {rank} called MPI_Abort with exit code {code}: {message}",
+                          exit_code=exit_code)
+
+    # -- MPI_Comm_spawn ----------------------------------------------------------
+    def _cmd_spawn(self, rank, state, cmd):
+        command, total, so_far, preput = parse_spawn_block(cmd)
+        blocks = self._spawn_blocks.setdefault(rank, [])
+        if so_far != len(blocks) + 1:
+            self._spawn_blocks.pop(rank, None)
+            raise PMIProtocolError(f"mcmd=spawn: block {so_far} of {total} arrived after {len(blocks)} blocks")
+        blocks.append((command, preput))
+        if so_far < total:
+            return []  # MPICH waits for one reply, after the last block
+        del self._spawn_blocks[rank]
+        request = SpawnRequest(rank, tuple(c for c, _ in blocks), blocks[0][1])
+        if not self.spawn_enabled:
+            return [(rank, _reply("spawn_result", rc=-1,
+                                  msg="MPI_Comm_spawn is not served for this job by sparkmpi's PMI server"))]
+        if request.total > SPAWN_MAX_PROCS:
+            return [(rank, _reply("spawn_result", rc=-1,
+                                  msg=f"a spawn of {request.total} processes is more than {SPAWN_MAX_PROCS}"))]
+        self.spawn_requests.append(request)
+        return []
+
+    def spawn_started(self, rank: int, total: int, error: str | None = None) -> list[Outgoing]:
+        """The server's answer to a spawn from ``rank``: its ``total`` children
+        were started (``error`` None) or could not be (``error`` says why)."""
+        self._check_rank(rank)
+        if self.failure is not None:
+            return []
+        if error is not None:
+            return [(rank, _reply("spawn_result", rc=-1, msg=error))]
+        return [(rank, _reply("spawn_result", rc=0, errcodes=",".join(["0"] * total)))]
+
+    # -- the name service (MPI_Publish_name, MPI_Lookup_name, MPI_Unpublish_name) --
+    def _service(self, rank, cmd, reply_name):
+        """The command's service name, or the error reply to send instead."""
+        service = cmd.get("service")
+        if not service:
+            return None, [(rank, _reply(reply_name, rc=-1, msg=f"cmd={cmd.name} needs service=..."))]
+        if len(service) > SERVICE_MAX:
+            return None, [(rank, _reply(reply_name, rc=-1,
+                                        msg=f"service name longer than {SERVICE_MAX} characters"))]
+        return service, None
+
+    def _cmd_publish_name(self, rank, state, cmd):
+        service, bad = self._service(rank, cmd, "publish_result")
+        if bad:
+            return bad
+        port = cmd.get("port")
+        if not port or len(port) > PORT_MAX:
+            return [(rank, _reply("publish_result", rc=-1,
+                                  msg=f"cmd=publish_name needs port=... of at most {PORT_MAX} characters"))]
+        if service in self.names:
+            return [(rank, _reply("publish_result", rc=-1, msg=f"service {service} is already published"))]
+        self.names[service] = port
+        return [(rank, _reply("publish_result", rc=0))]
+
+    def _cmd_lookup_name(self, rank, state, cmd):
+        service, bad = self._service(rank, cmd, "lookup_result")
+        if bad:
+            return bad
+        if service not in self.names:
+            return [(rank, _reply("lookup_result", rc=-1, msg=f"service {service} is not published"))]
+        return [(rank, _reply("lookup_result", rc=0, port=self.names[service]))]
+
+    def _cmd_unpublish_name(self, rank, state, cmd):
+        service, bad = self._service(rank, cmd, "unpublish_result")
+        if bad:
+            return bad
+        if self.names.pop(service, None) is None:
+            return [(rank, _reply("unpublish_result", rc=-1, msg=f"service {service} is not published"))]
+        return [(rank, _reply("unpublish_result", rc=0))]

@@ -10,6 +10,12 @@ character (so ``\\ `` is a space inside a value).  MPICH's client writes the
 ``message`` of ``cmd=abort`` without escaping, so for that one key the value is
 the rest of the line.  Replies use the same format.
 
+One command is sent on several lines: ``MPI_Comm_spawn`` sends ``mcmd=spawn``,
+then one ``key=value`` per line (the value is the rest of the line, with
+backslash escapes), then a bare ``endcmd`` line; ``Comm_spawn_multiple``
+sends one such block per command.  :func:`parse_mcmd` reads one block and
+:class:`CommandReader` turns a stream of lines into commands of either kind.
+
 :class:`LineBuffer` turns a byte stream into lines with a size cap, so a peer
 that never sends a newline cannot make us buffer without bound.
 """
@@ -173,6 +179,83 @@ def parse_line(line: bytes) -> Command:
             args.append((key, value))
     assert name is not None  # the line starts with cmd=, so the first token set it
     return Command(name, tuple(args))
+
+
+#: Most lines one ``mcmd=`` block may have (arguments, info keys and preput keys of one command).
+MAX_MCMD_LINES = 4096
+MCMD_END = b"endcmd"
+
+
+def parse_mcmd(lines: Iterable[bytes]) -> Command:
+    """Parse one multi-line command: ``mcmd=NAME``, ``key=value`` lines, ``endcmd``.
+
+    Raises
+    ------
+    PMIProtocolError
+        If the block does not start with ``mcmd=``, does not end with
+        ``endcmd``, or holds a line that is not ``key=value`` with a valid key.
+    """
+    block = [bytes(line).rstrip(b"\r") for line in lines]
+    if not block or not block[0].startswith(b"mcmd="):
+        raise PMIProtocolError(f"expected a block starting with 'mcmd=', got {_show(block[0] if block else b'')}")
+    if block[-1] != MCMD_END:
+        raise PMIProtocolError(f"mcmd block does not end with 'endcmd': {_show(block[-1])}")
+    name = block[0][5:]
+    if not name or not all(c in _KEY_CHARS for c in name):
+        raise PMIProtocolError(f"bad multi-line command name in {_show(block[0])}")
+    args: list[tuple[str, str | None]] = []
+    for line in block[1:-1]:
+        if not line:
+            continue
+        if b"\0" in line:
+            raise PMIProtocolError(f"NUL inside a PMI line: {_show(line)}")
+        key, eq, raw = line.partition(b"=")
+        if not key or not all(c in _KEY_CHARS for c in key):
+            raise PMIProtocolError(f"expected key=value in mcmd={name.decode()}, got {_show(line)}")
+        try:
+            value = _unescape(raw).decode("ascii") if eq else None
+        except UnicodeDecodeError:
+            raise PMIProtocolError(f"non-ASCII bytes in PMI line: {_show(line)}") from None
+        args.append((key.decode("ascii"), value))
+    return Command(name.decode("ascii"), tuple(args))
+
+
+class CommandReader:
+    """Whole lines in, commands out: single-line ``cmd=`` ones, and multi-line ``mcmd=`` blocks.
+
+    >>> reader = CommandReader()
+    >>> reader.feed(b"mcmd=spawn"), reader.feed(b"nprocs=2"), reader.feed(b"endcmd").name
+    (None, None, 'spawn')
+    """
+
+    def __init__(self, max_lines: int = MAX_MCMD_LINES):
+        self._block: list[bytes] | None = None
+        self._max_lines = max_lines
+
+    @property
+    def in_block(self) -> bool:
+        """True while the lines of an ``mcmd=`` block are arriving."""
+        return self._block is not None
+
+    def feed(self, line: bytes) -> Command | None:
+        """The command ``line`` completes, or None while a block is still open.
+
+        Raises PMIProtocolError for a malformed line or block, or a block of
+        more than ``max_lines`` lines.
+        """
+        if self._block is None:
+            if bytes(line[:5]) == b"mcmd=":
+                self._block = [bytes(line)]
+                return None
+            return parse_line(line)
+        self._block.append(bytes(line))
+        if bytes(line).rstrip(b"\r") == MCMD_END:
+            block, self._block = self._block, None
+            return parse_mcmd(block)
+        if len(self._block) > self._max_lines:
+            first, self._block = self._block[0], None
+            raise PMIProtocolError(f"{_show(first)} block longer than {self._max_lines} lines without 'endcmd'")
+        return None
 
 
 def _show(data: bytes, limit: int = 120) -> str:

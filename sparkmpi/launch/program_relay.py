@@ -1,0 +1,123 @@
+"""What the relay of a rank that is an external program decides, with no I/O.
+
+The relay (:mod:`.programs`) sits between the driver's PMI server, the
+driver's program endpoint (output and exit status out, rank 0's stdin in) and
+the program (PMI lines on the ``PMI_FD`` socket, stdout, stderr, its exit).
+Unlike a Python rank it never raises in the Spark task: the program's end,
+whatever it was, is reported to the driver as one EXITED message, and the
+driver works out the job's exit status as ``mpiexec`` does.  A program that
+exits non-zero fails the job (the PMI server then aborts every other rank);
+an abort from the server stops this rank's program.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from ..pmi import control
+from ..pmi.wire import parse_line
+from . import channel
+from .relay import (DriverClosed, Finish, RankExited, RankOutput, RankPMILine, ServerClosed, ServerLine,
+                    StartChildren, StopRank, ToRankPMI, ToServer, describe_status)
+
+__all__ = ["ProgramRelayState", "DriverInput", "ToStdin", "Report", "KeepOutput",
+           "ServerLine", "ServerClosed", "RankPMILine", "RankOutput", "RankExited", "DriverClosed",
+           "ToServer", "ToRankPMI", "StopRank", "StartChildren", "Finish"]
+
+
+@dataclass(frozen=True)
+class DriverInput:
+    """Bytes for the program's stdin from the driver (rank 0 only); empty: end of input."""
+    data: bytes
+
+
+@dataclass(frozen=True)
+class ToStdin:
+    """Write ``data`` to the program's stdin; empty: close it."""
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Report:
+    """Send ``payload`` to the driver as a message of ``kind`` (OUTPUT or EXITED)."""
+    kind: int
+    payload: dict
+
+
+@dataclass(frozen=True)
+class KeepOutput:
+    """Keep the program's stdout as the task's result (``sparkmpi.pipe``)."""
+    data: bytes
+
+
+class ProgramRelayState:
+    """The relay of rank ``rank`` of job ``kvsname``, ``where`` naming it in messages.
+
+    With ``keep_stdout`` the program's stdout becomes the task's result
+    instead of going to the driver as output.
+    """
+
+    def __init__(self, kvsname: str, rank: int, where: str, host: str, keep_stdout: bool = False):
+        self.kvsname, self.rank, self.where, self.host = kvsname, rank, where, host
+        self.keep_stdout = keep_stdout
+        #: Why the program is being stopped (an abort of the job, a lost peer); None while it runs freely.
+        self.stopping: str | None = None
+        self.server_open = True
+        self.finished = False
+
+    def handle(self, event) -> list:
+        """The actions for one ``event``, in order."""
+        if self.finished:
+            return []
+        method = getattr(self, "_on_" + type(event).__name__, None)
+        if method is None:
+            raise TypeError(f"ProgramRelayState cannot handle {type(event).__name__}")
+        return method(event)
+
+    def _stop(self, why: str) -> list:
+        if self.stopping is not None:
+            return []
+        self.stopping = why
+        return [StopRank()]
+
+    def _on_ServerLine(self, event: ServerLine) -> list:
+        if not event.line.startswith(b"cmd=" + control.PREFIX.encode()):
+            return [] if self.stopping else [ToRankPMI(event.line)]
+        command = parse_line(event.line)
+        if command.name == control.SPAWN:
+            return [] if self.stopping else [StartChildren(event.line)]
+        if command.name == control.ABORT:
+            return self._stop(f"job {self.kvsname} aborted: {control.decode_text(command)}")
+        return self._stop(f"unexpected control line from the PMI server: {event.line!r}")
+
+    def _on_ServerClosed(self, event: ServerClosed) -> list:
+        self.server_open = False
+        return self._stop("lost the connection to the PMI server")
+
+    def _on_RankPMILine(self, event: RankPMILine) -> list:
+        return [ToServer(event.line + b"\n")] if self.server_open and not self.stopping else []
+
+    def _on_RankOutput(self, event: RankOutput) -> list:
+        if event.stream == 1 and self.keep_stdout:
+            return [KeepOutput(event.data)]
+        return [Report(channel.OUTPUT, {"stream": event.stream, "data": event.data})]
+
+    def _on_DriverInput(self, event: DriverInput) -> list:
+        return [ToStdin(event.data)]
+
+    def _on_DriverClosed(self, event: DriverClosed) -> list:
+        cause = f"lost the connection to the driver; {self.where} was stopped"
+        report = [ToServer(control.text_line(control.FAILED, cause))] if self.server_open else []
+        return report + self._stop(cause)
+
+    def _on_RankExited(self, event: RankExited) -> list:
+        self.finished = True
+        exited = Report(channel.EXITED, {"rank": self.rank, "host": self.host, "status": event.status,
+                                         "stopped": self.stopping, "stderr_tail": event.stderr_tail})
+        if self.stopping is not None:
+            return [exited, Finish()]  # the job failed elsewhere (or its driver is gone)
+        if event.status == 0:
+            return [ToServer(control.bare_line(control.DONE)), exited, Finish()]
+        note = f"; its stderr ended with:\n{event.stderr_tail}" if event.stderr_tail else ""
+        cause = f"{self.where} exited with status {describe_status(event.status)}{note}"
+        return [ToServer(control.text_line(control.FAILED, cause)), exited, Finish()]
