@@ -107,6 +107,7 @@ class ScanGeometry:
     frame_shape: tuple[int, int] | None = None
     dtype: str | None = None
     external: bool = False
+    probe_diameter: float | None = None   # pixels, when the start document says
     metadata: Mapping[str, Any] = field(default_factory=dict)
 
     @property
@@ -203,8 +204,10 @@ def _geometry(doc: dict) -> ScanGeometry:
         if arr.ndim != 2 or arr.shape[1] != 2 or not np.isfinite(arr).all():
             raise InvalidArgument(f"ptycho.planned_positions: expected [[y, x], ...], got shape {arr.shape}")
         pixels = (arr - np.asarray(origin, np.float64)) / p
+    diameter = _number(md.get("probe_diameter"))
     return ScanGeometry(doc["uid"], p, (float(origin[0]), float(origin[1])), (int(shape[0]), int(shape[1])),
                         names["x_motor"], names["y_motor"], names["image_key"], pixels,
+                        probe_diameter=diameter if diameter and diameter > 0 else None,
                         metadata={k: v for k, v in doc.items() if k != "ptycho"})
 
 
