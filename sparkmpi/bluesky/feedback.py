@@ -5,7 +5,8 @@ document** per scan (:func:`quality_document`) to ``<docs>.quality``::
 
     {"scan": uid, "batch": n, "frames_used": 212, "points_planned": 512,
      "coverage": 0.41,                 # of the planned area, by probe footprints
-     "fourier_error": 0.083, "fourier_error_trend": -0.012,   # relative change since the previous document
+     "fourier_error": 0.083,
+     "fourier_error_trend": -0.012,    # mean of the last 4 batches' errors against the 4 before, relative
      "nrmse": 0.05 | null,             # over the measured region, when ground truth is known
      "last_event_time": t_event, "time": t_published,
      "missing_positions": [[y, x], ...]}   # planned points already passed whose frames never arrived (motor units)
@@ -14,8 +15,7 @@ document** per scan (:func:`quality_document`) to ``<docs>.quality``::
 
 **stop** the scan when, for ``patience`` documents in a row,
 ``frames_used >= min_frames``, ``coverage >= min_coverage``, the Fourier
-error changes by at most ``error_tolerance`` (relative, either way) from one
-document to the next, and, if ``max_nrmse`` is set and ground truth is known,
+error trend is within ``error_tolerance`` (relative, either way), and, if ``max_nrmse`` is set and ground truth is known,
 ``nrmse <= max_nrmse``.  A Fermat spiral grows outwards, so ``min_coverage``
 sets how much of the planned field is measured before a stop is allowed; the
 error criterion keeps it from stopping while the measured part is still
@@ -42,8 +42,8 @@ __all__ = ["ConvergenceRule", "Decision", "FeedbackState"]
 class ConvergenceRule:
     """Thresholds of the stop rule (module docstring); defaults are the documented ones."""
 
-    min_coverage: float = 0.7
-    error_tolerance: float = 0.03
+    min_coverage: float = 0.65
+    error_tolerance: float = 0.1
     patience: int = 2
     min_frames: int = 32
     max_nrmse: float | None = None

@@ -41,12 +41,25 @@ def coverage(used, planned, object_shape, frame_shape, diameter: float) -> float
     return float((got & plan).sum() / plan.sum())
 
 
-def error_trend(errors) -> float | None:
-    """Relative change of the last Fourier error against the one before (negative: falling)."""
+#: Batches averaged on each side of the error trend (the per-batch error is noisy: a batch's new
+#: frames start unrefined, and batches differ in size).
+TREND_WINDOW = 4
+
+
+def error_trend(errors, window: int = TREND_WINDOW) -> float | None:
+    """Relative change of the mean of the last ``window`` Fourier errors against the ``window`` before.
+
+    Negative: falling.  None until ``2 * window`` errors exist.
+    """
     errors = [float(e) for e in errors if e is not None and np.isfinite(e)]
-    if len(errors) < 2 or errors[-2] == 0:
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise InvalidArgument(f"window: expected an integer >= 1, got {window!r}")
+    if len(errors) < 2 * window:
         return None
-    return (errors[-1] - errors[-2]) / errors[-2]
+    before = float(np.mean(errors[-2 * window:-window]))
+    if before == 0:
+        return None
+    return (float(np.mean(errors[-window:])) - before) / before
 
 
 def missing_points(used, planned, passed: int, tolerance: float = 0.5) -> np.ndarray:
