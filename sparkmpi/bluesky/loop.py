@@ -36,17 +36,15 @@ def run_scan_loop(spark, bootstrap: str, out_dir, *, points: int = 512, frame_si
     document's), ``object``/``probe``/``errors`` (final), ``positions`` (used,
     object pixels), ``quality`` (the quality documents), ``scene``.
     """
-    from bluesky import RunEngine
-
     from .live import BlueskyPipeline
-    from .scan import FeedbackAgent, ScanSetup, document_publisher
+    from .scan import FeedbackAgent, ScanSetup, close_run_engine, document_publisher, make_run_engine
 
     docs_topic = docs_topic or f"bluesky-{uuid.uuid4().hex[:8]}"
     setup = setup or ScanSetup.fermat(points, frame_size=frame_size, overlap=overlap, exposure=exposure,
                                       write_hdf5=write_hdf5, directory=f"{out_dir}/hdf5")
     publisher = document_publisher(bootstrap, docs_topic)
     agent = FeedbackAgent(bootstrap, docs_topic, rule, enabled=feedback)
-    RE = RunEngine({}, context_managers=[])
+    RE = make_run_engine()
     docs: dict[str, list] = {}
     RE.subscribe(lambda name, doc: docs.setdefault(name, []).append(doc))
     RE.subscribe(publisher)
@@ -84,6 +82,7 @@ def run_scan_loop(spark, bootstrap: str, out_dir, *, points: int = 512, frame_si
         pipeline.close()
         agent.close()
         publisher.flush()
+        close_run_engine(RE)
     stop = docs["stop"][0]
     res = pipeline.live.scans[uid]
     decision = next((d for d in agent.decisions if d.action == "stop" and d.scan == uid), None)

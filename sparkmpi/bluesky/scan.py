@@ -41,10 +41,29 @@ from ..errors import InvalidArgument
 from .devices import PtychoDetector, PtychoScene, make_motors
 from .feedback import ConvergenceRule, Decision, FeedbackState
 
-__all__ = ["ScanSetup", "fermat_points", "dr_for_points", "scan_metadata", "document_publisher", "FeedbackAgent",
+__all__ = ["make_run_engine", "close_run_engine", "ScanSetup", "fermat_points", "dr_for_points", "scan_metadata", "document_publisher", "FeedbackAgent",
            "quality_topic_for", "decisions_topic_for"]
 
 log = logging.getLogger("sparkmpi.bluesky.feedback")
+
+
+def make_run_engine(md: dict | None = None):
+    """A RunEngine for any thread (no SIGINT handler); close it with :func:`close_run_engine`."""
+    from bluesky import RunEngine
+
+    return RunEngine(dict(md or {}), context_managers=[])
+
+
+def close_run_engine(RE) -> None:
+    """Stop the RunEngine's event-loop thread (bluesky starts one per RunEngine and never stops it)."""
+    loop = RE.loop
+    thread = getattr(RE, "_th", None)
+    if loop.is_running():
+        loop.call_soon_threadsafe(loop.stop)
+    if thread is not None:
+        thread.join(timeout=5)
+    if not loop.is_running():
+        loop.close()
 
 
 def quality_topic_for(docs_topic: str) -> str:

@@ -407,13 +407,13 @@ class DocumentStream:
                              "event", doc, uid)]
         t = _number(doc.get("time")) or 0.0
         value = data.get(geo.image_key)
-        run.last_seq[desc] = int(seq)
         if geo.external:
             found = run.datums.get(value) if isinstance(value, str) else None
             if found is None:
                 return [Rejected("missing_datum", f"scan {uid}: event {seq} refers to datum {value!r}, which was "
                                  f"not seen", "event", doc, uid)]
             run.frames += 1
+            run.last_seq[desc] = int(seq)
             return [FrameOut(uid, int(seq) - 1, (row, col), t, datum=found)]
         array = np.asarray(value) if value is not None else None
         if array is not None and array.shape != geo.frame_shape and array.size == h * w:
@@ -423,6 +423,7 @@ class DocumentStream:
             return [Rejected("bad_event", f"scan {uid}: event {seq} image is {got}, expected shape "
                              f"{list(geo.frame_shape)} numbers", "event", doc, uid)]
         run.frames += 1
+        run.last_seq[desc] = int(seq)
         return [FrameOut(uid, int(seq) - 1, (row, col), t, array=array)]
 
     def _stop(self, doc):
