@@ -27,6 +27,10 @@ from ..errors import InvalidArgument
 
 __all__ = ["PtychoScene", "PtychoDetector", "make_motors", "HDF5_SPEC", "HDF5_DATASET"]
 
+#: HDF5 refuses to open a file twice in one process with other modes: the detector (a RunEngine
+#: thread) and the bridge (a reader in the same process, in tests and demos) take turns.
+HDF5_LOCK = threading.Lock()
+
 HDF5_SPEC = "AD_HDF5"
 HDF5_DATASET = "/entry/data/data"
 
@@ -148,7 +152,7 @@ def _device_class():
                 name = f"{uuid.uuid4().hex}.h5"
                 h, w = self.scene.frame_shape
                 self._file = self.directory / name
-                with h5py.File(self._file, "w") as f:
+                with HDF5_LOCK, h5py.File(self._file, "w") as f:
                     f.create_dataset(HDF5_DATASET, shape=(0, h, w), maxshape=(None, h, w), dtype="<f4",
                                      chunks=(1, h, w))
                 self._resource = {"spec": HDF5_SPEC, "root": str(self.directory), "resource_path": name,
@@ -175,7 +179,7 @@ def _device_class():
 
                 k = next(self._counter)
                 # open per frame: a reader (the bridge, maybe in this process) opens it between frames
-                with h5py.File(self._file, "a") as f:
+                with HDF5_LOCK, h5py.File(self._file, "a") as f:
                     data = f[HDF5_DATASET]
                     data.resize(k + 1, axis=0)
                     data[k] = frame

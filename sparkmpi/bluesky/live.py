@@ -363,6 +363,13 @@ class BlueskyPipeline:
         if self._producer is not None:
             self._producer.flush(5.0)
             self._producer = None
+        if self.live is not None:
+            self.live.quality_producer = None
         if self._world is not None and self._own_world:
             self._world.close("the Bluesky pipeline ended")
             self._world = None
+        # librdkafka clients caught in reference cycles (callbacks that point back at their owners)
+        # keep their broker sockets until the collector runs
+        import gc
+
+        gc.collect()

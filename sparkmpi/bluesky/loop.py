@@ -37,7 +37,8 @@ def run_scan_loop(spark, bootstrap: str, out_dir, *, points: int = 512, frame_si
     object pixels), ``quality`` (the quality documents), ``scene``.
     """
     from .live import BlueskyPipeline
-    from .scan import FeedbackAgent, ScanSetup, close_run_engine, document_publisher, make_run_engine
+    from .scan import (FeedbackAgent, ScanSetup, close_publisher, close_run_engine, document_publisher,
+                       make_run_engine)
 
     docs_topic = docs_topic or f"bluesky-{uuid.uuid4().hex[:8]}"
     setup = setup or ScanSetup.fermat(points, frame_size=frame_size, overlap=overlap, exposure=exposure,
@@ -81,8 +82,11 @@ def run_scan_loop(spark, bootstrap: str, out_dir, *, points: int = 512, frame_si
     finally:
         pipeline.close()
         agent.close()
-        publisher.flush()
+        close_publisher(publisher)
         close_run_engine(RE)
+        import gc
+
+        gc.collect()   # the Kafka clients the RunEngine's callbacks held, and their sockets
     stop = docs["stop"][0]
     res = pipeline.live.scans[uid]
     decision = next((d for d in agent.decisions if d.action == "stop" and d.scan == uid), None)

@@ -56,9 +56,18 @@ def make_run_engine(md: dict | None = None):
 
 def close_run_engine(RE) -> None:
     """Stop the RunEngine's event-loop thread (bluesky starts one per RunEngine and never stops it)."""
+    dispatcher = getattr(RE, "dispatcher", None)
+    if dispatcher is not None:   # let go of the callbacks (publishers hold Kafka clients)
+        dispatcher.unsubscribe_all()
     loop = RE.loop
     thread = getattr(RE, "_th", None)
     if loop.is_running():
+        import asyncio
+
+        try:   # the loop's default executor (ophyd status callbacks run there) has threads of its own
+            asyncio.run_coroutine_threadsafe(loop.shutdown_default_executor(), loop).result(timeout=5)
+        except Exception as exc:  # a loop already stopping: nothing to wait for
+            log.debug("RunEngine executor shutdown: %s", exc)
         loop.call_soon_threadsafe(loop.stop)
     if thread is not None:
         thread.join(timeout=5)
@@ -171,6 +180,13 @@ def document_publisher(bootstrap: str, topic: str, *, key: str = "sparkmpi-beaml
                                       "message.max.bytes": 64 * 1024 * 1024})
 
 
+def close_publisher(publisher, timeout: float = 10.0) -> None:
+    """Flush bluesky-kafka's Publisher and let go of its Kafka producer (its sockets close with it)."""
+    publisher.flush()
+    if hasattr(publisher, "_producer"):
+        publisher._producer = None
+
+
 class FeedbackAgent:
     """The RunEngine side of the loop: quality documents in, decisions out (module docstring).
 
@@ -273,6 +289,7 @@ class FeedbackAgent:
         self._producer.flush(self.timeout)
 
     def close(self) -> None:
-        self.flush()
+        if self._producer is not None:
+            self.flush()
         self._consumer.close()
         self._producer = None

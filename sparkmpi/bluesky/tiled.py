@@ -179,7 +179,7 @@ class TiledResults:
             getattr(self, f"_do_{kind}")(*args)
             self.written += 1
         except Exception as exc:  # httpx errors, tiled's ClientError: the server is down or refused
-            self._client = None
+            self.close()
             raise TiledUnavailable(f"writing the {kind} of scan {args[0]} to Tiled at {self.uri} failed: "
                                    f"{type(exc).__name__}: {exc}"[:400]) from exc
 
@@ -210,6 +210,15 @@ class TiledResults:
         while self.pending:
             self._attempt(self.pending[0])
             self.pending.pop(0)
+
+    def close(self) -> None:
+        """Close the HTTP connections (kept writes stay kept)."""
+        if self._client is not None:
+            try:
+                self._client.context.close()
+            except Exception:  # closing a client whose server is gone
+                pass
+            self._client = None
 
     def write_snapshot(self, uid: str, n: int, obj, quality: dict, geometry=None) -> None:
         self._queue(("snapshot", uid, int(n), np.array(obj), dict(quality), geometry))

@@ -50,11 +50,11 @@ def frames_topic_for(docs_topic: str) -> str:
     return f"{docs_topic}.frames"
 
 
-def read_datum(resource: dict, datum: dict) -> np.ndarray:
+def read_datum(resource: dict, datum: dict, busy_timeout: float = 1.0) -> np.ndarray:
     """The frame an ``AD_HDF5`` datum points at; OSError/KeyError/ValueError when it cannot be read."""
     import h5py
 
-    from ..bluesky.devices import HDF5_DATASET, HDF5_SPEC
+    from ..bluesky.devices import HDF5_DATASET, HDF5_LOCK, HDF5_SPEC
 
     if resource.get("spec") != HDF5_SPEC:
         raise ValueError(f"resource spec {resource.get('spec')!r} is not {HDF5_SPEC!r}")
@@ -62,12 +62,20 @@ def read_datum(resource: dict, datum: dict) -> np.ndarray:
     k = (datum.get("datum_kwargs") or {}).get("point_number")
     if isinstance(k, bool) or not isinstance(k, int) or k < 0:
         raise ValueError(f"datum {datum.get('datum_id')!r}: point_number {k!r} is not an integer >= 0")
-    # opened per frame: the detector appends to the same file while the scan runs
-    with h5py.File(path, "r") as f:
-        data = f[HDF5_DATASET]
-        if k >= data.shape[0]:
-            raise KeyError(f"{path} holds {data.shape[0]} frames, datum asks for point {k}")
-        return np.asarray(data[k], dtype=np.float32)
+    # opened per frame: the detector appends to the same file while the scan runs; a writer in
+    # another process may hold it for a moment (HDF5's file lock), so a busy file is retried briefly
+    deadline = time.monotonic() + busy_timeout
+    while True:
+        try:
+            with HDF5_LOCK, h5py.File(path, "r") as f:
+                data = f[HDF5_DATASET]
+                if k >= data.shape[0]:
+                    raise KeyError(f"{path} holds {data.shape[0]} frames, datum asks for point {k}")
+                return np.asarray(data[k], dtype=np.float32)
+        except BlockingIOError:
+            if time.monotonic() > deadline:
+                raise
+            time.sleep(0.02)
 
 
 class DocumentBridge:
