@@ -37,7 +37,6 @@ def add_arguments(parser) -> None:
 
 
 def run(args) -> dict:
-    import numpy as np
 
     from ..bluesky.feedback import ConvergenceRule
     from ..bluesky.loop import run_scan_loop

@@ -36,7 +36,7 @@ import numpy as np
 from .bluesky_docs import DocumentError, DocumentStream, FrameOut, Rejected, ScanClosed, ScanOpened, decode_document
 from .frames import FrameHeader, decode_message, encode_frame
 from .kafka_client import ErrorTrap, check_broker, client_config, ensure_topic, topic_partitions
-from ._errors import BrokerUnavailable, OffsetError, StreamTimeout
+from ._errors import BrokerUnavailable, OffsetError
 from .offsets import DeadLetter, DeadLetterWriter, OffsetRange, committed_offsets, read_offset_range
 from ..errors import InvalidArgument
 
