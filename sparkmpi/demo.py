@@ -433,7 +433,10 @@ def _main(args) -> int:
         from .bluesky.demo import print_bluesky_summary, run_bluesky_demo
 
         summary = run_bluesky_demo(args)
-        print(json.dumps(summary, default=float)) if args.json else print_bluesky_summary(summary)
+        if args.json:
+            print(json.dumps(summary, default=float))
+        else:
+            print_bluesky_summary(summary)
         return 0
     summary = run_demo(args)
     if args.json:
