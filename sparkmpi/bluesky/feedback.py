@@ -43,7 +43,7 @@ class ConvergenceRule:
     """Thresholds of the stop rule (module docstring); defaults are the documented ones."""
 
     min_coverage: float = 0.65
-    error_tolerance: float = 0.1
+    error_tolerance: float = 0.2
     patience: int = 2
     min_frames: int = 32
     max_nrmse: float | None = None
