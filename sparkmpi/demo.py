@@ -72,6 +72,9 @@ def register(subparsers) -> None:
                              "does (Stream V2, bslz4) through `sparkmpi detector bridge` (default kafka)")
     parser.add_argument("--view", action="store_true",
                         help="serve the live viewer while streaming and the result viewers at the end")
+    parser.add_argument("--bluesky", action="store_true",
+                        help="instead: a Bluesky RunEngine's Fermat scan reconstructed live, stopped early by "
+                             "the feedback agent (local Kafka, Tiled and Spark)")
     parser.set_defaults(func=_main)
 
 
@@ -522,6 +525,15 @@ def _print_summary(summary: dict) -> None:
 
 
 def _main(args) -> int:
+    if getattr(args, "bluesky", False):
+        from .bluesky.demo import print_bluesky_summary, run_bluesky_demo
+
+        summary = run_bluesky_demo(args)
+        if args.json:
+            print(json.dumps(summary, default=float))
+        else:
+            print_bluesky_summary(summary)
+        return 0
     summary = run_demo(args)
     if args.json:
         print(json.dumps(summary, default=float))

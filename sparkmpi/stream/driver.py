@@ -325,7 +325,8 @@ class StreamDriver(_BatchCore):
     # -- the loop --------------------------------------------------------------
     def run(self, *, until_end_of_scan: bool = False, idle_timeout: float | None = None,
             max_batches: int | None = None,
-            on_batch: Callable[[BatchReport], object] | None = None) -> StreamReport:
+            on_batch: Callable[[BatchReport], object] | None = None,
+            until: Callable[[], bool] | None = None) -> StreamReport:
         """Process batches until a stop condition; return the run's :class:`StreamReport`.
 
         Parameters
@@ -341,6 +342,9 @@ class StreamDriver(_BatchCore):
             ``on_batch(report)`` after each batch is written and committed
             (e.g. to fold its output into a running reconstruction); it runs
             in the driver's thread, so the next batch waits for it.
+        until : callable, optional
+            Stop once ``until()`` is true and nothing is pending (asked
+            between polls; e.g. a source that knows its scans are done).
 
         Raises
         ------
@@ -365,7 +369,7 @@ class StreamDriver(_BatchCore):
             poller = WatermarkPoller(self.bootstrap, self.topic, self.partitions,
                                       timeout=min(self.broker_timeout, 5.0))
             try:
-                stopped = self._loop(poller, until_end_of_scan, idle_timeout, max_batches, on_batch)
+                stopped = self._loop(poller, until_end_of_scan, idle_timeout, max_batches, on_batch, until)
                 healthy = True
             finally:
                 poller.close(wait=healthy)
@@ -376,7 +380,7 @@ class StreamDriver(_BatchCore):
             self._committer.close(wait=healthy)
             self.reporter.close()
 
-    def _loop(self, poller, until_end_of_scan, idle_timeout, max_batches, on_batch=None) -> str:
+    def _loop(self, poller, until_end_of_scan, idle_timeout, max_batches, on_batch=None, until=None) -> str:
         done = 0
         last_batch = -float("inf")
         last_new = time.monotonic()
@@ -404,6 +408,8 @@ class StreamDriver(_BatchCore):
                     return "end_of_scan"
                 if idle_timeout is not None and now - last_new > idle_timeout:
                     return "idle"
+                if until is not None and until():
+                    return "until"
             wait = self.poll_interval if pending == 0 else min(self.poll_interval,
                                                                max(self.trigger - (now - last_batch), 0.001))
             time.sleep(wait)

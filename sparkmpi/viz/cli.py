@@ -45,6 +45,9 @@ def register(subparsers) -> None:
                              "folder holding them (demo-output/)")
     parser.add_argument("--live", metavar="DIR",
                         help="follow the snapshots a running reconstruction publishes into DIR")
+    parser.add_argument("--tiled", metavar="URI", help="open a scan from this Tiled server (with --scan UID)")
+    parser.add_argument("--scan", metavar="UID", help="the scan's start uid on the Tiled server")
+    parser.add_argument("--api-key", default=None, help="the Tiled server's API key")
     parser.add_argument("--port", type=_port, default=0, help="port to listen on (default: a free one)")
     parser.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     parser.add_argument("--max-3d-size", type=_size, default=128,
@@ -56,6 +59,15 @@ def _view(args) -> int:
     from .app import serve
     from .loaders import results_in
 
+    if getattr(args, "tiled", None):
+        import tempfile
+
+        from .tiled_loader import load_tiled_scan, save_for_viewer
+
+        if not args.scan or args.path or args.live:
+            raise UsageError("--tiled URI needs --scan UID, and no PATH or --live")
+        args.path = save_for_viewer(load_tiled_scan(args.tiled, args.scan, api_key=args.api_key),
+                                    Path(tempfile.mkdtemp(prefix="sparkmpi-tiled-")) / f"{args.scan}.npz")
     if (args.path is None) == (args.live is None):
         raise UsageError("give either PATH or --live DIR (exactly one)")
     t0 = time.perf_counter()

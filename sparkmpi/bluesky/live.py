@@ -1,0 +1,375 @@
+"""The consuming side: Bluesky frames -> the micro-batch driver -> one live reconstruction per scan uid.
+
+:class:`BlueskyPipeline` wires the pieces::
+
+    documents topic --DocumentBridge--> <docs>.frames --StreamDriver (exactly-once outputs)-->
+        bluesky_frames (on the ranks: frames kept per scan uid) --on_batch--> refine_scans (one world call:
+        a StreamingReconstruction per scan uid on the ranks) --> quality documents (<docs>.quality),
+        snapshots (Tiled, the live viewer's folder) --> at the scan's stop: final object, probe, errors.
+
+A scan is final once its stop document was translated and the driver has
+committed every frame written before it; then it gets ``final_iterations``
+more iterations, its final results go to Tiled, and its state leaves the ranks.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import InvalidArgument, SparkMPIError
+
+__all__ = ["bluesky_frames", "refine_scans", "LiveScans", "BlueskyPipeline", "ScanResult"]
+
+log = logging.getLogger("sparkmpi.bluesky.live")
+NEW, RECS = "bluesky.new", "bluesky.rec"
+
+
+def bluesky_frames(comm, frames, state=None) -> dict:
+    """MPI body of each batch: keep the rank's frames in its state, per scan uid; report scan and position."""
+    scans, positions, times = [], [], []
+    keep = state.setdefault(NEW, {}) if state is not None else {}
+    for frame in frames:
+        uid = frame.header.scan_id
+        array = np.array(frame.array, dtype=np.float32)
+        if not np.isfinite(array).all() or (array < 0).any():
+            raise InvalidArgument(f"scan {uid}: frame {frame.header.index} has non-finite or negative values")
+        keep.setdefault(uid, []).append((array, frame.header.position))
+        scans.append(uid)
+        positions.append(frame.header.position)
+        times.append(frame.header.timestamp)
+    return {"scan": np.asarray(scans, dtype=str), "positions": np.asarray(positions, np.float64).reshape(-1, 2),
+            "event_time": np.asarray(times, np.float64)}
+
+
+def refine_scans(comm, state, jobs: dict):
+    """A world call: for each scan uid in ``jobs``, fold its new frames in and iterate.
+
+    ``jobs[uid]`` = ``{"object_shape", "frame_shape", "probe", "iterations", "final"}``.  Returns on
+    rank 0 ``{uid: (object, probe, errors) or None}`` (None while some rank holds no frame of it).
+    """
+    from ..ptycho.streaming import StreamingReconstruction
+
+    new, recs = state.setdefault(NEW, {}), state.setdefault(RECS, {})
+    out = {}
+    for uid in sorted(jobs):
+        job = jobs[uid]
+        rec = recs.get(uid)
+        held = (rec.n_frames if rec is not None else 0) + len(new.get(uid, []))
+        if min(comm.allgather(held)) == 0:
+            out[uid] = None
+            continue
+        if rec is None:
+            rec = recs[uid] = StreamingReconstruction(tuple(job["object_shape"]), tuple(job["frame_shape"]),
+                                                      probe=job["probe"], comm=comm, algorithm="dm",
+                                                      probe_update_start=job["iterations"])
+        pending = new.pop(uid, [])
+        if pending:
+            arrays = np.stack([a for a, _ in pending])
+            pos = np.rint(np.asarray([p for _, p in pending], np.float64)).astype(np.int64)
+            h, w = arrays.shape[1:]
+            pos[:, 0] = np.clip(pos[:, 0], 0, job["object_shape"][0] - h)
+            pos[:, 1] = np.clip(pos[:, 1], 0, job["object_shape"][1] - w)
+            rec.add_frames(arrays, pos)
+        result = rec.iterate(int(job["iterations"]))
+        out[uid] = (result.object, result.probe, np.asarray(result.errors)) if comm.rank == 0 else None
+        if job.get("final"):
+            recs.pop(uid, None)
+    return out if comm.rank == 0 else None
+
+
+def _warm_engine(comm, state):
+    from ..ptycho.streaming import StreamingReconstruction
+
+    rec = StreamingReconstruction((40, 40), (32, 32), comm=comm, algorithm="dm")
+    rec.add_frames(np.ones((2, 32, 32), np.float32), np.zeros((2, 2), np.int64))
+    rec.iterate(2)
+    return comm.rank
+
+
+@dataclass
+class ScanResult:
+    """What the pipeline knows about one scan."""
+
+    uid: str
+    positions: list = field(default_factory=list)        # (n, 2) arrays, object pixels
+    event_times: list = field(default_factory=list)
+    batch_errors: list = field(default_factory=list)     # the last Fourier error after each batch
+    quality: list = field(default_factory=list)
+    object: np.ndarray | None = None
+    probe: np.ndarray | None = None
+    errors: np.ndarray | None = None
+    final: bool = False
+    exit_status: str | None = None
+    closed_at: int | None = None                         # frames-topic offset once its stop was translated
+
+    @property
+    def frames(self) -> int:
+        return int(sum(len(p) for p in self.positions))
+
+    def all_positions(self) -> np.ndarray:
+        return np.concatenate(self.positions) if self.positions else np.zeros((0, 2))
+
+
+class LiveScans:
+    """Driver side: after each batch, refine every scan it touched, publish quality, snapshots, finals."""
+
+    def __init__(self, world, bridge, *, iterations: int = 5, final_iterations: int = 30, min_frames: int = 8,
+                 quality_producer=None, quality_topic: str | None = None, tiled=None, live_dir=None,
+                 truth=None):
+        self.world, self.bridge = world, bridge
+        self.iterations, self.final_iterations, self.min_frames = int(iterations), int(final_iterations), int(min_frames)
+        self.quality_producer, self.quality_topic = quality_producer, quality_topic
+        self.tiled, self.live_dir = tiled, Path(live_dir) if live_dir is not None else None
+        self.truth = truth or {}          # uid -> (object_true, probe_true), when known
+        self.scans: dict[str, ScanResult] = {}
+        self.batches = 0
+        self.committed = 0
+        self.tiled_errors: list[str] = []
+        self.refine_s: list[float] = []
+
+    def scan(self, uid: str) -> ScanResult:
+        if uid not in self.scans:
+            self.scans[uid] = ScanResult(uid)
+        return self.scans[uid]
+
+    def note_closed(self, uid: str, exit_status: str, frames_offset: int) -> None:
+        res = self.scan(uid)
+        res.exit_status, res.closed_at = exit_status, frames_offset
+
+    def _geometry(self, uid):
+        with self.bridge.lock:
+            return self.bridge.state.scans.get(uid)
+
+    def _probe0(self, geo):
+        from ..ptycho.simulate import make_probe
+
+        h, w = geo.frame_shape
+        diameter = float(geo.probe_diameter or 0.375 * min(h, w))
+        return make_probe((h, w), kind="aperture", diameter=diameter)
+
+    def on_batch(self, report) -> None:
+        """The driver's ``on_batch``: fold the batch's frames in per scan."""
+        self.batches += 1
+        self.committed = max(self.committed, max((r["end"] for r in report.ranges), default=0))
+        touched: dict[str, np.ndarray] = {}
+        with np.load(report.path) as batch:
+            if "result.scan" in batch.files and batch["result.scan"].size:
+                scans, pos, times = batch["result.scan"], batch["result.positions"], batch["result.event_time"]
+                for uid in np.unique(scans):
+                    sel = scans == uid
+                    res = self.scan(str(uid))
+                    res.positions.append(pos[sel])
+                    res.event_times.append(times[sel])
+                    touched[str(uid)] = sel
+        self.refine(set(touched) | self._finishing())
+
+    def _finishing(self) -> set:
+        return {u for u, r in self.scans.items() if not r.final and r.closed_at is not None
+                and self.committed >= r.closed_at}
+
+    def refine(self, uids) -> None:
+        jobs = {}
+        finishing = self._finishing()
+        for uid in uids:
+            res, geo = self.scan(uid), self._geometry(uid)
+            if geo is None or geo.frame_shape is None or res.final:
+                continue
+            final = uid in finishing
+            if res.frames < self.min_frames and not final:
+                continue
+            if res.frames == 0:
+                res.final = True
+                continue
+            jobs[uid] = {"object_shape": geo.object_shape, "frame_shape": geo.frame_shape,
+                         "probe": self._probe0(geo), "final": final,
+                         "iterations": self.final_iterations if final else self.iterations}
+        if not jobs:
+            return
+        t0 = time.perf_counter()
+        out = self.world.call(refine_scans, jobs)[0]
+        self.refine_s.append(time.perf_counter() - t0)
+        for uid, got in out.items():
+            if got is None:
+                continue
+            res = self.scan(uid)
+            res.object, res.probe, res.errors = got
+            res.batch_errors.append(float(res.errors[-1]))
+            quality = self._quality(uid, res)
+            res.quality.append(quality)
+            self._publish_quality(quality)
+            if jobs[uid]["final"]:
+                res.final = True
+            self._write_results(uid, res, quality)
+
+    def _quality(self, uid, res: ScanResult) -> dict:
+        from .quality import coverage, measured_nrmse, missing_points, quality_document
+
+        geo = self._geometry(uid)
+        used = res.all_positions()
+        diameter = float(geo.probe_diameter or 0.375 * min(geo.frame_shape))
+        planned = geo.planned_positions
+        cov = coverage(used, planned, geo.object_shape, geo.frame_shape, diameter) if planned is not None else 0.0
+        nrmse = None
+        truth = self.truth.get(uid)
+        if truth is not None:
+            nrmse = measured_nrmse(res.object, truth[0], truth[1], used)
+        times = np.concatenate(res.event_times) if res.event_times else np.zeros(0)
+        missing = ()
+        if planned is not None and len(used):
+            # planned points the scan has passed (by the nearest planned index of the last frame) without a frame
+            last = used[-1]
+            passed = int(np.argmin(((planned - last) ** 2).sum(axis=1))) + 1
+            holes = missing_points(used, planned, passed)
+            missing = [(geo.origin[0] + r * geo.pixel_size, geo.origin[1] + c * geo.pixel_size) for r, c in holes]
+        return quality_document(scan=uid, batch=self.batches, frames_used=res.frames,
+                                points_planned=geo.points_planned, coverage_value=cov, errors=res.batch_errors,
+                                nrmse=nrmse, last_event_time=float(times.max()) if times.size else None,
+                                now=time.time(), missing_positions=missing)
+
+    def _publish_quality(self, quality: dict) -> None:
+        if self.quality_producer is None:
+            return
+        self.quality_producer.produce(self.quality_topic, json.dumps(quality, default=float).encode(),
+                                      key=quality["scan"].encode())
+        self.quality_producer.flush(5.0)
+
+    def _write_results(self, uid, res: ScanResult, quality: dict) -> None:
+        if self.live_dir is not None:
+            from ..viz import publish_snapshot
+
+            publish_snapshot(self.live_dir / uid, {"object": res.object, "probe": res.probe, "errors": res.errors},
+                             {"frames": res.frames, "scan": uid, "nrmse": quality.get("nrmse")})
+        if self.tiled is None:
+            return
+        geo = self._geometry(uid)
+        try:
+            self.tiled.flush_pending()
+            if res.final:
+                self.tiled.write_final(uid, res.object, res.probe, res.errors, quality, geo, res.exit_status)
+            else:
+                self.tiled.write_snapshot(uid, len(res.quality), res.object, quality, geo)
+        except SparkMPIError as exc:
+            self.tiled_errors.append(str(exc))
+            log.warning("%s", exc)
+
+
+class BlueskyPipeline:
+    """Bridge + driver + live reconstruction for a documents topic; ``run(until=...)`` drives it.
+
+    Parameters
+    ----------
+    spark : SparkSession
+    bootstrap : str
+    docs_topic : str
+    out_dir : path
+        The driver's outputs (``stream/``) and the live snapshots (``live/<uid>/``).
+    ranks, trigger, iterations, final_iterations : see :class:`LiveScans`, :class:`StreamDriver`
+    tiled : TiledResults, optional
+    truth : dict, optional
+        ``{uid: (object_true, probe_true)}`` for the NRMSE in the quality documents (simulations).
+    """
+
+    def __init__(self, spark, bootstrap: str, docs_topic: str, out_dir, *, ranks: int = 2, trigger: float = 0.1,
+                 iterations: int = 5, final_iterations: int = 30, tiled=None, truth=None, group: str | None = None,
+                 world=None, progress=None):
+        from confluent_kafka import Producer
+
+        from ..stream.bluesky_bridge import DocumentBridge
+        from ..stream.kafka_client import client_config, ensure_topic
+        from .scan import quality_topic_for
+
+        self.spark, self.bootstrap, self.docs_topic = spark, bootstrap, docs_topic
+        self.out_dir = Path(out_dir)
+        self.ranks, self.trigger = ranks, trigger
+        self.group = group or f"sparkmpi-bluesky-{docs_topic}"
+        self.quality_topic = quality_topic_for(docs_topic)
+        ensure_topic(bootstrap, self.quality_topic, 1)
+        self._world, self._own_world = world, world is None
+        self.progress = progress
+        self.bridge = DocumentBridge(bootstrap, docs_topic, on_action=self._on_action)
+        self._producer = Producer(client_config(bootstrap, **{"linger.ms": 0, "acks": "all"}))
+        self.live_kwargs = dict(iterations=iterations, final_iterations=final_iterations, tiled=tiled,
+                                truth=truth, quality_producer=self._producer, quality_topic=self.quality_topic,
+                                live_dir=self.out_dir / "live")
+        self.live: LiveScans | None = None
+        self.report = None
+        self._stop = threading.Event()
+
+    def _on_action(self, action) -> None:
+        from ..stream.bluesky_docs import ScanClosed
+
+        if isinstance(action, ScanClosed) and self.live is not None:
+            self.live.note_closed(action.uid, action.exit_status, self.bridge.frames_high)
+
+    def start(self) -> "BlueskyPipeline":
+        import sparkmpi
+
+        if self._world is None:
+            self._world = sparkmpi.World(self.spark, ranks=self.ranks, preload=("sparkmpi.ptycho.streaming",))
+        self.live = LiveScans(self._world, self.bridge, **self.live_kwargs)
+        self._world.call(_warm_engine)   # compile the engine's kernels before the first frame
+        self.bridge.start()
+        # scans the replay found closed are finished once their frames are committed
+        for uid, closed in self.bridge.state.closed.items():
+            self.live.note_closed(uid, closed.exit_status, self.bridge.frames_high)
+        self.bridge.run_in_thread()
+        from ..stream.driver import StreamDriver
+
+        self.driver = StreamDriver(self.spark, self.bootstrap, self.bridge.frames_topic, self.group,
+                                   self.out_dir / "stream", ranks=self.ranks, trigger=self.trigger,
+                                   process=bluesky_frames, progress=self.progress, world=self._world)
+        return self
+
+    def live_truth(self, uid: str, object_true, probe_true) -> None:
+        """Ground truth of a simulated scan: its quality documents then carry the NRMSE."""
+        self.live.truth[uid] = (np.asarray(object_true), np.asarray(probe_true))
+
+    def done(self, uids) -> bool:
+        return all(u in self.live.scans and self.live.scans[u].final for u in uids)
+
+    def run(self, until=None, *, idle_timeout: float | None = None, timeout: float = 300.0):
+        """Run the driver until ``until()`` (and nothing pending), the bridge fails, or ``timeout`` s."""
+        t_end = time.monotonic() + timeout
+
+        def stop():
+            if self.bridge.error is not None:
+                raise self.bridge.error
+            if time.monotonic() > t_end:
+                raise TimeoutError(f"the Bluesky pipeline did not finish within {timeout:.0f} s")
+            if self.live is not None:
+                self.live.committed = max([self.live.committed] + [o for o in self.driver.committed.values()
+                                                                   if o is not None])
+                # a closed scan whose frames are all committed gets its final refinement between batches
+                finishing = self.live._finishing()
+                if finishing:
+                    self.live.refine(finishing)
+            return self._stop.is_set() or (until is not None and until())
+
+        self.report = self.driver.run(until=stop, idle_timeout=idle_timeout, on_batch=self.live.on_batch)
+        return self.report
+
+    def stop(self) -> None:
+        self._stop.set()
+
+    def close(self) -> None:
+        self.bridge.close()
+        if self._producer is not None:
+            self._producer.flush(5.0)
+            self._producer = None
+        if self.live is not None:
+            self.live.quality_producer = None
+        if self._world is not None and self._own_world:
+            self._world.close("the Bluesky pipeline ended")
+            self._world = None
+        # librdkafka clients caught in reference cycles (callbacks that point back at their owners)
+        # keep their broker sockets until the collector runs
+        import gc
+
+        gc.collect()

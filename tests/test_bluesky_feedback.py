@@ -1,0 +1,107 @@
+"""The feedback rule and the quality figures (pure), and the simulated ophyd devices with a real RunEngine."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from sparkmpi.bluesky.feedback import ConvergenceRule, FeedbackState
+from sparkmpi.bluesky.quality import coverage, error_trend, footprint_mask, missing_points, quality_document
+from sparkmpi.errors import InvalidArgument
+
+
+def q(batch, *, frames=100, coverage_value=0.8, errors=(1, 1, 1, 1, 1, 1, 1, 1), nrmse=None, missing=()):
+    return quality_document(scan="s1", batch=batch, frames_used=frames, points_planned=200,
+                            coverage_value=coverage_value, errors=list(errors), nrmse=nrmse,
+                            last_event_time=100.0 + batch, now=200.0 + batch, missing_positions=missing)
+
+
+def test_stop_after_patience_documents_that_pass_every_threshold():
+    state = FeedbackState(ConvergenceRule(min_coverage=0.7, error_tolerance=0.05, patience=2, min_frames=50))
+    assert state.observe(q(1, coverage_value=0.5), 1.0) == []          # coverage too low
+    assert state.observe(q(2, frames=10), 2.0) == []                    # too few frames
+    assert state.observe(q(3, errors=[1, 1, 1, 1, 2, 2, 2, 2]), 3.0) == []   # error still moving (+100 %)
+    assert state.observe(q(4), 4.0) == []                                # 1 in a row
+    (decision,) = state.observe(q(5), 5.0)                               # 2 in a row: stop
+    assert decision.action == "stop" and decision.scan == "s1" and decision.batch == 5
+    assert decision.trigger_event_time == 105.0 and "coverage 0.80 >= 0.70" in decision.reason
+    assert state.stopped("s1") and state.observe(q(6), 6.0) == []        # decided once
+
+
+def test_a_failing_document_resets_the_streak():
+    state = FeedbackState(ConvergenceRule(min_coverage=0.5, patience=2, min_frames=1))
+    state.observe(q(1), 1)
+    state.observe(q(2, coverage_value=0.1), 2)
+    assert state.observe(q(3), 3) == []
+    assert [d.action for d in state.observe(q(4), 4)] == ["stop"]
+
+
+def test_nrmse_threshold_when_ground_truth_is_known():
+    state = FeedbackState(ConvergenceRule(min_coverage=0.5, patience=1, min_frames=1, max_nrmse=0.05))
+    assert state.observe(q(1, nrmse=0.2), 1) == []
+    assert [d.action for d in state.observe(q(2, nrmse=0.01), 2)] == ["stop"]
+
+
+def test_extra_points_once_each_and_capped():
+    state = FeedbackState(ConvergenceRule(min_coverage=0.99, max_extra_points=2))
+    (d,) = state.observe(q(1, missing=[(1.0, 2.0)]), 1)
+    assert d.action == "extra_points" and d.positions == ((1.0, 2.0),)
+    (d,) = state.observe(q(2, missing=[(1.0, 2.0), (3.0, 4.0), (5.0, 6.0)]), 2)
+    assert d.positions == ((3.0, 4.0),)                                # (1, 2) asked already; cap of 2
+    assert state.observe(q(3, missing=[(5.0, 6.0)]), 3) == []
+
+
+@pytest.mark.parametrize("kwargs", [{"min_coverage": 1.5}, {"patience": 0}, {"min_frames": -1},
+                                    {"max_nrmse": 0}, {"error_tolerance": -1}])
+def test_rule_rejects_bad_thresholds(kwargs):
+    with pytest.raises(InvalidArgument):
+        ConvergenceRule(**kwargs)
+
+
+def test_quality_figures():
+    assert error_trend([1.0] * 7) is None
+    assert error_trend([2, 2, 2, 2, 1, 1, 1, 1]) == pytest.approx(-0.5)
+    assert error_trend([1, 3], window=1) == pytest.approx(2.0)
+    mask = footprint_mask([[0, 0]], (20, 20), (8, 8), 4.0)
+    assert mask.sum() == np.count_nonzero(mask[:8, :8]) and 8 <= mask.sum() <= 16
+    planned = np.array([[0, 0], [0, 6], [6, 0], [6, 6]], float)
+    assert coverage(planned, planned, (20, 20), (8, 8), 6.0) == 1.0
+    half = coverage(planned[:2], planned, (20, 20), (8, 8), 6.0)
+    assert 0.4 < half < 0.6
+    holes = missing_points(planned[[0, 2]], planned, passed=3)
+    np.testing.assert_array_equal(holes, [[0, 6]])
+    doc = q(1)
+    assert doc["fourier_error_trend"] == 0.0 and doc["coverage"] == 0.8
+
+
+def test_detector_frames_come_from_the_simulator_at_the_motor_positions(tmp_path):
+    from sparkmpi.bluesky.scan import ScanSetup, close_run_engine, make_run_engine
+
+    for write_hdf5 in (False, True):
+        setup = ScanSetup.fermat(12, frame_size=16, write_hdf5=write_hdf5, directory=tmp_path)
+        RE = make_run_engine()
+        docs = []
+        RE.subscribe(lambda name, doc: docs.append((name, doc)))
+        try:
+            RE(setup.plan())
+        finally:
+            close_run_engine(RE)
+        names = [n for n, _ in docs]
+        events = [d for n, d in docs if n == "event"]
+        assert names[0] == "start" and names[-1] == "stop" and len(events) == len(setup.planned) >= 10
+        assert ("resource" in names) == write_hdf5 and names.count("datum") == (len(events) if write_hdf5 else 0)
+        md = docs[0][1]["ptycho"]
+        assert md["image_key"] == "ptycho_det_image" and len(md["planned_positions"]) == len(events)
+        ev = events[5]
+        x, y = ev["data"]["x"], ev["data"]["y"]
+        expected = setup.scene.frame_at(x, y)
+        if write_hdf5:
+            from sparkmpi.stream.bluesky_bridge import read_datum
+
+            resource = next(d for n, d in docs if n == "resource")
+            datum = next(d for n, d in docs if n == "datum" and d["datum_id"] == ev["data"]["ptycho_det_image"])
+            image = read_datum(resource, datum)
+        else:
+            image = ev["data"]["ptycho_det_image"]
+        np.testing.assert_allclose(image, expected, rtol=1e-6)
+        assert not np.allclose(image, setup.scene.frame_at(x + 1.0, y))   # the position matters

@@ -1,0 +1,146 @@
+"""End to end: a real RunEngine, the real broker, Spark + MPI, a real Tiled server, the feedback loop."""
+
+from __future__ import annotations
+
+import json
+import threading
+import uuid
+
+import dask
+import numpy as np
+import pytest
+
+from stream_fixtures import broker  # noqa: F401  (session fixture)
+
+# One TCP connection to the broker outlives each loop test although no confluent-kafka client object
+# is left (gc-collected, the reader pool closed); not yet traced to its owner: reported, not hidden.
+pytestmark = [pytest.mark.slow,
+              pytest.mark.known_leak(r"socket fd \d+: tcp 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:\d+",
+                                     "a librdkafka connection to the broker not yet traced (see the report)")]
+
+
+@pytest.fixture
+def tiled_server(tmp_path):
+    from sparkmpi.bluesky.tiled import LocalTiled
+
+    server = LocalTiled(tmp_path / "tiled").start()
+    try:
+        yield server
+    finally:
+        server.stop()
+
+
+def read_topic(bootstrap, topic):
+    from sparkmpi.stream.offsets import read_offset_range, watermarks
+
+    (low, high), = watermarks(bootstrap, topic, [0]).values()
+    return [json.loads(r.value) for r in read_offset_range(bootstrap, topic, 0, low, high, timeout=10)]
+
+
+def test_scan_stops_early_and_results_land_in_tiled(spark, broker, tiled_server, tmp_path):
+    from sparkmpi.bluesky.feedback import ConvergenceRule
+    from sparkmpi.bluesky.loop import run_scan_loop
+    from sparkmpi.bluesky.tiled import TiledResults
+    from sparkmpi.viz.tiled_loader import load_tiled_scan
+
+    topic = f"bs-{uuid.uuid4().hex[:8]}"
+    rule = ConvergenceRule(min_coverage=0.4, error_tolerance=10.0, patience=1, min_frames=8)
+    results = TiledResults(tiled_server.uri, tiled_server.api_key)
+    try:
+        out = run_scan_loop(spark, broker.bootstrap, tmp_path / "loop", points=64, frame_size=16, exposure=0.05,
+                            rule=rule, iterations=3, final_iterations=10, docs_topic=topic, tiled=results,
+                            timeout=120)
+    finally:
+        results.close()
+    uid = out["uid"]
+    assert out["exit_status"] == "success" and out["stopped_early"], [
+        (q["frames_used"], q["coverage"], q["fourier_error_trend"]) for q in out["quality"]]
+    assert out["points_used"] == out["points_measured"] < out["points_planned"]
+    assert out["decision_latency_s"] is not None and 0 < out["decision_latency_s"] < 5
+    assert out["dead_letters"] == {} and out["tiled_errors"] == []
+    quality = read_topic(broker.bootstrap, f"{topic}.quality")
+    assert quality and all(q["scan"] == uid for q in quality)
+    assert quality[-1]["frames_used"] == out["points_used"] and quality[-1]["nrmse"] < 0.5
+    decisions = read_topic(broker.bootstrap, f"{topic}.decisions")
+    assert [d["action"] for d in decisions] == ["stop"] and "converged" in decisions[0]["reason"]
+    # Tiled, read back with Tiled's own client
+    client = tiled_server.client()
+    try:
+        check_tiled(client, uid, out)
+    finally:
+        client.context.close()
+    # the viewer's loader opens the scan from Tiled
+    loaded = load_tiled_scan(tiled_server.uri, uid, api_key=tiled_server.api_key)
+    assert loaded.object.shape == out["object"].shape and loaded.summary["frames"] == out["points_used"]
+
+
+def check_tiled(client, uid, out):
+    scan = client[uid]
+    assert scan.metadata["final"] is True and scan.metadata["exit_status"] == "success"
+    assert scan.metadata["start"]["plan_name"] == "spiral_fermat"
+    with dask.config.set(scheduler="synchronous"):   # dask's threaded pool would outlive the test
+        np.testing.assert_allclose(scan["object"].read(), out["object"], rtol=1e-6)
+        np.testing.assert_allclose(scan["errors"].read(), out["errors"])
+    snapshots = list(scan["snapshots"])
+    assert len(snapshots) >= 1 and scan["snapshots"][snapshots[-1]].metadata["scan"] == uid
+
+
+def test_two_scans_at_once_then_one_in_a_row_with_hdf5_and_tiled_down(spark, broker, tiled_server, tmp_path):
+    from sparkmpi.bluesky.live import BlueskyPipeline
+    from sparkmpi.bluesky.scan import (ScanSetup, close_publisher, close_run_engine, document_publisher,
+                                       make_run_engine)
+    from sparkmpi.bluesky.tiled import TiledResults
+
+    topic = f"bs-{uuid.uuid4().hex[:8]}"
+    results = TiledResults(tiled_server.uri, tiled_server.api_key)
+    pipeline = BlueskyPipeline(spark, broker.bootstrap, topic, tmp_path / "out", iterations=3, final_iterations=5,
+                               tiled=results)
+    publisher = document_publisher(broker.bootstrap, topic)
+    engines = [make_run_engine(), make_run_engine()]
+    uids = []
+    try:
+        pipeline.start()
+
+        def scan(RE, setup):
+            RE.subscribe(publisher)
+            uids.extend(RE(setup.plan()))
+
+        setups = [ScanSetup.fermat(24, frame_size=16, exposure=0.01),
+                  ScanSetup.fermat(30, frame_size=16, exposure=0.01, write_hdf5=True, directory=tmp_path / "h5")]
+        threads = [threading.Thread(target=scan, args=(RE, s)) for RE, s in zip(engines, setups)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(60)
+        pipeline.run(until=lambda: pipeline.done(uids), timeout=90)
+        assert len(uids) == 2
+        tiled_server.stop()                              # Tiled goes down; the next scan still streams
+        uids.extend(engines[0](ScanSetup.fermat(20, frame_size=16, exposure=0.0, write_hdf5=True,
+                                                directory=tmp_path / "h5b").plan()))
+        pipeline.run(until=lambda: pipeline.done(uids), timeout=90)
+    finally:
+        pipeline.close()
+        results.close()
+        close_publisher(publisher)
+        for RE in engines:
+            close_run_engine(RE)
+    live = pipeline.live
+    counts = {u: live.scans[u].frames for u in uids}
+    assert counts == {uids[0]: 24, uids[1]: 30, uids[2]: 20} or sorted(counts.values()) == [20, 24, 30]
+    assert all(live.scans[u].final and live.scans[u].object is not None for u in uids)
+    assert not np.allclose(np.abs(live.scans[uids[0]].object[:10, :10]),
+                           np.abs(live.scans[uids[2]].object[:10, :10]))   # one reconstruction per scan
+    assert live.tiled_errors and "Tiled" in live.tiled_errors[0] and results.pending   # kept, not lost
+    tiled_server.port = int(tiled_server.uri.rsplit(":", 1)[1])
+    tiled_server.start()                                 # back up: the kept writes go out
+    results.flush_pending()
+    results.close()
+    client = tiled_server.client()
+    try:
+        assert set(uids) <= set(client)
+        assert client[uids[2]].metadata["final"] is True
+        with dask.config.set(scheduler="synchronous"):
+            np.testing.assert_allclose(client[uids[2]]["object"].read(), live.scans[uids[2]].object, rtol=1e-6)
+    finally:
+        client.context.close()
+    assert pipeline.bridge.dead_letters == {}
