@@ -195,7 +195,6 @@ def register(estimate, truth, mask=None, *, upsample: int = 100, translation: bo
     PtychoInputError
         The mask selects no pixel, or ``upsample`` is not an integer >= 1.
     """
-    from scipy.optimize import minimize
     from skimage.registration import phase_cross_correlation
 
     est = np.asarray(estimate).astype(np.complex128)
