@@ -339,6 +339,8 @@ class DocumentBridge:
         if committer is not None:
             committer.close()
             self._committer = None
+        if self._dlq is not None:
+            self._dlq.close()
         self._dlq = None
 
     def __enter__(self):

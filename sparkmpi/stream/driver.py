@@ -375,6 +375,8 @@ class StreamDriver(_BatchCore):
                 poller.close(wait=healthy)
             return self.final(reconciled, stopped, t0)
         finally:
+            if self._dlq is not None:
+                self._dlq.close(wait=healthy)
             self._dlq = None
             self.close()
             self._committer.close(wait=healthy)

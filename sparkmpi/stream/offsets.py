@@ -589,9 +589,31 @@ class DeadLetterWriter:
             raise StreamTimeout(f"{left} dead letter(s) not delivered to {self.bootstrap} within "
                                 f"{self.timeout:.1f} s: {self._trap.last or 'broker slow or unreachable'}")
 
+    def close(self, wait: bool = True) -> None:
+        """Release the producer's broker connections (call :meth:`flush` first:
+        close flushes too, without a deadline).  ``wait=False`` (broker gone)
+        closes it in a daemon thread instead."""
+        producer, self._producer = self._producer, None
+        if producer is None:
+            return
+
+        def close():
+            try:
+                producer.close()
+            except Exception:  # noqa: BLE001  (closing a producer whose broker is gone)
+                pass
+
+        if wait:
+            close()
+        else:
+            threading.Thread(target=close, name="sparkmpi-kafka-close", daemon=True).start()
+
     def __enter__(self):
         return self
 
     def __exit__(self, *exc):
-        if exc[0] is None:
-            self.flush()
+        try:
+            if exc[0] is None:
+                self.flush()
+        finally:
+            self.close(wait=exc[0] is None)

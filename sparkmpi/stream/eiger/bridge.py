@@ -321,7 +321,10 @@ def run_bridge(endpoint: str, bootstrap: str, topic: str, *, partitions: int = 1
         sock.close(0)
         context.term()
         if kafka.dlq is not None:
-            kafka.dlq.flush()
+            try:
+                kafka.dlq.flush()
+            finally:
+                kafka.dlq.close()
         if isinstance(json_lines, str) and out is not None:
             out.close()
     report.images = kafka.images
