@@ -23,6 +23,16 @@ from sparkmpi.stream.offsets import read_offset_range, watermarks
 pytestmark = pytest.mark.slow
 SHAPE = (48, 64)
 
+@pytest.fixture(autouse=True)
+def _no_pooled_readers():
+    """Readers this process's range reads pooled (the bridge reads its topic back) are closed
+    after each test: the pool keeps their broker connections for the next read by design."""
+    yield
+    from sparkmpi.stream.offsets import _ReaderPool
+
+    _ReaderPool.close_all()
+
+
 
 class _Bridge(threading.Thread):
     def __init__(self, endpoint, bootstrap, topic, **kw):

@@ -22,6 +22,16 @@ from test_eiger_pipeline import _Bridge
 pytestmark = [pytest.mark.slow,
               pytest.mark.skipif(simulator.available() is not None, reason=str(simulator.available()))]
 
+@pytest.fixture(autouse=True)
+def _no_pooled_readers():
+    """Readers this process's range reads pooled (the bridge reads its topic back) are closed
+    after each test: the pool keeps their broker connections for the next read by design."""
+    yield
+    from sparkmpi.stream.offsets import _ReaderPool
+
+    _ReaderPool.close_all()
+
+
 
 def _data_dir() -> Path:
     import importlib.util
