@@ -593,20 +593,11 @@ class DeadLetterWriter:
         """Release the producer's broker connections (call :meth:`flush` first:
         close flushes too, without a deadline).  ``wait=False`` (broker gone)
         closes it in a daemon thread instead."""
+        from .kafka_io import close_client
+
         producer, self._producer = self._producer, None
-        if producer is None:
-            return
-
-        def close():
-            try:
-                producer.close()
-            except Exception:  # noqa: BLE001  (closing a producer whose broker is gone)
-                pass
-
-        if wait:
-            close()
-        else:
-            threading.Thread(target=close, name="sparkmpi-kafka-close", daemon=True).start()
+        if producer is not None:
+            close_client(producer, wait)
 
     def __enter__(self):
         return self
