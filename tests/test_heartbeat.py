@@ -12,14 +12,36 @@ def test_interval_is_a_fifth_of_the_timeout_at_most_one_second():
     assert ContactWatch(2.0).interval == pytest.approx(0.4)
 
 
+def _pinging(w: ContactWatch, start: float, end: float, step: float = 0.5) -> None:
+    t = start
+    while t <= end:
+        w.pings_due(t)
+        t += step
+
+
 def test_a_silent_rank_is_lost_after_the_timeout_and_not_before():
     w = ContactWatch(timeout=10.0)
     w.watch(0, now=100.0)
     w.watch(1, now=100.0)
+    _pinging(w, 100.0, 104.5)
     w.contact(0, now=105.0)
+    _pinging(w, 105.0, 115.5)
     assert w.lost(110.0) == []
     assert w.lost(110.5) == [(1, 10.5)]
     assert w.lost(115.5) == [(0, 10.5), (1, 15.5)]
+
+
+def test_a_pause_of_the_driver_itself_is_not_taken_for_silence():
+    w = ContactWatch(timeout=5.0)          # interval 1 s
+    w.watch(0, now=0.0)
+    _pinging(w, 0.0, 1.0)
+    w.contact(0, now=1.0)
+    # The driver is not scheduled from t=1 to t=30: no pings went out.
+    w.pings_due(30.0)
+    assert w.lost(30.0) == [] and w.lost(33.9) == []
+    assert w.lost(34.0) == [(0, 33.0)]     # its ping of t=30 unanswered for 4 s
+    w.contact(0, now=32.0)                 # an answer read late still counts
+    assert w.lost(34.0) == []
 
 
 def test_contact_keeps_a_rank_alive_indefinitely():

@@ -153,3 +153,15 @@ def test_a_delivered_partition_goes_to_an_idle_rank_only():
     assert state.handle(PartitionDelivered(data)) == [ToRank(channel.DATA, data)]
     state.handle(DriverFrame(channel.CALL, []))
     assert "a partition was delivered while" in _failure(state.handle(PartitionDelivered(data)))
+
+
+def test_a_rank_that_calls_mpi_abort_is_stopped_before_it_can_return_a_result():
+    # MPICH's MPI_Abort sends cmd=abort and returns: the relay must not let the rank go on.
+    state = _started()
+    state.handle(DriverFrame(channel.CALL, channel.encode({"id": 1})))
+    actions = state.handle(RankPMILine(b"cmd=abort exitcode=7"))
+    assert actions[0] == ToServer(b"cmd=abort exitcode=7\n") and StopRank() in actions
+    assert "rank 1 (partition 1 on hostA) called MPI_Abort (in call 1)" in _failure(actions)
+    assert state.handle(RankFrame(channel.RESULT, channel.encode({"id": 1, "value": None}))) == []
+    # A command whose name only starts like it is forwarded as any other line.
+    assert _started().handle(RankPMILine(b"cmd=abortive x=1")) == [ToServer(b"cmd=abortive x=1\n")]

@@ -176,7 +176,6 @@ class WorldCore:
                         else:
                             sel.register(sock, events, rank)
                         registered[rank] = events
-                self._heartbeat(watch, {r for r, e in registered.items() if e != -1}, what, busy=outgoing)
                 if self.job.failed.is_set():
                     self._raise_failure(what)
                 if self.stage_done.is_set() and self.stage_error is not None:
@@ -211,6 +210,11 @@ class WorldCore:
                         self.output.write(rank, message["stream"], message["data"])
                     else:
                         on_frame(rank, kind, segments)
+                # After the frames that were waiting are read: a driver that was
+                # not scheduled for a while must not take its own pause for silence.
+                self._heartbeat(watch, {r for r, e in registered.items() if e != -1}, what, busy=outgoing)
+        if self.job.failed.is_set():
+            self._raise_failure(what)  # every rank answered, but the job failed meanwhile (an MPI_Abort)
 
     def _send_some(self, rank: int, queue: deque, what: str, watch: heartbeat.ContactWatch) -> bool:
         """Write what the relay of ``rank`` takes now, without blocking; True once ``queue`` is sent.

@@ -35,6 +35,8 @@ class ContactWatch:
     interval: float = 0.0
     last_contact: dict = field(default_factory=dict)
     last_ping: dict = field(default_factory=dict)
+    #: rank -> when the first ping since its last contact went out.
+    unanswered_since: dict = field(default_factory=dict)
 
     def __post_init__(self):
         if not self.timeout > 0:
@@ -52,22 +54,32 @@ class ContactWatch:
         """Stop watching ``rank`` (its relay closed on purpose)."""
         self.last_contact.pop(rank, None)
         self.last_ping.pop(rank, None)
+        self.unanswered_since.pop(rank, None)
 
     def contact(self, rank: int, now: float) -> None:
         """A frame came from ``rank``'s relay."""
         if rank in self.last_contact:
             self.last_contact[rank] = max(self.last_contact[rank], now)
+            self.unanswered_since.pop(rank, None)
 
     def pings_due(self, now: float) -> list[int]:
         """Watched ranks to ping now (each at most once per interval); records them as pinged."""
         due = [r for r in sorted(self.last_contact) if now - self.last_ping.get(r, -float("inf")) >= self.interval]
         for rank in due:
             self.last_ping[rank] = now
+            self.unanswered_since.setdefault(rank, now)
         return due
 
     def lost(self, now: float) -> list[tuple[int, float]]:
-        """``(rank, seconds without contact)`` for every watched rank silent past the timeout."""
-        return [(r, now - t) for r, t in sorted(self.last_contact.items()) if now - t > self.timeout]
+        """``(rank, seconds without contact)`` for every watched rank silent past the timeout
+        whose ping has gone unanswered for the timeout less one interval.
+
+        The second condition keeps a driver that was itself not scheduled (and
+        so sent no pings) from blaming its own pause on the relays.
+        """
+        patience = self.timeout - self.interval
+        return [(r, now - t) for r, t in sorted(self.last_contact.items())
+                if now - t > self.timeout and now - self.unanswered_since.get(r, now) >= patience]
 
     def next_deadline(self) -> float | None:
         """When the first watched rank would be lost if nothing comes (None: nobody is watched)."""

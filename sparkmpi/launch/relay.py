@@ -201,7 +201,14 @@ class RelayState:
 
     # -- the rank --------------------------------------------------------------
     def _on_RankPMILine(self, event: RankPMILine) -> list:
-        return [ToServer(event.line + b"\n")]
+        forward = [ToServer(event.line + b"\n")]
+        if event.line.split(b" ", 1)[0] == b"cmd=abort":
+            # MPICH's MPI_Abort sends this and returns, leaving the kill to the
+            # process manager: the rank must not go on to deliver a result.
+            cause = f"{self.where} called MPI_Abort{self._during()}"
+            self.phase = Phase.FAILED
+            return forward + [StopRank(), Fail(cause)]
+        return forward
 
     def _on_RankOutput(self, event: RankOutput) -> list:
         return [ToDriver(channel.OUTPUT, channel.encode({"stream": event.stream, "data": event.data}))]

@@ -140,6 +140,7 @@ class _Relay:
         """Relay until the world closes (returns) or fails (raises RankError)."""
         self.sel = sel = selectors.DefaultSelector()
         sel.register(self.pmi, selectors.EVENT_READ, "rank-pmi")
+        self.rank_pmi_open = True
         sel.register(self.server, selectors.EVENT_READ, "server")
         sel.register(self.driver, selectors.EVENT_READ, "driver")
         sel.register(self.proc.ctrl, selectors.EVENT_READ, "rank-ctrl")
@@ -161,13 +162,7 @@ class _Relay:
     def _readable(self, what: str) -> None:
         handle = self.state.handle
         if what == "rank-pmi":
-            data = self.pmi.recv(65536)
-            if data:
-                # Whole lines only, so our own control lines never split one.
-                for line in self.from_rank.feed(data):
-                    self.execute(handle(relay.RankPMILine(line)))
-            else:
-                self.sel.unregister(self.pmi)  # rank closed PMI (finalised or died)
+            self._from_rank_pmi(block=True)
         elif what == "server":
             data = self.server.recv(65536)
             if not data:
@@ -198,6 +193,7 @@ class _Relay:
         elif what == "rank-ctrl":
             self._from_rank_ctrl()
         elif what == "rank-exit":
+            self._from_rank_pmi(block=False)
             self._forward_output(1)
             self._forward_output(2)
             # A last message (its error, say) may still be queued on the control socket.
@@ -207,6 +203,32 @@ class _Relay:
                 status = self.proc.popen.wait()
                 tail = self.stderr_tail.decode("utf-8", "replace").strip()
                 self.execute(handle(relay.RankExited(status, tail)))
+
+    def _from_rank_pmi(self, block: bool) -> None:
+        """Forward the rank's PMI lines: what one read gives (``block``), or all that is queued.
+
+        Before a frame or the exit of the rank is handled, what it wrote on PMI
+        first is forwarded first: a job that a rank aborted fails with the
+        abort, not with the exit status or the result that followed it.
+        """
+        if not self.rank_pmi_open:
+            return
+        while True:
+            try:
+                data = self.pmi.recv(65536, 0 if block else socket.MSG_DONTWAIT)
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                data = b""
+            if not data:
+                self.rank_pmi_open = False
+                self.sel.unregister(self.pmi)  # rank closed PMI (finalised or died)
+                return
+            # Whole lines only, so our own control lines never split one.
+            for line in self.from_rank.feed(data):
+                self.execute(self.state.handle(relay.RankPMILine(line)))
+            if block or self.state.finished:
+                return
 
     def _answer_ping(self) -> None:
         """The driver's heartbeat: answer at once, whatever the rank is doing (see .heartbeat)."""
@@ -231,10 +253,16 @@ class _Relay:
             _send_quietly(lambda: channel.send_message(conn, channel.RESULT, self.rank))
 
     def _from_rank_ctrl(self) -> None:
+        # The rank wrote its PMI lines before this frame (an MPI_Abort before a
+        # result, say): they are handled first.
+        self._from_rank_pmi(block=False)
+        if self.state.finished:
+            return
         try:
             kind, segments, fds = channel.recv_frame(self.proc.ctrl)
         except (channel.ChannelClosed, ConnectionError):
             status = self.proc.popen.wait()
+            self._from_rank_pmi(block=False)
             self._forward_output(2)
             tail = self.stderr_tail.decode("utf-8", "replace").strip()
             self.execute(self.state.handle(relay.RankExited(status, tail)))
