@@ -534,6 +534,8 @@ def test_bench_report_keys_one_process():
     assert report["seconds_per_iteration_1rank"] > 0
     assert 0 < report["nrmse"] < 0.035 and 0 < report["fourier_error"] < 0.045   # measured 0.017, 0.021
     assert "seconds_per_iteration" not in report   # no Spark run asked for
+    assert report["fft_backend"] in ("fftw", "scipy")   # 32^2: fftw when pyFFTW is installed
+    assert report["fft_ms_per_rank_stack"] > 0 and report["fft_vs_scipy_ratio"] > 0
     with pytest.raises(UsageError, match="--frames must be a positive integer"):
         bench.run(parser.parse_args(["--frames", "0"]))
 

@@ -10,7 +10,10 @@ the frames from the NPZ on the executors, set-up, iterations, results),
 registering translation, phase ramp and complex factor:
 :func:`sparkmpi.ptycho.metrics.register`; ``shift_px`` the registered
 translation, ``nrmse_unregistered`` the plain figure),
-``fourier_error`` and ``backend``; unless ``--no-mpiexec``, also
+``fourier_error``, ``backend``, ``fft_backend`` (the frame-stack FFT the
+engines use: :mod:`sparkmpi.ptycho._fft`) with ``fft_ms_per_rank_stack``,
+``fft_ms_per_rank_stack_scipy`` and ``fft_vs_scipy_ratio`` (one rank's
+stack, forward plus inverse, one thread, side by side); unless ``--no-mpiexec``, also
 ``seconds_per_iteration_mpiexec`` (the same split under plain ``mpiexec``).
 Each distributed object is compared with the one-process object
 (``*_vs_1rank_relative_difference``, over the illuminated region).
@@ -138,6 +141,7 @@ def run(args) -> dict:
         "fourier_error": result.fourier_error, "cpu_count": os.cpu_count(),
         "ranks": args.ranks,
     }
+    report.update(_fft_timing(args, result.state.backend))
     with tempfile.TemporaryDirectory(prefix="sparkmpi-bench-ptycho-") as tmp:
         path = data.save(Path(tmp) / "scan.npz")
         if not args.no_spark:
@@ -158,6 +162,41 @@ def run(args) -> dict:
         if args.position_error > 0:
             report.update(_position_runs(data, probe, args, report))
     return report
+
+
+def _fft_timing(args, backend_name) -> dict:
+    """The FFT the engines use (``fft_backend``) and, on the CPU, one rank's stack
+    (frames / ranks) forward plus inverse with it and with scipy.fft, side by side
+    (one thread, best of 5, interleaved)."""
+    from sparkmpi.backend import get_backend
+    from sparkmpi.ptycho._fft import choose_fft, make_stack_fft
+    from sparkmpi.ptycho._kernels import fft_kwargs
+
+    shape = (args.frame_size, args.frame_size)
+    chosen = choose_fft("auto", shape, backend_name)
+    out = {"fft_backend": chosen}
+    if backend_name != "numpy":
+        return out
+    bk = get_backend("numpy")
+    kw = dict(fft_kwargs(bk), workers=1)
+    stacks = {name: make_stack_fft(bk, shape, name, kw, 1) for name in {"scipy", chosen}}
+    n = max(1, args.frames // max(args.ranks, 1))
+    rng = np.random.default_rng(0)
+    x = (rng.standard_normal((n,) + shape) + 1j).astype(np.complex64)
+    best = {name: float("inf") for name in stacks}
+    try:
+        for _ in range(5):
+            for name, st in stacks.items():
+                t0 = time.perf_counter()
+                st.inverse(st.forward(x))
+                best[name] = min(best[name], time.perf_counter() - t0)
+    finally:
+        for st in stacks.values():
+            st.close()
+    out["fft_ms_per_rank_stack"] = best[chosen] * 1e3
+    out["fft_ms_per_rank_stack_scipy"] = best["scipy"] * 1e3
+    out["fft_vs_scipy_ratio"] = best[chosen] / best["scipy"]
+    return out
 
 
 def _position_runs(data, probe, args, report) -> dict:

@@ -47,7 +47,7 @@ class Engine:
                  object_shape, probe, obj, exit_waves, comm, regularization: float,
                  threads: int, pin_ramp: bool = True, centroid=None,
                  probe_support: float | None = None, probe_center: bool = False,
-                 probe_power: bool = False, positions_start=None):
+                 probe_power: bool = False, positions_start=None, fft: str = "auto"):
         xp = bk.xp
         self.bk, self.xp, self.comm = bk, xp, comm
         self.reg = float(regularization)
@@ -67,7 +67,7 @@ class Engine:
         self.positions = np.asarray(positions, dtype=np.float64).copy()
         self.positions_start = (self.positions.copy() if positions_start is None
                                 else np.asarray(positions_start, dtype=np.float64).copy())
-        self.fourier = Fourier(bk, self.a, workers=threads)
+        self.fourier = Fourier(bk, self.a, workers=threads, fft=fft)
         self.P = xp.asarray(probe, dtype=xp.complex64)
         self.O = xp.asarray(obj, dtype=xp.complex64)
         self._den = None
@@ -216,6 +216,7 @@ class Engine:
 
     def close(self) -> None:
         self.geom.close()
+        self.fourier.close()
 
     def exit_waves(self):
         """Real-space exit waves ``psi`` (a new backend array)."""

@@ -462,13 +462,18 @@ class Fourier:
         ``sqrt(I)``, already ``ifftshift``-ed.
     """
 
-    def __init__(self, backend: Backend, amplitudes, workers: int | None = None):
+    def __init__(self, backend: Backend, amplitudes, workers: int | None = None,
+                 fft: str = "auto"):
+        from ._fft import make_stack_fft
+
         self.backend = backend
         self.xp = backend.xp
         self.a = amplitudes
         self.kw = fft_kwargs(backend)
         if workers is not None and "workers" in self.kw:
             self.kw["workers"] = max(1, int(workers))
+        self.stack_fft = make_stack_fft(backend, tuple(amplitudes.shape[1:]), fft, self.kw,
+                                        int(self.kw.get("workers") or 1))
         self._m = None
         if backend.name == "cupy":
             self._k = _cupy_kernels()
@@ -480,19 +485,21 @@ class Fourier:
             self._m = self.xp.empty(self.a.shape, self.xp.float32)
         return self._m
 
+    @property
+    def fft_name(self) -> str:
+        """The FFT in use: ``"fftw"``, ``"scipy"`` or ``"cupy"`` (:mod:`sparkmpi.ptycho._fft`)."""
+        return self.stack_fft.name
+
     def forward(self, x):
         """In-place orthonormal 2-D FFT of each frame of ``x`` (complex64 (N, H, W))."""
-        spec = self.backend.fft.fft2(x, **self.kw)
-        if spec is not x:  # only when the FFT could not work in place
-            x[...] = spec
-        return x
+        return self.stack_fft.forward(x)
 
     def inverse(self, x):
         """In-place orthonormal inverse 2-D FFT of each frame of ``x``."""
-        back = self.backend.fft.ifft2(x, **self.kw)
-        if back is not x:
-            x[...] = back
-        return x
+        return self.stack_fft.inverse(x)
+
+    def close(self) -> None:
+        self.stack_fft.close()
 
     def misfit(self, spec):
         """``sum (|X| - a)^2`` over all frames (a float, or a 0-d CuPy array)."""

@@ -287,7 +287,8 @@ def reconstruct_frames(intensities, positions, object_shape, options: Options, *
                       options.regularization, threads, pin_ramp=bool(options.pin_probe_ramp),
                       centroid=centroid, kernels=options.kernels,
                       probe_support=options.probe_support, probe_center=options.probe_center,
-                      probe_power=options.probe_power, positions_start=positions_start)
+                      probe_power=options.probe_power, positions_start=positions_start,
+                      fft=options.fft)
     if positions_float is not None:
         eng.positions = positions_float.copy()
     step = eng.step(algorithm)

@@ -12,6 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass, fields, replace
 
 from ..backend import BACKENDS
+from ._fft import FFT_CHOICES
 from .errors import PtychoInputError
 
 __all__ = ["ALGORITHMS", "DEFAULT_BETA", "KERNELS", "Options"]
@@ -70,6 +71,11 @@ class Options:
         installed) or the whole-stack NumPy reference, both with quantised,
         order-independent sums (:mod:`sparkmpi.ptycho._fused`); ``"generic"``
         runs the backend-generic code that CuPy runs, with plain float sums.
+    fft : {"auto", "fftw", "scipy"}
+        CPU only: the frame-stack FFTs.  ``"fftw"``: pyFFTW with fixed-size
+        ``FFTW_ESTIMATE`` plans (the same bits per frame for any split of the
+        frames); ``"auto"``: FFTW for power-of-two frame sides when pyFFTW is
+        installed, else scipy.fft (:mod:`sparkmpi.ptycho._fft`).
     refine_probe : bool
         False keeps the probe fixed whatever ``probe_update_start`` says.
     pin_probe_ramp : bool
@@ -126,6 +132,7 @@ class Options:
     regularization: float = 1e-4
     threads: int | None = None
     kernels: str = "auto"
+    fft: str = "auto"
     refine_probe: bool = True
     pin_probe_ramp: bool = True
     probe_support: float | None = 0.8
@@ -166,6 +173,8 @@ class Options:
             raise PtychoInputError(f"threads must be an integer >= 1 or None, got {self.threads!r}")
         if self.kernels not in KERNELS:
             raise PtychoInputError(f"kernels must be one of {KERNELS}, got {self.kernels!r}")
+        if self.fft not in FFT_CHOICES:
+            raise PtychoInputError(f"fft must be one of {FFT_CHOICES}, got {self.fft!r}")
         if self.probe_support is not None and not _between(self.probe_support, 0, 1.5):
             raise PtychoInputError(f"probe_support must be a fraction of the frame in (0, 1.5] "
                                    f"or None, got {self.probe_support!r}")
