@@ -10,22 +10,31 @@ from sparkmpi.bluesky.quality import coverage, error_trend, footprint_mask, miss
 from sparkmpi.errors import InvalidArgument
 
 
-def q(batch, *, frames=100, coverage_value=0.8, errors=(1, 1, 1, 1, 1, 1, 1, 1), nrmse=None, missing=()):
+def q(batch, *, frames=100, coverage_value=0.8, errors=(1, 1), nrmse=None, missing=(), final=False):
     return quality_document(scan="s1", batch=batch, frames_used=frames, points_planned=200,
                             coverage_value=coverage_value, errors=list(errors), nrmse=nrmse,
-                            last_event_time=100.0 + batch, now=200.0 + batch, missing_positions=missing)
+                            last_event_time=100.0 + batch, now=200.0 + batch, missing_positions=missing,
+                            checkpoint=None if final else batch, checkpoint_frames=10)
 
 
 def test_stop_after_patience_documents_that_pass_every_threshold():
     state = FeedbackState(ConvergenceRule(min_coverage=0.7, error_tolerance=0.05, patience=2, min_frames=50))
     assert state.observe(q(1, coverage_value=0.5), 1.0) == []          # coverage too low
     assert state.observe(q(2, frames=10), 2.0) == []                    # too few frames
-    assert state.observe(q(3, errors=[1, 1, 1, 1, 2, 2, 2, 2]), 3.0) == []   # error still moving (+100 %)
+    assert state.observe(q(3, errors=[1, 2]), 3.0) == []                 # error still moving (+100 %)
     assert state.observe(q(4), 4.0) == []                                # 1 in a row
     (decision,) = state.observe(q(5), 5.0)                               # 2 in a row: stop
-    assert decision.action == "stop" and decision.scan == "s1" and decision.batch == 5
+    assert decision.action == "stop" and decision.scan == "s1" and decision.batch == decision.checkpoint == 5
     assert decision.trigger_event_time == 105.0 and "coverage 0.80 >= 0.70" in decision.reason
     assert state.stopped("s1") and state.observe(q(6), 6.0) == []        # decided once
+
+
+def test_the_final_reconstruction_document_is_not_read_by_the_stop_rule():
+    state = FeedbackState(ConvergenceRule(min_coverage=0.5, patience=1, min_frames=1))
+    assert state.observe(q(1, errors=[1]), 1) == []                     # no trend yet at the first checkpoint
+    assert state.observe(q(2, final=True), 2) == []                     # the final one: passes, not read
+    assert not state.stopped("s1")
+    assert [d.action for d in state.observe(q(3), 3)] == ["stop"]
 
 
 def test_a_failing_document_resets_the_streak():
@@ -59,9 +68,9 @@ def test_rule_rejects_bad_thresholds(kwargs):
 
 
 def test_quality_figures():
-    assert error_trend([1.0] * 7) is None
-    assert error_trend([2, 2, 2, 2, 1, 1, 1, 1]) == pytest.approx(-0.5)
-    assert error_trend([1, 3], window=1) == pytest.approx(2.0)
+    assert error_trend([1.0]) is None
+    assert error_trend([2, 1]) == pytest.approx(-0.5)                   # one checkpoint against the one before
+    assert error_trend([2, 2, 1, 1], window=2) == pytest.approx(-0.5)
     mask = footprint_mask([[0, 0]], (20, 20), (8, 8), 4.0)
     assert mask.sum() == np.count_nonzero(mask[:8, :8]) and 8 <= mask.sum() <= 16
     planned = np.array([[0, 0], [0, 6], [6, 0], [6, 6]], float)
@@ -72,6 +81,7 @@ def test_quality_figures():
     np.testing.assert_array_equal(holes, [[0, 6]])
     doc = q(1)
     assert doc["fourier_error_trend"] == 0.0 and doc["coverage"] == 0.8
+    assert doc["checkpoint"] == 1 and doc["checkpoint_frames"] == 10 and doc["final"] is False
 
 
 def test_detector_frames_come_from_the_simulator_at_the_motor_positions(tmp_path):
