@@ -380,7 +380,7 @@ class BlueskyPipeline:
         self._producer = Producer(client_config(bootstrap, **{"linger.ms": 0, "acks": "all"}))
         self.live_kwargs = dict(iterations=iterations, final_iterations=final_iterations,
                                 checkpoint_frames=checkpoint_frames, tiled=tiled,
-                                truth=truth, quality_producer=self._producer, quality_topic=self.quality_topic,
+                                truth=truth, quality_topic=self.quality_topic,
                                 live_dir=self.out_dir / "live")
         self.live: LiveScans | None = None
         self.report = None
@@ -397,7 +397,7 @@ class BlueskyPipeline:
 
         if self._world is None:
             self._world = sparkmpi.World(self.spark, ranks=self.ranks, preload=("sparkmpi.ptycho.streaming",))
-        self.live = LiveScans(self._world, self.bridge, **self.live_kwargs)
+        self.live = LiveScans(self._world, self.bridge, quality_producer=self._producer, **self.live_kwargs)
         self._world.call(_warm_engine)   # compile the engine's kernels before the first frame
         self.bridge.start()
         # scans the replay found closed are finished once their frames are committed
@@ -444,9 +444,12 @@ class BlueskyPipeline:
 
     def close(self) -> None:
         self.bridge.close()
-        if self._producer is not None:
-            self._producer.flush(5.0)
-            self._producer = None
+        from ..stream.kafka_io import close_client
+
+        producer, self._producer = self._producer, None
+        if producer is not None:   # closed, not left to the collector: the pipeline sits in reference cycles
+            producer.flush(5.0)
+            close_client(producer, wait=True)
         if self.live is not None:
             self.live.quality_producer = None
         if self._world is not None and self._own_world:
