@@ -139,7 +139,8 @@ class ScanSetup:
 
     @classmethod
     def fermat(cls, points: int = 512, *, frame_size: int = 64, overlap: float = 0.7, pixel_size: float = 0.1,
-               exposure: float = 0.0, write_hdf5: bool = False, directory=None, detector_name: str = "ptycho_det",
+               exposure: float = 0.0, write_hdf5: bool = False, directory=None, lose_frames=(),
+               detector_name: str = "ptycho_det",
                md: dict | None = None) -> "ScanSetup":
         """A square Fermat scan of about ``points`` points whose neighbour step is ``(1 - overlap)`` probe diameters."""
         if not 0 <= overlap < 1:
@@ -150,7 +151,7 @@ class ScanSetup:
         scene = PtychoScene.for_scan(side, side, pixel_size=pixel_size, frame_size=frame_size)
         x, y = make_motors()
         det = PtychoDetector(scene, x, y, name=detector_name, exposure=exposure, write_hdf5=write_hdf5,
-                             directory=directory)
+                             directory=directory, lose_frames=lose_frames)
         return cls(scene, x, y, det, side, side, dr_for_points(points, side, side), 1.0, dict(md or {}))
 
     @property
