@@ -150,7 +150,7 @@ class FeedbackState:
                       quality=dict(quality))
         if streak >= rule.patience:
             self._stopped.add(scan)
-            reason = (f"converged: {streak} quality documents in a row with coverage {coverage:.2f} >= "
+            reason = (f"converged: {streak} checkpoints in a row with coverage {coverage:.2f} >= "
                       f"{rule.min_coverage:.2f}, Fourier error change {trend:+.4f} within +-{rule.error_tolerance:g}"
                       f", {frames} frames >= {rule.min_frames}"
                       + (f", NRMSE {nrmse:.4f} <= {rule.max_nrmse:g}" if rule.max_nrmse is not None and nrmse
