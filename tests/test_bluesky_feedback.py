@@ -10,22 +10,31 @@ from sparkmpi.bluesky.quality import coverage, error_trend, footprint_mask, miss
 from sparkmpi.errors import InvalidArgument
 
 
-def q(batch, *, frames=100, coverage_value=0.8, errors=(1, 1, 1, 1, 1, 1, 1, 1), nrmse=None, missing=()):
+def q(batch, *, frames=100, coverage_value=0.8, errors=(1, 1), nrmse=None, missing=(), final=False):
     return quality_document(scan="s1", batch=batch, frames_used=frames, points_planned=200,
                             coverage_value=coverage_value, errors=list(errors), nrmse=nrmse,
-                            last_event_time=100.0 + batch, now=200.0 + batch, missing_positions=missing)
+                            last_event_time=100.0 + batch, now=200.0 + batch, missing_positions=missing,
+                            checkpoint=None if final else batch, checkpoint_frames=10)
 
 
 def test_stop_after_patience_documents_that_pass_every_threshold():
     state = FeedbackState(ConvergenceRule(min_coverage=0.7, error_tolerance=0.05, patience=2, min_frames=50))
     assert state.observe(q(1, coverage_value=0.5), 1.0) == []          # coverage too low
     assert state.observe(q(2, frames=10), 2.0) == []                    # too few frames
-    assert state.observe(q(3, errors=[1, 1, 1, 1, 2, 2, 2, 2]), 3.0) == []   # error still moving (+100 %)
+    assert state.observe(q(3, errors=[1, 2]), 3.0) == []                 # error still moving (+100 %)
     assert state.observe(q(4), 4.0) == []                                # 1 in a row
     (decision,) = state.observe(q(5), 5.0)                               # 2 in a row: stop
-    assert decision.action == "stop" and decision.scan == "s1" and decision.batch == 5
+    assert decision.action == "stop" and decision.scan == "s1" and decision.batch == decision.checkpoint == 5
     assert decision.trigger_event_time == 105.0 and "coverage 0.80 >= 0.70" in decision.reason
     assert state.stopped("s1") and state.observe(q(6), 6.0) == []        # decided once
+
+
+def test_the_final_reconstruction_document_is_not_read_by_the_stop_rule():
+    state = FeedbackState(ConvergenceRule(min_coverage=0.5, patience=1, min_frames=1))
+    assert state.observe(q(1, errors=[1]), 1) == []                     # no trend yet at the first checkpoint
+    assert state.observe(q(2, final=True), 2) == []                     # the final one: passes, not read
+    assert not state.stopped("s1")
+    assert [d.action for d in state.observe(q(3), 3)] == ["stop"]
 
 
 def test_a_failing_document_resets_the_streak():
@@ -59,9 +68,9 @@ def test_rule_rejects_bad_thresholds(kwargs):
 
 
 def test_quality_figures():
-    assert error_trend([1.0] * 7) is None
-    assert error_trend([2, 2, 2, 2, 1, 1, 1, 1]) == pytest.approx(-0.5)
-    assert error_trend([1, 3], window=1) == pytest.approx(2.0)
+    assert error_trend([1.0]) is None
+    assert error_trend([2, 1]) == pytest.approx(-0.5)                   # one checkpoint against the one before
+    assert error_trend([2, 2, 1, 1], window=2) == pytest.approx(-0.5)
     mask = footprint_mask([[0, 0]], (20, 20), (8, 8), 4.0)
     assert mask.sum() == np.count_nonzero(mask[:8, :8]) and 8 <= mask.sum() <= 16
     planned = np.array([[0, 0], [0, 6], [6, 0], [6, 6]], float)
@@ -72,6 +81,7 @@ def test_quality_figures():
     np.testing.assert_array_equal(holes, [[0, 6]])
     doc = q(1)
     assert doc["fourier_error_trend"] == 0.0 and doc["coverage"] == 0.8
+    assert doc["checkpoint"] == 1 and doc["checkpoint_frames"] == 10 and doc["final"] is False
 
 
 def test_detector_frames_come_from_the_simulator_at_the_motor_positions(tmp_path):
@@ -105,3 +115,87 @@ def test_detector_frames_come_from_the_simulator_at_the_motor_positions(tmp_path
             image = ev["data"]["ptycho_det_image"]
         np.testing.assert_allclose(image, expected, rtol=1e-6)
         assert not np.allclose(image, setup.scene.frame_at(x + 1.0, y))   # the position matters
+
+
+def _checkpoint_series(cuts, reader):
+    """Refine a 24-frame scan as LiveScans does, with the frames cut into batches of ``cuts`` sizes and
+    frame i read by rank ``reader(i)``; returns each checkpoint's (frames, errors, object) on rank 0."""
+    import threading
+    from types import SimpleNamespace
+
+    from ptycho_fixtures import ThreadComm
+    from sparkmpi.bluesky.live import bluesky_frames, refine_scans
+    from sparkmpi.bluesky.scan import ScanSetup
+    from sparkmpi.ptycho.simulate import make_probe
+    from sparkmpi.stream.frames import FrameHeader
+
+    class Comm(ThreadComm):
+        def _exchange(self, value):
+            s = self._s
+            s["objs"][self.rank] = value
+            s["barrier"].wait()
+            got = list(s["objs"])
+            s["barrier"].wait()
+            return got
+
+        def allgather(self, value):
+            return self._exchange(value)
+
+        def alltoall(self, values):
+            return [sent[self.rank] for sent in self._exchange(values)]
+
+    setup = ScanSetup.fermat(24, frame_size=16)
+    scene = setup.scene
+    planned = setup.planned[:24]
+    frames = [SimpleNamespace(header=FrameHeader("s1", i, scene.pixel_of(x, y), float(i)),
+                              array=scene.frame_at(x, y)) for i, (y, x) in enumerate(planned)]
+    job = {"object_shape": scene.object_shape, "frame_shape": scene.frame_shape, "iterations": 3,
+           "probe": make_probe(scene.frame_shape, kind="aperture", diameter=scene.probe_diameter),
+           "final": False, "final_iterations": 5}
+    shared = {"parts": [None] * 2, "objs": [None] * 2, "barrier": threading.Barrier(2)}
+    series, failures = [], []
+
+    def rank(r):
+        try:
+            comm, state, done, seen = Comm(r, 2, shared), {}, 0, 0
+            for size in cuts:
+                batch = range(seen, seen + size)
+                bluesky_frames(comm, [frames[i] for i in batch if reader(i) == r], state)
+                seen += size
+                checkpoints = list(range(done + 8, seen + 1, 8))   # frames 0..23 arrive in index order
+                done = checkpoints[-1] if checkpoints else done
+                out = refine_scans(comm, state, {"s1": dict(job, checkpoints=[c - 1 for c in checkpoints])})
+                if r == 0:   # (checkpoint index, object, probe, errors) per checkpoint
+                    series.extend((g[0] + 1, g[3], g[1]) for g in out["s1"] if g is not None)
+        except BaseException as exc:  # noqa: BLE001  (reported by the test's thread)
+            failures.append(exc)
+            shared["barrier"].abort()
+
+    threads = [threading.Thread(target=rank, args=(r,)) for r in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert not failures, failures
+    return series
+
+
+def test_checkpoints_do_not_depend_on_how_the_batches_were_cut_or_which_rank_read_a_frame():
+    many = _checkpoint_series([5, 3, 9, 7], reader=lambda i: i % 3 == 0)
+    one = _checkpoint_series([24], reader=lambda i: int(i == 0))
+    assert [frames for frames, _, _ in many] == [frames for frames, _, _ in one] == [8, 16, 24]
+    for (_, errors_a, object_a), (_, errors_b, object_b) in zip(many, one):
+        np.testing.assert_array_equal(errors_a, errors_b)
+        np.testing.assert_array_equal(object_a, object_b)
+
+
+def test_bad_checkpoint_and_fault_settings_are_refused():
+    from sparkmpi.bluesky.live import LiveScans
+    from sparkmpi.bluesky.scan import ScanSetup
+
+    with pytest.raises(InvalidArgument, match="checkpoint_frames"):
+        LiveScans(None, None, checkpoint_frames=0)
+    with pytest.raises(InvalidArgument, match="lose_frames"):
+        ScanSetup.fermat(12, frame_size=16, lose_frames=(1,))            # frames are lost on the way to a file
+    with pytest.raises(InvalidArgument, match="lose_frames"):
+        ScanSetup.fermat(12, frame_size=16, write_hdf5=True, directory="/tmp", lose_frames=(-1,))

@@ -27,12 +27,18 @@ def add_arguments(parser) -> None:
     parser.add_argument("--frame-size", type=int, default=64, help="detector frame side in pixels (default 64)")
     parser.add_argument("--exposure", type=float, default=0.02, help="seconds per point (default 0.02)")
     parser.add_argument("--ranks", type=int, default=2, help="MPI ranks (default 2)")
-    parser.add_argument("--iterations", type=int, default=5, help="DM iterations after each batch (default 5)")
+    parser.add_argument("--iterations", type=int, default=5,
+                        help="DM iterations at each checkpoint of the live reconstruction (default 5)")
+    parser.add_argument("--checkpoint-frames", type=int, default=32,
+                        help="frames between checkpoints, where the reconstruction and the stop rule advance "
+                             "(default 32)")
     parser.add_argument("--final-iterations", type=int, default=30,
                         help="DM iterations at the end of a scan (default 30)")
     parser.add_argument("--min-coverage", type=float, default=None, help="stop rule: coverage of the planned area")
     parser.add_argument("--error-tolerance", type=float, default=None, help="stop rule: |Fourier error trend|")
     parser.add_argument("--patience", type=int, default=None, help="stop rule: documents in a row")
+    parser.add_argument("--trace", action="store_true",
+                        help="also report each run's checkpoints: frames, coverage, Fourier error, trend, NRMSE")
     parser.add_argument("--no-tiled", action="store_true", help="do not start a Tiled server")
 
 
@@ -64,7 +70,8 @@ def run(args) -> dict:
             runs[mode] = run_scan_loop(spark, broker.bootstrap, work / f"feedback-{mode}", points=args.points,
                                        frame_size=args.frame_size, exposure=args.exposure, feedback=mode == "on",
                                        rule=rule, ranks=args.ranks, iterations=args.iterations,
-                                       final_iterations=args.final_iterations, tiled=results)
+                                       final_iterations=args.final_iterations,
+                                       checkpoint_frames=args.checkpoint_frames, tiled=results)
     finally:
         if spark is not None:
             spark.stop()
@@ -81,11 +88,14 @@ def run(args) -> dict:
     planned = early["points_planned"]
     saved = 1.0 - early["points_measured"] / planned
     last_quality = early["quality"][-1] if early["quality"] else {}
-    return {
+    out = {
         "points_planned": planned, "points_used": early["points_used"], "points_used_full": full["points_used"],
         "saved_fraction": saved, "nrmse_full": nrmse_full, "nrmse_early": nrmse_early,
         "nrmse_ratio": nrmse_early / nrmse_full if nrmse_full else None,
         "decision_latency_s": early["decision_latency_s"], "stopped_early": early["stopped_early"],
+        "decision_frames": (early["decision"] or {}).get("frames_used"),
+        "decision_checkpoint": (early["decision"] or {}).get("checkpoint"),
+        "checkpoint_frames": args.checkpoint_frames,
         "coverage_early": last_quality.get("coverage"), "decision_reason": (early["decision"] or {}).get("reason"),
         "rule": rule.to_json(), "exit_status_early": early["exit_status"], "exit_status_full": full["exit_status"],
         "refine_p50_s": early["refine_p50_s"], "frame_size": args.frame_size, "exposure_s": args.exposure,
@@ -94,3 +104,8 @@ def run(args) -> dict:
                             and (early["decision_latency_s"] or 9.9) <= 1.0),
         "seconds": time.monotonic() - t0,
     }
+    if args.trace:
+        for mode, run_ in runs.items():
+            out[f"trace_{mode}"] = [[q["frames_used"], round(q["coverage"], 3), q["fourier_error"],
+                                     q["fourier_error_trend"], q["nrmse"]] for q in run_["quality"]]
+    return out

@@ -107,7 +107,7 @@ def _device_class():
         """See :func:`PtychoDetector`."""
 
         def __init__(self, scene: PtychoScene, x_motor, y_motor, *, name: str, exposure: float = 0.0,
-                     write_hdf5: bool = False, directory=None, **kwargs):
+                     write_hdf5: bool = False, directory=None, lose_frames=(), **kwargs):
             super().__init__(name=name, **kwargs)
             self.scene, self.x_motor, self.y_motor = scene, x_motor, y_motor
             self.exposure = float(exposure)
@@ -123,6 +123,7 @@ def _device_class():
             self._counter = None
             self._timers: list[threading.Timer] = []
             self.frames_taken = 0
+            self.lose_frames = frozenset(int(k) for k in lose_frames)
 
         @property
         def image_key(self) -> str:
@@ -177,13 +178,18 @@ def _device_class():
             if self.write_hdf5:
                 import h5py
 
-                k = next(self._counter)
-                # open per frame: a reader (the bridge, maybe in this process) opens it between frames
-                with HDF5_LOCK, h5py.File(self._file, "a") as f:
-                    data = f[HDF5_DATASET]
-                    data.resize(k + 1, axis=0)
-                    data[k] = frame
-                datum_id = f"{self._resource['uid']}/{k}"
+                if self.frames_taken in self.lose_frames:
+                    # simulated fault: the frame never reaches the file; its datum names a point past
+                    # the file's end, as a writer that dropped it would leave it
+                    k = (1 << 30) + self.frames_taken
+                else:
+                    k = next(self._counter)
+                    # open per frame: a reader (the bridge, maybe in this process) opens it between frames
+                    with HDF5_LOCK, h5py.File(self._file, "a") as f:
+                        data = f[HDF5_DATASET]
+                        data.resize(k + 1, axis=0)
+                        data[k] = frame
+                datum_id = f"{self._resource['uid']}/{self.frames_taken}"
                 self._assets.append(("datum", {"resource": self._resource["uid"], "datum_id": datum_id,
                                                "datum_kwargs": {"point_number": k}}))
                 self._value = datum_id
@@ -212,7 +218,7 @@ _CLASS = None
 
 
 def PtychoDetector(scene: PtychoScene, x_motor, y_motor, *, name: str = "ptycho_det", exposure: float = 0.0,
-                   write_hdf5: bool = False, directory=None):
+                   write_hdf5: bool = False, directory=None, lose_frames=()):
     """A simulated ophyd area detector whose frames come from the ptychography simulator.
 
     Parameters
@@ -228,6 +234,10 @@ def PtychoDetector(scene: PtychoScene, x_motor, y_motor, *, name: str = "ptycho_
     write_hdf5 : bool
         Write frames to an HDF5 file in ``directory`` (resource/datum
         documents; the event holds the datum id) instead of inline arrays.
+    lose_frames : iterable of int
+        Simulated fault (HDF5 only): the frames of these triggers (0-based,
+        counted over the detector's life) never reach the file; their datums
+        name points the file does not hold.
     """
     global _CLASS
     if _CLASS is None:
@@ -236,5 +246,10 @@ def PtychoDetector(scene: PtychoScene, x_motor, y_motor, *, name: str = "ptycho_
         raise InvalidArgument(f"scene: expected a PtychoScene, got {type(scene).__name__}")
     if not exposure >= 0:
         raise InvalidArgument(f"exposure: expected seconds >= 0, got {exposure!r}")
+    lose_frames = tuple(lose_frames)
+    if lose_frames and not write_hdf5:
+        raise InvalidArgument("lose_frames: frames are lost on the way to the HDF5 file; needs write_hdf5=True")
+    if any(isinstance(k, bool) or not isinstance(k, int) or k < 0 for k in lose_frames):
+        raise InvalidArgument(f"lose_frames: expected trigger numbers >= 0, got {lose_frames!r}")
     return _CLASS(scene, x_motor, y_motor, name=name, exposure=exposure, write_hdf5=write_hdf5,
-                  directory=os.fspath(directory) if directory is not None else None)
+                  directory=os.fspath(directory) if directory is not None else None, lose_frames=lose_frames)

@@ -1,25 +1,35 @@
 """The feedback loop's decisions: quality documents in, stop / extra-points decisions out (pure).
 
-After every micro-batch the live reconstruction publishes a **quality
-document** per scan (:func:`quality_document`) to ``<docs>.quality``::
+The live reconstruction advances by **checkpoints**: every ``checkpoint_frames``
+frames of a scan (in frame-index order) are folded in and get a fixed number
+of iterations, however the micro-batches were cut
+(:class:`~sparkmpi.bluesky.live.LiveScans`).  At each checkpoint it
+publishes a **quality document** (:func:`~.quality.quality_document`) to
+``<docs>.quality``::
 
-    {"scan": uid, "batch": n, "frames_used": 212, "points_planned": 512,
-     "coverage": 0.41,                 # of the planned area, by probe footprints
-     "fourier_error": 0.083,
-     "fourier_error_trend": -0.012,    # mean of the last 4 batches' errors against the 4 before, relative
-     "nrmse": 0.05 | null,             # over the measured region, when ground truth is known
+    {"scan": uid, "batch": n, "checkpoint": 10, "checkpoint_frames": 32, "final": false,
+     "frames_used": 320, "points_planned": 512,
+     "coverage": 0.65,                 # of the planned area, by probe footprints
+     "fourier_error": 0.015,
+     "fourier_error_trend": -0.10,     # relative change from the previous checkpoint's error
+     "nrmse": 0.03 | null,             # over the measured region, when ground truth is known
      "last_event_time": t_event, "time": t_published,
      "missing_positions": [[y, x], ...]}   # planned points already passed whose frames never arrived (motor units)
 
+Every figure in it is a function of the scan's first ``frames_used`` frames
+and the iterations spent on them, so the same scan gives the same documents,
+and the same decision, whether the consumer kept up or fell behind.
+
 :class:`ConvergenceRule` (thresholds the user sets) reads them and decides:
 
-**stop** the scan when, for ``patience`` documents in a row,
+**stop** the scan when, for ``patience`` checkpoint documents in a row,
 ``frames_used >= min_frames``, ``coverage >= min_coverage``, the Fourier
 error trend is within ``error_tolerance`` (relative, either way), and, if ``max_nrmse`` is set and ground truth is known,
 ``nrmse <= max_nrmse``.  A Fermat spiral grows outwards, so ``min_coverage``
 sets how much of the planned field is measured before a stop is allowed; the
 error criterion keeps it from stopping while the measured part is still
-settling.
+settling.  The document of a scan's final reconstruction (``"final": true``,
+after its stop) is not read by the rule.
 
 **extra points** when planned points already passed left holes (frames that
 never reached the reconstruction: an unreadable file, a rejected event): at
@@ -40,10 +50,14 @@ __all__ = ["ConvergenceRule", "Decision", "FeedbackState"]
 
 @dataclass(frozen=True)
 class ConvergenceRule:
-    """Thresholds of the stop rule (module docstring); defaults are the documented ones."""
+    """Thresholds of the stop rule (module docstring); defaults are the documented ones.
 
-    min_coverage: float = 0.65
-    error_tolerance: float = 0.2
+    ``error_tolerance`` bounds the relative change of the Fourier error from one checkpoint to the
+    next (``checkpoint_frames`` frames apart, 32 by default); ``patience`` counts checkpoints.
+    """
+
+    min_coverage: float = 0.55
+    error_tolerance: float = 0.15
     patience: int = 2
     min_frames: int = 32
     max_nrmse: float | None = None
@@ -78,6 +92,7 @@ class Decision:
     trigger_event_time: float | None
     decided_at: float
     positions: tuple = ()  # extra points, (y, x) motor units
+    checkpoint: int | None = None
     quality: dict = field(default_factory=dict)
 
     def to_json(self) -> dict:
@@ -110,7 +125,7 @@ class FeedbackState:
         if not isinstance(quality, dict) or not isinstance(quality.get("scan"), str):
             raise InvalidArgument(f"quality: expected a quality document with a 'scan' uid, got {quality!r:.120}")
         scan = quality["scan"]
-        if scan in self._stopped:
+        if scan in self._stopped or quality.get("final"):
             return []
         rule = self.rule
         out = []
@@ -129,12 +144,13 @@ class FeedbackState:
         if rule.max_nrmse is not None and nrmse is not None and nrmse > rule.max_nrmse:
             failing.append(f"NRMSE {nrmse:.3f} > {rule.max_nrmse:g}")
         streak = self._streak[scan] = 0 if failing else self._streak.get(scan, 0) + 1
-        common = dict(scan=scan, batch=int(quality.get("batch") or 0), frames_used=frames,
+        common = dict(scan=scan, batch=int(quality.get("batch") or 0), checkpoint=quality.get("checkpoint"),
+                      frames_used=frames,
                       trigger_event_time=_finite(quality.get("last_event_time")), decided_at=float(now),
                       quality=dict(quality))
         if streak >= rule.patience:
             self._stopped.add(scan)
-            reason = (f"converged: {streak} quality documents in a row with coverage {coverage:.2f} >= "
+            reason = (f"converged: {streak} checkpoints in a row with coverage {coverage:.2f} >= "
                       f"{rule.min_coverage:.2f}, Fourier error change {trend:+.4f} within +-{rule.error_tolerance:g}"
                       f", {frames} frames >= {rule.min_frames}"
                       + (f", NRMSE {nrmse:.4f} <= {rule.max_nrmse:g}" if rule.max_nrmse is not None and nrmse

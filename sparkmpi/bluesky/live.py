@@ -7,9 +7,13 @@
         a StreamingReconstruction per scan uid on the ranks) --> quality documents (<docs>.quality),
         snapshots (Tiled, the live viewer's folder) --> at the scan's stop: final object, probe, errors.
 
-A scan is final once its stop document was translated and the driver has
-committed every frame written before it; then it gets ``final_iterations``
-more iterations, its final results go to Tiled, and its state leaves the ranks.
+The reconstruction advances by checkpoints of ``checkpoint_frames`` frames
+(:class:`LiveScans`), so what it holds at each checkpoint, and the quality
+document published there, do not depend on how the batches were cut.  A
+scan is final once its stop document was translated and the driver has
+committed every frame written before it; then its remaining frames are folded
+in, it gets ``final_iterations`` more iterations, its final results go to
+Tiled, and its state leaves the ranks.
 """
 
 from __future__ import annotations
@@ -32,27 +36,49 @@ NEW, RECS = "bluesky.new", "bluesky.rec"
 
 
 def bluesky_frames(comm, frames, state=None) -> dict:
-    """MPI body of each batch: keep the rank's frames in its state, per scan uid; report scan and position."""
-    scans, positions, times = [], [], []
+    """MPI body of each batch: keep the rank's frames in its state, per scan uid; report scan, index, position."""
+    scans, indices, positions, times = [], [], [], []
     keep = state.setdefault(NEW, {}) if state is not None else {}
     for frame in frames:
         uid = frame.header.scan_id
         array = np.array(frame.array, dtype=np.float32)
         if not np.isfinite(array).all() or (array < 0).any():
             raise InvalidArgument(f"scan {uid}: frame {frame.header.index} has non-finite or negative values")
-        keep.setdefault(uid, []).append((array, frame.header.position))
+        keep.setdefault(uid, []).append((int(frame.header.index), array, frame.header.position))
         scans.append(uid)
+        indices.append(int(frame.header.index))
         positions.append(frame.header.position)
         times.append(frame.header.timestamp)
-    return {"scan": np.asarray(scans, dtype=str), "positions": np.asarray(positions, np.float64).reshape(-1, 2),
+    return {"scan": np.asarray(scans, dtype=str), "index": np.asarray(indices, np.int64),
+            "positions": np.asarray(positions, np.float64).reshape(-1, 2),
             "event_time": np.asarray(times, np.float64)}
 
 
-def refine_scans(comm, state, jobs: dict):
-    """A world call: for each scan uid in ``jobs``, fold its new frames in and iterate.
+def _take_frames(comm, pending: list, upto: int | None) -> list:
+    """The world's pending frames with index <= ``upto`` (all if None), dealt to rank ``index % size``.
 
-    ``jobs[uid]`` = ``{"object_shape", "frame_shape", "probe", "iterations", "final"}``.  Returns on
-    rank 0 ``{uid: (object, probe, errors) or None}`` (None while some rank holds no frame of it).
+    Which rank read a frame depends on how the batches were cut; dealing them by index makes every
+    rank hold the same frames, in the same order, whatever the batches were, so a checkpoint's
+    reconstruction does not depend on the load.
+    """
+    take = [f for f in pending if upto is None or f[0] <= upto]
+    pending[:] = [f for f in pending if not (upto is None or f[0] <= upto)]
+    size = comm.size
+    outgoing = [[] for _ in range(size)]
+    for f in take:
+        outgoing[f[0] % size].append(f)
+    mine = [f for got in comm.alltoall(outgoing) for f in got]
+    return sorted(mine, key=lambda f: f[0])
+
+
+def refine_scans(comm, state, jobs: dict):
+    """A world call: for each scan uid in ``jobs``, fold its frames in checkpoint by checkpoint and iterate.
+
+    ``jobs[uid]`` = ``{"object_shape", "frame_shape", "probe", "iterations", "checkpoints", "final",
+    "final_iterations"}``.  ``checkpoints`` lists frame indices: for each, the frames up to that index
+    are folded in and ``iterations`` iterations run; ``final`` then folds the rest in and runs
+    ``final_iterations``.  Returns on rank 0 ``{uid: [(checkpoint index or None for the final, object,
+    probe, errors) or None (a rank held no frame yet), ...]}``.
     """
     from ..ptycho.streaming import StreamingReconstruction
 
@@ -61,26 +87,34 @@ def refine_scans(comm, state, jobs: dict):
     for uid in sorted(jobs):
         job = jobs[uid]
         rec = recs.get(uid)
-        held = (rec.n_frames if rec is not None else 0) + len(new.get(uid, []))
-        if min(comm.allgather(held)) == 0:
-            out[uid] = None
-            continue
         if rec is None:
             rec = recs[uid] = StreamingReconstruction(tuple(job["object_shape"]), tuple(job["frame_shape"]),
                                                       probe=job["probe"], comm=comm, algorithm="dm",
                                                       probe_update_start=job["iterations"])
-        pending = new.pop(uid, [])
-        if pending:
-            arrays = np.stack([a for a, _ in pending])
-            pos = np.rint(np.asarray([p for _, p in pending], np.float64)).astype(np.int64)
-            h, w = arrays.shape[1:]
-            pos[:, 0] = np.clip(pos[:, 0], 0, job["object_shape"][0] - h)
-            pos[:, 1] = np.clip(pos[:, 1], 0, job["object_shape"][1] - w)
-            rec.add_frames(arrays, pos)
-        result = rec.iterate(int(job["iterations"]))
-        out[uid] = (result.object, result.probe, np.asarray(result.errors)) if comm.rank == 0 else None
+        pending = new.setdefault(uid, [])
+        steps = [(c, job["iterations"]) for c in job["checkpoints"]]
+        if job.get("final"):
+            steps.append((None, job["final_iterations"]))
+        got = []
+        for upto, iterations in steps:
+            frames = _take_frames(comm, pending, upto)
+            if frames:
+                arrays = np.stack([a for _, a, _ in frames])
+                pos = np.rint(np.asarray([p for _, _, p in frames], np.float64)).astype(np.int64)
+                h, w = arrays.shape[1:]
+                pos[:, 0] = np.clip(pos[:, 0], 0, job["object_shape"][0] - h)
+                pos[:, 1] = np.clip(pos[:, 1], 0, job["object_shape"][1] - w)
+                rec.add_frames(arrays, pos)
+            if min(comm.allgather(rec.n_frames)) == 0:
+                got.append(None)
+                continue
+            result = rec.iterate(int(iterations))
+            got.append((upto, result.object.copy(), result.probe.copy(), np.asarray(result.errors))
+                       if comm.rank == 0 else None)
+        out[uid] = got
         if job.get("final"):
             recs.pop(uid, None)
+            new.pop(uid, None)
     return out if comm.rank == 0 else None
 
 
@@ -98,9 +132,11 @@ class ScanResult:
     """What the pipeline knows about one scan."""
 
     uid: str
-    positions: list = field(default_factory=list)        # (n, 2) arrays, object pixels
+    positions: list = field(default_factory=list)        # (n, 2) arrays, object pixels, per batch
+    indices: list = field(default_factory=list)          # frame indices (seq_num - 1), per batch
     event_times: list = field(default_factory=list)
-    batch_errors: list = field(default_factory=list)     # the last Fourier error after each batch
+    checkpoint_errors: list = field(default_factory=list)   # the last Fourier error at each checkpoint
+    checkpoints: int = 0                                 # checkpoints folded into the reconstruction
     quality: list = field(default_factory=list)
     object: np.ndarray | None = None
     probe: np.ndarray | None = None
@@ -113,18 +149,47 @@ class ScanResult:
     def frames(self) -> int:
         return int(sum(len(p) for p in self.positions))
 
+    def _order(self):
+        index = np.concatenate(self.indices) if self.indices else np.zeros(0, np.int64)
+        return index, np.argsort(index, kind="stable")
+
+    def sorted_indices(self) -> np.ndarray:
+        index, order = self._order()
+        return index[order]
+
     def all_positions(self) -> np.ndarray:
-        return np.concatenate(self.positions) if self.positions else np.zeros((0, 2))
+        """Every frame's position (n, 2), in frame-index order."""
+        if not self.positions:
+            return np.zeros((0, 2))
+        return np.concatenate(self.positions)[self._order()[1]]
+
+    def all_event_times(self) -> np.ndarray:
+        if not self.event_times:
+            return np.zeros(0)
+        return np.concatenate(self.event_times)[self._order()[1]]
 
 
 class LiveScans:
-    """Driver side: after each batch, refine every scan it touched, publish quality, snapshots, finals."""
+    """Driver side: after each batch, fold each scan's completed checkpoints in; quality, snapshots, finals.
 
-    def __init__(self, world, bridge, *, iterations: int = 5, final_iterations: int = 30, min_frames: int = 8,
-                 quality_producer=None, quality_topic: str | None = None, tiled=None, live_dir=None,
-                 truth=None):
+    The reconstruction advances by **checkpoints**, not by batches: every
+    ``checkpoint_frames`` frames of a scan (in frame-index order) are folded in
+    and get ``iterations`` iterations, however the batches were cut, and one
+    quality document is published per checkpoint.  How many batches a scan
+    was cut into depends on how fast the consumer keeps up; what the
+    reconstruction (and so the stop rule) sees at the k-th checkpoint does not.
+    """
+
+    def __init__(self, world, bridge, *, iterations: int = 5, final_iterations: int = 30,
+                 checkpoint_frames: int = 32, quality_producer=None, quality_topic: str | None = None, tiled=None,
+                 live_dir=None, truth=None):
+        for name, value in (("iterations", iterations), ("final_iterations", final_iterations),
+                            ("checkpoint_frames", checkpoint_frames)):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise InvalidArgument(f"{name}: expected an integer >= 1, got {value!r}")
         self.world, self.bridge = world, bridge
-        self.iterations, self.final_iterations, self.min_frames = int(iterations), int(final_iterations), int(min_frames)
+        self.iterations, self.final_iterations = iterations, final_iterations
+        self.checkpoint_frames = checkpoint_frames
         self.quality_producer, self.quality_topic = quality_producer, quality_topic
         self.tiled, self.live_dir = tiled, Path(live_dir) if live_dir is not None else None
         self.truth = truth or {}          # uid -> (object_true, probe_true), when known
@@ -155,64 +220,80 @@ class LiveScans:
         return make_probe((h, w), kind="aperture", diameter=diameter)
 
     def on_batch(self, report) -> None:
-        """The driver's ``on_batch``: fold the batch's frames in per scan."""
+        """The driver's ``on_batch``: record the batch's frames per scan, fold completed checkpoints in."""
         self.batches += 1
         self.committed = max(self.committed, max((r["end"] for r in report.ranges), default=0))
-        touched: dict[str, np.ndarray] = {}
+        touched = set()
         with np.load(report.path) as batch:
             if "result.scan" in batch.files and batch["result.scan"].size:
-                scans, pos, times = batch["result.scan"], batch["result.positions"], batch["result.event_time"]
+                scans, index = batch["result.scan"], batch["result.index"]
+                pos, times = batch["result.positions"], batch["result.event_time"]
                 for uid in np.unique(scans):
                     sel = scans == uid
                     res = self.scan(str(uid))
                     res.positions.append(pos[sel])
+                    res.indices.append(index[sel])
                     res.event_times.append(times[sel])
-                    touched[str(uid)] = sel
-        self.refine(set(touched) | self._finishing())
+                    touched.add(str(uid))
+        self.refine(touched | self._finishing())
 
     def _finishing(self) -> set:
         return {u for u, r in self.scans.items() if not r.final and r.closed_at is not None
                 and self.committed >= r.closed_at}
 
     def refine(self, uids) -> None:
-        jobs = {}
+        jobs, frame_counts = {}, {}
         finishing = self._finishing()
+        k = self.checkpoint_frames
         for uid in uids:
             res, geo = self.scan(uid), self._geometry(uid)
             if geo is None or geo.frame_shape is None or res.final:
                 continue
             final = uid in finishing
-            if res.frames < self.min_frames and not final:
-                continue
-            if res.frames == 0:
+            if res.frames == 0 and final:
                 res.final = True
                 continue
+            index = res.sorted_indices()
+            counts = list(range((res.checkpoints + 1) * k, res.frames + 1, k))
+            if not counts and not final:
+                continue
+            frame_counts[uid] = counts + ([res.frames] if final else [])
             jobs[uid] = {"object_shape": geo.object_shape, "frame_shape": geo.frame_shape,
-                         "probe": self._probe0(geo), "final": final,
-                         "iterations": self.final_iterations if final else self.iterations}
+                         "probe": self._probe0(geo), "final": final, "iterations": self.iterations,
+                         "final_iterations": self.final_iterations,
+                         "checkpoints": [int(index[c - 1]) for c in counts]}
         if not jobs:
             return
         t0 = time.perf_counter()
         out = self.world.call(refine_scans, jobs)[0]
         self.refine_s.append(time.perf_counter() - t0)
-        for uid, got in out.items():
-            if got is None:
-                continue
+        for uid, steps in out.items():
             res = self.scan(uid)
-            res.object, res.probe, res.errors = got
-            res.batch_errors.append(float(res.errors[-1]))
-            quality = self._quality(uid, res)
-            res.quality.append(quality)
-            self._publish_quality(quality)
-            if jobs[uid]["final"]:
+            final = jobs[uid]["final"]
+            last = None
+            for i, (frames, got) in enumerate(zip(frame_counts[uid], steps)):
+                is_final = final and i == len(steps) - 1
+                if not is_final:
+                    res.checkpoints += 1
+                if got is None:
+                    continue
+                _, res.object, res.probe, res.errors = got
+                res.checkpoint_errors.append(float(res.errors[-1]))
+                quality = self._quality(uid, res, frames, final=is_final)
+                res.quality.append(quality)
+                self._publish_quality(quality)
+                last = quality
+            if final:
                 res.final = True
-            self._write_results(uid, res, quality)
+            if last is not None:
+                self._write_results(uid, res, last)
 
-    def _quality(self, uid, res: ScanResult) -> dict:
+    def _quality(self, uid, res: ScanResult, frames: int, *, final: bool) -> dict:
+        """The quality document of the reconstruction of the scan's first ``frames`` frames."""
         from .quality import coverage, measured_nrmse, missing_points, quality_document
 
         geo = self._geometry(uid)
-        used = res.all_positions()
+        used = res.all_positions()[:frames]
         diameter = float(geo.probe_diameter or 0.375 * min(geo.frame_shape))
         planned = geo.planned_positions
         cov = coverage(used, planned, geo.object_shape, geo.frame_shape, diameter) if planned is not None else 0.0
@@ -220,7 +301,7 @@ class LiveScans:
         truth = self.truth.get(uid)
         if truth is not None:
             nrmse = measured_nrmse(res.object, truth[0], truth[1], used)
-        times = np.concatenate(res.event_times) if res.event_times else np.zeros(0)
+        times = res.all_event_times()[:frames]
         missing = ()
         if planned is not None and len(used):
             # planned points the scan has passed (by the nearest planned index of the last frame) without a frame
@@ -228,8 +309,9 @@ class LiveScans:
             passed = int(np.argmin(((planned - last) ** 2).sum(axis=1))) + 1
             holes = missing_points(used, planned, passed)
             missing = [(geo.origin[0] + r * geo.pixel_size, geo.origin[1] + c * geo.pixel_size) for r, c in holes]
-        return quality_document(scan=uid, batch=self.batches, frames_used=res.frames,
-                                points_planned=geo.points_planned, coverage_value=cov, errors=res.batch_errors,
+        return quality_document(scan=uid, batch=self.batches, checkpoint=None if final else res.checkpoints,
+                                checkpoint_frames=self.checkpoint_frames, frames_used=frames,
+                                points_planned=geo.points_planned, coverage_value=cov, errors=res.checkpoint_errors,
                                 nrmse=nrmse, last_event_time=float(times.max()) if times.size else None,
                                 now=time.time(), missing_positions=missing)
 
@@ -270,15 +352,16 @@ class BlueskyPipeline:
     docs_topic : str
     out_dir : path
         The driver's outputs (``stream/``) and the live snapshots (``live/<uid>/``).
-    ranks, trigger, iterations, final_iterations : see :class:`LiveScans`, :class:`StreamDriver`
+    ranks, trigger, iterations, final_iterations, checkpoint_frames : see :class:`LiveScans`,
+        :class:`StreamDriver` (``iterations`` per checkpoint of ``checkpoint_frames`` frames)
     tiled : TiledResults, optional
     truth : dict, optional
         ``{uid: (object_true, probe_true)}`` for the NRMSE in the quality documents (simulations).
     """
 
     def __init__(self, spark, bootstrap: str, docs_topic: str, out_dir, *, ranks: int = 2, trigger: float = 0.1,
-                 iterations: int = 5, final_iterations: int = 30, tiled=None, truth=None, group: str | None = None,
-                 world=None, progress=None):
+                 iterations: int = 5, final_iterations: int = 30, checkpoint_frames: int = 32, tiled=None,
+                 truth=None, group: str | None = None, world=None, progress=None):
         from confluent_kafka import Producer
 
         from ..stream.bluesky_bridge import DocumentBridge
@@ -295,8 +378,9 @@ class BlueskyPipeline:
         self.progress = progress
         self.bridge = DocumentBridge(bootstrap, docs_topic, on_action=self._on_action)
         self._producer = Producer(client_config(bootstrap, **{"linger.ms": 0, "acks": "all"}))
-        self.live_kwargs = dict(iterations=iterations, final_iterations=final_iterations, tiled=tiled,
-                                truth=truth, quality_producer=self._producer, quality_topic=self.quality_topic,
+        self.live_kwargs = dict(iterations=iterations, final_iterations=final_iterations,
+                                checkpoint_frames=checkpoint_frames, tiled=tiled,
+                                truth=truth, quality_topic=self.quality_topic,
                                 live_dir=self.out_dir / "live")
         self.live: LiveScans | None = None
         self.report = None
@@ -313,7 +397,7 @@ class BlueskyPipeline:
 
         if self._world is None:
             self._world = sparkmpi.World(self.spark, ranks=self.ranks, preload=("sparkmpi.ptycho.streaming",))
-        self.live = LiveScans(self._world, self.bridge, **self.live_kwargs)
+        self.live = LiveScans(self._world, self.bridge, quality_producer=self._producer, **self.live_kwargs)
         self._world.call(_warm_engine)   # compile the engine's kernels before the first frame
         self.bridge.start()
         # scans the replay found closed are finished once their frames are committed
@@ -360,9 +444,12 @@ class BlueskyPipeline:
 
     def close(self) -> None:
         self.bridge.close()
-        if self._producer is not None:
-            self._producer.flush(5.0)
-            self._producer = None
+        from ..stream.kafka_io import close_client
+
+        producer, self._producer = self._producer, None
+        if producer is not None:   # closed, not left to the collector: the pipeline sits in reference cycles
+            producer.flush(5.0)
+            close_client(producer, wait=True)
         if self.live is not None:
             self.live.quality_producer = None
         if self._world is not None and self._own_world:

@@ -24,7 +24,7 @@ log = logging.getLogger("sparkmpi.bluesky.loop")
 def run_scan_loop(spark, bootstrap: str, out_dir, *, points: int = 512, frame_size: int = 64,
                   overlap: float = 0.7, exposure: float = 0.02, feedback: bool = True,
                   rule: ConvergenceRule | None = None, ranks: int = 2, trigger: float = 0.1, iterations: int = 5,
-                  final_iterations: int = 30, tiled=None, write_hdf5: bool = False, docs_topic: str | None = None,
+                  final_iterations: int = 30, checkpoint_frames: int = 32, tiled=None, write_hdf5: bool = False, docs_topic: str | None = None,
                   timeout: float = 300.0, setup=None, world=None) -> dict:
     """Run one Fermat scan with the live reconstruction (and the feedback agent when ``feedback``).
 
@@ -51,7 +51,8 @@ def run_scan_loop(spark, bootstrap: str, out_dir, *, points: int = 512, frame_si
     RE.subscribe(agent)
     scene = setup.scene
     pipeline = BlueskyPipeline(spark, bootstrap, docs_topic, out_dir, ranks=ranks, trigger=trigger,
-                               iterations=iterations, final_iterations=final_iterations, tiled=tiled, world=world)
+                               iterations=iterations, final_iterations=final_iterations,
+                               checkpoint_frames=checkpoint_frames, tiled=tiled, world=world)
     outcome: dict = {}
     try:
         pipeline.start()

@@ -41,9 +41,10 @@ def coverage(used, planned, object_shape, frame_shape, diameter: float) -> float
     return float((got & plan).sum() / plan.sum())
 
 
-#: Batches averaged on each side of the error trend (the per-batch error is noisy: a batch's new
-#: frames start unrefined, and batches differ in size).
-TREND_WINDOW = 4
+#: Checkpoints averaged on each side of the error trend.  The errors are taken at fixed frame counts
+#: (checkpoints, :class:`~sparkmpi.bluesky.live.LiveScans`) after a fixed number of iterations, so one
+#: checkpoint against the one before is already a like-for-like comparison.
+TREND_WINDOW = 1
 
 
 def error_trend(errors, window: int = TREND_WINDOW) -> float | None:
@@ -86,10 +87,17 @@ def measured_nrmse(obj, truth, probe, positions, threshold: float = 0.1) -> floa
 
 def quality_document(*, scan: str, batch: int, frames_used: int, points_planned: int | None, coverage_value: float,
                      errors, nrmse: float | None, last_event_time: float | None, now: float,
-                     missing_positions=()) -> dict:
-    """The quality document published after a batch (fields in :mod:`sparkmpi.bluesky.feedback`)."""
+                     missing_positions=(), checkpoint: int | None = None, checkpoint_frames: int | None = None
+                     ) -> dict:
+    """The quality document published at a checkpoint (fields in :mod:`sparkmpi.bluesky.feedback`).
+
+    ``errors``: the Fourier error at each checkpoint so far; ``checkpoint`` None: the scan's final
+    reconstruction (after its stop), which the stop rule does not read.
+    """
     errors = [float(e) for e in errors]
-    return {"scan": scan, "batch": int(batch), "frames_used": int(frames_used),
+    return {"scan": scan, "batch": int(batch), "checkpoint": None if checkpoint is None else int(checkpoint),
+            "checkpoint_frames": None if checkpoint_frames is None else int(checkpoint_frames),
+            "final": checkpoint is None, "frames_used": int(frames_used),
             "points_planned": None if points_planned is None else int(points_planned),
             "coverage": float(coverage_value), "fourier_error": errors[-1] if errors else None,
             "fourier_error_trend": error_trend(errors), "nrmse": None if nrmse is None else float(nrmse),

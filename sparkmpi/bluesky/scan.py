@@ -139,7 +139,8 @@ class ScanSetup:
 
     @classmethod
     def fermat(cls, points: int = 512, *, frame_size: int = 64, overlap: float = 0.7, pixel_size: float = 0.1,
-               exposure: float = 0.0, write_hdf5: bool = False, directory=None, detector_name: str = "ptycho_det",
+               exposure: float = 0.0, write_hdf5: bool = False, directory=None, lose_frames=(),
+               detector_name: str = "ptycho_det",
                md: dict | None = None) -> "ScanSetup":
         """A square Fermat scan of about ``points`` points whose neighbour step is ``(1 - overlap)`` probe diameters."""
         if not 0 <= overlap < 1:
@@ -150,7 +151,7 @@ class ScanSetup:
         scene = PtychoScene.for_scan(side, side, pixel_size=pixel_size, frame_size=frame_size)
         x, y = make_motors()
         det = PtychoDetector(scene, x, y, name=detector_name, exposure=exposure, write_hdf5=write_hdf5,
-                             directory=directory)
+                             directory=directory, lose_frames=lose_frames)
         return cls(scene, x, y, det, side, side, dr_for_points(points, side, side), 1.0, dict(md or {}))
 
     @property
@@ -181,10 +182,14 @@ def document_publisher(bootstrap: str, topic: str, *, key: str = "sparkmpi-beaml
 
 
 def close_publisher(publisher, timeout: float = 10.0) -> None:
-    """Flush bluesky-kafka's Publisher and let go of its Kafka producer (its sockets close with it)."""
+    """Flush bluesky-kafka's Publisher and close its Kafka producer (bluesky-kafka never does)."""
+    from ..stream.kafka_io import close_client
+
     publisher.flush()
-    if hasattr(publisher, "_producer"):
+    producer = getattr(publisher, "_producer", None)
+    if producer is not None:
         publisher._producer = None
+        close_client(producer, wait=True)
 
 
 class FeedbackAgent:
@@ -234,6 +239,8 @@ class FeedbackAgent:
     def poll(self) -> list[Decision]:
         """Read the quality documents that have arrived (no wait); decide; publish the decisions."""
         out = []
+        if self._consumer is None:   # closed
+            return out
         for msg in self._consumer.consume(num_messages=1000, timeout=0):
             if msg.error() is not None:
                 continue
@@ -286,10 +293,16 @@ class FeedbackAgent:
         return motors[0].name   # spiral_fermat's cycler lists the x motor first
 
     def flush(self) -> None:
-        self._producer.flush(self.timeout)
+        if self._producer is not None:
+            self._producer.flush(self.timeout)
 
     def close(self) -> None:
-        if self._producer is not None:
-            self.flush()
-        self._consumer.close()
-        self._producer = None
+        from ..stream.kafka_io import close_client
+
+        producer, self._producer = self._producer, None
+        if producer is not None:
+            producer.flush(self.timeout)
+            close_client(producer, wait=True)
+        consumer, self._consumer = self._consumer, None
+        if consumer is not None:
+            close_client(consumer, wait=True)
