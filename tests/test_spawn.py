@@ -79,13 +79,14 @@ def test_a_child_that_cannot_start_fails_the_spawn_call_not_the_job(sc):
     assert "PMI_Spawn_multiple returned -1" in message
 
 
-@pytest.mark.skip(reason="a race seen once in CI under load: the spawned job's relay was reported lost "
-                         "('a job it spawned failed: lost the relay of rank 0'); to be traced (issue 15)")
 def test_spawn_under_run_program_and_the_children_output_streams(spark):
+    # The children print after the parents have exited: as under mpiexec, the job waits for them
+    # (their output and their PMI done are not cut off when the spawning rank's task ends).
     parent = textwrap.dedent("""
         import sys
         from mpi4py import MPI
-        child = "from mpi4py import MPI; print('child', MPI.COMM_WORLD.rank, flush=True); MPI.Comm.Get_parent().Disconnect()"
+        child = ("import time; from mpi4py import MPI; MPI.Comm.Get_parent().Disconnect(); time.sleep(0.5); "
+                 "print('child', MPI.COMM_WORLD.rank, flush=True)")
         inter = MPI.COMM_WORLD.Spawn(sys.executable, args=["-c", child], maxprocs=2)
         print("parent", MPI.COMM_WORLD.rank, inter.Get_remote_size(), flush=True)
         inter.Disconnect()

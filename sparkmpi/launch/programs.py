@@ -290,7 +290,10 @@ class _ProgramRelay:
         elif what == "spawned-output":
             for stream, data in self.children.take_output():
                 self.execute(handle(pr.RankOutput(stream, data)))
+            if not self.children.running:
+                self.execute(handle(pr.ChildrenExited()))
         elif what == "exit":
+            self.sel.unregister(self.pidfd)  # its children may outlive it: the loop goes on without it
             deadline = time.monotonic() + DRAIN_S
             # What it wrote last is still in the pipes (or held open by its own children: not waited for long).
             while time.monotonic() < deadline and (self._forward(1, final=True) | self._forward(2, final=True)):
@@ -347,6 +350,8 @@ class _ProgramRelay:
                                                     self.rank, self.env, self.spec.settings.kill_grace)
                     self.sel.register(self.children.wake_r, selectors.EVENT_READ, "spawned-output")
                 _send_quietly(self.server.sendall, control.spawned_line(self.children.start(job, token, commands)))
+                if not self.children.running:  # none started: nothing to wait for
+                    self.execute(self.state.handle(pr.ChildrenExited()))
 
     def _stop_program(self) -> None:
         """SIGTERM the program's process group; SIGKILL after the grace (in a thread: the loop

@@ -72,6 +72,11 @@ class RankExited:
 
 
 @dataclass(frozen=True)
+class ChildrenExited:
+    """Every process this rank started with MPI_Comm_spawn has ended (or none started)."""
+
+
+@dataclass(frozen=True)
 class DriverFrame:
     """One frame from the driver's world endpoint."""
     kind: int

@@ -147,6 +147,12 @@ class SpawnedChildren:
             out, self._output = self._output, []
         return out
 
+    @property
+    def running(self) -> bool:
+        """Whether any child started so far has not yet exited (and reported so to the server)."""
+        with self._lock:
+            return any(not child.done for child in self.children)
+
     def kill_all(self) -> None:
         """SIGKILL every child's process group now (the job was aborted)."""
         for child in list(self.children):
@@ -244,14 +250,15 @@ class SpawnedChildren:
                 if rest:
                     with self._lock:
                         self._output.append((stream, rest if rest.endswith(b"\n") else rest + b"\n"))
-            _send(self._wake_w, b"x")
             if not child.aborted:
                 if status == 0:
                     _send(child.server, control.bare_line(control.DONE))
                 else:
                     _send(child.server, control.text_line(
                         control.FAILED, f"spawned rank {child.rank} on {self.host} exited with status {status}"))
-            child.done = True
+            with self._lock:
+                child.done = True
+            _send(self._wake_w, b"x")  # after done: the relay checks `running` once it has the output
 
     def _kill(self, child: _Child) -> None:
         try:
