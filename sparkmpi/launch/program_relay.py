@@ -20,10 +20,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..pmi import control
-from ..pmi.wire import parse_line
 from . import channel
-from .relay import (ChildrenExited, DriverClosed, Finish, RankExited, RankOutput, RankPMILine, ServerClosed, ServerLine,
-                    StartChildren, StopRank, ToRankPMI, ToServer, describe_status)
+from .relay import (ChildrenExited, DriverClosed, Finish, RankExited, RankOutput, RankPMILine, RelayDecisions,
+                    ServerClosed, ServerLine, StartChildren, StopRank, ToRankPMI, ToServer, describe_status)
 
 __all__ = ["ProgramRelayState", "DriverInput", "ToStdin", "Report", "KeepOutput",
            "ServerLine", "ServerClosed", "RankPMILine", "RankOutput", "RankExited", "DriverClosed", "ChildrenExited",
@@ -55,7 +54,7 @@ class KeepOutput:
     data: bytes
 
 
-class ProgramRelayState:
+class ProgramRelayState(RelayDecisions):
     """The relay of rank ``rank`` of job ``kvsname``, ``where`` naming it in messages.
 
     With ``keep_stdout`` the program's stdout becomes the task's result
@@ -74,15 +73,6 @@ class ProgramRelayState:
         #: A clean exit of the program, held until its children have ended.
         self.held_exit: RankExited | None = None
 
-    def handle(self, event) -> list:
-        """The actions for one ``event``, in order."""
-        if self.finished:
-            return []
-        method = getattr(self, "_on_" + type(event).__name__, None)
-        if method is None:
-            raise TypeError(f"ProgramRelayState cannot handle {type(event).__name__}")
-        return method(event)
-
     def _stop(self, why: str) -> list:
         if self.stopping is not None:
             return []
@@ -91,18 +81,21 @@ class ProgramRelayState:
             return [StopRank()] + self._exited(self.held_exit)
         return [StopRank()]
 
-    def _on_ServerLine(self, event: ServerLine) -> list:
-        if not event.line.startswith(b"cmd=" + control.PREFIX.encode()):
-            return [] if self.stopping else [ToRankPMI(event.line)]
-        command = parse_line(event.line)
-        if command.name == control.SPAWN:
-            if self.stopping:
-                return []
-            self.children_running = True
-            return [StartChildren(event.line)]
-        if command.name == control.ABORT:
-            return self._stop(f"job {self.kvsname} aborted: {control.decode_text(command)}")
-        return self._stop(f"unexpected control line from the PMI server: {event.line!r}")
+    # -- the PMI server (what its lines mean: RelayDecisions) -------------------
+    def _pmi_reply(self, line: bytes) -> list:
+        return [] if self.stopping else [ToRankPMI(line)]
+
+    def _spawn(self, line: bytes) -> list:
+        if self.stopping:
+            return []
+        self.children_running = True
+        return [StartChildren(line)]
+
+    def _aborted(self, command) -> list:
+        return self._stop(f"job {self.kvsname} aborted: {control.decode_text(command)}")
+
+    def _broken(self, problem: str) -> list:
+        return self._stop(problem)
 
     def _on_ServerClosed(self, event: ServerClosed) -> list:
         self.server_open = False
