@@ -35,7 +35,29 @@ from ..pmi.wire import LineBuffer, parse_line
 from . import shm
 
 #: Info keys of MPI_Comm_spawn that are honoured; others are accepted and ignored.
-HONOURED_INFO = ("wdir", "path")
+HONOURED_INFO = ("wdir", "path", "host")
+
+
+def host_problem(host: str | None, here: str) -> str | None:
+    """Why the info key ``host`` cannot be honoured on ``here`` (None: it names this host, or is unset).
+
+    Children run on the spawning rank's executor (they have no task slot of
+    their own), so a ``host`` naming another machine is refused rather than
+    silently ignored: ``mpiexec`` would start them there."""
+    if not host:
+        return None
+    wanted = host.strip().lower()
+    names = {here.lower(), here.lower().split(".")[0], "localhost", "127.0.0.1"}
+    if wanted in names or wanted.split(".")[0] in names:
+        return None
+    try:
+        if socket.gethostbyname(wanted) == socket.gethostbyname(here):
+            return None
+    except OSError:
+        pass
+    return (f"info host={host!r} names another host, but children started by MPI_Comm_spawn run on the "
+            f"spawning rank's host ({here}): Spark gives them no task slot elsewhere. Spawn from a rank on "
+            f"{host}, or leave the key out")
 
 
 class _Child:
@@ -70,6 +92,10 @@ class SpawnedChildren:
         """Start the children of one spawn; None, or why they could not all start."""
         started: list[_Child] = []
         self.jobs.append(job)
+        for command in commands:
+            problem = host_problem(dict(command.get("info", [])).get("host"), self.host)
+            if problem is not None:
+                return problem
         rank = 0
         try:
             for command in commands:
@@ -219,9 +245,12 @@ class SpawnedChildren:
                 return
             for line in child.from_server.feed(data):
                 if line.startswith(b"cmd=" + control.PREFIX.encode()):
-                    if parse_line(line).name == control.ABORT:
+                    command = parse_line(line)
+                    if command.name == control.ABORT:
                         child.aborted = True
                         self._kill(child)
+                    elif command.name == control.SPAWN and not child.aborted:
+                        self._spawn_from(child, command)
                 else:
                     _send(child.pmi, line + b"\n")
         elif what in (1, 2):
@@ -259,6 +288,17 @@ class SpawnedChildren:
             with self._lock:
                 child.done = True
             _send(self._wake_w, b"x")  # after done: the relay checks `running` once it has the output
+
+    def _spawn_from(self, child: _Child, command) -> None:
+        """A child called MPI_Comm_spawn: its children start here too, served by this thread."""
+        job, token, commands = control.decode_spawn(command)
+        error = self.start(job, token, commands)
+        _send(child.server, control.spawned_line(error))
+        if error is not None:
+            with self._lock:  # MPICH shows only "PMI_Spawn_multiple returned -1": the reason goes to stderr
+                self._output.append((2, f"sparkmpi: MPI_Comm_spawn failed in spawned rank {child.rank}: "
+                                        f"{error}\n".encode()))
+            _send(self._wake_w, b"x")
 
     def _kill(self, child: _Child) -> None:
         try:
