@@ -48,8 +48,8 @@ class ProgramResult:
         The host of each rank.
     message : str or None
         One line on why the job failed (None when it did not).
-    records : list of str
-        ``pipe``: the lines the ranks printed, in rank order.
+    records : list of list of str
+        ``pipe``: the lines each rank printed, rank 0's first.
     """
 
     returncode: int

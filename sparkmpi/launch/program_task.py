@@ -346,5 +346,5 @@ def run_program_task(spec: ProgramSpec, iterator):
         shm.remove_job_segments(spec.kvsname)
     if not spec.pipe:
         return iter(())
-    text = relay.kept.decode("utf-8", "replace")
-    return iter(text.splitlines())
+    # One record per task, the rank's lines: the driver keeps them apart, one partition per rank.
+    return iter([relay.kept.decode("utf-8", "replace").splitlines()])

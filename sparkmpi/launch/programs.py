@@ -121,25 +121,32 @@ def run_program(spark, argv, *, ranks: int, env: dict | None = None, cwd: str | 
 
 
 def pipe(rdd, argv, *, binary: bool = False, env: dict | None = None, cwd: str | None = None,
-         timeout: float | None = None, settings: Settings | None = None, **setting_overrides: Any) -> list:
+         timeout: float | None = None, settings: Settings | None = None, **setting_overrides: Any):
     """Like ``RDD.pipe``, but the program's ranks form one MPI world.
 
     Rank ``i`` runs ``argv`` with partition ``i``'s records on its stdin: one
     line per record (``str`` of it), or with ``binary`` each record (bytes
     or a NumPy array, written C-ordered) after its length in bytes as an
     8-byte little-endian integer.  The lines the ranks print on stdout are
-    the result, in rank order; their stderr goes to this process's.
+    the result; their stderr goes to this process's.
+
+    Unlike ``RDD.pipe`` the program runs when ``pipe`` is called, not at the
+    first action on the result: all ranks must run at once as one MPI job,
+    whose failure is raised here.  The printed lines are held by the driver
+    until then and served from it.
 
     Returns
     -------
-    list of str
-        The printed lines, rank 0's first (without newlines).
+    pyspark.RDD of str
+        One partition per rank, in rank order: partition ``i`` holds the
+        lines rank ``i`` printed (without newlines), so ``collect()`` gives
+        rank 0's lines first and ``glom()`` them rank by rank.
 
     Raises
     ------
     JobFailed
         When a rank exited non-zero, was killed, called MPI_Abort, or the
-        job timed out; the message names rank, host and cause.
+        job timed out (JobTimeout); the message names rank, host and cause.
     """
     if not hasattr(rdd, "barrier") or not hasattr(rdd, "getNumPartitions"):
         raise InvalidArgumentType(f"rdd: expected a pyspark RDD, got {type(rdd).__name__}")
@@ -158,4 +165,9 @@ def pipe(rdd, argv, *, binary: bool = False, env: dict | None = None, cwd: str |
         tails = "".join(f"\n--- stderr of rank {r} ---\n{err.decode('utf-8', 'replace')[-2000:]}"
                         for r, err in enumerate(result.stderr) if err)
         raise cls(f"sparkmpi.pipe: {result.message}{tails}", job_id=job.kvsname, cause=result.message or "")
-    return result.records
+    # parallelize slices a list of `size` items into `size` partitions of one item each: rank i's lines.
+    return sc.parallelize(result.records, size).flatMap(_lines)
+
+
+def _lines(lines):
+    return lines
