@@ -185,7 +185,16 @@ class SpawnedChildren:
             self._kill(child)
 
     def stop(self) -> None:
-        """Stop every child (its process group) and the thread; always reaps."""
+        """Stop every child (its process group) and the thread; always reaps.
+
+        Children still running get the kill grace to end on their own first,
+        served as before (a Python rank's world may close while its children
+        finalise): one that ends reports ``done``, and only one that does not
+        is stopped, its job failing as a lost relay."""
+        deadline = time.monotonic() + self.kill_grace
+        while self._thread is not None and self._thread.is_alive() and self.running \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
         self._stopping = True
         try:
             self._wake_w.send(b"x")
