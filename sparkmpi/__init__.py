@@ -8,7 +8,7 @@ Public API::
         world.call(fn, *args)        # fn(comm, state, *args) on every rank -> [rank 0's value, ...]
     results = sparkmpi.run(rdd, fn)   # one-call world: fn(comm, partition_iterator) -> iterable
     sparkmpi.run_program(spark, ["./a.out"], ranks=2)   # any MPI program, like mpiexec -n 2
-    lines = sparkmpi.pipe(rdd, ["./a.out"])              # RDD.pipe, with the ranks in one MPI world
+    lines = sparkmpi.pipe(rdd, ["./a.out"])              # RDD.pipe, with the ranks in one MPI world (an RDD)
 
 See :class:`sparkmpi.World` and :func:`sparkmpi.run`.
 """
@@ -57,7 +57,7 @@ def run_program(spark, argv, **options):
 
 
 def pipe(rdd, argv, **options):
-    """Like ``RDD.pipe``, but the program's ranks form one MPI world.
+    """Like ``RDD.pipe``, but the program's ranks form one MPI world; an RDD, one partition per rank.
 
     See :func:`sparkmpi.launch.programs.pipe`.
     """

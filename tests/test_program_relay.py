@@ -47,6 +47,37 @@ def test_an_abort_stops_the_program_once_and_its_exit_is_not_a_new_failure():
     assert "MPI_Abort" in exited.payload["stopped"] and isinstance(finish, pr.Finish)
 
 
+def spawned(relay):
+    line = control.spawn_line("kids", "tok", 1, [{"execname": "x", "nprocs": 1, "args": [], "info": []}])
+    assert relay.handle(pr.ServerLine(line.rstrip(b"\n"))) == [pr.StartChildren(line.rstrip(b"\n"))]
+    return relay
+
+
+def test_a_clean_exit_is_held_until_the_children_it_spawned_have_ended():
+    relay = spawned(state())
+    assert relay.handle(pr.RankExited(0)) == [] and not relay.finished
+    assert relay.handle(pr.RankOutput(1, b"child\n"))[0].kind == channel.OUTPUT  # the children's output goes on
+    done, exited, finish = relay.handle(pr.ChildrenExited())
+    assert done == pr.ToServer(control.bare_line(control.DONE)) and exited.payload["status"] == 0
+    assert isinstance(finish, pr.Finish) and relay.finished
+
+
+def test_an_abort_while_the_exit_is_held_stops_the_children_and_ends():
+    relay = spawned(state())
+    relay.handle(pr.RankExited(0))
+    abort = control.text_line(control.ABORT, "a job it spawned failed").rstrip(b"\n")
+    stop, exited, finish = relay.handle(pr.ServerLine(abort))
+    assert stop == pr.StopRank() and "spawned failed" in exited.payload["stopped"]
+    assert isinstance(finish, pr.Finish)
+
+
+def test_a_failing_exit_is_not_held_for_the_children():
+    relay = spawned(state())
+    failed, exited, finish = relay.handle(pr.RankExited(3))
+    assert parse_line(failed.line).name == control.FAILED and exited.payload["status"] == 3
+    assert relay.handle(pr.ChildrenExited()) == []  # finished already
+
+
 def test_a_lost_driver_fails_the_job_and_stops_the_program():
     actions = state().handle(pr.DriverClosed())
     assert parse_line(actions[0].line).name == control.FAILED and actions[1] == pr.StopRank()

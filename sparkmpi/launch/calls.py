@@ -15,7 +15,6 @@ from __future__ import annotations
 import itertools
 import selectors
 import socket
-import sys
 import threading
 import time
 from collections import deque
@@ -24,6 +23,7 @@ from typing import Any, Callable
 from ..config import Settings
 from ..errors import InvalidArgument, JobFailed, JobTimeout
 from . import channel, heartbeat
+from .echo import LineEcho
 from .job import get_server, resolve_host
 from .task import TaskSpec, run_rank_task
 
@@ -47,20 +47,11 @@ class Endpoint:
         self.closed: set[int] = set()
 
     def accept(self) -> None:
-        sock, _ = self.listener.accept()
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.settimeout(10.0)
-        try:
-            kind, hello, _ = channel.recv_message(sock)
-        except (OSError, EOFError, ValueError):
-            sock.close()
+        accepted = channel.accept_relay(self.listener, self.kvsname, self.token, self.size, self.conns)
+        if accepted is None:
             return
-        sock.settimeout(None)
-        rank = hello.get("rank") if kind == channel.HELLO and isinstance(hello, dict) else None
-        if (hello.get("job") != self.kvsname or hello.get("token") != self.token
-                or not isinstance(rank, int) or not 0 <= rank < self.size or rank in self.conns):
-            sock.close()
-            return
+        sock, hello = accepted
+        rank = hello["rank"]
         self.conns[rank] = sock
         self.hosts[rank] = hello.get("host", "?")
         self.inboxes[rank] = tuple(hello.get("inbox") or ())
@@ -70,33 +61,6 @@ class Endpoint:
             sock.close()
         self.conns.clear()
         self.listener.close()
-
-
-class RankOutput:
-    """The ranks' stdout and stderr, written to the caller's with a ``[rank]`` prefix per line."""
-
-    def __init__(self):
-        self.partial: dict[tuple[int, int], bytes] = {}
-
-    def write(self, rank: int, stream: int, data: bytes) -> None:
-        text = self.partial.pop((rank, stream), b"") + data
-        *lines, rest = text.split(b"\n")
-        if rest:
-            self.partial[(rank, stream)] = rest
-        if lines:
-            self._emit(rank, stream, lines)
-
-    def flush(self, rank: int) -> None:
-        for stream in (1, 2):
-            rest = self.partial.pop((rank, stream), b"")
-            if rest:
-                self._emit(rank, stream, [rest])
-
-    @staticmethod
-    def _emit(rank: int, stream: int, lines) -> None:
-        target = sys.stdout if stream == 1 else sys.stderr
-        target.write("".join(f"[{rank}] {line.decode('utf-8', 'replace')}\n" for line in lines))
-        target.flush()
 
 
 class WorldCore:
@@ -117,7 +81,7 @@ class WorldCore:
         self.tag = f"sparkmpi-{self.kvsname}"
         self.stage_done = threading.Event()
         self.stage_error: BaseException | None = None
-        self.output = RankOutput()
+        self.output = LineEcho(prefix_rank=True)
         self.calls = itertools.count(1)
         self.closed_reason: str | None = None
         self.teardown_done = False

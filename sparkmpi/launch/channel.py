@@ -157,3 +157,28 @@ def recv_frame(sock: socket.socket, max_fds: int = 4) -> tuple[int, list, list[i
     lengths = struct.unpack(f"!{count}Q", _recv_exact(sock, 8 * count))
     segments = [_recv_exact(sock, n) for n in lengths]
     return kind, segments, list(fds)
+
+
+#: Seconds a relay connecting to a driver endpoint has to send its HELLO.
+HELLO_TIMEOUT = 10.0
+
+
+def accept_relay(listener: socket.socket, job: str, token: str, size: int, taken) -> tuple | None:
+    """Accept one relay on a driver endpoint's ``listener``: ``(sock, hello)`` when its
+    HELLO names ``job`` with its ``token`` and a rank in ``range(size)`` not in ``taken``;
+    otherwise the connection is closed and None returned (a stranger cannot take a rank)."""
+    sock, _ = listener.accept()
+    sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+    sock.settimeout(HELLO_TIMEOUT)
+    try:
+        kind, hello, _ = recv_message(sock)
+    except (OSError, EOFError, ValueError):
+        sock.close()
+        return None
+    sock.settimeout(None)
+    rank = hello.get("rank") if kind == HELLO and isinstance(hello, dict) else None
+    if (not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < size or rank in taken
+            or hello.get("job") != job or hello.get("token") != token):
+        sock.close()
+        return None
+    return sock, hello

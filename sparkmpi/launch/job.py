@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable
 import cloudpickle
 
 from ..config import Settings, load_settings
+from ..errors import InvalidArgument
 from ..pmi.server import PMIServer
 
 log = logging.getLogger("sparkmpi.launch")
@@ -59,6 +60,20 @@ def local_cores(master: str) -> int | None:
     if match.group(1) == "*":
         return os.cpu_count() or 1
     return int(match.group(1))
+
+
+def ranks_of_rdd(rdd) -> int:
+    """The number of ranks ``rdd`` makes (one a partition); InvalidArgument when
+    there are none, or more than a local master has task slots for."""
+    size = rdd.getNumPartitions()
+    if size < 1:
+        raise InvalidArgument("rdd has no partitions; an MPI job needs at least one rank")
+    master = rdd.context.master
+    cores = local_cores(master)
+    if cores is not None and size > cores:
+        raise InvalidArgument(f"rdd has {size} partitions but master {master!r} has {cores} task slots; "
+                              f"a barrier stage needs one slot per rank (repartition to <= {cores})")
+    return size
 
 
 def resolve_host(settings: Settings, sc) -> str:

@@ -8,6 +8,11 @@ whatever it was, is reported to the driver as one EXITED message, and the
 driver works out the job's exit status as ``mpiexec`` does.  A program that
 exits non-zero fails the job (the PMI server then aborts every other rank);
 an abort from the server stops this rank's program.
+
+As under ``mpiexec``, the children a rank spawned belong to the job: a
+program that exits cleanly while its children still run is reported only
+once they have ended too, so that neither the children's last output nor
+their PMI ``done`` is cut off by the task ending (which reaps them).
 """
 
 from __future__ import annotations
@@ -15,13 +20,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from ..pmi import control
-from ..pmi.wire import parse_line
 from . import channel
-from .relay import (DriverClosed, Finish, RankExited, RankOutput, RankPMILine, ServerClosed, ServerLine,
-                    StartChildren, StopRank, ToRankPMI, ToServer, describe_status)
+from .relay import (ChildrenExited, DriverClosed, Finish, RankExited, RankOutput, RankPMILine, RelayDecisions,
+                    ServerClosed, ServerLine, StartChildren, StopRank, ToRankPMI, ToServer, describe_status)
 
 __all__ = ["ProgramRelayState", "DriverInput", "ToStdin", "Report", "KeepOutput",
-           "ServerLine", "ServerClosed", "RankPMILine", "RankOutput", "RankExited", "DriverClosed",
+           "ServerLine", "ServerClosed", "RankPMILine", "RankOutput", "RankExited", "DriverClosed", "ChildrenExited",
            "ToServer", "ToRankPMI", "StopRank", "StartChildren", "Finish"]
 
 
@@ -50,7 +54,7 @@ class KeepOutput:
     data: bytes
 
 
-class ProgramRelayState:
+class ProgramRelayState(RelayDecisions):
     """The relay of rank ``rank`` of job ``kvsname``, ``where`` naming it in messages.
 
     With ``keep_stdout`` the program's stdout becomes the task's result
@@ -64,31 +68,34 @@ class ProgramRelayState:
         self.stopping: str | None = None
         self.server_open = True
         self.finished = False
-
-    def handle(self, event) -> list:
-        """The actions for one ``event``, in order."""
-        if self.finished:
-            return []
-        method = getattr(self, "_on_" + type(event).__name__, None)
-        if method is None:
-            raise TypeError(f"ProgramRelayState cannot handle {type(event).__name__}")
-        return method(event)
+        #: Whether children this rank spawned may still run (until :class:`ChildrenExited`).
+        self.children_running = False
+        #: A clean exit of the program, held until its children have ended.
+        self.held_exit: RankExited | None = None
 
     def _stop(self, why: str) -> list:
         if self.stopping is not None:
             return []
         self.stopping = why
+        if self.held_exit is not None:  # the program is gone: stopping kills its children, then it ends
+            return [StopRank()] + self._exited(self.held_exit)
         return [StopRank()]
 
-    def _on_ServerLine(self, event: ServerLine) -> list:
-        if not event.line.startswith(b"cmd=" + control.PREFIX.encode()):
-            return [] if self.stopping else [ToRankPMI(event.line)]
-        command = parse_line(event.line)
-        if command.name == control.SPAWN:
-            return [] if self.stopping else [StartChildren(event.line)]
-        if command.name == control.ABORT:
-            return self._stop(f"job {self.kvsname} aborted: {control.decode_text(command)}")
-        return self._stop(f"unexpected control line from the PMI server: {event.line!r}")
+    # -- the PMI server (what its lines mean: RelayDecisions) -------------------
+    def _pmi_reply(self, line: bytes) -> list:
+        return [] if self.stopping else [ToRankPMI(line)]
+
+    def _spawn(self, line: bytes) -> list:
+        if self.stopping:
+            return []
+        self.children_running = True
+        return [StartChildren(line)]
+
+    def _aborted(self, command) -> list:
+        return self._stop(f"job {self.kvsname} aborted: {control.decode_text(command)}")
+
+    def _broken(self, problem: str) -> list:
+        return self._stop(problem)
 
     def _on_ServerClosed(self, event: ServerClosed) -> list:
         self.server_open = False
@@ -110,7 +117,18 @@ class ProgramRelayState:
         report = [ToServer(control.text_line(control.FAILED, cause))] if self.server_open else []
         return report + self._stop(cause)
 
+    def _on_ChildrenExited(self, event: ChildrenExited) -> list:
+        self.children_running = False
+        held, self.held_exit = self.held_exit, None
+        return [] if held is None else self._exited(held)
+
     def _on_RankExited(self, event: RankExited) -> list:
+        if event.status == 0 and self.children_running and self.stopping is None:
+            self.held_exit = event
+            return []
+        return self._exited(event)
+
+    def _exited(self, event: RankExited) -> list:
         self.finished = True
         exited = Report(channel.EXITED, {"rank": self.rank, "host": self.host, "status": event.status,
                                          "stopped": self.stopping, "stderr_tail": event.stderr_tail})

@@ -72,6 +72,11 @@ class RankExited:
 
 
 @dataclass(frozen=True)
+class ChildrenExited:
+    """Every process this rank started with MPI_Comm_spawn has ended (or none started)."""
+
+
+@dataclass(frozen=True)
 class DriverFrame:
     """One frame from the driver's world endpoint."""
     kind: int
@@ -154,7 +159,54 @@ def describe_status(status: int | None) -> str:
     return str(status)
 
 
-class RelayState:
+class RelayDecisions:
+    """What both relays decide alike (a Python rank's, :class:`RelayState`, and an
+    external program's, :class:`~.program_relay.ProgramRelayState`): the event
+    dispatch, and what a line from the PMI server means.  Subclasses say what an
+    abort and a broken line do to them, and may refuse PMI lines and spawns."""
+
+    finished: bool
+
+    def handle(self, event) -> list:
+        """The actions for one ``event``, in order."""
+        if self.finished:
+            return []
+        method = getattr(self, "_on_" + type(event).__name__, None)
+        if method is None:
+            raise TypeError(f"{type(self).__name__} cannot handle {type(event).__name__}")
+        return method(event)
+
+    def _on_ServerLine(self, event: ServerLine) -> list:
+        if not event.line.startswith(CONTROL_LINE):
+            return self._pmi_reply(event.line)
+        command = parse_line(event.line)
+        if command.name == control.SPAWN:
+            return self._spawn(event.line)
+        if command.name == control.ABORT:
+            return self._aborted(command)
+        return self._broken(f"unexpected control line from the PMI server: {event.line!r}")
+
+    def _pmi_reply(self, line: bytes) -> list:
+        return [ToRankPMI(line)]
+
+    def _spawn(self, line: bytes) -> list:
+        return [StartChildren(line)]
+
+    def _aborted(self, command) -> list:
+        raise NotImplementedError
+
+    def _broken(self, problem: str) -> list:
+        raise NotImplementedError
+
+    def _on_ChildrenExited(self, event: ChildrenExited) -> list:
+        return []
+
+
+#: How sparkmpi's own lines from the PMI server begin (``cmd=sparkmpi-...``).
+CONTROL_LINE = b"cmd=" + control.PREFIX.encode()
+
+
+class RelayState(RelayDecisions):
     """The relay of rank ``rank`` of job ``kvsname``; ``where`` names it in messages."""
 
     def __init__(self, kvsname: str, rank: int, where: str):
@@ -174,27 +226,14 @@ class RelayState:
             actions.append(StopRank())
         return actions + [Fail(cause)]
 
-    def handle(self, event) -> list:
-        """The actions for one ``event``, in order."""
-        if self.finished:
-            return []
-        method = getattr(self, "_on_" + type(event).__name__, None)
-        if method is None:
-            raise TypeError(f"RelayState cannot handle {type(event).__name__}")
-        return method(event)
-
     # -- the PMI server --------------------------------------------------------
-    def _on_ServerLine(self, event: ServerLine) -> list:
-        if not event.line.startswith(b"cmd=" + control.PREFIX.encode()):
-            return [ToRankPMI(event.line)]
-        command = parse_line(event.line)
-        if command.name == control.SPAWN:
-            return [StartChildren(event.line)]
-        if command.name == control.ABORT:
-            dump = [DumpStacks()] if command.get("stacks") == "1" else []
-            return dump + self._fail(f"job {self.kvsname} aborted; {self.where} was stopped. "
-                                     f"Cause: {control.decode_text(command)}", report=False)
-        return self._fail(f"unexpected control line from the PMI server: {event.line!r}", report=False)
+    def _aborted(self, command) -> list:
+        dump = [DumpStacks()] if command.get("stacks") == "1" else []
+        return dump + self._fail(f"job {self.kvsname} aborted; {self.where} was stopped. "
+                                 f"Cause: {control.decode_text(command)}", report=False)
+
+    def _broken(self, problem: str) -> list:
+        return self._fail(problem, report=False)
 
     def _on_ServerClosed(self, event: ServerClosed) -> list:
         return self._fail(f"lost the connection to the PMI server; {self.where} stopped", report=False)

@@ -35,7 +35,29 @@ from ..pmi.wire import LineBuffer, parse_line
 from . import shm
 
 #: Info keys of MPI_Comm_spawn that are honoured; others are accepted and ignored.
-HONOURED_INFO = ("wdir", "path")
+HONOURED_INFO = ("wdir", "path", "host")
+
+
+def host_problem(host: str | None, here: str) -> str | None:
+    """Why the info key ``host`` cannot be honoured on ``here`` (None: it names this host, or is unset).
+
+    Children run on the spawning rank's executor (they have no task slot of
+    their own), so a ``host`` naming another machine is refused rather than
+    silently ignored: ``mpiexec`` would start them there."""
+    if not host:
+        return None
+    wanted = host.strip().lower()
+    names = {here.lower(), here.lower().split(".")[0], "localhost", "127.0.0.1"}
+    if wanted in names or wanted.split(".")[0] in names:
+        return None
+    try:
+        if socket.gethostbyname(wanted) == socket.gethostbyname(here):
+            return None
+    except OSError:
+        pass
+    return (f"info host={host!r} names another host, but children started by MPI_Comm_spawn run on the "
+            f"spawning rank's host ({here}): Spark gives them no task slot elsewhere. Spawn from a rank on "
+            f"{host}, or leave the key out")
 
 
 class _Child:
@@ -70,6 +92,10 @@ class SpawnedChildren:
         """Start the children of one spawn; None, or why they could not all start."""
         started: list[_Child] = []
         self.jobs.append(job)
+        for command in commands:
+            problem = host_problem(dict(command.get("info", [])).get("host"), self.host)
+            if problem is not None:
+                return problem
         rank = 0
         try:
             for command in commands:
@@ -147,13 +173,28 @@ class SpawnedChildren:
             out, self._output = self._output, []
         return out
 
+    @property
+    def running(self) -> bool:
+        """Whether any child started so far has not yet exited (and reported so to the server)."""
+        with self._lock:
+            return any(not child.done for child in self.children)
+
     def kill_all(self) -> None:
         """SIGKILL every child's process group now (the job was aborted)."""
         for child in list(self.children):
             self._kill(child)
 
     def stop(self) -> None:
-        """Stop every child (its process group) and the thread; always reaps."""
+        """Stop every child (its process group) and the thread; always reaps.
+
+        Children still running get the kill grace to end on their own first,
+        served as before (a Python rank's world may close while its children
+        finalise): one that ends reports ``done``, and only one that does not
+        is stopped, its job failing as a lost relay."""
+        deadline = time.monotonic() + self.kill_grace
+        while self._thread is not None and self._thread.is_alive() and self.running \
+                and time.monotonic() < deadline:
+            time.sleep(0.02)
         self._stopping = True
         try:
             self._wake_w.send(b"x")
@@ -213,9 +254,12 @@ class SpawnedChildren:
                 return
             for line in child.from_server.feed(data):
                 if line.startswith(b"cmd=" + control.PREFIX.encode()):
-                    if parse_line(line).name == control.ABORT:
+                    command = parse_line(line)
+                    if command.name == control.ABORT:
                         child.aborted = True
                         self._kill(child)
+                    elif command.name == control.SPAWN and not child.aborted:
+                        self._spawn_from(child, command)
                 else:
                     _send(child.pmi, line + b"\n")
         elif what in (1, 2):
@@ -244,14 +288,26 @@ class SpawnedChildren:
                 if rest:
                     with self._lock:
                         self._output.append((stream, rest if rest.endswith(b"\n") else rest + b"\n"))
-            _send(self._wake_w, b"x")
             if not child.aborted:
                 if status == 0:
                     _send(child.server, control.bare_line(control.DONE))
                 else:
                     _send(child.server, control.text_line(
                         control.FAILED, f"spawned rank {child.rank} on {self.host} exited with status {status}"))
-            child.done = True
+            with self._lock:
+                child.done = True
+            _send(self._wake_w, b"x")  # after done: the relay checks `running` once it has the output
+
+    def _spawn_from(self, child: _Child, command) -> None:
+        """A child called MPI_Comm_spawn: its children start here too, served by this thread."""
+        job, token, commands = control.decode_spawn(command)
+        error = self.start(job, token, commands)
+        _send(child.server, control.spawned_line(error))
+        if error is not None:
+            with self._lock:  # MPICH shows only "PMI_Spawn_multiple returned -1": the reason goes to stderr
+                self._output.append((2, f"sparkmpi: MPI_Comm_spawn failed in spawned rank {child.rank}: "
+                                        f"{error}\n".encode()))
+            _send(self._wake_w, b"x")
 
     def _kill(self, child: _Child) -> None:
         try:

@@ -20,21 +20,17 @@ import socket
 import time
 from dataclasses import dataclass, field
 
-from .._retry import retry
 from ..config import Settings
 from ..pmi import control
-from ..pmi.wire import LineBuffer, parse_line
 from . import channel, interfaces, pool, relay, shm
-from .spawned import SpawnedChildren
+from .relay_adapter import (CONNECT_TIMEOUT, STDERR_TAIL, RankError, RelayAdapter, barrier_rank,
+                            connect_with_retry, send_quietly)
 
-STDERR_TAIL = 4000
-CONNECT_TIMEOUT = 15.0
+__all__ = ["TaskSpec", "RankError", "connect_with_retry", "run_rank_task", "deliver_partition", "CONNECT_TIMEOUT",
+           "STDERR_TAIL", "PARTITION_KEY", "NETMOD_VARIABLE", "rank_environment"]
+
 #: The key under which a task's own partition reaches its rank (``run``).
 PARTITION_KEY = "partition"
-
-
-class RankError(RuntimeError):
-    """Raised in a Spark task when its rank (or the job) failed."""
 
 
 @dataclass(frozen=True)
@@ -55,50 +51,24 @@ class TaskSpec:
     deliver_partition: bool = False
 
 
-def connect_with_retry(host: str, port: int, timeout: float = CONNECT_TIMEOUT, what: str = "PMI server"
-                       ) -> socket.socket:
-    """Connect to ``host:port``, retrying with backoff until ``timeout`` s."""
-    def connect(seconds_left: float) -> socket.socket:
-        sock = socket.create_connection((host, port), timeout=min(5.0, seconds_left))
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        return sock
-
-    return retry(connect, what=f"connect to the sparkmpi {what} at", address=f"{host}:{port}",
-                 timeout=timeout, error=RankError)
-
-
-class _Relay:
+class _Relay(RelayAdapter):
     """The socket adapter around :class:`~.relay.RelayState` for one rank."""
 
     def __init__(self, spec: TaskSpec, rank: int, proc: pool.RankProcess):
-        self.spec, self.rank, self.proc = spec, rank, proc
-        self.where = f"rank {rank} (partition {rank} on {socket.gethostname()})"
+        super().__init__((spec.server_host, spec.server_port), rank, spec.settings.kill_grace)
+        self.spec, self.proc = spec, proc
         self.state = relay.RelayState(spec.kvsname, rank, self.where)
         self.stderr_tail = bytearray()
         self.stdout_fd = -1
-        self.pmi = self.server = self.driver = self.inbox = None
-        self._early: list = []
+        self.driver = self.inbox = None
         self.rank_env: dict = {}
-        #: Processes this rank started with MPI_Comm_spawn (made on the first spawn).
-        self.children: SpawnedChildren | None = None
 
     # -- setup -------------------------------------------------------------
     def connect(self, inbox_host: str) -> None:
         """Connect to the PMI server and the world endpoint; open the inbox
         on ``inbox_host`` where Spark tasks deliver partitions (map_partitions)."""
         spec = self.spec
-        self.server = connect_with_retry(spec.server_host, spec.server_port)
-        hello = control.Hello(job=spec.kvsname, token=spec.token, rank=self.rank, partition=self.rank,
-                              host=socket.gethostname(), pid=os.getpid())
-        self.server.sendall(hello.encode())
-        self.from_server = LineBuffer()
-        first = self._read_server_line(timeout=CONNECT_TIMEOUT)
-        command = parse_line(first)
-        if command.name == control.REFUSED:
-            raise RankError(f"PMI server refused {self.where}: {control.decode_text(command)}")
-        if command.name != control.WELCOME:
-            raise RankError(f"unexpected first reply from the PMI server: {first!r}")
-        self.server.settimeout(None)
+        self.hello(spec.kvsname, spec.token)
         self.driver = connect_with_retry(spec.world_host, spec.world_port, what="world endpoint")
         self.driver.settimeout(None)
         self.inbox = socket.create_server((inbox_host, 0))
@@ -106,20 +76,6 @@ class _Relay:
                              {"job": spec.kvsname, "token": spec.token, "rank": self.rank,
                               "host": socket.gethostname(), "pid": os.getpid(),
                               "inbox": (inbox_host, self.inbox.getsockname()[1])})
-
-    def _read_server_line(self, timeout: float) -> bytes:
-        self.server.settimeout(timeout)
-        while True:
-            try:
-                data = self.server.recv(65536)
-            except socket.timeout:
-                raise RankError(f"no answer from the PMI server within {timeout:.0f} s") from None
-            if not data:
-                raise RankError("the PMI server closed the connection during the hello")
-            lines = self.from_server.feed(data)
-            if lines:
-                self._early = lines[1:]
-                return lines[0]
 
     def start_rank(self, env: dict, records: list | None) -> None:
         """Send the rank its JOB (with the task's partition for ``run``, read
@@ -138,41 +94,13 @@ class _Relay:
     # -- relay loop ----------------------------------------------------------
     def run(self) -> None:
         """Relay until the world closes (returns) or fails (raises RankError)."""
-        self.sel = sel = selectors.DefaultSelector()
-        sel.register(self.pmi, selectors.EVENT_READ, "rank-pmi")
-        self.rank_pmi_open = True
-        sel.register(self.server, selectors.EVENT_READ, "server")
-        sel.register(self.driver, selectors.EVENT_READ, "driver")
-        sel.register(self.proc.ctrl, selectors.EVENT_READ, "rank-ctrl")
-        sel.register(self.proc.popen.stderr, selectors.EVENT_READ, "rank-stderr")
-        sel.register(self.proc.pidfd, selectors.EVENT_READ, "rank-exit")
-        sel.register(self.inbox, selectors.EVENT_READ, "inbox")
-        self.from_rank = LineBuffer()
-        try:
-            for line in self._early:
-                self.execute(self.state.handle(relay.ServerLine(line)))
-            while not self.state.finished:
-                for key, _ in sel.select(timeout=5.0):
-                    self._readable(key.data)
-                    if self.state.finished:
-                        break
-        finally:
-            sel.close()
+        super().run([(self.driver, "driver"), (self.proc.ctrl, "rank-ctrl"),
+                     (self.proc.popen.stderr, "rank-stderr"), (self.proc.pidfd, "rank-exit"),
+                     (self.inbox, "inbox")])
 
-    def _readable(self, what: str) -> None:
+    def _readable_own(self, what: str) -> None:
         handle = self.state.handle
-        if what == "rank-pmi":
-            self._from_rank_pmi(block=True)
-        elif what == "server":
-            data = self.server.recv(65536)
-            if not data:
-                self.execute(handle(relay.ServerClosed()))
-                return
-            for line in self.from_server.feed(data):
-                self.execute(handle(relay.ServerLine(line)))
-                if self.state.finished:
-                    return
-        elif what == "driver":
+        if what == "driver":
             try:
                 kind, segments, fds = channel.recv_frame(self.driver)
             except (channel.ChannelClosed, ConnectionError):
@@ -184,16 +112,12 @@ class _Relay:
             self.execute(handle(relay.DriverFrame(kind, segments)))
         elif what == "inbox":
             self._receive_partition()
-        elif what == "spawned-output":
-            for stream, data in self.children.take_output():
-                if not self.state.finished:
-                    self.execute(handle(relay.RankOutput(stream, data)))
         elif what in ("rank-stderr", "rank-stdout"):
             self._forward_output(2 if what == "rank-stderr" else 1)
         elif what == "rank-ctrl":
             self._from_rank_ctrl()
         elif what == "rank-exit":
-            self._from_rank_pmi(block=False)
+            self.forward_rank_pmi(block=False)
             self._forward_output(1)
             self._forward_output(2)
             # A last message (its error, say) may still be queued on the control socket.
@@ -204,35 +128,9 @@ class _Relay:
                 tail = self.stderr_tail.decode("utf-8", "replace").strip()
                 self.execute(handle(relay.RankExited(status, tail)))
 
-    def _from_rank_pmi(self, block: bool) -> None:
-        """Forward the rank's PMI lines: what one read gives (``block``), or all that is queued.
-
-        Before a frame or the exit of the rank is handled, what it wrote on PMI
-        first is forwarded first: a job that a rank aborted fails with the
-        abort, not with the exit status or the result that followed it.
-        """
-        if not self.rank_pmi_open:
-            return
-        while True:
-            try:
-                data = self.pmi.recv(65536, 0 if block else socket.MSG_DONTWAIT)
-            except (BlockingIOError, InterruptedError):
-                return
-            except OSError:
-                data = b""
-            if not data:
-                self.rank_pmi_open = False
-                self.sel.unregister(self.pmi)  # rank closed PMI (finalised or died)
-                return
-            # Whole lines only, so our own control lines never split one.
-            for line in self.from_rank.feed(data):
-                self.execute(self.state.handle(relay.RankPMILine(line)))
-            if block or self.state.finished:
-                return
-
     def _answer_ping(self) -> None:
         """The driver's heartbeat: answer at once, whatever the rank is doing (see .heartbeat)."""
-        _send_quietly(lambda: channel.send_message(self.driver, channel.PONG, None))
+        send_quietly(lambda: channel.send_message(self.driver, channel.PONG, None))
 
     def _receive_partition(self) -> None:
         """One delivery to the inbox: HELLO with the token, then the DATA frame, which goes to the rank."""
@@ -250,19 +148,18 @@ class _Relay:
             if kind != channel.DATA:
                 return
             self.execute(self.state.handle(relay.PartitionDelivered(segments)))
-            _send_quietly(lambda: channel.send_message(conn, channel.RESULT, self.rank))
+            send_quietly(lambda: channel.send_message(conn, channel.RESULT, self.rank))
 
     def _from_rank_ctrl(self) -> None:
         # The rank wrote its PMI lines before this frame (an MPI_Abort before a
         # result, say): they are handled first.
-        self._from_rank_pmi(block=False)
+        self.forward_rank_pmi(block=False)
         if self.state.finished:
             return
         try:
             kind, segments, fds = channel.recv_frame(self.proc.ctrl)
         except (channel.ChannelClosed, ConnectionError):
             status = self.proc.popen.wait()
-            self._from_rank_pmi(block=False)
             self._forward_output(2)
             tail = self.stderr_tail.decode("utf-8", "replace").strip()
             self.execute(self.state.handle(relay.RankExited(status, tail)))
@@ -305,38 +202,25 @@ class _Relay:
         return bytes(read)
 
     # -- actions ---------------------------------------------------------------
-    def execute(self, actions: list) -> None:
-        for action in actions:
-            if isinstance(action, relay.ToServer):
-                _send_quietly(self.server.sendall, action.line)
-            elif isinstance(action, relay.ToRankPMI):
-                _send_quietly(self.pmi.sendall, action.line + b"\n")
-            elif isinstance(action, relay.ToRank):
-                _send_quietly(lambda: channel.send_frame(self.proc.ctrl, action.kind, action.segments))
-            elif isinstance(action, relay.ToDriver):
-                _send_quietly(lambda: channel.send_frame(self.driver, action.kind, action.segments))
-            elif isinstance(action, relay.DumpStacks):
-                self._report_stacks()
-            elif isinstance(action, relay.StartChildren):
-                self._start_children(action.line)
-            elif isinstance(action, relay.StopRank):
-                self.proc.stop(self.spec.settings.kill_grace)
-            elif isinstance(action, relay.Fail):
-                raise RankError(action.cause)
-            elif isinstance(action, relay.Finish):
-                return
+    def _execute_own(self, action) -> bool:
+        if isinstance(action, relay.ToRank):
+            send_quietly(lambda: channel.send_frame(self.proc.ctrl, action.kind, action.segments))
+        elif isinstance(action, relay.ToDriver):
+            send_quietly(lambda: channel.send_frame(self.driver, action.kind, action.segments))
+        elif isinstance(action, relay.DumpStacks):
+            self._report_stacks()
+        elif isinstance(action, relay.StopRank):
+            self.proc.stop(self.spec.settings.kill_grace)
+        elif isinstance(action, relay.Fail):
+            raise RankError(action.cause)
+        elif isinstance(action, relay.Finish):
+            return False
+        return True
 
-    def _start_children(self, line: bytes) -> None:
-        """MPI_Comm_spawn from this rank: start the children here (see :mod:`.spawned`) and answer."""
-        job, token, commands = control.decode_spawn(parse_line(line))
-        if self.children is None:
-            env = {k: v for k, v in os.environ.items() if not k.startswith("SPARKMPI_")}
-            env.update({"PYTHONPATH": pool._child_pythonpath(), **self.rank_env})
-            self.children = SpawnedChildren((self.spec.server_host, self.spec.server_port), socket.gethostname(),
-                                            self.rank, env, self.spec.settings.kill_grace)
-            self.sel.register(self.children.wake_r, selectors.EVENT_READ, "spawned-output")
-        error = self.children.start(job, token, commands)
-        _send_quietly(self.server.sendall, control.spawned_line(error))
+    def _children_env(self) -> dict:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("SPARKMPI_")}
+        env.update({"PYTHONPATH": pool._child_pythonpath(), **self.rank_env})
+        return env
 
     def _report_stacks(self) -> None:
         """Ask the rank for its threads' stacks (faulthandler on SIGUSR1) and report them."""
@@ -354,25 +238,16 @@ class _Relay:
                 quiet_since = time.monotonic()
             time.sleep(0.02)
         text = stacks.decode("utf-8", "replace").strip() or "(no stack received)"
-        _send_quietly(self.server.sendall, control.text_line(control.FAILED, text[-8000:]))
+        send_quietly(self.server.sendall, control.text_line(control.FAILED, text[-8000:]))
 
     def close(self) -> None:
-        if self.children is not None:
-            self.children.stop()  # spawned processes are reaped with the rank's task
-        for sock in (self.pmi, self.server, self.driver, self.inbox):
+        super().close()
+        for sock in (self.driver, self.inbox):
             if sock is not None:
                 sock.close()
         if self.stdout_fd >= 0:
             os.close(self.stdout_fd)
             self.stdout_fd = -1
-
-
-def _send_quietly(send, *args) -> None:
-    """Send, ignoring a peer that is gone: its loss is its own event."""
-    try:
-        send(*args)
-    except OSError:
-        pass
 
 
 def _readable_within(sock: socket.socket, timeout: float) -> bool:
@@ -403,7 +278,7 @@ def check_network_interface(spec: TaskSpec, task_relay: "_Relay") -> None:
     problem = interfaces.missing_interface(spec.settings.network_interface,
                                            [name for _, name in socket.if_nameindex()], socket.gethostname())
     if problem is not None:
-        _send_quietly(task_relay.server.sendall, control.text_line(control.FAILED, problem))
+        send_quietly(task_relay.server.sendall, control.text_line(control.FAILED, problem))
         raise RankError(problem)
 
 
@@ -414,16 +289,7 @@ def _task_hosts(context) -> list:
 
 def run_rank_task(spec: TaskSpec, iterator):
     """Body of one barrier task: serve rank = partition index until its world closes."""
-    from pyspark import BarrierTaskContext
-
-    context = BarrierTaskContext.get()
-    rank = context.partitionId()
-    if not (0 <= rank < spec.size):
-        raise RankError(f"partition {rank} is outside the world's {spec.size} ranks")
-    records = list(iterator) if spec.deliver_partition else None
-    if records is None:
-        for _ in iterator:
-            pass  # read the partition, or PySpark discards this worker afterwards
+    context, rank, records = barrier_rank(spec.size, iterator, spec.deliver_partition, "world")
     settings = spec.settings
     spares = pool.worker_pool()
     proc = spares.acquire(settings.fork_server, spec.preload)

@@ -22,7 +22,7 @@ from ..config import Settings, load_settings
 from ..errors import InvalidArgument, InvalidArgumentType, JobFailed, WorldClosed
 from . import channel
 from .calls import WorldCore
-from .job import local_cores, pickle_function, preload_modules, short_error
+from .job import local_cores, pickle_function, preload_modules, ranks_of_rdd, short_error
 from .task import PARTITION_KEY, deliver_partition
 
 
@@ -336,13 +336,7 @@ def run(rdd, fn, *, timeout: float | None = None, env: dict[str, str] | None = N
     _check_env(env)
     settings = _settings(settings, dict(job_timeout=timeout, **setting_overrides))
     sc = rdd.context
-    size = rdd.getNumPartitions()
-    if size < 1:
-        raise InvalidArgument("rdd has no partitions; an MPI job needs at least one rank")
-    cores = local_cores(sc.master)
-    if cores is not None and size > cores:
-        raise InvalidArgument(f"rdd has {size} partitions but master {sc.master!r} has {cores} task slots; "
-                         f"a barrier stage needs one slot per rank (repartition to <= {cores})")
+    size = ranks_of_rdd(rdd)
     core = WorldCore(sc, size, settings, env, preload_modules(fn, settings.preload), deliver_partition=True)
     fn_bytes = pickle_function(functools.partial(channel.partition_call, fn=fn))
     started = time.monotonic()

@@ -342,7 +342,7 @@ class PMIServer:
             child.space.names = job.space.names  # one name service for a job and what it spawned
             child.space.kvs.update(dict(request.preput))
             child.space.rank_appnums = [index for index, c in enumerate(request.commands) for _ in range(c.nprocs)]
-            child.space.spawn_enabled = False  # children's relays are threads that do not spawn (docs/pmi.md)
+            child.space.spawn_enabled = True  # children spawn again: the thread serving them starts theirs
             child.parent = job
             job.children.append(child)
             self._jobs[child.kvsname] = child
