@@ -108,6 +108,23 @@ def testbed():
 
 
 @pytest.fixture(scope="module")
+def bridge_broker(testbed, tmp_path_factory):
+    """The project's Kafka broker listening on the testbed's bridge address, where the hosts reach it."""
+    from stream_fixtures import java_processes_using
+
+    from sparkmpi.stream.broker import fetch_kafka, start_broker, stop_broker
+
+    fetch_kafka()
+    data_dir = tmp_path_factory.mktemp("kafka-bridge")
+    info = start_broker(data_dir, 0, host=testbed.plan.bridge_address, timeout=90, die_with_parent=True)
+    try:
+        yield info
+    finally:
+        stop_broker(data_dir, grace=15)
+        assert java_processes_using(data_dir) == [], "the bridge's Kafka broker outlived its module"
+
+
+@pytest.fixture(scope="module")
 def hosts_driver(testbed):
     driver = Driver(testbed)
     leaks.ALLOWANCES.process_roots.add(driver.proc.pid)

@@ -7,7 +7,7 @@ whole module; each job is compared with what one process computes.
 import numpy as np
 import pytest
 
-from hosts_fixtures import CORES, hosts_driver, testbed  # noqa: F401  (fixtures)
+from hosts_fixtures import CORES, bridge_broker, hosts_driver, testbed  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow
 
@@ -66,6 +66,44 @@ def test_distributed_ptychography_across_hosts_equals_one_process(hosts_driver, 
     out = hosts_driver.ok("ptychography", ranks=len(CORES), folder=str(tmp_path))
     assert out["ranks"] == len(CORES) and out["frames_per_rank"] == [24, 24, 24], out
     assert out["object_rel_diff"] < 1e-4, out
+
+
+def test_a_kafka_stream_whose_batches_span_hosts_exactly_once(hosts_driver, testbed, bridge_broker, tmp_path):
+    """The micro-batch driver's own world (mode="world") with its two ranks on two hosts, reading
+    their offset ranges from the broker on the bridge: every frame once, each result as one process
+    computes it."""
+    import json
+
+    from sparkmpi.stream._output import list_outputs, read_outputs
+    from sparkmpi.stream.detector import SyntheticScan, publish_kafka
+
+    tmp_path.chmod(0o755)
+    n, shape, topic = 300, (16, 16), "hosts-stream"
+    scan = SyntheticScan(n, shape, "uint16", seed=5, scan_id="hosts")
+    publish_kafka(scan, bridge_broker.bootstrap, topic, partitions=2)
+    out = tmp_path / "out"
+    report = hosts_driver.ok("stream", bootstrap=bridge_broker.bootstrap, topic=topic, out=str(out))
+    assert report["stopped"] == "end_of_scan" and report["frames"] == n and report["dead_letters"] == 0, report
+    assert report["batches"] == -(-(n + 2) // 100) and len(report["world_hosts"]) == report["batches"]
+    # One world for the stream, its two ranks on two hosts.
+    world_hosts = {tuple(h) for h in report["world_hosts"]}
+    assert len(world_hosts) == 1 and len(set(next(iter(world_hosts)))) == 2, report["world_hosts"]
+    summary = read_outputs(out)
+    assert summary.lost_and_duplicated(np.arange(n)) == (0, 0), "frames lost or duplicated"
+    assert sorted(summary.frame_index.tolist()) == list(range(n))
+    total = np.zeros(shape)
+    for _, path in list_outputs(out):
+        with np.load(path) as z:
+            meta = json.loads(str(z["meta"]))
+            assert sum(r["end"] - r["start"] for r in meta["ranges"]) == meta["messages"]
+            if z["frame_index"].size == 0:      # the end-of-scan markers' batch
+                continue
+            frames = np.stack([scan.frame(i) for i in z["frame_index"]]).astype(np.float64)
+            np.testing.assert_allclose(z["result.intensity"], frames.sum(axis=(1, 2)))
+            np.testing.assert_allclose(z["result.sum_image"], frames.sum(axis=0))   # Allreduce across hosts
+            assert len(set(z["result.host"].tolist())) == 2, "a batch ran on one host only"
+            total += z["result.sum_image"]
+    np.testing.assert_allclose(total, sum(scan.frame(i).astype(np.float64) for i in range(n)))
 
 
 def _check_lost_host(report, testbed, index, within):

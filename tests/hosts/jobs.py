@@ -98,3 +98,29 @@ def ptychography(spark, bed, ranks, folder):
     serial = ptycho.reconstruct(data, iterations=8, probe=probe)
     rel = float(np.linalg.norm((out.object - serial.object)[mask]) / np.linalg.norm(serial.object[mask]))
     return {"ranks": out.ranks, "frames_per_rank": out.frames_per_rank, "object_rel_diff": rel}
+
+
+def _integrate_and_name_host(comm, frames):
+    """The stream's default process function, plus the number of the host that took each frame."""
+    import socket as sk
+
+    from sparkmpi.stream.driver import integrate_frames
+
+    out = integrate_frames(comm, frames)
+    host = int(sk.gethostname().rsplit("host", 1)[1])      # testbed host names end in host<N>
+    out["host"] = np.full(len(out["intensity"]), host, dtype=np.int64)
+    return out
+
+
+def stream(spark, bed, bootstrap, topic, out, ranks=2, max_frames=100):
+    """A Kafka stream through the driver's own world (mode="world"), every batch on ``ranks`` ranks;
+    the report's counts and the world's hosts (the outputs are for the test to read)."""
+    from sparkmpi.stream.driver import StreamDriver
+
+    hosts = []
+    driver = StreamDriver(spark, bootstrap, topic, "hosts", out, ranks=ranks, trigger=0.1, max_frames=max_frames,
+                          process=_integrate_and_name_host, progress=None, start_timeout=10,
+                          job_settings={"start_timeout": 60})
+    report = driver.run(until_end_of_scan=True, on_batch=lambda b: hosts.append(list(driver.world.hosts)))
+    return {"stopped": report.stopped, "frames": report.frames, "batches": report.batches,
+            "dead_letters": report.dead_letters, "world_hosts": hosts}
