@@ -45,14 +45,35 @@ def test_three_hosts_unequal_ranks_share_memory_only_within_a_host(hosts_driver,
     assert any(len(r["node_ranks"]) == 2 for r in result) and any(len(r["node_ranks"]) == 1 for r in result)
 
 
-def test_a_persistent_world_across_hosts(hosts_driver):
+def test_a_persistent_world_across_hosts_its_ucx_addresses_segmented_over_pmi_keys(hosts_driver):
+    from sparkmpi.pmi.space import VALLEN_MAX
+
     out = hosts_driver.ok("world_calls", ranks=3, factors=[1.0, 2.5, -1.0])
     assert len(set(out["hosts"])) == 3     # one rank per host: Spark offers one task per executor a round
+    # A UCX worker address is longer than a PMI value may be (vallen_max): MPICH puts
+    # "segments=N" under the rank's allgather key and the address in N pieces, which every rank
+    # gets and joins again (else no Allreduce below would work).
+    (keys,) = out["pmi_keys"]
+    assert all(len(v) <= VALLEN_MAX for v in keys.values())
+    for rank in range(3):
+        head = keys[f"-allgather-1-{rank}"]
+        assert head.startswith("segments="), head
+        n = int(head.split("=")[1])
+        assert n > 1 and all(f"-allgather-1-{rank}-seg-{i}/{n}" in keys for i in range(1, n + 1)), sorted(keys)
     for i, factor in enumerate([1.0, 2.5, -1.0]):
         answers = out["answers"][i]
         assert [a["rank"] for a in answers] == [0, 1, 2]
         assert all(a["sum"] == factor * 6.0 and a["calls"] == i + 1 for a in answers)
         assert [a["host"] for a in answers] == out["hosts"]
+
+
+def test_bench_allreduce_pointed_at_the_testbed_master_reports_its_figures(hosts_driver, testbed):
+    out = hosts_driver.ok("bench_allreduce", ranks=2, elements=200_000)
+    assert out["code"] == 0, out
+    report = out["report"]
+    assert report["master"] == testbed.master_url and report["ranks"] == 2, report
+    for key in ("allreduce_s", "native_allreduce_s", "collect_s", "job_s", "trivial_barrier_job_s"):
+        assert 0 < report[key] < 60, (key, report)
 
 
 def test_mpi_tomography_across_hosts_equals_one_process(hosts_driver, tmp_path):
@@ -127,12 +148,16 @@ def test_a_silent_host_fails_the_job_within_host_timeout(hosts_driver, testbed, 
     _check_lost_host(report, testbed, 3, within)
 
 
-def test_a_killed_host_fails_the_job_in_seconds_and_the_survivors_run_the_next(hosts_driver, testbed):
+def test_a_killed_host_fails_the_job_in_seconds_and_two_hosts_x_two_ranks_run_the_next(hosts_driver, testbed):
     report = hosts_driver.ok("lost_host", fault="sigkill", host=3)
     _check_lost_host(report, testbed, 3, 8.0)
+    # The survivors' job is 2 hosts x 2 ranks (host 3 gone, hosts 1 and 2 with 2 cores each): shared
+    # memory inside each host, the network between them, COMM_TYPE_SHARED groups = the hosts.
     survivors = report["survivors"]
-    _check_placement(survivors, CORES[0] + CORES[1], 10)
-    assert testbed.host(3).hostname not in {r["host"] for r in survivors}
+    hosts = _check_placement(survivors, CORES[0] + CORES[1], 10)
+    assert sorted(hosts.count(h) for h in set(hosts)) == [2, 2], hosts
+    assert set(hosts) == {testbed.host(1).hostname, testbed.host(2).hostname}
+    assert all(len(r["node_ranks"]) == 2 for r in survivors)
 
 
 def test_without_network_interface_the_unrouted_second_interface_fails_the_job_fast(hosts_driver):
