@@ -67,6 +67,15 @@ def connect_with_retry(host: str, port: int, timeout: float = CONNECT_TIMEOUT, w
                  timeout=timeout, error=RankError)
 
 
+class _Delivery:
+    """A map_partitions delivery being read by the relay: its connection and how far it got."""
+
+    def __init__(self, conn: socket.socket):
+        self.conn = conn
+        self.reader = channel.FrameReader()
+        self.greeted = False
+
+
 class _Relay:
     """The socket adapter around :class:`~.relay.RelayState` for one rank."""
 
@@ -156,6 +165,9 @@ class _Relay:
                     if self.state.finished:
                         break
         finally:
+            for key in list(sel.get_map().values()):
+                if isinstance(key.data, _Delivery):
+                    key.data.conn.close()   # deliveries still coming in
             sel.close()
 
     def _readable(self, what: str) -> None:
@@ -189,6 +201,8 @@ class _Relay:
             self.execute(handle(relay.DriverFrame(kind, segments)))
         elif what == "inbox":
             self._receive_partition()
+        elif isinstance(what, _Delivery):
+            self._delivery_readable(what)
         elif what == "spawned-output":
             for stream, data in self.children.take_output():
                 if not self.state.finished:
@@ -213,22 +227,54 @@ class _Relay:
         _send_quietly(lambda: channel.send_message(self.driver, channel.PONG, None))
 
     def _receive_partition(self) -> None:
-        """One delivery to the inbox: HELLO with the token, then the DATA frame, which goes to the rank."""
+        """A delivery to the inbox connects: read it piecewise from this loop (:meth:`_delivery_readable`),
+        so that a long one leaves the relay answering the driver's pings meanwhile."""
         conn, _ = self.inbox.accept()
-        with conn:
-            conn.settimeout(CONNECT_TIMEOUT)
+        conn.setblocking(False)
+        self.sel.register(conn, selectors.EVENT_READ, _Delivery(conn))
+
+    def _delivery_readable(self, delivery: "_Delivery") -> None:
+        """HELLO with the token, then the DATA frame, which goes to the rank; anything else ends it."""
+        try:
+            count = delivery.conn.recv_into(delivery.reader.buffer())
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            count = 0
+        try:
+            frame = delivery.reader.advance(count) if count else None
+        except ValueError:
+            frame, count = None, 0
+        if not count:
+            self._end_delivery(delivery)
+            return
+        if frame is None:
+            return
+        kind, segments = frame
+        if not delivery.greeted:
             try:
-                kind, hello, _ = channel.recv_message(conn)
-                if (kind != channel.HELLO or not isinstance(hello, dict) or hello.get("token") != self.spec.token
-                        or hello.get("rank") != self.rank):
-                    return   # not one of this world's deliveries: the sender fails, the world goes on
-                kind, segments, _ = channel.recv_frame(conn)
-            except (OSError, EOFError, ValueError):
+                hello = channel.decode(segments) if kind == channel.HELLO else None
+            except Exception:  # noqa: BLE001  (a stranger's bytes)
+                hello = None
+            if (not isinstance(hello, dict) or hello.get("token") != self.spec.token
+                    or hello.get("rank") != self.rank):
+                self._end_delivery(delivery)   # not one of this world's deliveries: the sender fails
                 return
-            if kind != channel.DATA:
-                return
+            delivery.greeted = True
+            return
+        if kind == channel.DATA:
             self.execute(self.state.handle(relay.PartitionDelivered(segments)))
-            _send_quietly(lambda: channel.send_message(conn, channel.RESULT, self.rank))
+            delivery.conn.setblocking(True)
+            delivery.conn.settimeout(CONNECT_TIMEOUT)
+            _send_quietly(lambda: channel.send_message(delivery.conn, channel.RESULT, self.rank))
+        self._end_delivery(delivery)
+
+    def _end_delivery(self, delivery: "_Delivery") -> None:
+        try:
+            self.sel.unregister(delivery.conn)
+        except (KeyError, ValueError):
+            pass
+        delivery.conn.close()
 
     def _from_rank_ctrl(self) -> None:
         try:
