@@ -90,6 +90,8 @@ class _Relay:
         self.rank_env: dict = {}
         #: Processes this rank started with MPI_Comm_spawn (made on the first spawn).
         self.children: SpawnedChildren | None = None
+        #: map_partitions deliveries coming in (read between the relay's other work).
+        self.deliveries: set = set()
 
     # -- setup -------------------------------------------------------------
     def connect(self, inbox_host: str) -> None:
@@ -165,9 +167,6 @@ class _Relay:
                     if self.state.finished:
                         break
         finally:
-            for key in list(sel.get_map().values()):
-                if isinstance(key.data, _Delivery):
-                    key.data.conn.close()   # deliveries still coming in
             sel.close()
 
     def _readable(self, what: str) -> None:
@@ -231,7 +230,9 @@ class _Relay:
         so that a long one leaves the relay answering the driver's pings meanwhile."""
         conn, _ = self.inbox.accept()
         conn.setblocking(False)
-        self.sel.register(conn, selectors.EVENT_READ, _Delivery(conn))
+        delivery = _Delivery(conn)
+        self.deliveries.add(delivery)
+        self.sel.register(conn, selectors.EVENT_READ, delivery)
 
     def _delivery_readable(self, delivery: "_Delivery") -> None:
         """HELLO with the token, then the DATA frame, which goes to the rank; anything else ends it."""
@@ -270,6 +271,7 @@ class _Relay:
         self._end_delivery(delivery)
 
     def _end_delivery(self, delivery: "_Delivery") -> None:
+        self.deliveries.discard(delivery)
         try:
             self.sel.unregister(delivery.conn)
         except (KeyError, ValueError):
@@ -377,6 +379,9 @@ class _Relay:
     def close(self) -> None:
         if self.children is not None:
             self.children.stop()  # spawned processes are reaped with the rank's task
+        for delivery in list(self.deliveries):
+            delivery.conn.close()
+        self.deliveries.clear()
         for sock in (self.pmi, self.server, self.driver, self.inbox):
             if sock is not None:
                 sock.close()

@@ -101,8 +101,8 @@ def ptychography(spark, bed, ranks, folder):
     path = data.save(os.path.join(folder, "scan.npz"))
     probe = ptycho.model_probe(data)
     mask = ptycho.illuminated_mask(data)
-    out = reconstruct_mpi(spark, path, ranks=ranks, iterations=8, probe=probe, timeout=180)
-    serial = ptycho.reconstruct(data, iterations=8, probe=probe)
+    out = reconstruct_mpi(spark, path, ranks=ranks, iterations=4, probe=probe, timeout=180)
+    serial = ptycho.reconstruct(data, iterations=4, probe=probe)
     rel = float(np.linalg.norm((out.object - serial.object)[mask]) / np.linalg.norm(serial.object[mask]))
     return {"ranks": out.ranks, "frames_per_rank": out.frames_per_rank, "object_rel_diff": rel}
 
