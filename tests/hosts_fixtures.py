@@ -4,7 +4,8 @@
 with a second interface (``eth1``) that leads nowhere,
 and tears them down after the module, also when a test failed, then checks
 that no namespace, link or process of it is left.  ``hosts_driver`` is a
-:class:`Driver` talking to ``tests/hosts/driver.py`` in its own process.
+:class:`Driver` talking to ``tests/hosts/driver.py`` in its own process; ``bridge_broker`` the Kafka
+broker on the bridge address.
 """
 
 import os
@@ -46,13 +47,15 @@ class Driver:
         self.proc = subprocess.Popen([sys.executable, os.path.join(HERE, "hosts", "driver.py"), bed.plan.name,
                                       self.address, key.hex()], stdout=self.log, stderr=subprocess.STDOUT,
                                      env=env, start_new_session=True)
-        deadline = time.monotonic() + timeout
+        self.key, self.deadline = key, time.monotonic() + timeout
+
+    def wait_ready(self):
+        """Until the driver listens (its session has an executor on every host), then connect."""
         while not os.path.exists(self.address):
-            if self.proc.poll() is not None or time.monotonic() > deadline:
-                self.close()
+            if self.proc.poll() is not None or time.monotonic() > self.deadline:
                 raise RuntimeError(f"the testbed's driver did not start; its log:\n{self.tail()}")
             time.sleep(0.2)
-        self.conn = Client(self.address, authkey=key)
+        self.conn = Client(self.address, authkey=self.key)
         leaks.ALLOWANCES.unix_paths.add(self.address)
 
     def tail(self, chars=4000):
@@ -108,10 +111,31 @@ def testbed():
 
 
 @pytest.fixture(scope="module")
-def hosts_driver(testbed):
+def hosts_driver(testbed, tmp_path_factory):
+    """The driver process, and beside it (``.broker``) the project's Kafka broker listening on the
+    bridge address, where the hosts reach it; the broker starts while the driver's JVM does."""
+    from stream_fixtures import java_processes_using
+
+    from sparkmpi.stream.broker import fetch_kafka, start_broker, stop_broker
+
     driver = Driver(testbed)
     leaks.ALLOWANCES.process_roots.add(driver.proc.pid)
+    broker_dir = None
     try:
+        fetch_kafka()
+        broker_dir = tmp_path_factory.mktemp("kafka-bridge")
+        driver.broker = start_broker(broker_dir, 0, host=testbed.plan.bridge_address, timeout=90,
+                                     die_with_parent=True)
+        driver.wait_ready()
         yield driver
     finally:
         driver.close()
+        if broker_dir is not None:
+            stop_broker(broker_dir, grace=15)
+            assert java_processes_using(broker_dir) == [], "the bridge's Kafka broker outlived its module"
+
+
+@pytest.fixture(scope="module")
+def bridge_broker(hosts_driver):
+    """The Kafka broker on the testbed's bridge (see ``hosts_driver``)."""
+    return hosts_driver.broker

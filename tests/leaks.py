@@ -329,7 +329,11 @@ def leaks(before: Snapshot, after: Snapshot, allow: Allowances | None = None, sh
     for name in sorted(after.shm - before.shm):
         path = os.path.join(shm_dir, name)
         if os.path.exists(path) and not _mapped_by_anyone(path):
-            found.append(f"shared-memory file {path} ({os.path.getsize(path)} bytes), mapped by no process")
+            try:
+                size = os.path.getsize(path)
+            except FileNotFoundError:
+                continue    # removed while we looked (its job's cleanup came late): gone, no leak
+            found.append(f"shared-memory file {path} ({size} bytes), mapped by no process")
     for name in sorted(after.netns - before.netns):
         found.append(f"network namespace {name!r}")
     return found

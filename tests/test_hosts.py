@@ -7,7 +7,7 @@ whole module; each job is compared with what one process computes.
 import numpy as np
 import pytest
 
-from hosts_fixtures import CORES, hosts_driver, testbed  # noqa: F401  (fixtures)
+from hosts_fixtures import CORES, bridge_broker, hosts_driver, testbed  # noqa: F401  (fixtures)
 
 pytestmark = pytest.mark.slow
 
@@ -45,14 +45,35 @@ def test_three_hosts_unequal_ranks_share_memory_only_within_a_host(hosts_driver,
     assert any(len(r["node_ranks"]) == 2 for r in result) and any(len(r["node_ranks"]) == 1 for r in result)
 
 
-def test_a_persistent_world_across_hosts(hosts_driver):
+def test_a_persistent_world_across_hosts_its_ucx_addresses_segmented_over_pmi_keys(hosts_driver):
+    from sparkmpi.pmi.space import VALLEN_MAX
+
     out = hosts_driver.ok("world_calls", ranks=3, factors=[1.0, 2.5, -1.0])
     assert len(set(out["hosts"])) == 3     # one rank per host: Spark offers one task per executor a round
+    # A UCX worker address is longer than a PMI value may be (vallen_max): MPICH puts
+    # "segments=N" under the rank's allgather key and the address in N pieces, which every rank
+    # gets and joins again (else no Allreduce below would work).
+    (keys,) = out["pmi_keys"]
+    assert all(len(v) <= VALLEN_MAX for v in keys.values())
+    for rank in range(3):
+        head = keys[f"-allgather-1-{rank}"]
+        assert head.startswith("segments="), head
+        n = int(head.split("=")[1])
+        assert n > 1 and all(f"-allgather-1-{rank}-seg-{i}/{n}" in keys for i in range(1, n + 1)), sorted(keys)
     for i, factor in enumerate([1.0, 2.5, -1.0]):
         answers = out["answers"][i]
         assert [a["rank"] for a in answers] == [0, 1, 2]
         assert all(a["sum"] == factor * 6.0 and a["calls"] == i + 1 for a in answers)
         assert [a["host"] for a in answers] == out["hosts"]
+
+
+def test_bench_allreduce_pointed_at_the_testbed_master_reports_its_figures(hosts_driver, testbed):
+    out = hosts_driver.ok("bench_allreduce", ranks=2, elements=200_000)
+    assert out["code"] == 0, out
+    report = out["report"]
+    assert report["master"] == testbed.master_url and report["ranks"] == 2, report
+    for key in ("allreduce_s", "native_allreduce_s", "collect_s", "job_s", "trivial_barrier_job_s"):
+        assert 0 < report[key] < 60, (key, report)
 
 
 def test_mpi_tomography_across_hosts_equals_one_process(hosts_driver, tmp_path):
@@ -66,6 +87,44 @@ def test_distributed_ptychography_across_hosts_equals_one_process(hosts_driver, 
     out = hosts_driver.ok("ptychography", ranks=len(CORES), folder=str(tmp_path))
     assert out["ranks"] == len(CORES) and out["frames_per_rank"] == [24, 24, 24], out
     assert out["object_rel_diff"] < 1e-4, out
+
+
+def test_a_kafka_stream_whose_batches_span_hosts_exactly_once(hosts_driver, testbed, bridge_broker, tmp_path):
+    """The micro-batch driver's own world (mode="world") with its two ranks on two hosts, reading
+    their offset ranges from the broker on the bridge: every frame once, each result as one process
+    computes it."""
+    import json
+
+    from sparkmpi.stream._output import list_outputs, read_outputs
+    from sparkmpi.stream.detector import SyntheticScan, publish_kafka
+
+    tmp_path.chmod(0o755)
+    n, shape, topic = 300, (16, 16), "hosts-stream"
+    scan = SyntheticScan(n, shape, "uint16", seed=5, scan_id="hosts")
+    publish_kafka(scan, bridge_broker.bootstrap, topic, partitions=2)
+    out = tmp_path / "out"
+    report = hosts_driver.ok("stream", bootstrap=bridge_broker.bootstrap, topic=topic, out=str(out))
+    assert report["stopped"] == "end_of_scan" and report["frames"] == n and report["dead_letters"] == 0, report
+    assert report["batches"] == -(-(n + 2) // 100) and len(report["world_hosts"]) == report["batches"]
+    # One world for the stream, its two ranks on two hosts.
+    world_hosts = {tuple(h) for h in report["world_hosts"]}
+    assert len(world_hosts) == 1 and len(set(next(iter(world_hosts)))) == 2, report["world_hosts"]
+    summary = read_outputs(out)
+    assert summary.lost_and_duplicated(np.arange(n)) == (0, 0), "frames lost or duplicated"
+    assert sorted(summary.frame_index.tolist()) == list(range(n))
+    total = np.zeros(shape)
+    for _, path in list_outputs(out):
+        with np.load(path) as z:
+            meta = json.loads(str(z["meta"]))
+            assert sum(r["end"] - r["start"] for r in meta["ranges"]) == meta["messages"]
+            if z["frame_index"].size == 0:      # the end-of-scan markers' batch
+                continue
+            frames = np.stack([scan.frame(i) for i in z["frame_index"]]).astype(np.float64)
+            np.testing.assert_allclose(z["result.intensity"], frames.sum(axis=(1, 2)))
+            np.testing.assert_allclose(z["result.sum_image"], frames.sum(axis=0))   # Allreduce across hosts
+            assert len(set(z["result.host"].tolist())) == 2, "a batch ran on one host only"
+            total += z["result.sum_image"]
+    np.testing.assert_allclose(total, sum(scan.frame(i).astype(np.float64) for i in range(n)))
 
 
 def _check_lost_host(report, testbed, index, within):
@@ -89,12 +148,16 @@ def test_a_silent_host_fails_the_job_within_host_timeout(hosts_driver, testbed, 
     _check_lost_host(report, testbed, 3, within)
 
 
-def test_a_killed_host_fails_the_job_in_seconds_and_the_survivors_run_the_next(hosts_driver, testbed):
+def test_a_killed_host_fails_the_job_in_seconds_and_two_hosts_x_two_ranks_run_the_next(hosts_driver, testbed):
     report = hosts_driver.ok("lost_host", fault="sigkill", host=3)
     _check_lost_host(report, testbed, 3, 8.0)
+    # The survivors' job is 2 hosts x 2 ranks (host 3 gone, hosts 1 and 2 with 2 cores each): shared
+    # memory inside each host, the network between them, COMM_TYPE_SHARED groups = the hosts.
     survivors = report["survivors"]
-    _check_placement(survivors, CORES[0] + CORES[1], 10)
-    assert testbed.host(3).hostname not in {r["host"] for r in survivors}
+    hosts = _check_placement(survivors, CORES[0] + CORES[1], 10)
+    assert sorted(hosts.count(h) for h in set(hosts)) == [2, 2], hosts
+    assert set(hosts) == {testbed.host(1).hostname, testbed.host(2).hostname}
+    assert all(len(r["node_ranks"]) == 2 for r in survivors)
 
 
 def test_without_network_interface_the_unrouted_second_interface_fails_the_job_fast(hosts_driver):

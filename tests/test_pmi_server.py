@@ -213,5 +213,13 @@ def test_many_ranks_with_segmented_keys(pmi):
     assert not errors, errors[:3]
     assert len(job.space.kvs) == size * 9
     assert elapsed < 30, f"{size} ranks took {elapsed:.1f} s"
+    # What the diagnostics see of the open job: a copy of its keys and values.
+    assert job in pmi.open_jobs()
+    seen = job.key_values()
+    assert len(seen) == size * 9 and seen["addr-5-seg-8/9"] == value
+    seen.clear()
+    assert len(job.key_values()) == size * 9
+    job.close()
+    assert job not in pmi.open_jobs()
     for relay in relays:
         relay.close()

@@ -195,6 +195,15 @@ def test_port_in_use_is_refused(broker, tmp_path):
         start_broker(tmp_path, broker.port)
 
 
+def test_a_host_the_broker_cannot_listen_on_is_named(broker, tmp_path):
+    with pytest.raises(ValueError, match=r"host: expected an IPv4 address .* got '127.0.0.1:9092'"):
+        start_broker(tmp_path, 0, host="127.0.0.1:9092")
+    # 192.0.2.0/24 is reserved for documentation: no interface of this machine has it.
+    with pytest.raises(BrokerError, match="cannot listen on host '192.0.2.7'"):
+        start_broker(tmp_path, 0, host="192.0.2.7", fetch=False)
+    assert not (tmp_path / "broker.json").exists()
+
+
 def test_broker_that_cannot_start_reports_its_log_quickly(tmp_path):
     logs = tmp_path / "logs"
     logs.mkdir()

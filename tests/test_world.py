@@ -225,6 +225,77 @@ def test_a_relay_inbox_ignores_deliveries_without_the_token(spark):
         assert world.call(lambda comm, state: comm.size) == [1]
 
 
+def test_a_relay_answers_the_heartbeat_while_slow_deliveries_come_in(spark):
+    """map_partitions watches the relays (the heartbeat goes on) while Spark computes and delivers
+    the partitions; a delivery trickling in for longer than host_timeout, and a stranger that
+    connects and sends nothing, are read between the relay's other work, so it keeps answering."""
+    import socket
+
+    from sparkmpi.launch import channel
+
+    def slow(x):
+        time.sleep(0.5)
+        return x
+
+    with sparkmpi.World(spark, ranks=1, host_timeout=1.0) as world:
+        host, port = world._core.endpoint.inboxes[0]
+        answers = []
+
+        def trickle():
+            wire = b"".join(bytes(p) for p in channel.frame_pieces(channel.HELLO, channel.encode(
+                {"token": world._core.job.token, "rank": 0})))
+            wire += b"".join(bytes(p) for p in channel.frame_pieces(channel.DATA, channel.encode(
+                {"key": "trickled", "records": list(range(1000))})))
+            with socket.create_connection((host, port), timeout=10) as sock:
+                step = len(wire) // 10 + 1
+                for i in range(0, len(wire), step):
+                    sock.sendall(wire[i:i + step])
+                    time.sleep(0.25)
+                answers.append(channel.recv_message(sock)[1])
+
+        with socket.create_connection((host, port), timeout=10):     # a stranger, silent throughout
+            sender = threading.Thread(target=trickle)
+            sender.start()
+            rdd = spark.sparkContext.parallelize(range(6), 1).map(slow)    # 3 s to compute
+            assert world.map_partitions(rdd, lambda comm, state, records: sum(records), timeout=30) == [15]
+            sender.join(10)
+        assert answers == [0]          # the relay took the trickled delivery: its rank's number back
+        assert world.call(lambda comm, state: comm.size) == [1]
+
+
+def _relay_pid(comm, state):
+    """The rank's relay: its nearest ancestor that is a PySpark worker (the Spark task's process)."""
+    pid = os.getppid()
+    while pid > 1:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            if b"pyspark.daemon" in fh.read():
+                return pid
+        with open(f"/proc/{pid}/stat") as fh:
+            pid = int(fh.read().rsplit(")", 1)[1].split()[1])
+    raise RuntimeError("no PySpark worker among the rank's ancestors")
+
+
+def test_a_relay_silent_during_a_delivery_fails_the_world_within_host_timeout(spark):
+    def slow(x):
+        time.sleep(1.0)
+        return x
+
+    with sparkmpi.World(spark, ranks=1, host_timeout=1.0) as world:
+        (relay,) = world.call(_relay_pid)
+        rdd = spark.sparkContext.parallelize(range(8), 1).map(slow)     # 8 s to compute
+        stopper = threading.Timer(1.0, os.kill, args=(relay, signal.SIGSTOP))
+        stopper.start()
+        started = time.monotonic()
+        try:
+            with pytest.raises(JobFailed, match=r"no contact for \d+ s with the relay of rank 0 on host") as info:
+                world.map_partitions(rdd, lambda comm, state, records: sum(records), timeout=60)
+        finally:
+            stopper.join()
+            os.kill(relay, signal.SIGCONT)
+        assert time.monotonic() - started < 6, "the silent relay was not noticed within host_timeout"
+        assert "map_partitions delivery" in str(info.value) and world.closed
+
+
 def test_map_partitions_without_a_free_slot_says_so_instead_of_hanging(spark):
     with sparkmpi.World(spark, ranks=2) as world:
         with pytest.raises(ValueError, match=r"has 2 task slots and open worlds hold 2.*local\[3\]"):

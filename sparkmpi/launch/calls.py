@@ -229,6 +229,15 @@ class WorldCore:
             self.job.abort(cause, rank=rank)
             self._raise_failure(what)
 
+    def watch_relays(self, until: Callable[[], bool], what: str) -> None:
+        """Read the relays until ``until()`` while Spark work beside the world runs (a
+        map_partitions delivery): their output is kept and the heartbeat goes on, so a host
+        that goes silent meanwhile fails the world within ``host_timeout``."""
+        def on_frame(rank, kind, segments):
+            raise self._protocol_error(rank, kind, what)
+
+        self._wait(until, None, on_frame, what, lambda: f"{what} timed out")
+
     def wait_started(self, deadline: float | None) -> None:
         endpoint = self.endpoint
 

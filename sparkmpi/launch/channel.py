@@ -121,6 +121,60 @@ def send_frame(sock: socket.socket, kind: int, segments, fds: tuple[int, ...] = 
         sock.sendall(head)
 
 
+class FrameReader:
+    """One message read piecewise from a non-blocking socket, with no I/O of its own.
+
+    The adapter receives into :meth:`buffer` (``sock.recv_into(reader.buffer())``)
+    and reports the count to :meth:`advance`, which returns ``(kind, segments)``
+    once the whole message is in: the same as :func:`recv_frame` (without
+    descriptors), so a relay can read a long delivery between its other work.
+    Segments are received straight into their final buffers, as there.
+    """
+
+    def __init__(self) -> None:
+        self._head = bytearray(_PREAMBLE.size)
+        self._target: bytearray = self._head
+        self._got = 0
+        self._stage = "preamble"
+        self._kind = 0
+        self._lengths: tuple = ()
+        self._segments: list = []
+
+    def buffer(self) -> memoryview:
+        """Where the next bytes go (never empty while a message is unfinished)."""
+        return memoryview(self._target)[self._got:]
+
+    def advance(self, count: int) -> tuple[int, list] | None:
+        """``count`` more bytes are in :meth:`buffer`; the message once it is whole, else None.
+
+        Raises ValueError on a bad preamble (the peer is not one of ours)."""
+        if isinstance(count, bool) or not isinstance(count, int) or not 0 <= count <= len(self._target) - self._got:
+            raise ValueError(f"count: expected 0..{len(self._target) - self._got} bytes, got {count!r}")
+        self._got += count
+        while self._got == len(self._target):
+            if self._stage == "preamble":
+                magic, kind, segments = _PREAMBLE.unpack(self._head)
+                if magic != _MAGIC or kind not in KIND_NAMES or not (1 <= segments <= _MAX_SEGMENTS):
+                    raise ValueError(f"bad message preamble {bytes(self._head)!r}")
+                self._kind, self._stage = kind, "lengths"
+                self._begin(bytearray(8 * segments))
+            elif self._stage == "lengths":
+                self._lengths = struct.unpack(f"!{len(self._target) // 8}Q", self._target)
+                self._stage = "segments"
+                self._begin(bytearray(self._lengths[0]))
+            else:
+                self._segments.append(self._target)
+                if len(self._segments) == len(self._lengths):
+                    frame = (self._kind, self._segments)
+                    self.__init__()
+                    return frame
+                self._begin(bytearray(self._lengths[len(self._segments)]))
+        return None
+
+    def _begin(self, target: bytearray) -> None:
+        self._target, self._got = target, 0
+
+
 def _recv_exact(sock: socket.socket, size: int) -> bytearray:
     buf = bytearray(size)
     view = memoryview(buf)

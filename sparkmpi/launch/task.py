@@ -51,6 +51,15 @@ class TaskSpec:
     deliver_partition: bool = False
 
 
+class _Delivery:
+    """A map_partitions delivery being read by the relay: its connection and how far it got."""
+
+    def __init__(self, conn: socket.socket):
+        self.conn = conn
+        self.reader = channel.FrameReader()
+        self.greeted = False
+
+
 class _Relay(RelayAdapter):
     """The socket adapter around :class:`~.relay.RelayState` for one rank."""
 
@@ -62,6 +71,8 @@ class _Relay(RelayAdapter):
         self.stdout_fd = -1
         self.driver = self.inbox = None
         self.rank_env: dict = {}
+        #: map_partitions deliveries coming in (read between the relay's other work).
+        self.deliveries: set = set()
 
     # -- setup -------------------------------------------------------------
     def connect(self, inbox_host: str) -> None:
@@ -112,6 +123,8 @@ class _Relay(RelayAdapter):
             self.execute(handle(relay.DriverFrame(kind, segments)))
         elif what == "inbox":
             self._receive_partition()
+        elif isinstance(what, _Delivery):
+            self._delivery_readable(what)
         elif what in ("rank-stderr", "rank-stdout"):
             self._forward_output(2 if what == "rank-stderr" else 1)
         elif what == "rank-ctrl":
@@ -133,22 +146,57 @@ class _Relay(RelayAdapter):
         send_quietly(lambda: channel.send_message(self.driver, channel.PONG, None))
 
     def _receive_partition(self) -> None:
-        """One delivery to the inbox: HELLO with the token, then the DATA frame, which goes to the rank."""
+        """A delivery to the inbox connects: read it piecewise from this loop (:meth:`_delivery_readable`),
+        so that a long one leaves the relay answering the driver's pings meanwhile."""
         conn, _ = self.inbox.accept()
-        with conn:
-            conn.settimeout(CONNECT_TIMEOUT)
+        conn.setblocking(False)
+        delivery = _Delivery(conn)
+        self.deliveries.add(delivery)
+        self.sel.register(conn, selectors.EVENT_READ, delivery)
+
+    def _delivery_readable(self, delivery: "_Delivery") -> None:
+        """HELLO with the token, then the DATA frame, which goes to the rank; anything else ends it."""
+        try:
+            count = delivery.conn.recv_into(delivery.reader.buffer())
+        except (BlockingIOError, InterruptedError):
+            return
+        except OSError:
+            count = 0
+        try:
+            frame = delivery.reader.advance(count) if count else None
+        except ValueError:
+            frame, count = None, 0
+        if not count:
+            self._end_delivery(delivery)
+            return
+        if frame is None:
+            return
+        kind, segments = frame
+        if not delivery.greeted:
             try:
-                kind, hello, _ = channel.recv_message(conn)
-                if (kind != channel.HELLO or not isinstance(hello, dict) or hello.get("token") != self.spec.token
-                        or hello.get("rank") != self.rank):
-                    return   # not one of this world's deliveries: the sender fails, the world goes on
-                kind, segments, _ = channel.recv_frame(conn)
-            except (OSError, EOFError, ValueError):
+                hello = channel.decode(segments) if kind == channel.HELLO else None
+            except Exception:  # noqa: BLE001  (a stranger's bytes)
+                hello = None
+            if (not isinstance(hello, dict) or hello.get("token") != self.spec.token
+                    or hello.get("rank") != self.rank):
+                self._end_delivery(delivery)   # not one of this world's deliveries: the sender fails
                 return
-            if kind != channel.DATA:
-                return
+            delivery.greeted = True
+            return
+        if kind == channel.DATA:
             self.execute(self.state.handle(relay.PartitionDelivered(segments)))
-            send_quietly(lambda: channel.send_message(conn, channel.RESULT, self.rank))
+            delivery.conn.setblocking(True)
+            delivery.conn.settimeout(CONNECT_TIMEOUT)
+            send_quietly(lambda: channel.send_message(delivery.conn, channel.RESULT, self.rank))
+        self._end_delivery(delivery)
+
+    def _end_delivery(self, delivery: "_Delivery") -> None:
+        self.deliveries.discard(delivery)
+        try:
+            self.sel.unregister(delivery.conn)
+        except (KeyError, ValueError):
+            pass
+        delivery.conn.close()
 
     def _from_rank_ctrl(self) -> None:
         # The rank wrote its PMI lines before this frame (an MPI_Abort before a
@@ -242,6 +290,9 @@ class _Relay(RelayAdapter):
 
     def close(self) -> None:
         super().close()
+        for delivery in list(self.deliveries):
+            delivery.conn.close()
+        self.deliveries.clear()
         for sock in (self.driver, self.inbox):
             if sock is not None:
                 sock.close()

@@ -199,7 +199,9 @@ class World:
 
     def _deliver_partitions(self, rdd, deliver) -> None:
         """Run the Spark job whose tasks compute the partitions and hand each to its rank's
-        relay; it needs task slots besides the world's."""
+        relay; it needs task slots besides the world's.  Meanwhile the relays are read as
+        during a call (their output, the heartbeat), so a host that goes silent during a
+        delivery fails the world within ``host_timeout``."""
         sc = self._sc
         cores = local_cores(sc.master)
         held = sum(w.size for w in list(_open_worlds) if w._sc is sc and not w.closed)
@@ -207,22 +209,50 @@ class World:
             raise InvalidArgument(f"map_partitions runs a Spark job to compute the partitions, but master "
                              f"{sc.master!r} has {cores} task slots and open worlds hold {held}; "
                              f"start Spark with more slots (local[{held + 1}] or more)")
-        tag = f"{self._core.tag}-partitions" if self._core else "sparkmpi-partitions"
-        timer = threading.Timer(self.settings.start_timeout, sc.cancelJobsWithTag, args=(tag,))
-        sc.addJobTag(tag)
+        core = self._core
+        tag = f"{core.tag}-partitions" if core else "sparkmpi-partitions"
+        no_slot = threading.Event()
+
+        def give_up():
+            no_slot.set()
+            sc.cancelJobsWithTag(tag)
+
+        timer = threading.Timer(self.settings.start_timeout, give_up)
+        done = threading.Event()
+        failed: list = []
+
+        def run_job():
+            sc.addJobTag(tag)       # job tags belong to the thread that submits the job
+            try:
+                rdd.mapPartitionsWithIndex(deliver).collect()
+            except BaseException as exc:  # noqa: BLE001  (raised below, in the caller's thread)
+                failed.append(exc)
+            finally:
+                sc.removeJobTag(tag)
+                done.set()
+
+        delivery = threading.Thread(target=run_job, name=f"{tag}-job", daemon=True)
         timer.start()
+        delivery.start()
         try:
-            rdd.mapPartitionsWithIndex(deliver).collect()
-        except Exception as exc:
-            if not timer.is_alive():
+            core.watch_relays(done.is_set, "map_partitions delivery")
+        except BaseException as exc:
+            sc.cancelJobsWithTag(tag)
+            delivery.join(self.settings.kill_grace + 10.0)
+            if core.teardown_done:
+                self._closed_reason = core.closed_reason or type(exc).__name__
+            raise
+        finally:
+            timer.cancel()
+        delivery.join()
+        if failed:
+            exc = failed[0]
+            if no_slot.is_set():
                 raise JobFailed(f"the Spark job computing the partitions for map_partitions got no task "
                                 f"slot within {self.settings.start_timeout:g} s (start_timeout); the world "
                                 f"holds {self.size}", job_id=self.kvsname, cause=str(exc)) from exc
             raise JobFailed(f"map_partitions: the Spark job delivering the partitions failed: {short_error(exc)}",
                             job_id=self.kvsname, cause=str(exc)) from exc
-        finally:
-            timer.cancel()
-            sc.removeJobTag(tag)
 
     def _open_core(self) -> WorldCore:
         if self.closed or self._core is None:

@@ -106,6 +106,12 @@ class JobHandle:
         with self._server._lock:
             return {r: s.host for r, s in enumerate(self.space.ranks) if s.host is not None}
 
+    def key_values(self) -> dict[str, str]:
+        """A copy of the keys and values the ranks put so far (diagnostics: how MPICH split
+        its business cards over keys)."""
+        with self._server._lock:
+            return dict(self.space.kvs)
+
     def where(self, rank: int | None) -> str:
         """``"rank R (partition P on HOST)"`` as far as it is known."""
         with self._server._lock:
@@ -178,6 +184,11 @@ class PMIServer:
         with self._lock:
             self._jobs[job.kvsname] = job
         return job
+
+    def open_jobs(self) -> list[JobHandle]:
+        """The jobs whose key spaces are open now (a world's, for as long as it lives)."""
+        with self._lock:
+            return list(self._jobs.values())
 
     def close(self) -> None:
         with self._lock:

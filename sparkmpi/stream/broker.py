@@ -231,14 +231,14 @@ def _cluster_id() -> str:
             return text
 
 
-def _server_properties(data_dir: Path, port: int, controller_port: int) -> str:
+def _server_properties(data_dir: Path, port: int, controller_port: int, host: str = HOST) -> str:
     return "\n".join([
         "# written by sparkmpi kafka start; edits are overwritten",
         "process.roles=broker,controller",
         "node.id=1",
-        f"controller.quorum.voters=1@{HOST}:{controller_port}",
-        f"listeners=PLAINTEXT://{HOST}:{port},CONTROLLER://{HOST}:{controller_port}",
-        f"advertised.listeners=PLAINTEXT://{HOST}:{port}",
+        f"controller.quorum.voters=1@{host}:{controller_port}",
+        f"listeners=PLAINTEXT://{host}:{port},CONTROLLER://{host}:{controller_port}",
+        f"advertised.listeners=PLAINTEXT://{host}:{port}",
         "controller.listener.names=CONTROLLER",
         "inter.broker.listener.name=PLAINTEXT",
         "listener.security.protocol.map=CONTROLLER:PLAINTEXT,PLAINTEXT:PLAINTEXT",
@@ -354,8 +354,8 @@ def _format_storage(java: str, classpath: str, data_dir: Path, timeout: float) -
 def start_broker(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, port: int = DEFAULT_PORT, *,
                  version: str = DEFAULT_VERSION, heap: str = DEFAULT_HEAP, timeout: float = 60.0,
                  home: Path | None = None, fetch: bool = True, die_with_parent: bool = False,
-                 progress=None) -> BrokerInfo:
-    """Start a single-node KRaft broker on 127.0.0.1 as a daemon; return its :class:`BrokerInfo`.
+                 progress=None, host: str = HOST) -> BrokerInfo:
+    """Start a single-node KRaft broker on ``host`` (127.0.0.1) as a daemon; return its :class:`BrokerInfo`.
 
     Parameters
     ----------
@@ -372,6 +372,10 @@ def start_broker(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, port: int = DEF
         JVM maximum heap, e.g. ``"512m"``.
     timeout : float
         Seconds to wait for the broker to answer.
+    host : str
+        The address the broker listens on and advertises: 127.0.0.1, or an
+        address other machines reach (the testbed's bridge address for ranks
+        on simulated hosts).
     die_with_parent : bool
         Linux: the kernel kills the broker when the calling process dies (tests,
         demos), so a crashed caller leaves no broker behind.  False (the CLI):
@@ -391,6 +395,8 @@ def start_broker(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, port: int = DEF
         raise InvalidArgument(f"heap: expected a JVM size like '512m' or '1g', got {heap!r}")
     if not timeout > 0:
         raise InvalidArgument(f"timeout: expected seconds > 0, got {timeout!r}")
+    if not isinstance(host, str) or not host or any(c in host for c in " ,/:"):
+        raise InvalidArgument(f"host: expected an IPv4 address or host name such as '127.0.0.1', got {host!r}")
     data_dir = Path(data_dir).expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     old = _read_state(data_dir)
@@ -403,14 +409,17 @@ def start_broker(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, port: int = DEF
             raise BrokerError(f"Kafka {version} is not fetched into {home}: run `sparkmpi kafka fetch`")
         fetch_kafka(version, home, progress=progress)
     java = _java()
-    if port == 0:
-        port = free_port()
-    elif _port_in_use(HOST, port):
-        raise BrokerError(f"port {port} on {HOST} is in use; pick another with --port (0 = any free port)")
-    controller_port = free_port()
+    try:
+        if port == 0:
+            port = free_port(host)
+        elif _port_in_use(host, port):
+            raise BrokerError(f"port {port} on {host} is in use; pick another with --port (0 = any free port)")
+        controller_port = free_port(host)
+    except OSError as exc:
+        raise BrokerError(f"cannot listen on host {host!r}: {exc} (no interface of this machine has it?)") from None
     while controller_port == port:
-        controller_port = free_port()
-    (data_dir / "server.properties").write_text(_server_properties(data_dir, port, controller_port))
+        controller_port = free_port(host)
+    (data_dir / "server.properties").write_text(_server_properties(data_dir, port, controller_port, host))
     (data_dir / "log4j2.properties").write_text(_log4j_properties(data_dir))
     classpath = str(home / "lib" / "*")
     started = time.time()
@@ -423,7 +432,7 @@ def start_broker(data_dir: str | os.PathLike = DEFAULT_DATA_DIR, port: int = DEF
         proc = subprocess.Popen(with_parent_death(cmd) if die_with_parent else cmd, cwd=data_dir,
                                 stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
     _CHILDREN[proc.pid] = proc
-    info = BrokerInfo(pid=proc.pid, host=HOST, port=port, controller_port=controller_port,
+    info = BrokerInfo(pid=proc.pid, host=host, port=port, controller_port=controller_port,
                       data_dir=str(data_dir), version=version, started=started)
     (data_dir / STATE_FILE).write_text(json.dumps(asdict(info), indent=1))
     def exited() -> None:

@@ -39,7 +39,7 @@ def _fetch(args) -> int:
 
 def _start(args) -> int:
     info = _broker.start_broker(args.data_dir, args.port, version=args.version, heap=args.heap,
-                                timeout=args.timeout, progress=sys.stderr)
+                                timeout=args.timeout, progress=sys.stderr, host=args.host)
     obj = asdict(info) | {"bootstrap": info.bootstrap, "log_file": str(info.log_file)}
     _emit(args, obj, f"Kafka {info.version} broker running at {info.bootstrap} (pid {info.pid}, "
                      f"data {info.data_dir}, log {info.log_file}; started in {info.start_seconds:.1f} s)")
@@ -72,11 +72,14 @@ def _register_kafka(subparsers) -> None:
     p.add_argument("--timeout", type=float, default=900.0, help="seconds allowed for Maven (default: %(default)s)")
     p.set_defaults(func=_fetch)
 
-    p = verbs.add_parser("start", help="start a broker on 127.0.0.1 as a daemon")
+    p = verbs.add_parser("start", help="start a broker (on 127.0.0.1 unless --host) as a daemon")
     p.add_argument("--data-dir", default=str(_broker.DEFAULT_DATA_DIR),
                    help="configuration, logs and topic data (default: %(default)s)")
     p.add_argument("--port", type=int, default=_broker.DEFAULT_PORT,
                    help="client port; 0 picks a free one (default: %(default)s)")
+    p.add_argument("--host", default=_broker.HOST,
+                   help="address to listen on and advertise, one other hosts reach (e.g. a testbed's bridge "
+                        "address); default: %(default)s")
     p.add_argument("--version", default=_broker.DEFAULT_VERSION, help="Kafka version (default: %(default)s)")
     p.add_argument("--heap", default=_broker.DEFAULT_HEAP, help="JVM max heap (default: %(default)s)")
     p.add_argument("--timeout", type=float, default=60.0,

@@ -48,10 +48,17 @@ def _world_step(comm, state, factor):
 
 
 def world_calls(spark, bed, ranks, factors):
-    """A persistent World across hosts called once per factor; the answers and the world's hosts."""
+    """A persistent World across hosts called once per factor; the answers, the world's hosts and
+    its PMI key space (the keys and values its ranks put)."""
+    from sparkmpi.config import load_settings
+    from sparkmpi.launch.job import get_server, resolve_host
+
     with sparkmpi.World(spark, ranks, start_timeout=60) as world:
         answers = [world.call(_world_step, f, timeout=60) for f in factors]
-        return {"answers": answers, "hosts": world.hosts}
+        # What the ranks put into the PMI key space, read while the world (and so its job) is open.
+        server = get_server(resolve_host(load_settings(), spark.sparkContext))
+        keys = [job.key_values() for job in server.open_jobs()]
+        return {"answers": answers, "hosts": world.hosts, "pmi_keys": keys}
 
 
 
@@ -94,7 +101,52 @@ def ptychography(spark, bed, ranks, folder):
     path = data.save(os.path.join(folder, "scan.npz"))
     probe = ptycho.model_probe(data)
     mask = ptycho.illuminated_mask(data)
-    out = reconstruct_mpi(spark, path, ranks=ranks, iterations=8, probe=probe, timeout=180)
-    serial = ptycho.reconstruct(data, iterations=8, probe=probe)
+    out = reconstruct_mpi(spark, path, ranks=ranks, iterations=4, probe=probe, timeout=180)
+    serial = ptycho.reconstruct(data, iterations=4, probe=probe)
     rel = float(np.linalg.norm((out.object - serial.object)[mask]) / np.linalg.norm(serial.object[mask]))
     return {"ranks": out.ranks, "frames_per_rank": out.frames_per_rank, "object_rel_diff": rel}
+
+
+def _integrate_and_name_host(comm, frames):
+    """The stream's default process function, plus the number of the host that took each frame."""
+    import socket as sk
+
+    from sparkmpi.stream.driver import integrate_frames
+
+    out = integrate_frames(comm, frames)
+    host = int(sk.gethostname().rsplit("host", 1)[1])      # testbed host names end in host<N>
+    out["host"] = np.full(len(out["intensity"]), host, dtype=np.int64)
+    return out
+
+
+def stream(spark, bed, bootstrap, topic, out, ranks=2, max_frames=100):
+    """A Kafka stream through the driver's own world (mode="world"), every batch on ``ranks`` ranks;
+    the report's counts and the world's hosts (the outputs are for the test to read)."""
+    from sparkmpi.stream.driver import StreamDriver
+
+    hosts = []
+    driver = StreamDriver(spark, bootstrap, topic, "hosts", out, ranks=ranks, trigger=0.1, max_frames=max_frames,
+                          process=_integrate_and_name_host, progress=None, start_timeout=10,
+                          job_settings={"start_timeout": 60})
+    report = driver.run(until_end_of_scan=True, on_batch=lambda b: hosts.append(list(driver.world.hosts)))
+    return {"stopped": report.stopped, "frames": report.frames, "batches": report.batches,
+            "dead_letters": report.dead_letters, "world_hosts": hosts}
+
+
+
+def bench_allreduce(spark, bed, ranks=2, elements=200_000):
+    """``sparkmpi bench allreduce --master <the testbed's master> --json`` in this driver (whose
+    session on that master it reuses: Spark's getOrCreate); its exit code and JSON report."""
+    import contextlib
+    import io
+    import json
+
+    from sparkmpi.cli import main
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        code = main(["bench", "allreduce", "--master", bed.master_url, "--ranks", str(ranks), "--elements",
+                     str(elements), "--repeat", "3", "--jobs", "1", "--warmup", "0", "--json"])
+    lines = out.getvalue().strip().splitlines()
+    return {"code": code, "report": json.loads(lines[-1]) if code == 0 and lines else None,
+            "stdout": out.getvalue()[-2000:]}
