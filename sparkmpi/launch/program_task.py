@@ -228,7 +228,7 @@ class _ProgramRelay(RelayAdapter):
             self._forward(what)
         elif what == "exit":
             self.sel.unregister(self.pidfd)  # its children may outlive it: the loop goes on without it
-            self.forward_rank_pmi(block=False)  # an MPI_Abort it sent goes before its exit
+            self.forward_rank_pmi()  # an MPI_Abort it sent goes before its exit
             deadline = time.monotonic() + DRAIN_S
             # What it wrote last is still in the pipes (or held open by its own children: not waited for long).
             while time.monotonic() < deadline and (self._forward(1, final=True) | self._forward(2, final=True)):

@@ -120,7 +120,7 @@ class RelayAdapter:
     def _readable(self, what) -> None:
         handle = self.state.handle
         if what == "rank-pmi":
-            self.forward_rank_pmi(block=True)
+            self.forward_rank_pmi()
         elif what == "server":
             data = _recv(self.server)
             if not data:
@@ -139,16 +139,18 @@ class RelayAdapter:
         else:
             self._readable_own(what)
 
-    def forward_rank_pmi(self, block: bool) -> None:
-        """Forward the rank's PMI lines: what one read gives (``block``), or all that is queued.
+    def forward_rank_pmi(self) -> None:
+        """Forward the PMI lines the rank has written so far (never waits for more).
 
-        Before a frame or the exit of the rank is handled, what it wrote on PMI
-        first is forwarded first: a job that a rank aborted fails with the
-        abort, not with the exit status or the result that followed it.
+        Called when its socket is readable, and also before a frame or the exit
+        of the rank is handled: what it wrote on PMI first is forwarded first, so
+        a job that a rank aborted fails with the abort, not with the exit status
+        or the result that followed it.  (Never a blocking read: an earlier call
+        in the same round of the loop may have taken what made it readable.)
         """
-        while self.pmi_open:
+        while self.pmi_open and not self.state.finished:
             try:
-                data = self.pmi.recv(65536, 0 if block else socket.MSG_DONTWAIT)
+                data = self.pmi.recv(65536, socket.MSG_DONTWAIT)
             except (BlockingIOError, InterruptedError):
                 return
             except OSError:
@@ -160,8 +162,6 @@ class RelayAdapter:
             # Whole lines only, so our own control lines never split one.
             for line in self.from_rank.feed(data):
                 self.execute(self.state.handle(relay.RankPMILine(line)))
-            if block or self.state.finished:
-                return
 
     def _readable_own(self, what) -> None:
         raise NotImplementedError

@@ -130,7 +130,7 @@ class _Relay(RelayAdapter):
         elif what == "rank-ctrl":
             self._from_rank_ctrl()
         elif what == "rank-exit":
-            self.forward_rank_pmi(block=False)
+            self.forward_rank_pmi()
             self._forward_output(1)
             self._forward_output(2)
             # A last message (its error, say) may still be queued on the control socket.
@@ -201,7 +201,7 @@ class _Relay(RelayAdapter):
     def _from_rank_ctrl(self) -> None:
         # The rank wrote its PMI lines before this frame (an MPI_Abort before a
         # result, say): they are handled first.
-        self.forward_rank_pmi(block=False)
+        self.forward_rank_pmi()
         if self.state.finished:
             return
         try:
