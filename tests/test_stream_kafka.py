@@ -53,6 +53,9 @@ def _drain(bootstrap, topic, group, *, max_messages=None):
         commit_offsets(bootstrap, group, plan)
 
 
+@pytest.mark.known_leak(r"socket fd \d+: tcp 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:\d+",
+                        "in one full run, two librdkafka connections to the broker appeared during this test, "
+                        "as in test_eiger_pipeline.py; not yet traced")
 def test_publish_then_read_by_offset_ranges_exactly(broker):
     n, parts = 3000, 3
     scan = SyntheticScan(n, (64, 64), "uint16", seed=7, scan_id="exact")
