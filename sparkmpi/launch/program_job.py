@@ -339,7 +339,8 @@ class ProgramJob:
                     message += f"; its stderr ended with: {last[0][:300]}"
             else:
                 returncode, message = 1, f"MPI job {self.kvsname} failed: {failure.cause.splitlines()[0]}"
-            if self.stage_error is not None and not self.exits:
+            # (A silent host's task was cancelled: that error of the stage says nothing more.)
+            if self.stage_error is not None and not self.exits and not self.silent:
                 message += f"; the Spark stage failed: {str(self.stage_error).strip().splitlines()[0][:300]}"
         elif self.stage_error is not None:
             returncode = 1
