@@ -65,6 +65,18 @@ def test_mpipoolexecutor_inside_a_rank_function(sc):
     assert sparkmpi.run(sc.parallelize(range(2), 2), pool_map, timeout=60) == [1024, 9, 1]
 
 
+def test_mpipoolexecutor_under_run_program(spark):
+    program = textwrap.dedent("""
+        from mpi4py import MPI
+        from mpi4py.futures import MPIPoolExecutor
+        with MPIPoolExecutor(max_workers=2) as pool:
+            print(MPI.COMM_WORLD.rank, list(pool.map(pow, [2, 3, 4], [10, 2, 0])), flush=True)
+    """)
+    result = sparkmpi.run_program(spark, ["python", "-c", program], ranks=1, timeout=60)
+    assert result.returncode == 0, result.message
+    assert b"".join(result.stdout).decode().split() == ["0", "[1024,", "9,", "1]"]
+
+
 def spawn_missing(comm, partition):
     from mpi4py import MPI
 
