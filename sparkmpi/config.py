@@ -101,7 +101,8 @@ class Settings:
         it closes itself and frees its task slots; None keeps it open.
     host_timeout : float
         Seconds a rank's relay may stay silent while the driver waits on its
-        world (the driver pings each relay every ``host_timeout / 5`` s, at
+        world or on an external program's job (``exec``, ``run_program``,
+        ``pipe``) (the driver pings each relay every ``host_timeout / 5`` s, at
         most every second) before the job fails with "no contact for N s"
         naming the rank and its host: a host whose link went down, that is
         frozen or powered off.  Without it Spark notices only after its own

@@ -46,3 +46,29 @@ def test_an_unfinished_message_gives_nothing_and_garbage_raises():
         _feed(channel.FrameReader(), b"GET / HTTP/1.1\r\n", 64)
     with pytest.raises(ValueError, match="count: expected"):
         channel.FrameReader().advance(100)
+
+
+def test_pings_go_only_to_relays_that_take_them_at_once():
+    import socket
+
+    pairs = [socket.socketpair() for _ in range(3)]
+    try:
+        full, _ = pairs[1]
+        full.setblocking(False)
+        try:
+            while True:
+                full.send(b"x" * 65536)
+        except BlockingIOError:
+            pass                                     # a frozen relay's buffer: a ping would block
+        pairs[2][0].close()                          # gone: left to the read that finds it
+        channel.send_pings({rank: ours for rank, (ours, _) in enumerate(pairs)}, [0, 1, 2, 7])
+        theirs = pairs[0][1]
+        theirs.settimeout(5)
+        assert channel.recv_message(theirs)[0] == channel.PING
+        theirs.setblocking(False)
+        with pytest.raises(BlockingIOError):
+            theirs.recv(1)                           # one ping, nothing more
+    finally:
+        for ours, theirs in pairs:
+            ours.close()
+            theirs.close()

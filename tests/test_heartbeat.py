@@ -91,3 +91,26 @@ def test_bad_timeouts_are_refused(timeout, interval):
 def test_the_message_names_rank_host_and_silence():
     text = lost_message(3, "smpi-x-host2", 10.4, 10.0)
     assert "no contact for 10 s" in text and "rank 3" in text and "smpi-x-host2" in text
+
+
+def test_a_beat_watches_exactly_the_given_ranks_pings_the_due_and_finds_the_lost():
+    w = ContactWatch(timeout=2.0)          # interval 0.4 s
+    assert w.beat(0.0, {0, 1}) == ([0, 1], [])
+    assert w.beat(0.2, {0, 1}) == ([], [])
+    w.contact(0, 1.9)
+    assert w.beat(2.1, {0, 1}) == ([0, 1], [(1, 2.1)])
+    # Rank 1 reported its end: no longer watched, never lost; rank 2 connected late starts its clock now.
+    assert w.beat(2.2, {0, 2}) == ([2], [])
+    assert 1 not in w.last_contact and w.next_deadline() == pytest.approx(3.9)
+
+
+def test_a_busy_rank_is_not_pinged_but_its_silence_counts():
+    w = ContactWatch(timeout=2.0)
+    assert w.beat(0.0, {0, 1}, busy={0}) == ([1], [])
+    t, lost = 0.0, []
+    while not lost:
+        t += 0.25
+        w.contact(1, t)
+        pings, lost = w.beat(t, {0, 1}, busy={0})
+        assert 0 not in pings
+    assert lost == [(0, 2.25)] and t == 2.25

@@ -2,6 +2,7 @@
 compiled here by the mpich wheel's ``mpicc``; real Spark, real MPICH."""
 
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -242,3 +243,52 @@ def test_ctrl_c_stops_every_rank_within_seconds(spark, tmp_path):
         sparkmpi.run_program(spark, ["python", "-c", script], ranks=2, timeout=60)
     assert time.monotonic() - started < 20
     # The leak check (tests/leaks.py) fails the test if a rank outlived the interrupt.
+
+
+def _pyspark_worker(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as fh:
+            return b"pyspark" in fh.read()
+    except OSError:
+        return False
+
+
+def test_a_frozen_relay_fails_the_program_job_within_host_timeout_naming_rank_and_host(spark, tmp_path):
+    """SIGSTOP of rank 1's relay (the Spark task's Python worker, the program's parent), as a host
+    that went silent: the heartbeat fails the job in about host_timeout, rank 0 is stopped."""
+    import threading
+
+    script = ("import os, time; from mpi4py import MPI; r = MPI.COMM_WORLD.rank; "
+              f"p = os.path.join({str(tmp_path)!r}, 'relay-%d' % r); open(p + '.tmp', 'w').write(str(os.getppid())); "
+              "os.rename(p + '.tmp', p); time.sleep(60)")
+    frozen: dict = {}
+
+    def freeze_rank_1s_relay():
+        marker = tmp_path / "relay-1"
+        deadline = time.monotonic() + 60
+        while not marker.exists() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        if marker.exists():
+            pid = int(marker.read_text())
+            if _pyspark_worker(pid):
+                os.kill(pid, signal.SIGSTOP)
+                frozen.update(pid=pid, at=time.monotonic())
+
+    freezer = threading.Thread(target=freeze_rank_1s_relay, daemon=True)
+    freezer.start()
+    try:
+        result = sparkmpi.run_program(spark, ["python", "-c", script], ranks=2, timeout=60, host_timeout=2)
+        returned = time.monotonic()
+    finally:
+        freezer.join(65)
+        if "pid" in frozen and _pyspark_worker(frozen["pid"]):
+            os.kill(frozen["pid"], signal.SIGCONT)    # Spark normally killed it already
+    assert "pid" in frozen, "rank 1's relay was never found"
+    assert result.returncode == 1 and "\n" not in result.message and "Spark stage" not in result.message, \
+        result.message
+    assert re.search(r"no contact for \d+ s with the relay of rank 1 on host \S+ \(host_timeout is 2 s\)",
+                     result.message), result.message
+    # Detection takes host_timeout; then Spark takes a few s to kill the frozen task (no orphan is left:
+    # the leak check); the other rank was stopped by the abort.
+    assert returned - frozen["at"] < 12, returned - frozen["at"]
+    assert result.exit_codes[0] is not None and result.exit_codes[0] < 0 and result.exit_codes[1] is None

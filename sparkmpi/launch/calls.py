@@ -208,20 +208,9 @@ class WorldCore:
         Ranks in ``busy`` have a call half written to them: a ping there would
         cut into it (the bytes they take count as contact instead).
         """
-        endpoint, now = self.endpoint, time.monotonic()
-        for rank in connected:
-            if rank in endpoint.closed:
-                watch.forget(rank)
-            else:
-                watch.watch(rank, now)
-        for rank in watch.pings_due(now):
-            if rank in busy:
-                continue
-            try:
-                channel.send_message(endpoint.conns[rank], channel.PING, None)
-            except (OSError, KeyError):
-                pass  # a closed connection is found by the read that follows
-        lost = watch.lost(now)
+        endpoint = self.endpoint
+        pings, lost = watch.beat(time.monotonic(), connected - endpoint.closed, busy)
+        channel.send_pings(endpoint.conns, pings)
         if lost:
             rank, silent = lost[0]
             self.silent_ranks.update(r for r, _ in lost)

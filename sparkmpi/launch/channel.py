@@ -11,6 +11,7 @@ their final buffers.  File descriptors ride along with the preamble
 from __future__ import annotations
 
 import pickle
+import select
 import socket
 import struct
 from dataclasses import dataclass
@@ -98,6 +99,29 @@ def frame_pieces(kind: int, segments) -> list[memoryview]:
     if head:
         pieces.append(memoryview(head))
     return pieces
+
+
+def send_pings(conns: dict, ranks) -> None:
+    """The heartbeat's PING to the relay of each of ``ranks`` (``conns``: rank -> socket).
+
+    Only a socket that takes the few bytes at once gets one: a blocking send
+    to a frozen relay whose buffer is full would stop the heartbeat itself
+    (its unanswered ping is what finds it).  A connection that is gone is
+    left to the read that finds it.
+    """
+    socks = [conns[rank] for rank in ranks if rank in conns and conns[rank].fileno() >= 0]
+    if not socks:
+        return
+    poller = select.poll()  # not select.select: a driver may hold descriptors past FD_SETSIZE
+    for sock in socks:
+        poller.register(sock, select.POLLOUT)
+    writable = {fd for fd, events in poller.poll(0) if events & select.POLLOUT}
+    for sock in socks:
+        if sock.fileno() in writable:
+            try:
+                send_message(sock, PING, None)
+            except OSError:
+                pass
 
 
 def send_frame(sock: socket.socket, kind: int, segments, fds: tuple[int, ...] = ()) -> None:

@@ -1,6 +1,7 @@
 """Which ranks' hosts went silent: the driver's heartbeat bookkeeping, pure (times in, decisions out).
 
-While the driver waits on a world (start, a call, close) it pings every
+While the driver waits on a world (start, a call, close), or on an external
+program's job (:mod:`.program_job`) until its ranks exit, it pings every
 connected relay each :attr:`ContactWatch.interval` seconds; a relay answers
 at once from its own loop, which runs beside its rank however busy the rank
 is.  Any frame from a relay counts as contact.  A relay silent for longer
@@ -80,6 +81,22 @@ class ContactWatch:
         patience = self.timeout - self.interval
         return [(r, now - t) for r, t in sorted(self.last_contact.items())
                 if now - t > self.timeout and now - self.unanswered_since.get(r, now) >= patience]
+
+    def beat(self, now: float, watched, busy=()) -> tuple[list[int], list[tuple[int, float]]]:
+        """One round of the heartbeat at ``now``: ``(ranks to ping now, lost ranks)``.
+
+        Exactly the ranks in ``watched`` are watched from now on (a rank no
+        longer in it is forgotten: its relay closed or reported its end).
+        Ranks in ``busy`` have something half written to them, which a ping
+        would cut into: they are not pinged, though their clock runs (the
+        bytes they take are their contact).
+        """
+        watched = set(watched)
+        for rank in [r for r in self.last_contact if r not in watched]:
+            self.forget(rank)
+        for rank in sorted(watched):
+            self.watch(rank, now)
+        return [r for r in self.pings_due(now) if r not in busy], self.lost(now)
 
     def next_deadline(self) -> float | None:
         """When the first watched rank would be lost if nothing comes (None: nobody is watched)."""

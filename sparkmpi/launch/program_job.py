@@ -8,7 +8,12 @@ each rank's output (echoed as it comes) and exit.  Its exit status is
 (its ``MPI_Abort`` code, its exit code, or, as Hydra reports it, the number
 of the signal that killed it), with a one-line message naming rank, host and
 cause.  A failing rank, a timeout or Ctrl-C aborts the job on the server,
-which stops every program within the kill grace.
+which stops every program within the kill grace.  While it waits the job
+pings every relay that has not reported its exit (the heartbeat of
+:mod:`.heartbeat`, as a world's): a relay silent for ``host_timeout`` s is
+on a host that went silent (link down, frozen, powered off), and the job
+fails with "no contact for N s" naming its rank and host instead of hanging
+until TCP gives up.
 """
 
 from __future__ import annotations
@@ -23,10 +28,13 @@ from dataclasses import dataclass, field
 
 from ..config import Settings
 from ..errors import JobFailed
-from . import channel
+from . import channel, heartbeat
 from .echo import LineEcho
 from .job import get_server, resolve_host
 from .program_task import ProgramSpec, run_program_task
+
+#: Bytes of rank 0's stdin per STDIN message.
+STDIN_CHUNK = 1 << 16
 
 
 @dataclass
@@ -108,6 +116,14 @@ class ProgramJob:
         self.records: list = []
         self.stage_error: BaseException | None = None
         self.stage_done = threading.Event()
+        self.watch = heartbeat.ContactWatch(settings.host_timeout)
+        #: Ranks whose relay connection closed, and ranks whose host went silent (the heartbeat found them).
+        self.gone: set[int] = set()
+        self.silent: set[int] = set()
+        #: Rank 0's connection is written by the stdin thread too: one frame at a time (see :meth:`_ping`).
+        self.stdin_lock = threading.Lock()
+        #: When the stdin thread last sent rank 0 something (bytes its relay takes are contact).
+        self.stdin_sent_at: float | None = None
 
     # -- the stage -------------------------------------------------------------
     def _run_stage(self, rdd) -> None:
@@ -151,7 +167,7 @@ class ProgramJob:
         stdin_thread = None
         failed_at = None
         # self.sel lives as long as run(): after an interrupt the exits still drain through it
-        while len(self.exits) < self.size:
+        while self._waiting_for():
             now = time.monotonic()
             if self.stdin is not None and stdin_thread is None and 0 in self.conns:
                 stdin_thread = threading.Thread(target=self._send_stdin, name=f"{self.tag}-stdin",
@@ -179,7 +195,40 @@ class ProgramJob:
                     self.job.abort("the Spark stage ended before every rank reported its exit")
                 return None
             self._poll(0.05)
+            self._heartbeat()
         return None
+
+    def _waiting_for(self) -> set:
+        """Ranks whose exit may still come (not reported, not on a host that went silent)."""
+        return set(range(self.size)) - set(self.exits) - self.silent
+
+    def _heartbeat(self) -> None:
+        """Ping the relays that are due; abort the job when one has been silent too long.
+
+        After the frames that were waiting are read: a driver that was not
+        scheduled for a while must not take its own pause for silence.
+        """
+        now = time.monotonic()
+        if self.stdin_sent_at is not None:
+            self.watch.contact(0, self.stdin_sent_at)
+        watched = set(self.conns) - set(self.exits) - self.gone - self.silent
+        pings, lost = self.watch.beat(now, watched)
+        self._ping(pings)
+        if lost:
+            self.silent.update(rank for rank, _ in lost)
+            rank, silent_s = lost[0]
+            self.job.abort(heartbeat.lost_message(rank, self.hosts.get(rank, "?"), silent_s, self.watch.timeout),
+                           rank=rank)
+
+    def _ping(self, ranks) -> None:
+        """PING ``ranks``; rank 0's only while the stdin thread is not halfway through a frame to it
+        (skipped, its clock runs on: the stdin it takes counts as contact, see :meth:`_send_stdin`)."""
+        channel.send_pings(self.conns, [r for r in ranks if r != 0])
+        if 0 in ranks and self.stdin_lock.acquire(blocking=False):
+            try:
+                channel.send_pings(self.conns, [0])
+            finally:
+                self.stdin_lock.release()
 
     def _poll(self, timeout: float) -> None:
         for key, _ in self.sel.select(timeout=timeout):
@@ -191,8 +240,12 @@ class ProgramJob:
                 kind, message, _ = channel.recv_message(self.conns[rank])
             except (channel.ChannelClosed, OSError, ValueError):
                 self.sel.unregister(key.fileobj)
+                self.gone.add(rank)
                 if rank not in self.exits:
                     self.job.abort(f"lost the relay of rank {rank} (on {self.hosts.get(rank, '?')})")
+                continue
+            self.watch.contact(rank, time.monotonic())
+            if kind == channel.PONG:
                 continue
             if kind == channel.OUTPUT:
                 stream, data = message["stream"], message["data"]
@@ -218,29 +271,38 @@ class ProgramJob:
         """Rank 0's stdin from the caller's (a file object, or bytes), until end of input."""
         sock = self.conns[0]
         source = self.stdin
+
+        def send(data: bytes) -> None:
+            with self.stdin_lock:  # the heartbeat's pings go on the same connection
+                channel.send_message(sock, channel.STDIN, data)
+                self.stdin_sent_at = time.monotonic()
+
         try:
             if isinstance(source, (bytes, bytearray)):
-                if source:
-                    channel.send_message(sock, channel.STDIN, bytes(source))
+                view = memoryview(source)
+                for start in range(0, len(view), STDIN_CHUNK):   # each chunk taken is contact
+                    send(bytes(view[start:start + STDIN_CHUNK]))
             else:
                 fd = source.fileno()
                 while 0 not in self.exits:
-                    chunk = os.read(fd, 65536)
+                    chunk = os.read(fd, STDIN_CHUNK)
                     if not chunk:
                         break
-                    channel.send_message(sock, channel.STDIN, chunk)
-            channel.send_message(sock, channel.STDIN, b"")
+                    send(chunk)
+            send(b"")
         except (OSError, ValueError):
             pass  # the rank is gone; its exit says why
 
     def _drain(self, until: float) -> None:
         """After an abort: collect the exits that are still coming, until ``until``."""
-        while len(self.exits) < self.size and time.monotonic() < until:
+        while self._waiting_for() and time.monotonic() < until:
             self._poll(0.05)
+            self._heartbeat()
 
     def _teardown(self, stage: threading.Thread) -> None:
         self.job.close()
-        if not self.stage_done.wait(self.settings.kill_grace + 5.0):
+        # A silent host's task will not return by itself: cancel it at once.
+        if self.silent or not self.stage_done.wait(self.settings.kill_grace + 5.0):
             try:
                 self.sc.cancelJobsWithTag(self.tag)
             except Exception:  # noqa: BLE001  (a JVM that got the Ctrl-C too is gone: nothing to cancel)
@@ -263,7 +325,9 @@ class ProgramJob:
         elif failure is not None or any(c != 0 for c in codes):
             rank = failure.rank if failure is not None and failure.rank is not None else \
                 next((r for r, c in enumerate(codes) if c != 0), None)
-            if failure is not None and failure.exit_code is not None:
+            if failure is not None and failure.rank in self.silent:
+                returncode, message = 1, f"MPI job {self.kvsname} failed: {failure.cause}"
+            elif failure is not None and failure.exit_code is not None:
                 returncode = failure.exit_code if failure.exit_code != 0 else 1
                 message = f"rank {rank} (on {hosts[rank]}) called MPI_Abort with exit code {failure.exit_code}"
             elif rank is not None:
@@ -275,7 +339,8 @@ class ProgramJob:
                     message += f"; its stderr ended with: {last[0][:300]}"
             else:
                 returncode, message = 1, f"MPI job {self.kvsname} failed: {failure.cause.splitlines()[0]}"
-            if self.stage_error is not None and not self.exits:
+            # (A silent host's task was cancelled: that error of the stage says nothing more.)
+            if self.stage_error is not None and not self.exits and not self.silent:
                 message += f"; the Spark stage failed: {str(self.stage_error).strip().splitlines()[0][:300]}"
         elif self.stage_error is not None:
             returncode = 1

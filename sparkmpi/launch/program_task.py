@@ -6,7 +6,8 @@ between it and the driver's PMI server, as for a Python rank (the shared
 part is :class:`~.relay_adapter.RelayAdapter`).  The program's stdout and
 stderr go to the driver's program endpoint as they are written; rank 0 gets
 the driver's stdin (``exec``), or each rank its partition's records
-(``pipe``).  What the relay decides is
+(``pipe``); the driver's heartbeat PINGs are answered from the relay's
+loop, whatever the program does.  What the relay decides is
 :class:`~.program_relay.ProgramRelayState`; this module moves the bytes.
 The programs run in process groups of their own, stopped (SIGTERM, then
 SIGKILL after the kill grace) when the job fails, and die with their Spark
@@ -222,7 +223,9 @@ class _ProgramRelay(RelayAdapter):
                 self.sel.unregister(self.driver)
                 self.execute(handle(pr.DriverClosed()))
                 return
-            if kind == channel.STDIN:
+            if kind == channel.PING:
+                self.answer_ping()
+            elif kind == channel.STDIN:
                 self.execute(handle(pr.DriverInput(bytes(message))))
         elif what in (1, 2):
             self._forward(what)

@@ -18,7 +18,7 @@ import socket
 from .._retry import retry
 from ..pmi import control
 from ..pmi.wire import LineBuffer, parse_line
-from . import relay
+from . import channel, relay
 from .spawned import SpawnedChildren
 
 CONNECT_TIMEOUT = 15.0
@@ -57,6 +57,8 @@ class RelayAdapter:
         self.host = socket.gethostname()
         self.where = f"rank {rank} (partition {rank} on {self.host})"
         self.server: socket.socket | None = None
+        #: The connection to the driver's endpoint (the world's, or the program job's); the subclass opens it.
+        self.driver: socket.socket | None = None
         self.pmi: socket.socket | None = None
         self.from_server, self.from_rank = LineBuffer(), LineBuffer()
         #: Lines that came with the server's welcome, handled once the loop runs.
@@ -162,6 +164,11 @@ class RelayAdapter:
             # Whole lines only, so our own control lines never split one.
             for line in self.from_rank.feed(data):
                 self.execute(self.state.handle(relay.RankPMILine(line)))
+
+    def answer_ping(self) -> None:
+        """The driver's heartbeat (:mod:`.heartbeat`): answer its PING at once, from this loop,
+        whatever the rank or program is doing."""
+        send_quietly(channel.send_message, self.driver, channel.PONG, None)
 
     def _readable_own(self, what) -> None:
         raise NotImplementedError

@@ -118,7 +118,7 @@ class _Relay(RelayAdapter):
                 self.execute(handle(relay.DriverClosed()))
                 return
             if kind == channel.PING:
-                self._answer_ping()
+                self.answer_ping()
                 return
             self.execute(handle(relay.DriverFrame(kind, segments)))
         elif what == "inbox":
@@ -140,10 +140,6 @@ class _Relay(RelayAdapter):
                 status = self.proc.popen.wait()
                 tail = self.stderr_tail.decode("utf-8", "replace").strip()
                 self.execute(handle(relay.RankExited(status, tail)))
-
-    def _answer_ping(self) -> None:
-        """The driver's heartbeat: answer at once, whatever the rank is doing (see .heartbeat)."""
-        send_quietly(lambda: channel.send_message(self.driver, channel.PONG, None))
 
     def _receive_partition(self) -> None:
         """A delivery to the inbox connects: read it piecewise from this loop (:meth:`_delivery_readable`),
