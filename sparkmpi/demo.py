@@ -201,6 +201,13 @@ def live_warm(comm, state, object_shape, probe):
 MIN_FRAMES_PER_RANK = 8
 
 
+def iterations_within(budget_s: float, per_iteration_s: float, overhead_s: float, most: int) -> int:
+    """Iterations that fit in ``budget_s`` when a refinement costs ``overhead_s`` once
+    and ``per_iteration_s`` per iteration: at least 1, at most ``most``."""
+    room = budget_s - overhead_s
+    return max(1, min(most, int(room / max(per_iteration_s, 1e-6) + 1e-9)))
+
+
 class _LiveReconstruction:
     """After each batch: one call on the stream's world refines over all frames so far."""
 
@@ -212,6 +219,7 @@ class _LiveReconstruction:
         self.iterations, self.live_dir, self.steps = iterations, live_dir, steps
         self.budget = budget
         self._seconds_per_iteration: float | None = None
+        self._call_overhead_s = 0.0
         self.positions: list[np.ndarray] = []
         self.object = self.probe = None
         self.errors: list[float] = []
@@ -251,7 +259,10 @@ class _LiveReconstruction:
             return None
         self.object, self.probe, errors, seconds, done = out[0]
         if done:
-            self._seconds_per_iteration = (self.refine_s[-1]) / done
+            # The engine's own loop time per iteration; the rest of the call (engine
+            # set-up, the world call, the result's transfer) is paid once per batch.
+            self._seconds_per_iteration = seconds / done
+            self._call_overhead_s = max(self.refine_s[-1] - seconds, 0.0)
         self.errors = [float(e) for e in errors]
         positions = np.concatenate(self.positions)
         # Quality where the frames so far reach: the rest of the object is not
@@ -322,10 +333,12 @@ class _LiveReconstruction:
 
     def live_iterations(self) -> int:
         """DM iterations for this batch: as many as fit in the budget (a refinement
-        holds up the next batch), from the last refinement's seconds per iteration."""
+        holds up the next batch), from the last refinement's seconds per iteration
+        and what its call cost besides the iterations."""
         if self.budget is None or self._seconds_per_iteration is None:
             return self.iterations
-        return max(1, min(self.iterations, int(self.budget / self._seconds_per_iteration)))
+        return iterations_within(self.budget, self._seconds_per_iteration, self._call_overhead_s,
+                                 self.iterations)
 
     def publish(self) -> None:
         from .viz import publish_snapshot

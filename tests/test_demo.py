@@ -130,3 +130,14 @@ def test_demo_rejects_bad_options(capsys):
 
     assert main(["demo", "--ranks", "99"]) == 2
     assert "--ranks must be in 1.." in capsys.readouterr().err
+
+
+def test_live_iterations_fit_the_budget_after_the_call_overhead():
+    from sparkmpi.demo import iterations_within
+
+    # 0.12 s budget, 0.02 s of call overhead, 0.01 s per iteration: 10 fit, capped at 8.
+    assert iterations_within(0.12, 0.01, 0.02, most=10) == 10
+    assert iterations_within(0.12, 0.01, 0.02, most=8) == 8
+    assert iterations_within(0.12, 0.02, 0.02, most=10) == 5
+    # A call whose overhead alone passes the budget still refines once.
+    assert iterations_within(0.12, 0.01, 0.5, most=10) == 1
