@@ -182,7 +182,7 @@ class LiveScans:
 
     def __init__(self, world, bridge, *, iterations: int = 5, final_iterations: int = 30,
                  checkpoint_frames: int = 32, quality_producer=None, quality_topic: str | None = None, tiled=None,
-                 live_dir=None, truth=None):
+                 live_dir=None, truth=None, tiled_retry_every: float = 2.0):
         for name, value in (("iterations", iterations), ("final_iterations", final_iterations),
                             ("checkpoint_frames", checkpoint_frames)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -192,11 +192,17 @@ class LiveScans:
         self.checkpoint_frames = checkpoint_frames
         self.quality_producer, self.quality_topic = quality_producer, quality_topic
         self.tiled, self.live_dir = tiled, Path(live_dir) if live_dir is not None else None
+        if isinstance(tiled_retry_every, bool) or not isinstance(tiled_retry_every, (int, float)) \
+                or not tiled_retry_every > 0:
+            raise InvalidArgument(f"tiled_retry_every: expected seconds > 0, got {tiled_retry_every!r}")
+        self.tiled_retry_every = float(tiled_retry_every)
         self.truth = truth or {}          # uid -> (object_true, probe_true), when known
         self.scans: dict[str, ScanResult] = {}
         self.batches = 0
         self.committed = 0
         self.tiled_errors: list[str] = []
+        self.tiled_s: list[float] = []    # seconds each call to Tiled took (writes, retries of kept ones)
+        self._tiled_retry_at = 0.0
         self.refine_s: list[float] = []
 
     def scan(self, uid: str) -> ScanResult:
@@ -331,8 +337,8 @@ class LiveScans:
         if self.tiled is None:
             return
         geo = self._geometry(uid)
+        t0 = time.monotonic()
         try:
-            self.tiled.flush_pending()
             if res.final:
                 self.tiled.write_final(uid, res.object, res.probe, res.errors, quality, geo, res.exit_status)
             else:
@@ -340,6 +346,27 @@ class LiveScans:
         except SparkMPIError as exc:
             self.tiled_errors.append(str(exc))
             log.warning("%s", exc)
+        finally:
+            self.tiled_s.append(time.monotonic() - t0)
+            self._tiled_retry_at = time.monotonic() + self.tiled_retry_every
+
+    def retry_tiled(self, *, force: bool = False) -> bool:
+        """Send the Tiled writes kept while the server was down (at most every ``tiled_retry_every`` s
+        unless ``force``); True when none is left.  Called between batches, so a scan that wrote its
+        last result while Tiled was down still reaches it once the server is back."""
+        if self.tiled is None or not self.tiled.pending:
+            return True
+        if not force and time.monotonic() < self._tiled_retry_at:
+            return False
+        t0 = time.monotonic()
+        try:
+            self.tiled.flush_pending()
+        except SparkMPIError as exc:
+            log.debug("Tiled still down: %s", exc)
+        finally:
+            self.tiled_s.append(time.monotonic() - t0)
+            self._tiled_retry_at = time.monotonic() + self.tiled_retry_every
+        return not self.tiled.pending
 
 
 class BlueskyPipeline:
@@ -434,6 +461,7 @@ class BlueskyPipeline:
                 finishing = self.live._finishing()
                 if finishing:
                     self.live.refine(finishing)
+                self.live.retry_tiled()
             return self._stop.is_set() or (until is not None and until())
 
         self.report = self.driver.run(until=stop, idle_timeout=idle_timeout, on_batch=self.live.on_batch)
@@ -443,6 +471,8 @@ class BlueskyPipeline:
         self._stop.set()
 
     def close(self) -> None:
+        if self.live is not None:
+            self.live.retry_tiled(force=True)   # one last try; what is still kept stays in tiled.pending
         self.bridge.close()
         from ..stream.kafka_io import close_client
 
