@@ -118,6 +118,37 @@ def refine_scans(comm, state, jobs: dict):
     return out if comm.rank == 0 else None
 
 
+def _restore_frames(comm, state, frames: dict) -> int:
+    """A restarted pipeline's frames of the scans still open: the ranks' state of those scans starts
+    over from them (rank 0 keeps them; :func:`_take_frames` deals them out by index)."""
+    new, recs = state.setdefault(NEW, {}), state.setdefault(RECS, {})
+    for uid, kept in frames.items():
+        recs.pop(uid, None)
+        new[uid] = list(kept) if comm.rank == 0 else []
+    return comm.rank
+
+
+def _published_quality(bootstrap: str, topic: str, timeout: float = 10.0) -> dict:
+    """``{uid: (last checkpoint published, final published)}`` from the quality topic."""
+    from ..stream.offsets import read_offset_range, watermarks
+
+    (low, high), = watermarks(bootstrap, topic, [0], timeout=timeout).values()
+    out: dict = {}
+    for record in read_offset_range(bootstrap, topic, 0, low, high, timeout=timeout) if high > low else ():
+        try:
+            doc = json.loads(record.value)
+            uid = str(doc["scan"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        last, final = out.get(uid, (0, False))
+        if doc.get("final"):
+            final = True
+        elif isinstance(doc.get("checkpoint"), int):
+            last = max(last, doc["checkpoint"])
+        out[uid] = (last, final)
+    return out
+
+
 def _warm_engine(comm, state):
     from ..ptycho.streaming import StreamingReconstruction
 
@@ -144,6 +175,8 @@ class ScanResult:
     final: bool = False
     exit_status: str | None = None
     closed_at: int | None = None                         # frames-topic offset once its stop was translated
+    published: int = 0          # checkpoints a previous run of the pipeline already published (rebuilt silently)
+    rebuilt_frames: int = 0     # frames read back from the frames topic when the pipeline restarted
 
     @property
     def frames(self) -> int:
@@ -287,6 +320,8 @@ class LiveScans:
                 res.checkpoint_errors.append(float(res.errors[-1]))
                 quality = self._quality(uid, res, frames, final=is_final)
                 res.quality.append(quality)
+                if not is_final and res.checkpoints <= res.published:
+                    continue   # rebuilt after a restart: this checkpoint's outputs went out before it
                 self._publish_quality(quality)
                 last = quality
             if final:
@@ -436,7 +471,71 @@ class BlueskyPipeline:
         self.driver = StreamDriver(self.spark, self.bootstrap, self.bridge.frames_topic, self.group,
                                    self.out_dir / "stream", ranks=self.ranks, trigger=self.trigger,
                                    process=bluesky_frames, progress=self.progress, world=self._world)
+        self.driver.start()   # reconciled: its committed offset is what the rebuild reads up to
+        self._rebuild_open_scans()
         return self
+
+    def _rebuild_open_scans(self) -> None:
+        """After a restart: every scan not yet final gets its reconstruction back from its frames.
+
+        The frames before the driver's committed offset were processed by the previous run of the
+        pipeline, and the driver does not read them again; so each such scan's frames are read back
+        from the frames topic (from its first frame, found by :meth:`DocumentBridge.first_frame_offset`),
+        handed to the ranks, and folded in again checkpoint by checkpoint.  The checkpoints whose
+        quality documents are already in ``<docs>.quality`` are rebuilt silently (no quality document,
+        snapshot or Tiled write again); a scan whose final document is there is left final.
+        """
+        from ..stream.frames import FrameError, decode_message
+        from ..stream.offsets import read_offset_range
+
+        committed = self.driver.committed.get((self.bridge.frames_topic, 0))
+        if not committed:
+            return
+        published = _published_quality(self.bootstrap, self.quality_topic)
+        with self.bridge.lock:
+            uids = sorted(self.bridge.state.scans)
+        reopen = []
+        for uid in uids:
+            last, final = published.get(uid, (0, False))
+            res = self.live.scan(uid)
+            if final:
+                res.final = True
+            else:
+                res.published = last
+                reopen.append(uid)
+        if not reopen:
+            return
+        first = min(self.bridge.first_frame_offset(uid, committed) for uid in reopen)
+        kept: dict = {uid: [] for uid in reopen}
+        meta: dict = {uid: [] for uid in reopen}
+        for record in read_offset_range(self.bootstrap, self.bridge.frames_topic, 0, first, committed,
+                                        timeout=self.bridge.timeout):
+            try:
+                decoded = decode_message(record.value)
+            except (FrameError, ValueError):
+                continue   # the driver dead-lettered it the first time
+            if not isinstance(decoded, tuple):
+                continue
+            header, array = decoded
+            if header.scan_id not in kept:
+                continue
+            array = np.array(array, dtype=np.float32)
+            if not np.isfinite(array).all() or (array < 0).any():
+                continue
+            kept[header.scan_id].append((int(header.index), array, header.position))
+            meta[header.scan_id].append((int(header.index), header.position, header.timestamp))
+        for uid in reopen:
+            res = self.live.scan(uid)
+            if meta[uid]:
+                res.indices.append(np.asarray([m[0] for m in meta[uid]], np.int64))
+                res.positions.append(np.asarray([m[1] for m in meta[uid]], np.float64).reshape(-1, 2))
+                res.event_times.append(np.asarray([m[2] for m in meta[uid]], np.float64))
+            res.rebuilt_frames = len(meta[uid])
+        self._world.call(_restore_frames, kept)
+        self.live.committed = max(self.live.committed, committed)
+        log.info("restart: rebuilt %s from %s frames read back from %s [%d, %d)", reopen,
+                 [len(meta[u]) for u in reopen], self.bridge.frames_topic, first, committed)
+        self.live.refine(set(reopen))
 
     def live_truth(self, uid: str, object_true, probe_true) -> None:
         """Ground truth of a simulated scan: its quality documents then carry the NRMSE."""
