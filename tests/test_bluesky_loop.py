@@ -161,7 +161,7 @@ def test_two_scans_at_once_then_one_in_a_row_with_hdf5_and_tiled_down(spark, bro
         kept = len(results.pending)
         assert kept >= 1 and results.pending[-1][0] == "final"                          # kept, not lost
         # no write stalled the reconstruction (Tiled's client alone retries ~25 s against a dead server)
-        assert max(live.tiled_s) < 5, live.tiled_s
+        assert max(live.tiled_s) < 8, live.tiled_s
         tiled_server.port = int(tiled_server.uri.rsplit(":", 1)[1])
         tiled_server.start()                             # back up: the pipeline sends the kept writes itself
         pipeline.run(until=lambda: not results.pending, timeout=30)

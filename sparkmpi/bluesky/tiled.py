@@ -19,7 +19,7 @@ about 25 s against a server that refuses connections: that would stall the
 live reconstruction at every write.  Those are process-wide settings read when
 ``tiled`` is imported, so :class:`TiledResults` bounds its own writes instead:
 its client's HTTP requests carry a request hook that ends the retries of a
-write once ``retry_window`` seconds (default 1 s) have passed without an answer
+write once ``retry_window`` seconds (default 2 s) have passed without an answer
 from the server (since the write began or the last response: a healthy server
 answers every request, so only a silent one runs the window out), and after a failed write the next one first probes the server with one
 plain GET (``probe_timeout``, default 1 s) and keeps the write at once when
@@ -177,7 +177,7 @@ class TiledResults:
         Seconds the reachability probe (after a failed write, before the next) may take.
     """
 
-    def __init__(self, uri: str, api_key: str, *, retry_window: float = 1.0, probe_timeout: float = 1.0):
+    def __init__(self, uri: str, api_key: str, *, retry_window: float = 2.0, probe_timeout: float = 1.0):
         if not isinstance(uri, str) or not uri.startswith("http"):
             raise InvalidArgument(f"uri: expected an http(s) address of a Tiled server, got {uri!r}")
         for name, value in (("retry_window", retry_window), ("probe_timeout", probe_timeout)):
