@@ -76,3 +76,18 @@ class RunDocs:
             docs += self.event(i)
         docs.append(("stop", self.stop(exit_status)))
         return docs
+
+
+def publish(bootstrap, topic, docs):
+    """Documents as bluesky-kafka's Publisher writes them (msgpack); ``bytes`` items go as they are."""
+    from confluent_kafka import Producer
+
+    from sparkmpi.stream.bluesky_docs import encode_document
+    from sparkmpi.stream.kafka_client import ensure_topic
+
+    ensure_topic(bootstrap, topic, 1)
+    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
+    for item in docs:
+        value = item if isinstance(item, bytes) else encode_document(*item)
+        producer.produce(topic, value, key=b"beamline")
+    producer.flush(10)

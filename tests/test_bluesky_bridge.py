@@ -7,28 +7,13 @@ import uuid
 import numpy as np
 import pytest
 
-from bluesky_fixtures import FRAME, RunDocs
+from bluesky_fixtures import FRAME, RunDocs, publish
 from stream_fixtures import broker  # noqa: F401  (session fixture)
 from sparkmpi.stream.bluesky_bridge import DocumentBridge
-from sparkmpi.stream.bluesky_docs import encode_document
 from sparkmpi.stream.frames import decode_message
 from sparkmpi.stream.offsets import read_offset_range, watermarks
 
 pytestmark = pytest.mark.slow
-
-
-def publish(bootstrap, topic, docs):
-    """Documents as bluesky-kafka's Publisher writes them (msgpack); ``bytes`` items go as they are."""
-    from confluent_kafka import Producer
-
-    from sparkmpi.stream.kafka_client import ensure_topic
-
-    ensure_topic(bootstrap, topic, 1)
-    producer = Producer({"bootstrap.servers": bootstrap, "linger.ms": 0})
-    for item in docs:
-        value = item if isinstance(item, bytes) else encode_document(*item)
-        producer.produce(topic, value, key=b"beamline")
-    producer.flush(10)
 
 
 def read_all(bootstrap, topic):

@@ -118,6 +118,37 @@ def refine_scans(comm, state, jobs: dict):
     return out if comm.rank == 0 else None
 
 
+def _restore_frames(comm, state, frames: dict) -> int:
+    """A restarted pipeline's frames of the scans still open: the ranks' state of those scans starts
+    over from them (rank 0 keeps them; :func:`_take_frames` deals them out by index)."""
+    new, recs = state.setdefault(NEW, {}), state.setdefault(RECS, {})
+    for uid, kept in frames.items():
+        recs.pop(uid, None)
+        new[uid] = list(kept) if comm.rank == 0 else []
+    return comm.rank
+
+
+def _published_quality(bootstrap: str, topic: str, timeout: float = 10.0) -> dict:
+    """``{uid: (last checkpoint published, final published)}`` from the quality topic."""
+    from ..stream.offsets import read_offset_range, watermarks
+
+    (low, high), = watermarks(bootstrap, topic, [0], timeout=timeout).values()
+    out: dict = {}
+    for record in read_offset_range(bootstrap, topic, 0, low, high, timeout=timeout) if high > low else ():
+        try:
+            doc = json.loads(record.value)
+            uid = str(doc["scan"])
+        except (ValueError, KeyError, TypeError):
+            continue
+        last, final = out.get(uid, (0, False))
+        if doc.get("final"):
+            final = True
+        elif isinstance(doc.get("checkpoint"), int):
+            last = max(last, doc["checkpoint"])
+        out[uid] = (last, final)
+    return out
+
+
 def _warm_engine(comm, state):
     from ..ptycho.streaming import StreamingReconstruction
 
@@ -144,6 +175,8 @@ class ScanResult:
     final: bool = False
     exit_status: str | None = None
     closed_at: int | None = None                         # frames-topic offset once its stop was translated
+    published: int = 0          # checkpoints a previous run of the pipeline already published (rebuilt silently)
+    rebuilt_frames: int = 0     # frames read back from the frames topic when the pipeline restarted
 
     @property
     def frames(self) -> int:
@@ -182,7 +215,7 @@ class LiveScans:
 
     def __init__(self, world, bridge, *, iterations: int = 5, final_iterations: int = 30,
                  checkpoint_frames: int = 32, quality_producer=None, quality_topic: str | None = None, tiled=None,
-                 live_dir=None, truth=None):
+                 live_dir=None, truth=None, tiled_retry_every: float = 2.0):
         for name, value in (("iterations", iterations), ("final_iterations", final_iterations),
                             ("checkpoint_frames", checkpoint_frames)):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -192,11 +225,17 @@ class LiveScans:
         self.checkpoint_frames = checkpoint_frames
         self.quality_producer, self.quality_topic = quality_producer, quality_topic
         self.tiled, self.live_dir = tiled, Path(live_dir) if live_dir is not None else None
+        if isinstance(tiled_retry_every, bool) or not isinstance(tiled_retry_every, (int, float)) \
+                or not tiled_retry_every > 0:
+            raise InvalidArgument(f"tiled_retry_every: expected seconds > 0, got {tiled_retry_every!r}")
+        self.tiled_retry_every = float(tiled_retry_every)
         self.truth = truth or {}          # uid -> (object_true, probe_true), when known
         self.scans: dict[str, ScanResult] = {}
         self.batches = 0
         self.committed = 0
         self.tiled_errors: list[str] = []
+        self.tiled_s: list[float] = []    # seconds each call to Tiled took (writes, retries of kept ones)
+        self._tiled_retry_at = 0.0
         self.refine_s: list[float] = []
 
     def scan(self, uid: str) -> ScanResult:
@@ -281,6 +320,8 @@ class LiveScans:
                 res.checkpoint_errors.append(float(res.errors[-1]))
                 quality = self._quality(uid, res, frames, final=is_final)
                 res.quality.append(quality)
+                if not is_final and res.checkpoints <= res.published:
+                    continue   # rebuilt after a restart: this checkpoint's outputs went out before it
                 self._publish_quality(quality)
                 last = quality
             if final:
@@ -331,8 +372,8 @@ class LiveScans:
         if self.tiled is None:
             return
         geo = self._geometry(uid)
+        t0 = time.monotonic()
         try:
-            self.tiled.flush_pending()
             if res.final:
                 self.tiled.write_final(uid, res.object, res.probe, res.errors, quality, geo, res.exit_status)
             else:
@@ -340,6 +381,27 @@ class LiveScans:
         except SparkMPIError as exc:
             self.tiled_errors.append(str(exc))
             log.warning("%s", exc)
+        finally:
+            self.tiled_s.append(time.monotonic() - t0)
+            self._tiled_retry_at = time.monotonic() + self.tiled_retry_every
+
+    def retry_tiled(self, *, force: bool = False) -> bool:
+        """Send the Tiled writes kept while the server was down (at most every ``tiled_retry_every`` s
+        unless ``force``); True when none is left.  Called between batches, so a scan that wrote its
+        last result while Tiled was down still reaches it once the server is back."""
+        if self.tiled is None or not self.tiled.pending:
+            return True
+        if not force and time.monotonic() < self._tiled_retry_at:
+            return False
+        t0 = time.monotonic()
+        try:
+            self.tiled.flush_pending()
+        except SparkMPIError as exc:
+            log.debug("Tiled still down: %s", exc)
+        finally:
+            self.tiled_s.append(time.monotonic() - t0)
+            self._tiled_retry_at = time.monotonic() + self.tiled_retry_every
+        return not self.tiled.pending
 
 
 class BlueskyPipeline:
@@ -409,7 +471,71 @@ class BlueskyPipeline:
         self.driver = StreamDriver(self.spark, self.bootstrap, self.bridge.frames_topic, self.group,
                                    self.out_dir / "stream", ranks=self.ranks, trigger=self.trigger,
                                    process=bluesky_frames, progress=self.progress, world=self._world)
+        self.driver.start()   # reconciled: its committed offset is what the rebuild reads up to
+        self._rebuild_open_scans()
         return self
+
+    def _rebuild_open_scans(self) -> None:
+        """After a restart: every scan not yet final gets its reconstruction back from its frames.
+
+        The frames before the driver's committed offset were processed by the previous run of the
+        pipeline, and the driver does not read them again; so each such scan's frames are read back
+        from the frames topic (from its first frame, found by :meth:`DocumentBridge.first_frame_offset`),
+        handed to the ranks, and folded in again checkpoint by checkpoint.  The checkpoints whose
+        quality documents are already in ``<docs>.quality`` are rebuilt silently (no quality document,
+        snapshot or Tiled write again); a scan whose final document is there is left final.
+        """
+        from ..stream.frames import FrameError, decode_message
+        from ..stream.offsets import read_offset_range
+
+        committed = self.driver.committed.get((self.bridge.frames_topic, 0))
+        if not committed:
+            return
+        published = _published_quality(self.bootstrap, self.quality_topic)
+        with self.bridge.lock:
+            uids = sorted(self.bridge.state.scans)
+        reopen = []
+        for uid in uids:
+            last, final = published.get(uid, (0, False))
+            res = self.live.scan(uid)
+            if final:
+                res.final = True
+            else:
+                res.published = last
+                reopen.append(uid)
+        if not reopen:
+            return
+        first = min(self.bridge.first_frame_offset(uid, committed) for uid in reopen)
+        kept: dict = {uid: [] for uid in reopen}
+        meta: dict = {uid: [] for uid in reopen}
+        for record in read_offset_range(self.bootstrap, self.bridge.frames_topic, 0, first, committed,
+                                        timeout=self.bridge.timeout):
+            try:
+                decoded = decode_message(record.value)
+            except (FrameError, ValueError):
+                continue   # the driver dead-lettered it the first time
+            if not isinstance(decoded, tuple):
+                continue
+            header, array = decoded
+            if header.scan_id not in kept:
+                continue
+            array = np.array(array, dtype=np.float32)
+            if not np.isfinite(array).all() or (array < 0).any():
+                continue
+            kept[header.scan_id].append((int(header.index), array, header.position))
+            meta[header.scan_id].append((int(header.index), header.position, header.timestamp))
+        for uid in reopen:
+            res = self.live.scan(uid)
+            if meta[uid]:
+                res.indices.append(np.asarray([m[0] for m in meta[uid]], np.int64))
+                res.positions.append(np.asarray([m[1] for m in meta[uid]], np.float64).reshape(-1, 2))
+                res.event_times.append(np.asarray([m[2] for m in meta[uid]], np.float64))
+            res.rebuilt_frames = len(meta[uid])
+        self._world.call(_restore_frames, kept)
+        self.live.committed = max(self.live.committed, committed)
+        log.info("restart: rebuilt %s from %s frames read back from %s [%d, %d)", reopen,
+                 [len(meta[u]) for u in reopen], self.bridge.frames_topic, first, committed)
+        self.live.refine(set(reopen))
 
     def live_truth(self, uid: str, object_true, probe_true) -> None:
         """Ground truth of a simulated scan: its quality documents then carry the NRMSE."""
@@ -434,6 +560,7 @@ class BlueskyPipeline:
                 finishing = self.live._finishing()
                 if finishing:
                     self.live.refine(finishing)
+                self.live.retry_tiled()
             return self._stop.is_set() or (until is not None and until())
 
         self.report = self.driver.run(until=stop, idle_timeout=idle_timeout, on_batch=self.live.on_batch)
@@ -443,6 +570,8 @@ class BlueskyPipeline:
         self._stop.set()
 
     def close(self) -> None:
+        if self.live is not None:
+            self.live.retry_tiled(force=True)   # one last try; what is still kept stays in tiled.pending
         self.bridge.close()
         from ..stream.kafka_io import close_client
 

@@ -12,6 +12,21 @@ metadata is the start document's, without the geometry arrays)::
 A write that fails because the server is down raises :class:`TiledUnavailable`
 (naming the address and the cause) and is kept; the next write sends the
 kept ones first, so nothing is lost while the stream goes on.
+
+Failing fast: Tiled's client retries a failed request up to
+``TILED_RETRY_ATTEMPTS`` (10) times within ``TILED_RETRY_TIMEOUT`` (45 s),
+about 25 s against a server that refuses connections: that would stall the
+live reconstruction at every write.  Those are process-wide settings read when
+``tiled`` is imported, so :class:`TiledResults` bounds its own writes instead:
+its client's HTTP requests carry a request hook that ends the retries of a
+write once ``retry_window`` seconds (default 2 s) have passed without an answer
+from the server (since the write began or the last response: a healthy server
+answers every request, so only a silent one runs the window out), and after a failed write the next one first probes the server with one
+plain GET (``probe_timeout``, default 1 s) and keeps the write at once when
+that fails.  A write while the server is down thus costs at most about
+``retry_window`` plus one backoff sleep of Tiled's client (the first) and a
+few milliseconds after that.  Replaying a kept write is idempotent (a snapshot
+or final array already there is overwritten, not refused).
 """
 
 from __future__ import annotations
@@ -142,22 +157,63 @@ def _plain(value):
     return value
 
 
-class TiledResults:
-    """Writes a scan's snapshots and final results to Tiled under its uid (module docstring)."""
+class _RetryWindowOver(Exception):
+    """Raised by the request hook once a write's retry window has passed; not an httpx error, so
+    Tiled's client does not retry it."""
 
-    def __init__(self, uri: str, api_key: str, *, timeout: float = 5.0):
+
+class TiledResults:
+    """Writes a scan's snapshots and final results to Tiled under its uid (module docstring).
+
+    Parameters
+    ----------
+    uri : str
+        The Tiled server, ``http(s)://host:port``.
+    api_key : str
+    retry_window : float
+        Seconds a write may go on retrying without an answer from the server before it is kept for
+        later (Tiled's client retries inside it; no new request starts after it).
+    probe_timeout : float
+        Seconds the reachability probe (after a failed write, before the next) may take.
+    """
+
+    def __init__(self, uri: str, api_key: str, *, retry_window: float = 2.0, probe_timeout: float = 1.0):
         if not isinstance(uri, str) or not uri.startswith("http"):
             raise InvalidArgument(f"uri: expected an http(s) address of a Tiled server, got {uri!r}")
-        self.uri, self.api_key, self.timeout = uri, api_key, float(timeout)
+        for name, value in (("retry_window", retry_window), ("probe_timeout", probe_timeout)):
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not value > 0:
+                raise InvalidArgument(f"{name}: expected seconds > 0, got {value!r}")
+        self.uri, self.api_key = uri.rstrip("/"), api_key
+        self.retry_window, self.probe_timeout = float(retry_window), float(probe_timeout)
         self._client = None
+        self._deadline: float | None = None   # the current write's end of retries (monotonic), moved by answers
         self.pending: list[tuple] = []
         self.written = 0
+
+    def _check_window(self, request) -> None:
+        if self._deadline is not None and time.monotonic() > self._deadline:
+            raise _RetryWindowOver(f"no answer within the retry window of {self.retry_window:g} s "
+                                   f"({request.method} {request.url.path})")
+
+    def _answered(self, response) -> None:
+        if self._deadline is not None:
+            self._deadline = time.monotonic() + self.retry_window
+
+    def _probe(self) -> None:
+        """One plain GET, no retries: fails in milliseconds when the server refuses connections."""
+        import httpx
+
+        httpx.get(f"{self.uri}/api/v1/", timeout=self.probe_timeout).raise_for_status()
 
     def _root(self):
         if self._client is None:
             from tiled.client import from_uri
 
+            self._probe()   # a connection after a failure (or the first): is anyone there?
             self._client = from_uri(self.uri, api_key=self.api_key)
+            hooks = self._client.context.http_client.event_hooks
+            hooks["request"].append(self._check_window)
+            hooks["response"].append(self._answered)
         return self._client
 
     def _scan(self, uid: str, geometry):
@@ -175,17 +231,25 @@ class TiledResults:
 
     def _attempt(self, op) -> None:
         kind, args = op[0], op[1:]
+        self._deadline = time.monotonic() + self.retry_window
         try:
             getattr(self, f"_do_{kind}")(*args)
             self.written += 1
-        except Exception as exc:  # httpx errors, tiled's ClientError: the server is down or refused
+        except Exception as exc:  # httpx errors, tiled's ClientError, the window: the server is down or refused
             self.close()
             raise TiledUnavailable(f"writing the {kind} of scan {args[0]} to Tiled at {self.uri} failed: "
                                    f"{type(exc).__name__}: {exc}"[:400]) from exc
+        finally:
+            self._deadline = None
 
     def _do_snapshot(self, uid, n, obj, quality, geometry):
         scan = self._scan(uid, geometry)
-        scan["snapshots"].write_array(np.asarray(obj, np.complex64), key=f"{n:04d}", metadata=_plain(quality))
+        snapshots, key = scan["snapshots"], f"{n:04d}"
+        if key in snapshots:   # a kept write replayed after the server had stored it
+            snapshots[key].write(np.asarray(obj, np.complex64))
+            snapshots[key].update_metadata(metadata=_plain(quality))
+        else:
+            snapshots.write_array(np.asarray(obj, np.complex64), key=key, metadata=_plain(quality))
 
     def _do_final(self, uid, obj, probe, errors, quality, geometry, exit_status):
         scan = self._scan(uid, geometry)

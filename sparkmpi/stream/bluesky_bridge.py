@@ -117,6 +117,7 @@ class DocumentBridge:
         self.frames_written = 0
         self.frames_high = 0   # next offset of the frames topic once every frame so far is stored
         self.dead_letters: dict[str, int] = {}
+        self.start_offsets: dict[str, int] = {}   # scan uid -> its start document's offset (docs topic)
         self._skip_through: tuple[int, int] | None = None   # (doc offset, k): already written
         self._producer = None
         self._dlq: DeadLetterWriter | None = None
@@ -199,8 +200,44 @@ class DocumentBridge:
             except DocumentError:
                 continue
             with self.lock:
-                self.state.feed(name, doc)
+                self._note_start(name, doc, record.offset, self.state.feed(name, doc))
         log.info("bridge: replayed %d documents of %s to rebuild the scans' state", end - start, self.docs_topic)
+
+    def _note_start(self, name, doc, offset: int, actions) -> None:
+        for action in actions:
+            if isinstance(action, ScanOpened):
+                self.start_offsets[action.uid] = offset
+
+    def first_frame_offset(self, uid: str, end: int) -> int:
+        """The frames topic's offset from which scan ``uid``'s frames are (a lower bound, < ``end``).
+
+        The frames are written in document order and carry their document's offset (``doc``), so
+        the first frame at or after the scan's start document is found by bisection, one message
+        read per step; without a known start, the topic's low watermark.
+        """
+        from confluent_kafka import Consumer, TopicPartition
+
+        consumer = Consumer(client_config(self.bootstrap, self._trap, **{"group.id": "sparkmpi-watermarks",
+                                                                       "enable.auto.commit": False}))
+        try:
+            lo, _ = consumer.get_watermark_offsets(TopicPartition(self.frames_topic, 0), timeout=self.timeout)
+        finally:
+            consumer.close()
+        start = self.start_offsets.get(uid)
+        if start is None:
+            return lo
+        hi = max(lo, end)
+        while lo < hi:
+            mid = (lo + hi) // 2
+            records = read_offset_range(self.bootstrap, self.frames_topic, 0, mid, mid + 1, timeout=self.timeout)
+            if not records:    # no message at that offset (none expected): stay on the safe side
+                break
+            header, _ = decode_message(records[0].value, check_finite=False)
+            if int(header.extra["doc"]) < start:
+                lo = mid + 1
+            else:
+                hi = mid
+        return lo
 
     # -- one round ------------------------------------------------------------------
     def step(self) -> int:
@@ -245,6 +282,7 @@ class DocumentBridge:
             skip = self._skip_through = None
         with self.lock:
             actions = self.state.feed(name, doc)
+            self._note_start(name, doc, record.offset, actions)
         notes = []
         k = 0
         for action in actions:
