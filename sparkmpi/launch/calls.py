@@ -47,14 +47,10 @@ class Endpoint:
         self.closed: set[int] = set()
 
     def accept(self) -> None:
-        accepted = channel.accept_relay(self.listener, self.kvsname, self.token, self.size, self.conns)
-        if accepted is None:
-            return
-        sock, hello = accepted
-        rank = hello["rank"]
-        self.conns[rank] = sock
-        self.hosts[rank] = hello.get("host", "?")
-        self.inboxes[rank] = tuple(hello.get("inbox") or ())
+        accepted = channel.accept_relay(self.listener, self.kvsname, self.token, self.size, self.conns, self.hosts)
+        if accepted is not None:
+            rank, hello = accepted
+            self.inboxes[rank] = tuple(hello.get("inbox") or ())
 
     def close(self) -> None:
         for sock in self.conns.values():

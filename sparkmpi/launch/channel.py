@@ -241,9 +241,11 @@ def recv_frame(sock: socket.socket, max_fds: int = 4) -> tuple[int, list, list[i
 HELLO_TIMEOUT = 10.0
 
 
-def accept_relay(listener: socket.socket, job: str, token: str, size: int, taken) -> tuple | None:
-    """Accept one relay on a driver endpoint's ``listener``: ``(sock, hello)`` when its
-    HELLO names ``job`` with its ``token`` and a rank in ``range(size)`` not in ``taken``;
+def accept_relay(listener: socket.socket, job: str, token: str, size: int, conns: dict, hosts: dict
+                 ) -> tuple | None:
+    """Accept one relay on a driver endpoint's ``listener``: when its HELLO names ``job``
+    with its ``token`` and a rank in ``range(size)`` not in ``conns``, its socket goes into
+    ``conns[rank]``, its host into ``hosts[rank]``, and ``(rank, hello)`` is returned;
     otherwise the connection is closed and None returned (a stranger cannot take a rank)."""
     sock, _ = listener.accept()
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
@@ -255,8 +257,10 @@ def accept_relay(listener: socket.socket, job: str, token: str, size: int, taken
         return None
     sock.settimeout(None)
     rank = hello.get("rank") if kind == HELLO and isinstance(hello, dict) else None
-    if (not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < size or rank in taken
+    if (not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < size or rank in conns
             or hello.get("job") != job or hello.get("token") != token):
         sock.close()
         return None
-    return sock, hello
+    conns[rank] = sock
+    hosts[rank] = hello.get("host", "?")
+    return rank, hello

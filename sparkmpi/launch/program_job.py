@@ -258,14 +258,11 @@ class ProgramJob:
                     self.echo.flush(rank)
 
     def _accept(self) -> None:
-        accepted = channel.accept_relay(self.listener, self.kvsname, self.job.token, self.size, self.conns)
-        if accepted is None:
-            return
-        sock, hello = accepted
-        rank = hello["rank"]
-        self.conns[rank] = sock
-        self.hosts[rank] = hello.get("host", "?")
-        self.sel.register(sock, selectors.EVENT_READ, rank)
+        accepted = channel.accept_relay(self.listener, self.kvsname, self.job.token, self.size, self.conns,
+                                        self.hosts)
+        if accepted is not None:
+            rank = accepted[0]
+            self.sel.register(self.conns[rank], selectors.EVENT_READ, rank)
 
     def _send_stdin(self) -> None:
         """Rank 0's stdin from the caller's (a file object, or bytes), until end of input."""
