@@ -68,7 +68,9 @@ class SparkResult:
     threads_per_rank : int
         FFT / kernel threads each rank used.
     kernels : str
-        ``"numba"`` or ``"numpy"`` (CPU), or the backend's own (``"cupy"``).
+        ``"numba"`` or ``"numpy"`` (CPU, exact sums), ``"generic"`` (CPU, the
+        array code CuPy runs: ``kernels="generic"`` or probe modes), or the
+        backend's own (``"cupy"``).
     positions : ndarray (N, 2) float64 or None
         The scan positions at the end, in frame-index order (refined with
         ``refine_positions``), gathered from every rank.
@@ -280,6 +282,8 @@ def _kernels_used(options: Options) -> str:
     if backend == "cupy" or (backend == "auto" and cupy_available()):
         return "cupy"
     kernels = options.kernels
+    if kernels == "generic" or options.probe_modes > 1:
+        return "generic"
     return "numba" if kernels == "numba" or (kernels == "auto" and HAVE_NUMBA) else "numpy"
 
 
