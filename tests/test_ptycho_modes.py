@@ -237,3 +237,13 @@ def test_bench_reports_one_mode_and_modes_side_by_side():
                 "seconds_per_iteration_1mode_generic", "modes_vs_1mode_generic_seconds_ratio",
                 "probe_nrmse"):
         assert report[key] > 0
+
+
+def test_streaming_with_modes(mixed):
+    stream = ptycho.StreamingReconstruction(mixed.object_shape, mixed.frame_shape,
+                                            probe=ptycho.model_probe(mixed), probe_modes=2,
+                                            probe_update_start=2, threads=1)
+    result = stream.consume(ptycho.micro_batches(mixed, 48), 10)
+    assert stream.n_frames == 96 and result.probe_modes.shape == (2, 32, 32)
+    assert result.state.exit_waves.shape == (96, 2, 32, 32)
+    assert result.errors[-1] < result.errors[0]

@@ -365,8 +365,10 @@ def reconstruct(data, *, probe=None, object_init=None, state: ReconstructionStat
         Needs ``intensities`` (float32, (N, H, W), zero frequency at the frame
         centre), ``positions`` (int, (N, 2), top-left offsets in pixels) and
         ``object_shape``.  Under MPI, this rank's frames only.
-    probe : array (H, W), optional
-        Initial probe; default :func:`initial_probe` of the data.
+    probe : array (H, W) or (M, H, W), optional
+        Initial probe; default :func:`initial_probe` of the data.  With
+        ``probe_modes`` M > 1 a 2-D probe gets the extra modes of
+        :func:`~sparkmpi.ptycho.modes.initial_modes`; (M, H, W) gives them all.
     object_init : array (Hy, Wx), optional
         Initial object; default all ones.
     state : ReconstructionState, optional
