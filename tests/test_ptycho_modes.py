@@ -206,6 +206,7 @@ def test_outputs_and_cli_carry_every_mode(mixed, tmp_path):
         summary = json.loads(str(npz["summary"]))
         np.testing.assert_array_equal(npz["probe"], npz["probe_modes"][0])
     assert summary["probe_modes"] == 2 and len(summary["probe_mode_powers"]) == 2
+    assert summary["mode_powers"] == summary["probe_mode_powers"]
     with h5py.File(out / "reconstruction.h5", "r") as f:
         assert f["probe_modes"].shape == (2, 32, 32) and f["probe"].shape == (32, 32)
     assert (out / "probe_modes_amplitude.png").exists()

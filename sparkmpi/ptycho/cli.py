@@ -148,6 +148,8 @@ def _reconstruct(args) -> int:
     if data.probe_true is not None:
         summary.update(probe_quality(result.probe_modes if args.probe_modes > 1 else result.probe,
                                      data.probe_true).as_dict("probe_"))
+    if args.probe_modes > 1:   # known without ground truth
+        summary["mode_powers"] = list(result.mode_powers)
     if args.refine_positions:
         summary["positions_moved"] = int(sum(result.positions_moved))
     summary["files"] = write_outputs(args.out, result.object, result.probe_modes, result.errors,
