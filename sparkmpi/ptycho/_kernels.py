@@ -552,6 +552,7 @@ class ModalFourier:
         self.backend = fourier.backend
         self.xp = fourier.xp
         self.a = fourier.a
+        self._square = None
 
     @property
     def fft_name(self) -> str:
@@ -574,11 +575,19 @@ class ModalFourier:
         self.single.close()
 
     def modulus(self, spec):
-        """``sqrt(sum_m |X_m|^2)``, float32 (N, H, W)."""
+        """``sqrt(sum_m |X_m|^2)``, float32 (N, H, W), in a scratch buffer (valid until the
+        next call)."""
         xp = self.xp
-        total = spec[:, 0].real ** 2 + spec[:, 0].imag ** 2
+        total = self.single.m   # stack-sized float32 scratch, as the single-mode steps use
+        if self._square is None:
+            self._square = xp.empty(self.a.shape, dtype=xp.float32)
+        square = self._square
+        xp.abs(spec[:, 0], out=total)   # into buffers: no stack-sized temporaries
+        total *= total
         for m in range(1, spec.shape[1]):
-            total += spec[:, m].real ** 2 + spec[:, m].imag ** 2
+            xp.abs(spec[:, m], out=square)
+            square *= square
+            total += square
         return xp.sqrt(total, out=total)
 
     def misfit(self, spec):
