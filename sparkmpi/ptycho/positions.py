@@ -42,8 +42,8 @@ import numpy as np
 
 from .errors import FrameMismatchError, PtychoInputError
 
-__all__ = ["GAIN", "HYSTERESIS", "QUANTUM", "clamp_positions", "perturb_positions",
-           "position_error", "position_sums", "quantise", "solve_steps"]
+__all__ = ["GAIN", "HYSTERESIS", "QUANTUM", "clamp_positions", "overlap_weight",
+           "perturb_positions", "position_error", "position_sums", "quantise", "solve_steps"]
 
 #: Moves and positions are multiples of this (pixels): sums over ranks are exact.
 QUANTUM = 2.0 ** -20
@@ -59,19 +59,42 @@ def quantise(values) -> np.ndarray:
     return np.rint(np.asarray(values, dtype=np.float64) / QUANTUM) * QUANTUM
 
 
-def position_sums(probe, grad_y, grad_x, chi, xp=np) -> np.ndarray:
-    """Per-frame sums of the 2x2 system: ``(<a,a>, <b,b>, Re<a,b>, Re<a,chi>, Re<b,chi>)``.
+def overlap_weight(probe, den_frames, xp=np):
+    """Weight of each frame pixel in the step: the share of its illumination from the other frames.
+
+    ``w_j(r) = 1 - |P(r)|^2 / D(r + r_j)`` with ``D = sum_k shift(|P|^2, r_k)`` (the object
+    update's denominator, all frames of all ranks) gathered at each frame,
+    ``den_frames`` (N, H, W) real.  Where frame ``j`` alone lights the object, the
+    object has adapted to frame ``j`` and holds no evidence of where it was taken
+    (``w = 0``); where others light it too, ``chi_j`` measures the disagreement.
+    Float64, clipped to ``[0, 1]`` (0 where ``D`` is 0).
+    """
+    power = probe.real.astype(xp.float64) ** 2 + probe.imag.astype(xp.float64) ** 2
+    den = den_frames.astype(xp.float64)
+    lit = den > 0
+    share = xp.where(lit, power / xp.where(lit, den, 1.0), 1.0)
+    return xp.clip(1.0 - share, 0.0, 1.0)
+
+
+def position_sums(probe, grad_y, grad_x, chi, xp=np, den=None) -> np.ndarray:
+    """Per-frame weighted sums of the 2x2 system:
+    ``(<a,a>, <b,b>, Re<a,b>, Re<a,chi>, Re<b,chi>)``, each ``<u,v> = sum_r w u* v``.
 
     ``a = probe * grad_y``, ``b = probe * grad_x`` (``grad_*``: the object's gradient
-    gathered at each frame, (N, H, W)); ``chi`` (N, H, W).  Whole-stack array code over
-    ``xp`` (what CuPy runs; the CPU's fused kernel computes the same sums in one pass).
+    gathered at each frame, (N, H, W)); ``chi`` (N, H, W); ``den``: the object
+    denominator gathered at each frame, (N, H, W) real, for the weight ``w`` of
+    :func:`overlap_weight` (``None``: ``w = 1``).  Whole-stack array code over ``xp``
+    (what CuPy runs; the CPU's fused kernel computes the same sums in one pass).
     Returns a NumPy float64 array (N, 5).
     """
     a = grad_y * probe
     b = grad_x * probe
+    weight = None if den is None else overlap_weight(probe, den, xp)
 
     def inner(u, v):   # Re <u, v> per frame, float64
         prod = u.real.astype(xp.float64) * v.real + u.imag.astype(xp.float64) * v.imag
+        if weight is not None:
+            prod *= weight
         return prod.reshape(prod.shape[0], -1).sum(axis=1)
 
     sums = xp.stack([inner(a, a), inner(b, b), inner(a, b), inner(a, chi), inner(b, chi)], axis=1)
