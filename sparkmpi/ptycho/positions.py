@@ -51,7 +51,7 @@ QUANTUM = 2.0 ** -20
 HYSTERESIS = 0.2
 #: The least-squares step underestimates the error (the modulus projection moves the exit
 #: wave only part of the way): steps are taken this many times over (measured, BENCHMARKS.md).
-GAIN = 2.0
+GAIN = 3.0
 
 
 def quantise(values) -> np.ndarray:
