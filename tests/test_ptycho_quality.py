@@ -320,6 +320,30 @@ def test_position_sums_fused_kernel_equals_the_array_code_with_the_overlap_weigh
     assert np.all(np.abs(unweighted[:2, :2]) > 0)
 
 
+def test_position_sums_of_the_exact_and_generic_engines_agree(scan):
+    """The exact CPU engine (fused kernel) and the generic engine (the array code CuPy runs)
+    give the same weighted sums for the same state, denominator included."""
+    from sparkmpi.backend import get_backend
+    from sparkmpi.ptycho._engine import make_engine
+
+    bk = get_backend("numpy")
+    probe = ptycho.model_probe(scan)
+    rng = np.random.default_rng(5)
+    obj = (1 + 0.3 * rng.standard_normal(scan.object_shape)).astype(np.complex64)
+    engines = [make_engine(bk, scan.intensities, scan.positions, scan.object_shape, probe, obj,
+                           None, None, 1e-3, 1, kernels=k) for k in ("auto", "generic")]
+    try:
+        chi = (rng.standard_normal(scan.intensities.shape) + 0j).astype(np.complex64)
+        grad_y = np.roll(obj, -1, axis=0) - obj
+        grad_x = np.roll(obj, -1, axis=1) - obj
+        sums = [e._position_sums(chi, grad_y, grad_x, e.geom.scatter_probe_power(e.P))
+                for e in engines]
+    finally:
+        for e in engines:
+            e.close()
+    np.testing.assert_allclose(sums[0], sums[1], rtol=1e-5, atol=1e-7 * np.abs(sums[1]).max())
+
+
 def test_position_refinement_distributed_equals_one_process(scan):
     """Frames split over 2 thread ranks (exact CPU path and the generic/CuPy code): the same
     object, probe and refined positions as one process, bit for bit."""

@@ -12,6 +12,15 @@ squares solution of ``chi_j ~ d_y g_y + d_x g_x`` with ``g = P grad O_j``
     [<g_y, g_y> <g_y, g_x>] [d_y]   [Re <g_y, chi_j>]
     [<g_x, g_y> <g_x, g_x>] [d_x] = [Re <g_x, chi_j>]
 
+Each pixel's terms are weighted by ``w_j(r) = 1 - |P(r)|^2 / D(r + r_j)``, the
+share of that object pixel's illumination that comes from the other frames
+(``D = sum_k shift(|P|^2, r_k)``, the object update's denominator, made from
+the global comb and so the same on every rank; :func:`overlap_weight`).
+Where frame ``j`` alone lights the object, the object has adapted to frame
+``j`` wherever it was taken: ``chi_j`` holds no evidence there and the
+unweighted sums only dilute the step, most for the frames at the scan's
+edge, which then stayed a pixel off.
+
 The step is measured at the whole pixel the engine uses, and it
 underestimates the error (the modulus projection moves the exit wave only
 part of the way), so the frame's fractional position accumulates
@@ -29,7 +38,8 @@ restarts from ``F(P O_j)`` at the new place (an iterate built for the old
 place would pull the object back), and the engine rebuilds its geometry
 (:meth:`sparkmpi.ptycho._engine.Engine.set_positions`, collective).
 
-Tried and dropped (the same test scan, 128 frames of 48x48, 2 px errors):
+Tried and dropped (BENCHMARKS.md has the figures; the same test scan, 128
+frames of 48x48, 2 px errors):
 the step alone about the whole pixel (``round(r_j) + d``: never crosses half
 a pixel, 0.27 NRMSE), decaying the fraction (stalls), and trying the
 suggested whole-pixel move per frame, kept where the frame's Fourier misfit
@@ -50,7 +60,9 @@ QUANTUM = 2.0 ** -20
 #: A frame's whole pixel changes once its refined position is this far past the half pixel.
 HYSTERESIS = 0.2
 #: The least-squares step underestimates the error (the modulus projection moves the exit
-#: wave only part of the way): steps are taken this many times over (measured, BENCHMARKS.md).
+#: wave only part of the way): steps are taken this many times over (measured with the
+#: overlap weight: 3 settles the frames sooner than 2; 5 leaves frames a pixel off;
+#: BENCHMARKS.md).
 GAIN = 3.0
 
 
