@@ -150,8 +150,11 @@ class Engine:
         obj = self.O
         grad_y = 0.5 * (xp.roll(obj, -1, axis=0) - xp.roll(obj, 1, axis=0))
         grad_x = 0.5 * (xp.roll(obj, -1, axis=1) - xp.roll(obj, 1, axis=1))
-        steps = solve_steps(self._position_sums(tmp, grad_y, grad_x))
-        del grad_y, grad_x
+        # the object denominator sum_k shift(|P|^2) from the global comb: the same on every
+        # rank, so each frame's overlap weight is too
+        den = self.geom.scatter_probe_power(self.P)
+        steps = solve_steps(self._position_sums(tmp, grad_y, grad_x, den))
+        del grad_y, grad_x, den
         move = quantise(np.clip(GAIN * steps, -max_step, max_step))
         # the mean move over every frame of every rank is a translation of the object: off
         total = np.concatenate([move.sum(axis=0), [float(len(move))]])
@@ -178,13 +181,16 @@ class Engine:
             self.set_positions(whole)
         return int(changed[0])
 
-    def _position_sums(self, chi, grad_y, grad_x) -> np.ndarray:
+    def _position_sums(self, chi, grad_y, grad_x, den) -> np.ndarray:
         """:func:`sparkmpi.ptycho.positions.position_sums` for this rank's frames, given
-        the object's gradient planes; whole-stack array code (the CPU engine fuses it)."""
+        the object's gradient planes and denominator ``den`` (real, object-shaped);
+        whole-stack array code (the CPU engine fuses it)."""
         from .positions import position_sums
 
+        xp = self.xp
+        den_frames = self.geom.gather(den.astype(xp.complex64)).real   # gather is complex
         return position_sums(self.P, self.geom.gather(grad_y), self.geom.gather(grad_x), chi,
-                             self.xp)
+                             xp, den=den_frames)
 
     # ---- what the implementations provide
     def _setup(self, probe, obj, frame_shape, object_shape, threads) -> None:
@@ -383,8 +389,8 @@ class ExactEngine(Engine):
         if self.ops is not None:
             self.ops.close()
 
-    def _position_sums(self, chi, grad_y, grad_x) -> np.ndarray:
-        return self.ops.position_sums(chi, self.P, grad_y, grad_x)
+    def _position_sums(self, chi, grad_y, grad_x, den) -> np.ndarray:
+        return self.ops.position_sums(chi, self.P, grad_y, grad_x, den)
 
     def _positions_changed(self) -> None:
         self.ops.close()

@@ -245,9 +245,11 @@ def _probe_sums(psi, obj, pos, s_num, s_den, pre, pim, pden, col):  # pragma: no
 
 
 @_jit
-def _position_sums(chi, probe, gy, gx, pos, out):  # pragma: no cover - compiled
+def _position_sums(chi, probe, gy, gx, den, pos, out):  # pragma: no cover - compiled
     # per frame j, with a = P grad_y O_j, b = P grad_x O_j (the object's gradient planes
-    # gathered here): out[j] = (<a,a>, <b,b>, Re<a,b>, Re<a,chi_j>, Re<b,chi_j>), float64
+    # gathered here) and the overlap weight w = 1 - |P|^2 / D_j (D: the object
+    # denominator plane; positions.overlap_weight): out[j] = (<a,a>, <b,b>, Re<a,b>,
+    # Re<a,chi_j>, Re<b,chi_j>) with <u,v> = sum w u* v, float64
     n, h, w = chi.shape
     for j in range(n):
         y0 = pos[j, 0]
@@ -262,8 +264,19 @@ def _position_sums(chi, probe, gy, gx, pos, out):  # pragma: no cover - compiled
             prow = probe[r]
             yrow = gy[y0 + r, x0:x0 + w]
             xrow = gx[y0 + r, x0:x0 + w]
+            drow = den[y0 + r, x0:x0 + w]
             for c in range(w):
                 p = prow[c]
+                d = np.float64(drow[c])
+                if d <= 0.0:
+                    continue
+                pr = np.float64(p.real)
+                pi = np.float64(p.imag)
+                wt = 1.0 - (pr * pr + pi * pi) / d
+                if wt <= 0.0:
+                    continue
+                if wt > 1.0:
+                    wt = 1.0
                 a = p * yrow[c]
                 b = p * xrow[c]
                 v = crow[c]
@@ -273,11 +286,11 @@ def _position_sums(chi, probe, gy, gx, pos, out):  # pragma: no cover - compiled
                 bi = np.float64(b.imag)
                 vr = np.float64(v.real)
                 vi = np.float64(v.imag)
-                saa += ar * ar + ai * ai
-                sbb += br * br + bi * bi
-                sab += ar * br + ai * bi
-                sac += ar * vr + ai * vi
-                sbc += br * vr + bi * vi
+                saa += wt * (ar * ar + ai * ai)
+                sbb += wt * (br * br + bi * bi)
+                sab += wt * (ar * br + ai * bi)
+                sac += wt * (ar * vr + ai * vi)
+                sbc += wt * (br * vr + bi * vi)
         out[j, 0] = saa
         out[j, 1] = sbb
         out[j, 2] = sab
@@ -344,12 +357,15 @@ class NumpyOps:
         np.multiply(self._window(obj), probe, out=out)
         return out
 
-    def position_sums(self, chi, probe, grad_y, grad_x) -> np.ndarray:
-        """Per frame, with ``a = P grad_y O_j``, ``b = P grad_x O_j``: ``(<a,a>, <b,b>,
-        Re<a,b>, Re<a,chi_j>, Re<b,chi_j>)``, float64 (N, 5) (position refinement)."""
+    def position_sums(self, chi, probe, grad_y, grad_x, den) -> np.ndarray:
+        """Per frame, with ``a = P grad_y O_j``, ``b = P grad_x O_j`` and the overlap weight
+        from the object denominator plane ``den``: ``(<a,a>, <b,b>, Re<a,b>, Re<a,chi_j>,
+        Re<b,chi_j>)``, float64 (N, 5) (position refinement,
+        :func:`sparkmpi.ptycho.positions.position_sums`)."""
         from .positions import position_sums
 
-        return position_sums(probe, self._window(grad_y), self._window(grad_x), chi, np)
+        return position_sums(probe, self._window(grad_y), self._window(grad_x), chi, np,
+                             den=self._window(den))
 
     def dm_update(self, Psi, Phi, a, beta: float, work, phase=None) -> float:
         """Misfit ``sum (|Phi| - a)^2``; ``Psi <- Psi + beta (Pi_F(2 Phi - Psi) - Phi)``;
@@ -478,9 +494,10 @@ class FusedOps(NumpyOps):
         self._map(lambda i, s: _gather_mul(obj, probe, self.pos[s], out[s]))
         return out
 
-    def position_sums(self, chi, probe, grad_y, grad_x) -> np.ndarray:
+    def position_sums(self, chi, probe, grad_y, grad_x, den) -> np.ndarray:
         out = np.empty((len(self.pos), 5), dtype=np.float64)
-        self._map(lambda i, s: _position_sums(chi[s], probe, grad_y, grad_x, self.pos[s], out[s]))
+        self._map(lambda i, s: _position_sums(chi[s], probe, grad_y, grad_x, den, self.pos[s],
+                                              out[s]))
         return out
 
     def _phase(self, phase):

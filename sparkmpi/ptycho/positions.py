@@ -12,6 +12,15 @@ squares solution of ``chi_j ~ d_y g_y + d_x g_x`` with ``g = P grad O_j``
     [<g_y, g_y> <g_y, g_x>] [d_y]   [Re <g_y, chi_j>]
     [<g_x, g_y> <g_x, g_x>] [d_x] = [Re <g_x, chi_j>]
 
+Each pixel's terms are weighted by ``w_j(r) = 1 - |P(r)|^2 / D(r + r_j)``, the
+share of that object pixel's illumination that comes from the other frames
+(``D = sum_k shift(|P|^2, r_k)``, the object update's denominator, made from
+the global comb and so the same on every rank; :func:`overlap_weight`).
+Where frame ``j`` alone lights the object, the object has adapted to frame
+``j`` wherever it was taken: ``chi_j`` holds no evidence there and the
+unweighted sums only dilute the step, most for the frames at the scan's
+edge, which then stayed a pixel off.
+
 The step is measured at the whole pixel the engine uses, and it
 underestimates the error (the modulus projection moves the exit wave only
 part of the way), so the frame's fractional position accumulates
@@ -29,7 +38,8 @@ restarts from ``F(P O_j)`` at the new place (an iterate built for the old
 place would pull the object back), and the engine rebuilds its geometry
 (:meth:`sparkmpi.ptycho._engine.Engine.set_positions`, collective).
 
-Tried and dropped (the same test scan, 128 frames of 48x48, 2 px errors):
+Tried and dropped (BENCHMARKS.md has the figures; the same test scan, 128
+frames of 48x48, 2 px errors):
 the step alone about the whole pixel (``round(r_j) + d``: never crosses half
 a pixel, 0.27 NRMSE), decaying the fraction (stalls), and trying the
 suggested whole-pixel move per frame, kept where the frame's Fourier misfit
@@ -42,16 +52,18 @@ import numpy as np
 
 from .errors import FrameMismatchError, PtychoInputError
 
-__all__ = ["GAIN", "HYSTERESIS", "QUANTUM", "clamp_positions", "perturb_positions",
-           "position_error", "position_sums", "quantise", "solve_steps"]
+__all__ = ["GAIN", "HYSTERESIS", "QUANTUM", "clamp_positions", "overlap_weight",
+           "perturb_positions", "position_error", "position_sums", "quantise", "solve_steps"]
 
 #: Moves and positions are multiples of this (pixels): sums over ranks are exact.
 QUANTUM = 2.0 ** -20
 #: A frame's whole pixel changes once its refined position is this far past the half pixel.
 HYSTERESIS = 0.2
 #: The least-squares step underestimates the error (the modulus projection moves the exit
-#: wave only part of the way): steps are taken this many times over (measured, BENCHMARKS.md).
-GAIN = 2.0
+#: wave only part of the way): steps are taken this many times over (measured with the
+#: overlap weight: 3 settles the frames sooner than 2; 5 leaves frames a pixel off;
+#: BENCHMARKS.md).
+GAIN = 3.0
 
 
 def quantise(values) -> np.ndarray:
@@ -59,19 +71,42 @@ def quantise(values) -> np.ndarray:
     return np.rint(np.asarray(values, dtype=np.float64) / QUANTUM) * QUANTUM
 
 
-def position_sums(probe, grad_y, grad_x, chi, xp=np) -> np.ndarray:
-    """Per-frame sums of the 2x2 system: ``(<a,a>, <b,b>, Re<a,b>, Re<a,chi>, Re<b,chi>)``.
+def overlap_weight(probe, den_frames, xp=np):
+    """Weight of each frame pixel in the step: the share of its illumination from the other frames.
+
+    ``w_j(r) = 1 - |P(r)|^2 / D(r + r_j)`` with ``D = sum_k shift(|P|^2, r_k)`` (the object
+    update's denominator, all frames of all ranks) gathered at each frame,
+    ``den_frames`` (N, H, W) real.  Where frame ``j`` alone lights the object, the
+    object has adapted to frame ``j`` and holds no evidence of where it was taken
+    (``w = 0``); where others light it too, ``chi_j`` measures the disagreement.
+    Float64, clipped to ``[0, 1]`` (0 where ``D`` is 0).
+    """
+    power = probe.real.astype(xp.float64) ** 2 + probe.imag.astype(xp.float64) ** 2
+    den = den_frames.astype(xp.float64)
+    lit = den > 0
+    share = xp.where(lit, power / xp.where(lit, den, 1.0), 1.0)
+    return xp.clip(1.0 - share, 0.0, 1.0)
+
+
+def position_sums(probe, grad_y, grad_x, chi, xp=np, den=None) -> np.ndarray:
+    """Per-frame weighted sums of the 2x2 system:
+    ``(<a,a>, <b,b>, Re<a,b>, Re<a,chi>, Re<b,chi>)``, each ``<u,v> = sum_r w u* v``.
 
     ``a = probe * grad_y``, ``b = probe * grad_x`` (``grad_*``: the object's gradient
-    gathered at each frame, (N, H, W)); ``chi`` (N, H, W).  Whole-stack array code over
-    ``xp`` (what CuPy runs; the CPU's fused kernel computes the same sums in one pass).
+    gathered at each frame, (N, H, W)); ``chi`` (N, H, W); ``den``: the object
+    denominator gathered at each frame, (N, H, W) real, for the weight ``w`` of
+    :func:`overlap_weight` (``None``: ``w = 1``).  Whole-stack array code over ``xp``
+    (what CuPy runs; the CPU's fused kernel computes the same sums in one pass).
     Returns a NumPy float64 array (N, 5).
     """
     a = grad_y * probe
     b = grad_x * probe
+    weight = None if den is None else overlap_weight(probe, den, xp)
 
     def inner(u, v):   # Re <u, v> per frame, float64
         prod = u.real.astype(xp.float64) * v.real + u.imag.astype(xp.float64) * v.imag
+        if weight is not None:
+            prod *= weight
         return prod.reshape(prod.shape[0], -1).sum(axis=1)
 
     sums = xp.stack([inner(a, a), inner(b, b), inner(a, b), inner(a, chi), inner(b, chi)], axis=1)
