@@ -74,19 +74,26 @@ def retry(fn: Callable[[float], T], *, what: str, address: str, timeout: float,
     start = clock()
     deadline = start + timeout
     delay = first_delay
-    while True:
-        try:
-            return fn(max(deadline - clock(), 1e-3))
-        except retry_on as exc:
-            if transient is not None and not transient(exc):
-                raise
-            last = exc
-        left = deadline - clock()
-        if left > 0:
-            sleep(min(rng.uniform(delay / 2, delay), left))
-            delay = min(delay * 2, max_delay)
-        if clock() >= deadline:
-            raise error(f"timed out trying to {what} {address} after {clock() - start:.1f} s: "
-                        f"{describe(last)}") from last
-        if check is not None:
-            check()
+    last = None
+    try:
+        while True:
+            try:
+                return fn(max(deadline - clock(), 1e-3))
+            except retry_on as exc:
+                if transient is not None and not transient(exc):
+                    raise
+                last = exc
+            left = deadline - clock()
+            if left > 0:
+                sleep(min(rng.uniform(delay / 2, delay), left))
+                delay = min(delay * 2, max_delay)
+            if clock() >= deadline:
+                raise error(f"timed out trying to {what} {address} after {clock() - start:.1f} s: "
+                            f"{describe(last)}") from last
+            if check is not None:
+                check()
+    finally:
+        # The failure's traceback holds this frame, and this frame would hold the failure: a
+        # reference cycle that keeps fn's closure (a Kafka client and its broker connections)
+        # alive until the garbage collector happens to run, minutes later in a big process.
+        last = None

@@ -426,6 +426,37 @@ def _close_caches() -> None:
         offsets._ReaderPool.close_all()
 
 
+def librdkafka_clients() -> int:
+    """Live librdkafka client instances in this process (each has one 'rdk:main' thread)."""
+    count = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/comm") as fh:
+                count += fh.read().strip() == "rdk:main"
+        except OSError:
+            continue
+    return count
+
+
+def _socket_hints(before: Snapshot, found: list[str]) -> list[str]:
+    """For a failure that names sockets: who may hold them (asked after the verdict, so the
+    garbage collection here changes nothing about it)."""
+    import gc
+
+    if not any(line.startswith("socket ") for line in found):
+        return []
+    clients = librdkafka_clients()
+    gc.collect()
+    time.sleep(0.2)
+    still = leaks(before, snapshot(LEAK_TAG), ALLOWANCES)
+    gone = [line for line in found if line.startswith("socket ") and line not in still]
+    hints = [f"(hint: {clients} librdkafka client(s) alive)"] if clients else []
+    if gone:
+        hints.append(f"(hint: gc.collect() freed {len(gone)} of those sockets: their owner was only held by a "
+                     f"reference cycle, a traceback kept with the frame that made the client, say)")
+    return hints
+
+
 def _mpi_initialised() -> bool:
     mpi = sys.modules.get("mpi4py.MPI")
     try:
@@ -464,8 +495,10 @@ def _fixture():
                 warnings.warn(f"known leak ({mark.args[1]}): " + "; ".join(known), stacklevel=1)
                 found = [line for line in found if line not in known]
         if found:
+            hints = _socket_hints(before, found)
             clean_up(before, after, ALLOWANCES)
-            pytest.fail(f"the test left behind (after {DEADLINE_S:g} s):\n  " + "\n  ".join(found), pytrace=False)
+            pytest.fail(f"the test left behind (after {DEADLINE_S:g} s):\n  " + "\n  ".join(found + hints),
+                        pytrace=False)
 
     return _no_leaks
 

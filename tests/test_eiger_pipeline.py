@@ -67,10 +67,6 @@ def _wait_for(bootstrap, topic, count, timeout=20.0):
         time.sleep(0.05)
 
 
-@pytest.mark.known_leak(r"socket fd \d+: tcp 127\.0\.0\.1:\d+ -> 127\.0\.0\.1:\d+",
-                        "in full runs only, one librdkafka connection to the broker outlives this test; no live "
-                        "Python Kafka client holds it (checked with gc after the Bluesky and Eiger modules); "
-                        "not yet traced")
 def test_sender_bridge_driver_ranks_exactly_once(spark, broker, tmp_path):
     n, topic = 24, "eiger-pipe"
     scan = SyntheticScan(n, SHAPE, "uint16", seed=5, scan_id="eiger")

@@ -2,6 +2,8 @@
 
 import os
 import re
+import subprocess
+import sys
 import time
 
 import pytest
@@ -543,49 +545,64 @@ def test_preload_modules_lists_the_settings_then_sparkmpi_modules_of_fn():
         sparkmpi.load_settings(preload="colorsys")
 
 
-@pytest.mark.known_leak(r"socket \(AF_INET, SOCK_STREAM, not bound or connected\)",
-                        "in a full run of this file a Py4J connection of the session breaks during this test "
-                        "('Error while sending or receiving') and Py4J leaves the socket of its reconnect "
-                        "attempt open; not reproduced alone, cause not found yet")
-def test_fork_server_preloads_only_modules_that_start_no_threads(tmp_path, monkeypatch, capsys):
-    import sys
+PRELOAD_SCRIPT = r"""
+import sys, threading, time
+sys.path.insert(0, sys.argv[1])
+from sparkmpi.launch import fork_server, rank
 
-    from sparkmpi.launch import fork_server
+rank.load_modules()   # what the fork server has imported before its first preload
+fork_server.PRELOAD_CHECK_TIMEOUT_S = 1.0
+assert fork_server._import_check("quiet_module_x") is None
+assert "1 thread(s) running after import" in fork_server._import_check("threaded_module_x")
+assert "ModuleNotFoundError" in fork_server._import_check("no_such_module_x")
+started = time.monotonic()
+assert "took more than 1 s" in fork_server._import_check("slow_module_x")
+assert time.monotonic() - started < 5
+assert "1 thread(s) running" in fork_server._import_check("warm_starts_thread_x")
+fork_server.preload(["warmed_module_x"])
+assert sys.modules["warmed_module_x"].WARMED == 1   # once, in this process
+fork_server.preload(["quiet_module_x", "threaded_module_x", "quiet_module_x"])
+assert "quiet_module_x" in sys.modules and "threaded_module_x" not in sys.modules
+# A process with threads is not forked for the check (its child would run their thread-local
+# finalizers: Py4J's shut down the parent's connections to the JVM).
+stop = threading.Event()
+threading.Thread(target=stop.wait).start()
+reason = fork_server._import_check("colorsys")
+stop.set()
+assert reason.startswith("not checked: the check forks, and this process has 1 other Python thread(s)"), reason
+print("ok")
+"""
 
+
+def test_fork_server_preloads_only_modules_that_start_no_threads(tmp_path):
+    """In a process of its own, like the fork server: no threads, no Spark connections."""
     (tmp_path / "quiet_module_x.py").write_text("VALUE = 1\n")
     (tmp_path / "threaded_module_x.py").write_text(
         "import threading, time\nthreading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n")
     (tmp_path / "slow_module_x.py").write_text("import time\ntime.sleep(30)\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(fork_server, "PRELOAD_CHECK_TIMEOUT_S", 1.0)
-    monkeypatch.setattr(fork_server, "_preload_tried", set())
-    assert fork_server._import_check("quiet_module_x") is None
-    assert "1 thread(s) running after import" in fork_server._import_check("threaded_module_x")
-    assert "ModuleNotFoundError" in fork_server._import_check("no_such_module_x")
-    started = time.monotonic()
-    assert "took more than 1 s" in fork_server._import_check("slow_module_x")
-    assert time.monotonic() - started < 5
     (tmp_path / "warmed_module_x.py").write_text(
         "WARMED = 0\ndef _sparkmpi_fork_server_warm_up():\n    global WARMED\n    WARMED += 1\n")
     (tmp_path / "warm_starts_thread_x.py").write_text(
         "def _sparkmpi_fork_server_warm_up():\n    import threading, time\n"
         "    threading.Thread(target=time.sleep, args=(30,), daemon=True).start()\n")
-    assert "1 thread(s) running" in fork_server._import_check("warm_starts_thread_x")
-    # sparkmpi's own warm-up (numba kernels loaded by a tiny reconstruction) passes the check,
-    # given the real time limit (it needs about a second of CPU on a busy machine).
-    monkeypatch.setattr(fork_server, "PRELOAD_CHECK_TIMEOUT_S", 30.0)
-    assert fork_server._import_check("sparkmpi.ptycho.spark") is None
-    try:
-        fork_server.preload(["warmed_module_x"])
-        assert sys.modules["warmed_module_x"].WARMED == 1   # once, in this process
-        fork_server.preload(["quiet_module_x", "threaded_module_x", "quiet_module_x"])
-        assert "quiet_module_x" in sys.modules and "threaded_module_x" not in sys.modules
-        err = capsys.readouterr().err
-        assert "not preloading threaded_module_x: it leaves 1 thread(s) running" in err
-        assert "quiet_module_x" not in err
-    finally:
-        sys.modules.pop("quiet_module_x", None)
-        sys.modules.pop("warmed_module_x", None)
+    done = subprocess.run([sys.executable, "-c", PRELOAD_SCRIPT, str(tmp_path)], capture_output=True, text=True,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == "ok", done.stderr[-3000:]
+    assert "not preloading threaded_module_x: it leaves 1 thread(s) running" in done.stderr
+    assert "quiet_module_x" not in done.stderr
+
+
+@pytest.mark.xfail(strict=True, reason="in a process like the fork server, sparkmpi.ptycho.spark's warm-up leaves 3 "
+                   "threads (one is jemalloc_bg_thd), so the fork server does not preload it; the test that "
+                   "claimed it passed ran the check in the pytest process, where those threads already ran")
+def test_sparkmpi_ptycho_warm_up_passes_the_fork_servers_check():
+    script = ("from sparkmpi.launch import fork_server, rank\nrank.load_modules()\n"
+              # the real time limit: the warm-up (numba kernels, a tiny reconstruction) needs about a
+              # second of CPU on a busy machine
+              "fork_server.PRELOAD_CHECK_TIMEOUT_S = 30.0\nprint(fork_server._import_check('sparkmpi.ptycho.spark'))\n")
+    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.strip() == "None", done.stdout
 
 
 POOL_SCRIPT = r"""

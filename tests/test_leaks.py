@@ -188,6 +188,29 @@ def test_the_autouse_fixture_fails_a_leaking_test(pytester, monkeypatch, kind):
     result.stdout.fnmatch_lines(["*the test left behind*", expected])
 
 
+def test_a_socket_held_only_by_a_reference_cycle_is_named_so(pytester, monkeypatch):
+    """The failure says when garbage collection would have freed the leaked socket: its owner
+    is in a reference cycle (the librdkafka clients kept by tracebacks, in the past)."""
+    here = os.path.dirname(__file__)
+    pytester.makeconftest(f"import sys; sys.path.insert(0, {here!r}); from leaks import _no_leaks  # noqa")
+    monkeypatch.setenv("PYTEST_SPARKMPI_LEAK_DEADLINE", "0.5")
+    pytester.makepyfile("""
+        import gc, socket
+        def test_leaky():
+            gc.disable()   # as in a long run, where the oldest generation is collected rarely
+            class Holder:
+                pass
+            holder = Holder()
+            holder.me, holder.sock = holder, socket.socket()
+            holder.sock.bind(("127.0.0.1", 0))
+            holder.sock.listen()
+        """)
+    result = pytester.runpytest_subprocess("-p", "no:cacheprovider", "-o", "timeout=120", "-W", "ignore")
+    result.assert_outcomes(passed=1, errors=1)
+    result.stdout.fnmatch_lines(["*the test left behind*", "*socket fd * tcp 127.0.0.1:*",
+                                 "*gc.collect() freed 1 of those sockets*"])
+
+
 def test_sockets_and_threads_of_a_kept_singleton_are_allowed_and_others_not():
     class Server:
         def __init__(self):

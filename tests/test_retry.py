@@ -130,6 +130,47 @@ def test_check_stops_retrying_and_error_class_is_the_callers():
     assert str(info.value).endswith("because no") and isinstance(info.value.__cause__, OSError)
 
 
+def test_what_fn_holds_is_freed_without_the_garbage_collector():
+    """A failure kept by retry() must not tie its traceback to retry's frame (a reference cycle):
+    fn's closure, a Kafka client with broker connections say, would live until gc runs."""
+    import gc
+    import weakref
+
+    class Client:
+        pass
+
+    def attempt_with(outcomes, **kw):
+        client = Client()
+
+        def fn(left):   # keeps no failure in a local of its own (that would be a cycle of its own)
+            assert client is not None
+            if isinstance(outcomes[0], Exception):
+                raise outcomes.pop(0)
+            return outcomes.pop(0)
+
+        fake = FakeTime()
+        try:
+            retry(fn, what="x", address="y", timeout=kw.pop("timeout", 60), clock=fake.clock,
+                  sleep=fake.sleep, **kw)
+        except Exception:  # noqa: BLE001  (each way out is checked below, the error dropped)
+            pass
+        return weakref.ref(client)
+
+    gc.collect()
+    gc.disable()
+    try:
+        ways_out = {
+            "success after failures": attempt_with([OSError("a"), OSError("b"), "done"]),
+            "deadline": attempt_with([OSError(str(i)) for i in range(10)], timeout=1),
+            "not transient": attempt_with([OSError("a"), OSError("b")], transient=lambda exc: str(exc) == "a"),
+            "check raised": attempt_with([OSError(str(i)) for i in range(10)],
+                                         check=lambda: (_ for _ in ()).throw(KeyError("gone"))),
+        }
+        assert [way for way, ref in ways_out.items() if ref() is not None] == []
+    finally:
+        gc.enable()
+
+
 @pytest.mark.parametrize("kw, name", [({"timeout": 0}, "timeout"), ({"timeout": 1, "first_delay": 0}, "first_delay")])
 def test_bad_arguments_are_named(kw, name):
     with pytest.raises(ValueError, match=name):

@@ -15,7 +15,6 @@ import sys
 import threading
 import time
 
-import leaks
 import numpy as np
 import pytest
 from stream_fixtures import broker  # noqa: F401  (fixture)
@@ -346,9 +345,6 @@ def test_flaky_mpi_function_is_retried_and_counted_once(spark, broker, tmp_path,
     assert report.frames == 80
 
 
-@pytest.mark.known_leak("thread 'sparkmpi-kafka-close'",
-                        "a driver that lost its broker closes its Kafka clients in threads that retry the dead "
-                        "broker until the process exits (stream/driver.py _close_client)")
 def test_broker_lost_mid_stream_retries_then_fails_clearly_and_restart_is_exact(spark, tmp_path):
     """Stop the broker right after a batch's output is written: the commit is retried with
     backoff, then a clear error; after the broker is back, nothing is lost or repeated."""
@@ -360,8 +356,6 @@ def test_broker_lost_mid_stream_retries_then_fails_clearly_and_restart_is_exact(
         def lose_broker(batch, path):
             if batch == 1:
                 stop_broker(data, grace=10)
-                # The driver's leaked close threads (see known_leak) redial this address for good.
-                leaks.ALLOWANCES.tcp_peer_ports.add(info.port)
 
         t0 = time.monotonic()
         with pytest.raises(BrokerUnavailable) as err:
@@ -383,7 +377,6 @@ def test_broker_lost_mid_stream_retries_then_fails_clearly_and_restart_is_exact(
                 if batch == 3 and not getattr(self, "_lost", False):
                     self._lost = True
                     stop_broker(data, grace=10)
-                    leaks.ALLOWANCES.tcp_peer_ports.add(info.port)
                 return super().run_batch(source, payloads, batch, ranges)
 
         lines = tmp_path / "lost-read.jsonl"

@@ -91,7 +91,15 @@ def _import_check(name: str) -> str | None:
     """Import (and warm up) ``name`` in a throwaway child; None if that works
     and starts no threads beyond the fork-safe pools, else why not."""
     import select
+    import threading
 
+    others = threading.active_count() - 1
+    if others:
+        # The child would run those threads' thread-local finalizers (CPython clears every other
+        # thread's state after a fork): Py4J's close their connections to the JVM with a
+        # shutdown(), which cuts the parent's own connections.  The fork server has no threads.
+        return (f"not checked: the check forks, and this process has {others} other Python thread(s) "
+                f"(the fork server has none)")
     read_end, write_end = os.pipe()
     pid = os.fork()
     if pid == 0:

@@ -297,59 +297,66 @@ def publish_kafka(source, bootstrap: str, topic: str, *, rate: float | None = No
         conf["stats_cb"] = watch
         conf.setdefault("statistics.interval.ms", 100)
     producer = Producer(conf)
-    if watch is not None:
-        # A detector's publisher is connected before its scan starts.  An
-        # idempotent producer gets its producer id only ~0.5 s after it is
-        # created (librdkafka retries the request on a 500 ms timer), and
-        # frames stamped meanwhile would count that wait as stream latency.
-        watch.wait(producer, timeout, bootstrap, trap)
     try:
-        producer.list_topics(topic, timeout=min(timeout, 5.0))  # the topic's leaders, also before the first frame
-    except Exception:  # noqa: BLE001  (only a head start: produce() finds them too)
-        pass
-    failures: list[str] = []
+        if watch is not None:
+            # A detector's publisher is connected before its scan starts.  An
+            # idempotent producer gets its producer id only ~0.5 s after it is
+            # created (librdkafka retries the request on a 500 ms timer), and
+            # frames stamped meanwhile would count that wait as stream latency.
+            watch.wait(producer, timeout, bootstrap, trap)
+        try:
+            # the topic's leaders, also before the first frame
+            producer.list_topics(topic, timeout=min(timeout, 5.0))
+        except Exception:  # noqa: BLE001  (only a head start: produce() finds them too)
+            pass
+        failures: list[str] = []
 
-    def delivered(err, msg):
-        if err is not None:
-            failures.append(f"{msg.topic()}[{msg.partition()}]: {err}")
+        def delivered(err, msg):
+            if err is not None:
+                failures.append(f"{msg.topic()}[{msg.partition()}]: {err}")
 
-    sent = nbytes = 0
-    t0 = time.monotonic()
-    pacer.start = t0
-    for i, (index, position, array) in enumerate(source):
-        pacer.wait(i, producer.poll)
-        value = encode_frame(FrameHeader(source.scan_id, int(index), position, time.time()), array)
-        key = str(int(index)).encode()
-        while True:
-            try:
-                producer.produce(topic, value, key=key, partition=int(index) % partitions, on_delivery=delivered)
+        sent = nbytes = 0
+        t0 = time.monotonic()
+        pacer.start = t0
+        for i, (index, position, array) in enumerate(source):
+            pacer.wait(i, producer.poll)
+            value = encode_frame(FrameHeader(source.scan_id, int(index), position, time.time()), array)
+            key = str(int(index)).encode()
+            while True:
+                try:
+                    producer.produce(topic, value, key=key, partition=int(index) % partitions, on_delivery=delivered)
+                    break
+                except BufferError:  # local queue full: let deliveries drain
+                    producer.poll(0.01)
+            producer.poll(0)
+            if failures:
                 break
-            except BufferError:  # local queue full: let deliveries drain
-                producer.poll(0.01)
-        producer.poll(0)
+            sent += 1
+            nbytes += len(value)
+            if progress is not None and sent % 1000 == 0:
+                print(f"\r{sent}/{source.count} frames", end="", file=progress, flush=True)
+        markers = 0
+        if end_marker and not failures:
+            for p in range(partitions):
+                producer.produce(topic, encode_end_of_scan(source.scan_id, sent, p, time.time()), key=b"end",
+                                 partition=p, on_delivery=delivered)
+                markers += 1
+        left = producer.flush(timeout)
+        seconds = time.monotonic() - t0
+        if progress is not None:
+            print(f"\r{sent}/{source.count} frames", file=progress, flush=True)
         if failures:
-            break
-        sent += 1
-        nbytes += len(value)
-        if progress is not None and sent % 1000 == 0:
-            print(f"\r{sent}/{source.count} frames", end="", file=progress, flush=True)
-    markers = 0
-    if end_marker and not failures:
-        for p in range(partitions):
-            producer.produce(topic, encode_end_of_scan(source.scan_id, sent, p, time.time()), key=b"end",
-                             partition=p, on_delivery=delivered)
-            markers += 1
-    left = producer.flush(timeout)
-    seconds = time.monotonic() - t0
-    if progress is not None:
-        print(f"\r{sent}/{source.count} frames", file=progress, flush=True)
-    if failures:
-        raise BrokerUnavailable(f"{len(failures)} message(s) to {topic!r} at {bootstrap} failed: {failures[0]}")
-    if left:
-        raise StreamTimeout(f"{left} message(s) to {topic!r} at {bootstrap} undelivered {timeout:.1f} s after "
-                            f"the last frame: {trap.last or 'broker slow or unreachable'}")
-    return PublishReport(f"kafka://{bootstrap}/{topic}", sent, nbytes, seconds, sent / seconds,
-                         nbytes / seconds / 1e6, partitions, markers)
+            raise BrokerUnavailable(f"{len(failures)} message(s) to {topic!r} at {bootstrap} failed: {failures[0]}")
+        if left:
+            raise StreamTimeout(f"{left} message(s) to {topic!r} at {bootstrap} undelivered {timeout:.1f} s after "
+                                f"the last frame: {trap.last or 'broker slow or unreachable'}")
+        return PublishReport(f"kafka://{bootstrap}/{topic}", sent, nbytes, seconds, sent / seconds,
+                             nbytes / seconds / 1e6, partitions, markers)
+    finally:
+        # Closed here, not when the garbage collector frees it: an error's traceback (kept by
+        # the caller) holds this frame, and the producer would keep its broker connections.
+        producer.purge()   # what is still undelivered on an error path: close() would wait for it
+        producer.close()
 
 
 # ---------------------------------------------------------------- ZeroMQ

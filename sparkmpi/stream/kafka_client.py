@@ -12,6 +12,7 @@ import logging
 import re
 import socket
 import time
+import traceback
 from typing import Any
 
 from .._retry import retry
@@ -73,17 +74,39 @@ def check_broker(bootstrap: str, timeout: float = 5.0) -> int:
     if not timeout > 0:
         raise InvalidArgument(f"timeout: expected seconds > 0, got {timeout!r}")
     trap = ErrorTrap()
-    admin = AdminClient(client_config(bootstrap, trap))
+    # A list the finally below empties: an AdminClient has no close(); it goes (threads, broker
+    # connections) with its last reference, and the error's traceback, which the caller may
+    # keep, holds this frame.
+    admin = [AdminClient(client_config(bootstrap, trap))]
 
     def ask(left: float) -> int:
-        meta = admin.list_topics(timeout=min(1.0, left))
+        meta = admin[0].list_topics(timeout=min(1.0, left))
         if not meta.brokers:
             raise BrokerUnavailable("no broker in the metadata")
         return len(meta.brokers)
 
-    return retry(ask, what="reach the Kafka broker at", address=bootstrap, timeout=timeout,
-                 retry_on=(KafkaException, BrokerUnavailable), first_delay=0.05, max_delay=0.5, error=BrokerUnavailable,
-                 describe=lambda exc: broker_cause(bootstrap, trap.last or kafka_error_text(exc)))
+    try:
+        return retry(ask, what="reach the Kafka broker at", address=bootstrap, timeout=timeout,
+                     retry_on=(KafkaException, BrokerUnavailable), first_delay=0.05, max_delay=0.5,
+                     error=BrokerUnavailable,
+                     describe=lambda exc: broker_cause(bootstrap, trap.last or kafka_error_text(exc)))
+    except BrokerUnavailable as exc:
+        _forget_frames(exc.__cause__)
+        raise
+    finally:
+        admin.clear()
+
+
+def _forget_frames(exc: BaseException | None) -> None:
+    """Clear the locals of the finished frames in ``exc``'s traceback and those it chains to.
+
+    confluent-kafka's ``AdminClient.list_topics`` is Python code: a failure's traceback holds
+    its frame, and through ``self`` the client, for as long as anyone keeps the error."""
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        traceback.clear_frames(exc.__traceback__)
+        exc = exc.__cause__ or exc.__context__
 
 
 def kafka_error_text(exc: BaseException) -> str:
@@ -126,8 +149,11 @@ def topic_partitions(bootstrap: str, topic: str, timeout: float = 10.0) -> list[
     try:
         meta = admin.list_topics(topic=topic, timeout=timeout)
     except Exception as exc:
+        _forget_frames(exc)
         raise BrokerUnavailable(f"no metadata for topic {topic!r} from {bootstrap} within {timeout:.1f} s: "
                                 f"{trap.last or exc}") from None
+    finally:
+        del admin   # no close(): see check_broker
     info = meta.topics.get(topic)
     if info is None or info.error is not None:
         return []
@@ -168,6 +194,8 @@ def ensure_topic(bootstrap: str, topic: str, partitions: int = 1, *, replication
     except Exception as exc:  # concurrent.futures.TimeoutError
         raise StreamTimeout(f"creating topic {topic!r} at {bootstrap} did not finish within {timeout:.1f} s: "
                             f"{trap.last or type(exc).__name__}") from None
+    finally:
+        del admin   # no close(): see check_broker
     # metadata propagates asynchronously; wait until the partitions are visible
     deadline = time.monotonic() + timeout
     while len(topic_partitions(bootstrap, topic, timeout)) != partitions:

@@ -7,13 +7,12 @@ times with jittered backoff by way of :func:`sparkmpi._retry.retry`.
 
 from __future__ import annotations
 
-import threading
 import time
 from typing import Callable
 
 from .._retry import retry
 from ._errors import BrokerUnavailable, StreamTimeout
-from .kafka_client import ErrorTrap, client_config
+from .kafka_client import ErrorTrap, client_config, kafka_error_text
 
 
 def broker_call(what: str, call: Callable[[], object], *, bootstrap: str, retries: int, backoff: float,
@@ -86,76 +85,72 @@ class WatermarkPoller:
 
 
 class Committer:
-    """One long-lived group member-less consumer that commits offsets with a deadline.
+    """Commits a consumer group's offsets with a deadline (one long-lived client per stream).
 
     Cheaper than :func:`~.offsets.commit_offsets` per batch (no new client, no
-    metadata round trip); the commit is asynchronous and awaited with a
-    deadline, so a lost broker surfaces as :class:`BrokerUnavailable` in time.
+    metadata round trip).  It commits through the admin API
+    (``AlterConsumerGroupOffsets``), not a consumer's commit: a consumer with a
+    commit in flight when its broker goes can never be closed (librdkafka
+    retries the coordinator forever, librdkafka issue #3740), while an admin
+    request times out and its client goes at once.  A lost broker surfaces as
+    :class:`StreamTimeout` (or :class:`BrokerUnavailable`) within ``timeout``.
     """
 
     def __init__(self, bootstrap: str, group: str, timeout: float):
         self.bootstrap, self.group, self.timeout = bootstrap, group, timeout
-        self.consumer = None
+        self.admin = None
         self.trap = ErrorTrap()
-        self._results: list = []
 
     def _open(self):
-        from confluent_kafka import Consumer
+        from confluent_kafka.admin import AdminClient
 
-        if self.consumer is None:
-            self.consumer = Consumer(client_config(self.bootstrap, self.trap, **{
-                "group.id": self.group, "enable.auto.commit": False,
-                "on_commit": lambda err, parts: self._results.append((err, parts))}))
-        return self.consumer
+        if self.admin is None:
+            self.admin = AdminClient(client_config(self.bootstrap, self.trap))
+        return self.admin
 
     def commit(self, ranges) -> None:
-        from confluent_kafka import TopicPartition
+        from confluent_kafka import ConsumerGroupTopicPartitions, KafkaError, KafkaException, TopicPartition
 
         offsets = [TopicPartition(r.topic, r.partition, r.end) for r in ranges]
         if not offsets:
             return
-        consumer = self._open()
-        self._results.clear()
+        request = [ConsumerGroupTopicPartitions(self.group, offsets)]
         try:
-            consumer.commit(offsets=offsets, asynchronous=True)
-            started = time.monotonic()
-            deadline = started + self.timeout
-            while not self._results:
-                if time.monotonic() > deadline:
-                    raise StreamTimeout(f"committing offsets of group {self.group!r} at {self.bootstrap}: no answer "
-                                        f"within {self.timeout:.1f} s; last client error: {self.trap.last or 'none'}")
-                # poll() returns at a message or its timeout, not when it has
-                # served the commit callback: short polls while an answer is
-                # likely soon, so a 3 ms commit does not cost a 20 ms poll
-                # (BENCHMARKS.md, "Streaming on a world").
-                consumer.poll(0.001 if time.monotonic() - started < 0.2 else 0.02)
+            future = self._open().alter_consumer_group_offsets(request, request_timeout=self.timeout)[self.group]
+            try:
+                result = future.result(timeout=self.timeout + 1.0)
+            except Exception as exc:  # a KafkaException, or the future's TimeoutError (a backstop)
+                error = exc.args[0] if isinstance(exc, KafkaException) and exc.args else None
+                if error is not None and error.code() != KafkaError._TIMED_OUT:
+                    raise BrokerUnavailable(f"committing offsets of group {self.group!r} at {self.bootstrap} "
+                                            f"failed: {kafka_error_text(exc)}") from None
+                raise StreamTimeout(f"committing offsets of group {self.group!r} at {self.bootstrap}: no answer "
+                                    f"within {self.timeout:.1f} s; last client error: {self.trap.last or 'none'}") \
+                    from None
         except Exception:
-            self.close(wait=False)   # a fresh client next time
+            self.close()   # a fresh client next time
             raise
-        err, parts = self._results[0]
-        bad = [f"{tp.topic}[{tp.partition}]: {tp.error}" for tp in parts or [] if tp.error is not None]
-        if err is not None or bad:
-            self.close(wait=False)
-            raise BrokerUnavailable(f"committing offsets of group {self.group!r} at {self.bootstrap} failed: "
-                                    f"{err or bad}")
+        bad = [f"{tp.topic}[{tp.partition}]: {tp.error}" for tp in result.topic_partitions or []
+               if tp.error is not None]
+        if bad:
+            raise BrokerUnavailable(f"committing offsets of group {self.group!r} at {self.bootstrap} failed: {bad}")
 
     def close(self, wait: bool = True) -> None:
-        """Close the client; ``wait=False`` (broker gone) closes it in a daemon
-        thread, as librdkafka may block for long on a pending request."""
-        if self.consumer is not None:
-            consumer, self.consumer = self.consumer, None
-            close_client(consumer, wait)
+        """Release the client (at once, broker or not: an admin client has nothing to wait for;
+        ``wait`` is accepted for the same call as the other clients' ``close``)."""
+        self.admin = None
 
 
 def close_client(client, wait: bool) -> None:
-    def close():
-        try:
-            client.close()
-        except Exception:  # noqa: BLE001  (closing a client whose broker is gone)
-            pass
+    """Close a Producer or a Consumer; ``wait=False`` (broker gone): what a producer has not
+    delivered yet is dropped rather than waited for (``close()`` would flush it with no deadline).
 
-    if wait:
-        close()
-    else:
-        threading.Thread(target=close, name="sparkmpi-kafka-close", daemon=True).start()
-
+    A consumer must have no commit in flight (librdkafka then retries a lost coordinator
+    forever on close): :class:`Committer` commits through the admin API for that reason.
+    """
+    try:
+        if not wait and hasattr(client, "purge"):
+            client.purge()
+        client.close()
+    except Exception:  # noqa: BLE001  (closing a client whose broker is gone)
+        pass

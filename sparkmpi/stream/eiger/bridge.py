@@ -66,7 +66,11 @@ class _Kafka:
         conf["stats_cb"] = watch
         conf["statistics.interval.ms"] = 100
         self.producer = Producer(conf)
-        watch.wait(self.producer, timeout, bootstrap, self.trap)
+        try:
+            watch.wait(self.producer, timeout, bootstrap, self.trap)
+        except BaseException:
+            self.close(flush=False)
+            raise
         self.failures: list[str] = []
         self.start_offsets: dict[int, int] = {}
         self.dlq: DeadLetterWriter | None = None
@@ -129,8 +133,19 @@ class _Kafka:
         self.dlq.write(KafkaDeadLetter(self.topic, -1, sequence, key, action.raw, action.reason, action.code))
         self.dlq.flush()
 
-    def close(self) -> None:
-        self.flush("closing the bridge")
+    def close(self, flush: bool = True) -> None:
+        """Deliver what is pending (``flush``), then release the producer's threads and broker
+        connections now: garbage collection may come minutes later (a dead letter's error in
+        the bridge's loop is a reference cycle back to its frame)."""
+        if self.producer is None:
+            return
+        try:
+            if flush:
+                self.flush("closing the bridge")
+        finally:
+            producer, self.producer = self.producer, None
+            producer.purge()   # only what a failed flush left: close() would wait for it with no deadline
+            producer.close()
 
     def open_series(self, window: int, chunk: int = 256):
         """The series an earlier bridge left open on the topic, with its start message (or None).
@@ -301,7 +316,8 @@ def run_bridge(endpoint: str, bootstrap: str, topic: str, *, partitions: int = 1
                             try:
                                 decoded = decode_message(raw)
                             except FrameError as exc:   # handed to the state as data: a dead letter
-                                decoded = exc
+                                # (without its traceback, which holds this frame: a cycle)
+                                decoded = exc.with_traceback(None)
                             act(state.message(decoded, raw, last))
                         sequence += 1
             act(state.tick(time.monotonic()))
@@ -314,6 +330,7 @@ def run_bridge(endpoint: str, bootstrap: str, topic: str, *, partitions: int = 1
         act(state.close())
         kafka.close()
     finally:
+        kafka.close(flush=False)   # the normal way out has flushed and closed it already
         poller.unregister(sock)
         poller.unregister(monitor)
         sock.disable_monitor()
