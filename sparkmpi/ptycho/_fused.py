@@ -43,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..errors import InvalidArgument
+from ._fft import CHUNK
 from .options import KERNELS
 
 try:  # numba is optional: the NumPy forms below do the same work
@@ -283,6 +284,120 @@ def _position_sums(chi, probe, gy, gx, pos, out):  # pragma: no cover - compiled
         out[j, 2] = sab
         out[j, 3] = sac
         out[j, 4] = sbc
+
+
+# --------------------------------------------------------------------------- chunk kernels
+# The chunked pipeline (FusedOps.inverse_scatter / forward_update) works on CHUNK
+# frames at a time in a buffer that stays in the core's cache; these are its steps.
+# Their arithmetic is that of the whole-stack kernels above, operation for operation,
+# so the pipeline gives the same bits.
+
+@_jit
+def _scale_chunk(buf, m, cs):  # pragma: no cover - compiled
+    # buf[:m] *= cs (the orthonormal factor of an unscaled FFT, as FFTWStack applies it)
+    h, w = buf.shape[1], buf.shape[2]
+    for j in range(m):
+        for r in range(h):
+            row = buf[j, r]
+            for c in range(w):
+                row[c] = row[c] * cs
+
+
+@_jit
+def _raar_z(Psi, a, buf):  # pragma: no cover - compiled
+    # buf[:n] = 2 Pi_F Psi - Psi (raar_pre's work), Psi unchanged
+    n, h, w = Psi.shape
+    two = np.float32(2.0)
+    for j in range(n):
+        for r in range(h):
+            srow = Psi[j, r]
+            arow = a[j, r]
+            brow = buf[j, r]
+            for c in range(w):
+                s = srow[c]
+                k = arow[c] / (np.sqrt(s.real * s.real + s.imag * s.imag) + _EPS)
+                yr = k * s.real
+                yi = k * s.imag
+                brow[c] = complex(two * yr - s.real, two * yi - s.imag)
+
+
+@_jit
+def _dm_chunk(Psi, Phi, a, beta, col, phase, rotate, keep, kept):  # pragma: no cover
+    # _dm_update on n frames without its work copy and without zeroing col (the
+    # caller sums col over a thread's chunks in order); keep: kept[:n] <- Phi
+    n, h, w = Psi.shape
+    two = np.float32(2.0)
+    for j in range(n):
+        ph = phase[j]
+        for r in range(h):
+            srow = Psi[j, r]
+            frow = Phi[j, r]
+            arow = a[j, r]
+            if keep:
+                krow = kept[j, r]
+                for c in range(w):
+                    krow[c] = frow[c]
+            for c in range(w):
+                f = frow[c]
+                s = srow[c]
+                if rotate:
+                    s = s * ph
+                fa = np.sqrt(f.real * f.real + f.imag * f.imag)
+                m = fa - arow[c]
+                col[c] += np.float64(m * m)
+                zr = two * f.real - s.real
+                zi = two * f.imag - s.imag
+                k = arow[c] / (np.sqrt(zr * zr + zi * zi) + _EPS)
+                nr = s.real + beta * (k * zr - f.real)
+                ni = s.imag + beta * (k * zi - f.imag)
+                srow[c] = complex(nr, ni)
+
+
+@_jit
+def _raar_chunk(Psi, Phi, a, beta, col, phase, rotate, keep, kept, pre):  # pragma: no cover
+    # (pre: raar_pre's Psi part, beta Psi + (1 - 2 beta) Pi_F Psi), then raar_post,
+    # on n frames; col as in _dm_chunk; keep: kept[:n] <- Phi
+    n, h, w = Psi.shape
+    two = np.float32(2.0)
+    g = np.float32(1.0) - two * beta
+    for j in range(n):
+        pr = phase[j].real
+        pi = phase[j].imag
+        for r in range(h):
+            srow = Psi[j, r]
+            frow = Phi[j, r]
+            arow = a[j, r]
+            if keep:
+                krow = kept[j, r]
+                for c in range(w):
+                    krow[c] = frow[c]
+            for c in range(w):
+                s = srow[c]
+                tr = s.real
+                ti = s.imag
+                if pre:
+                    k = arow[c] / (np.sqrt(s.real * s.real + s.imag * s.imag) + _EPS)
+                    yr = k * s.real
+                    yi = k * s.imag
+                    tr = beta * s.real + g * yr
+                    ti = beta * s.imag + g * yi
+                if rotate:   # complex64 product, as numba's complex multiply
+                    ur = tr * pr - ti * pi
+                    ti = tr * pi + ti * pr
+                    tr = ur
+                f = frow[c]
+                fa = np.sqrt(f.real * f.real + f.imag * f.imag)
+                m = fa - arow[c]
+                col[c] += np.float64(m * m)
+                srow[c] = complex(tr + beta * f.real, ti + beta * f.imag)
+
+
+@_jit
+def _col_total(col, w):  # pragma: no cover - compiled
+    total = 0.0
+    for c in range(w):
+        total += col[c]
+    return total
 
 
 # --------------------------------------------------------------------------- drivers
@@ -562,6 +677,98 @@ class FusedOps(NumpyOps):
             pnum += dn
             pden += dd
         return max(tops), top_d
+
+
+    # ---- the chunked pipeline: CHUNK frames through several steps while in cache
+    def _chunk_starts(self, s):
+        return range(s.start, s.stop, CHUNK)
+
+    def inverse_scatter(self, kind: str, Psi, a, beta: float, transforms, probe, scale: float,
+                        acc, s_den: float = 0.0, den=None, store=None):
+        """Per chunk of frames: the real-space waves of this step (``kind="dm"``: ``psi =
+        F^-1 Psi``; ``"raar"``: ``F^-1 (2 Pi_F Psi - Psi)``), scatter-added as
+        :meth:`scatter_object` does; ``store``: also kept there (the probe update
+        reads them).  ``Psi`` is not changed, so a second call gives the same sums.
+        ``transforms``: one chunk FFT per thread (:mod:`sparkmpi.ptycho._fft`)."""
+        p = probe.astype(np.complex128)
+        cpr = np.ascontiguousarray(p.real)
+        cpi = np.ascontiguousarray(-p.imag)
+        pw = cpr * cpr + cpi * cpi
+        s_den = float(s_den)
+        if den is None:
+            den = np.zeros(acc.shape[1:], np.float64)
+            s_den = 0.0
+        top_d = float(np.rint(pw.max() * s_den))
+        extra = self._extras([acc.shape, den.shape]) if self._pool is not None else []
+        scale = float(scale)
+
+        def one(i, sl):
+            da, dd = (acc, den) if i == 0 else extra[i - 1]
+            if i:
+                da.fill(0.0)
+                dd.fill(0.0)
+            fft = transforms[i]
+            buf = fft.buffer
+            top = 0.0
+            for j0 in self._chunk_starts(sl):
+                j1 = min(j0 + CHUNK, sl.stop)
+                m = j1 - j0
+                if kind == "dm":
+                    buf[:m] = Psi[j0:j1]
+                else:
+                    _raar_z(Psi[j0:j1], a[j0:j1], buf)
+                fft.inverse()
+                if fft.scale is not None:
+                    _scale_chunk(buf, m, fft.scale)
+                if store is not None:
+                    store[j0:j1] = buf[:m]
+                top = max(top, _scatter_object(buf[:m], cpr, cpi, pw, self.pos[j0:j1], scale,
+                                               s_den, da[0], da[1], dd, self._cols[i]))
+            return top
+
+        tops = self._map(one)
+        for da, dd in extra:
+            acc += da   # integer-valued: exact in any order
+            if s_den > 0:
+                den += dd
+        return max(tops), top_d
+
+    def forward_update(self, kind: str, obj, probe, Psi, a, beta: float, transforms,
+                       phase=None, keep=None, pre: bool = True) -> float:
+        """Per chunk of frames: ``Phi = F(P O_j)``, then the step's update of ``Psi``
+        (``kind="dm"``: as :meth:`dm_update`, less its copy; ``"raar"``: :meth:`raar_pre`'s
+        part on ``Psi`` unless ``pre`` is False (done already), then :meth:`raar_post`'s);
+        ``keep``: ``Phi`` also stored there.  Returns the misfit, summed as the
+        whole-stack kernels sum it."""
+        b = np.float32(beta)
+        ph, rotate = self._phase(phase)
+        w = self.frame_shape[1]
+        keeping = keep is not None
+        kept = keep if keeping else Psi
+        if kind == "dm":
+            kernel = _dm_chunk
+        else:
+            def kernel(*args):
+                return _raar_chunk(*args, bool(pre))
+
+        def one(i, sl):
+            fft = transforms[i]
+            buf = fft.buffer
+            col = self._cols[i]
+            col[:w] = 0.0
+            for j0 in self._chunk_starts(sl):
+                j1 = min(j0 + CHUNK, sl.stop)
+                m = j1 - j0
+                phi = buf[:m]
+                _gather_mul(obj, probe, self.pos[j0:j1], phi)
+                fft.forward()
+                if fft.scale is not None:
+                    _scale_chunk(buf, m, fft.scale)
+                kernel(Psi[j0:j1], phi, a[j0:j1], b, col, ph[j0:j1], rotate, keeping,
+                       kept[j0:j1])
+            return _col_total(col, w)
+
+        return sum(self._map(one))
 
 
 def make_ops(kernels: str, positions, frame_shape, object_shape, threads: int = 1):

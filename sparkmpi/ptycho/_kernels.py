@@ -498,6 +498,11 @@ class Fourier:
         """In-place orthonormal inverse 2-D FFT of each frame of ``x``."""
         return self.stack_fft.inverse(x)
 
+    def chunk_transforms(self, count: int) -> list:
+        """``count`` chunk FFTs (buffer of ``CHUNK`` frames, own plans; one per thread) with
+        the stack FFT's per-frame bits, for the CPU engine's pipeline (:mod:`._fft`)."""
+        return self.stack_fft.chunk_transforms(count, tuple(self.a.shape[1:]))
+
     def close(self) -> None:
         self.stack_fft.close()
 
