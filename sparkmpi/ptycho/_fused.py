@@ -290,17 +290,95 @@ def _position_sums(chi, probe, gy, gx, pos, out):  # pragma: no cover - compiled
 # The chunked pipeline (FusedOps.inverse_scatter / forward_update) works on CHUNK
 # frames at a time in a buffer that stays in the core's cache; these are its steps.
 # Their arithmetic is that of the whole-stack kernels above, operation for operation,
-# so the pipeline gives the same bits.
+# so the pipeline gives the same bits.  Two things are skipped that add nothing:
+# where the probe is zero (outside each row's span [c0, c1) of nonzero probe pixels,
+# e.g. outside the probe support), the exit waves P O_j are zero and psi_j conj(P)
+# adds exact zeros to the quantised object sums.  ``cs``: the orthonormal factor of
+# an unscaled FFT (FFTW), multiplied in as FFTWStack does (``scaled``: done already).
+
+def probe_spans(probe):
+    """Per row of ``probe`` (H, W): ``[c0, c1)``, the first and one past the last
+    nonzero column (``c0 = c1 = 0`` for a zero row); int64 arrays."""
+    nz = np.asarray(probe) != 0
+    w = nz.shape[1]
+    any_ = nz.any(axis=1)
+    c0 = np.where(any_, nz.argmax(axis=1), 0).astype(np.int64)
+    c1 = np.where(any_, w - nz[:, ::-1].argmax(axis=1), 0).astype(np.int64)
+    return c0, c1
+
 
 @_jit
-def _scale_chunk(buf, m, cs):  # pragma: no cover - compiled
-    # buf[:m] *= cs (the orthonormal factor of an unscaled FFT, as FFTWStack applies it)
-    h, w = buf.shape[1], buf.shape[2]
-    for j in range(m):
+def _gather_mul_spans(obj, probe, c0, c1, pos, out):  # pragma: no cover - compiled
+    # _gather_mul, with zeros outside the probe's row spans
+    n, h, w = out.shape
+    zero = np.complex64(0)
+    for j in range(n):
+        y0 = pos[j, 0]
+        x0 = pos[j, 1]
         for r in range(h):
-            row = buf[j, r]
-            for c in range(w):
-                row[c] = row[c] * cs
+            a0 = c0[r]
+            a1 = c1[r]
+            drow = out[j, r]
+            # row views from the span's start: loops from 0 (numba then vectorises them)
+            orow = obj[y0 + r, x0 + a0:x0 + a1]
+            prow = probe[r, a0:a1]
+            dspan = drow[a0:a1]
+            tail = drow[a1:]
+            for c in range(a0):
+                drow[c] = zero
+            for c in range(a1 - a0):
+                dspan[c] = orow[c] * prow[c]
+            for c in range(w - a1):
+                tail[c] = zero
+
+
+@_jit
+def _scatter_chunk(buf, m, cs, scaled, cpr, cpi, pw, c0, c1, pos, scale, s_den, are, aim,
+                   den, col, store, kept):  # pragma: no cover - compiled
+    # buf[:m] *= cs (unless scaled); store: kept[:m] <- buf[:m]; then _scatter_object
+    # on the probe's row spans
+    h, w = buf.shape[1], buf.shape[2]
+    for c in range(w):
+        col[c] = 0.0
+    for j in range(m):
+        y0 = pos[j, 0]
+        x0 = pos[j, 1]
+        for r in range(h):
+            prow = buf[j, r]
+            if not scaled:
+                for c in range(w):
+                    prow[c] = prow[c] * cs
+            if store:
+                krow = kept[j, r]
+                for c in range(w):
+                    krow[c] = prow[c]
+            a0 = c0[r]
+            a1 = c1[r]
+            # row views from the span's start: loops from 0 (numba then vectorises them)
+            vrow = prow[a0:a1]
+            rre = are[y0 + r, x0 + a0:x0 + a1]
+            rim = aim[y0 + r, x0 + a0:x0 + a1]
+            rr = cpr[r, a0:a1]
+            ri = cpi[r, a0:a1]
+            cmax = col[a0:a1]
+            for c in range(a1 - a0):
+                v = vrow[c]
+                vr = np.float64(v.real)
+                vi = np.float64(v.imag)
+                qr = np.rint((vr * rr[c] - vi * ri[c]) * scale)
+                qi = np.rint((vr * ri[c] + vi * rr[c]) * scale)
+                rre[c] += qr
+                rim[c] += qi
+                cmax[c] = max(cmax[c], max(abs(qr), abs(qi)))
+            if s_den > 0:
+                drow = den[y0 + r, x0 + a0:x0 + a1]
+                wrow = pw[r, a0:a1]
+                for c in range(a1 - a0):
+                    drow[c] += np.rint(wrow[c] * s_den)
+    top = 0.0
+    for c in range(w):
+        top = max(top, col[c])
+    return top
 
 
 @_jit
@@ -322,9 +400,11 @@ def _raar_z(Psi, a, buf):  # pragma: no cover - compiled
 
 
 @_jit
-def _dm_chunk(Psi, Phi, a, beta, col, phase, rotate, keep, kept):  # pragma: no cover
-    # _dm_update on n frames without its work copy and without zeroing col (the
-    # caller sums col over a thread's chunks in order); keep: kept[:n] <- Phi
+def _dm_chunk(Psi, Phi, cs, scaled, a, beta, col, phase, rotate, keep,
+              kept):  # pragma: no cover - compiled
+    # _dm_update on n frames of Phi * cs (unless scaled), without its work copy and
+    # without zeroing col (the caller sums col over a thread's chunks in order);
+    # keep: kept[:n] <- Phi * cs
     n, h, w = Psi.shape
     two = np.float32(2.0)
     for j in range(n):
@@ -333,6 +413,9 @@ def _dm_chunk(Psi, Phi, a, beta, col, phase, rotate, keep, kept):  # pragma: no 
             srow = Psi[j, r]
             frow = Phi[j, r]
             arow = a[j, r]
+            if not scaled:
+                for c in range(w):
+                    frow[c] = frow[c] * cs
             if keep:
                 krow = kept[j, r]
                 for c in range(w):
@@ -354,9 +437,10 @@ def _dm_chunk(Psi, Phi, a, beta, col, phase, rotate, keep, kept):  # pragma: no 
 
 
 @_jit
-def _raar_chunk(Psi, Phi, a, beta, col, phase, rotate, keep, kept, pre):  # pragma: no cover
+def _raar_chunk(Psi, Phi, cs, scaled, a, beta, col, phase, rotate, keep, kept,
+                pre):  # pragma: no cover - compiled
     # (pre: raar_pre's Psi part, beta Psi + (1 - 2 beta) Pi_F Psi), then raar_post,
-    # on n frames; col as in _dm_chunk; keep: kept[:n] <- Phi
+    # on n frames; Phi, cs, col, keep as in _dm_chunk
     n, h, w = Psi.shape
     two = np.float32(2.0)
     g = np.float32(1.0) - two * beta
@@ -367,6 +451,9 @@ def _raar_chunk(Psi, Phi, a, beta, col, phase, rotate, keep, kept, pre):  # prag
             srow = Psi[j, r]
             frow = Phi[j, r]
             arow = a[j, r]
+            if not scaled:
+                for c in range(w):
+                    frow[c] = frow[c] * cs
             if keep:
                 krow = kept[j, r]
                 for c in range(w):
@@ -701,6 +788,9 @@ class FusedOps(NumpyOps):
         top_d = float(np.rint(pw.max() * s_den))
         extra = self._extras([acc.shape, den.shape]) if self._pool is not None else []
         scale = float(scale)
+        c0, c1 = probe_spans(probe)
+        storing = store is not None
+        kept = store if storing else Psi
 
         def one(i, sl):
             da, dd = (acc, den) if i == 0 else extra[i - 1]
@@ -709,6 +799,7 @@ class FusedOps(NumpyOps):
                 dd.fill(0.0)
             fft = transforms[i]
             buf = fft.buffer
+            cs, scaled = (np.complex64(1), True) if fft.scale is None else (fft.scale, False)
             top = 0.0
             for j0 in self._chunk_starts(sl):
                 j1 = min(j0 + CHUNK, sl.stop)
@@ -718,12 +809,9 @@ class FusedOps(NumpyOps):
                 else:
                     _raar_z(Psi[j0:j1], a[j0:j1], buf)
                 fft.inverse()
-                if fft.scale is not None:
-                    _scale_chunk(buf, m, fft.scale)
-                if store is not None:
-                    store[j0:j1] = buf[:m]
-                top = max(top, _scatter_object(buf[:m], cpr, cpi, pw, self.pos[j0:j1], scale,
-                                               s_den, da[0], da[1], dd, self._cols[i]))
+                top = max(top, _scatter_chunk(buf, m, cs, scaled, cpr, cpi, pw, c0, c1,
+                                              self.pos[j0:j1], scale, s_den, da[0], da[1], dd,
+                                              self._cols[i], storing, kept[j0:j1]))
             return top
 
         tops = self._map(one)
@@ -751,21 +839,22 @@ class FusedOps(NumpyOps):
             def kernel(*args):
                 return _raar_chunk(*args, bool(pre))
 
+        c0, c1 = probe_spans(probe)
+
         def one(i, sl):
             fft = transforms[i]
             buf = fft.buffer
+            cs, scaled = (np.complex64(1), True) if fft.scale is None else (fft.scale, False)
             col = self._cols[i]
             col[:w] = 0.0
             for j0 in self._chunk_starts(sl):
                 j1 = min(j0 + CHUNK, sl.stop)
                 m = j1 - j0
                 phi = buf[:m]
-                _gather_mul(obj, probe, self.pos[j0:j1], phi)
+                _gather_mul_spans(obj, probe, c0, c1, self.pos[j0:j1], phi)
                 fft.forward()
-                if fft.scale is not None:
-                    _scale_chunk(buf, m, fft.scale)
-                kernel(Psi[j0:j1], phi, a[j0:j1], b, col, ph[j0:j1], rotate, keeping,
-                       kept[j0:j1])
+                kernel(Psi[j0:j1], phi, cs, scaled, a[j0:j1], b, col, ph[j0:j1], rotate,
+                       keeping, kept[j0:j1])
             return _col_total(col, w)
 
         return sum(self._map(one))
