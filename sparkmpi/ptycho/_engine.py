@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import Backend
-from ._fused import make_ops
+from ._fused import make_ops, probe_spans
 from ._kernels import ExactSums, Fourier, Geometry, allreduce_sums
 
 __all__ = ["Engine", "ExactEngine", "GenericEngine", "make_engine"]
@@ -359,6 +359,8 @@ class ExactEngine(Engine):
         self._phi_in_tmp = False
         self._transforms = None
         self._raar_pre_due = None   # in a pipelined RAAR step: beta, until raar_pre is done
+        #: False runs the whole-stack steps (the pipeline's reference in the tests)
+        self.pipeline = True
         super().__init__(*args, **kwargs)
 
     @property
@@ -369,10 +371,13 @@ class ExactEngine(Engine):
     @property
     def pipelined(self) -> bool:
         """Steps run chunk by chunk (:meth:`_pipeline_step`): with the numba kernels."""
-        return self.ops is not None and self.ops.name == "numba"
+        return self.pipeline and self.ops is not None and self.ops.name == "numba"
 
     def _setup(self, probe, obj, frame_shape, object_shape, threads) -> None:
         self.ops = make_ops(self.kernels, self.geom.positions, frame_shape, object_shape, threads)
+        # the probe numerator is summed only where the support keeps the probe
+        self._numerator_spans = (None if self._support is None
+                                 else probe_spans(np.asarray(self._support)))
         pmax = float(np.abs(probe).max())
         omax = float(np.abs(obj).max())
         cover = self.geom.coverage()
@@ -424,7 +429,8 @@ class ExactEngine(Engine):
     def probe_update(self, src, scratch) -> None:
         views = self.probe_sums.views
         pnum, pden = self.probe_sums.reduce(
-            lambda sc: self.ops.probe_sums(src, self.O, sc[0], sc[1], views[0], views[1]))
+            lambda sc: self.ops.probe_sums(src, self.O, sc[0], sc[1], views[0], views[1],
+                                           self._numerator_spans))
         self._set_probe(pnum, pden)
 
     def _apply_frame_phase(self, phase) -> None:
@@ -500,7 +506,7 @@ class ExactEngine(Engine):
         store = self.work if update_probe else None
         self._update_object(lambda scale, acc, s_den, dacc: self.ops.inverse_scatter(
             kind, self.Psi, self.a, beta, self._transforms, self.P, scale, acc, s_den, dacc,
-            store))
+            store, self._numerator_spans))
         if update_probe:
             if kind == "raar":   # a probe move ramps Psi: see _apply_wave_ramp
                 self._raar_pre_due = beta

@@ -207,9 +207,11 @@ def _scatter_object(psi, cpr, cpi, pw, pos, scale, s_den, are, aim, den, col):  
 
 
 @_jit
-def _probe_sums(psi, obj, pos, s_num, s_den, pre, pim, pden, col):  # pragma: no cover
-    # pre/pim += rint(psi_j conj(O_j) s_num); pden += rint(|O_j|^2 s_den); returns the
-    # numerator's max |q| (the denominator's is bounded by rint(max |O|^2 s_den))
+def _probe_sums(psi, obj, pos, s_num, s_den, pre, pim, pden, col, c0, c1):  # pragma: no cover
+    # pre/pim += rint(psi_j conj(O_j) s_num) on each row's span [c0, c1) (the probe
+    # support's: the numerator is zero outside it); pden += rint(|O_j|^2 s_den) on the
+    # whole frame; returns the numerator's max |q| (the denominator's is bounded by
+    # rint(max |O|^2 s_den))
     n, h, w = psi.shape
     for c in range(2 * w):
         col[c] = 0.0
@@ -217,12 +219,15 @@ def _probe_sums(psi, obj, pos, s_num, s_den, pre, pim, pden, col):  # pragma: no
         y0 = pos[j, 0]
         x0 = pos[j, 1]
         for r in range(h):
-            prow = psi[j, r]
-            orow = obj[y0 + r, x0:x0 + w]
-            rre = pre[r]
-            rim = pim[r]
-            drow = pden[r]
-            for c in range(w):
+            a0 = c0[r]
+            a1 = c1[r]
+            # row views from the span's start: loops from 0 (numba then vectorises them)
+            prow = psi[j, r, a0:a1]
+            orow = obj[y0 + r, x0 + a0:x0 + a1]
+            rre = pre[r, a0:a1]
+            rim = pim[r, a0:a1]
+            cmax = col[a0:a1]
+            for c in range(a1 - a0):
                 v = prow[c]
                 o = orow[c]
                 vr = np.float64(v.real)
@@ -233,9 +238,11 @@ def _probe_sums(psi, obj, pos, s_num, s_den, pre, pim, pden, col):  # pragma: no
                 qi = np.rint((vi * o_r - vr * o_i) * s_num)
                 rre[c] += qr
                 rim[c] += qi
-                col[c] = max(col[c], max(abs(qr), abs(qi)))
+                cmax[c] = max(cmax[c], max(abs(qr), abs(qi)))
+            drow = pden[r]
+            ofull = obj[y0 + r, x0:x0 + w]
             for c in range(w):   # a separate loop vectorises better
-                o = orow[c]
+                o = ofull[c]
                 o_r = np.float64(o.real)
                 o_i = np.float64(o.imag)
                 drow[c] += np.rint((o_r * o_r + o_i * o_i) * s_den)
@@ -296,6 +303,13 @@ def _position_sums(chi, probe, gy, gx, pos, out):  # pragma: no cover - compiled
 # adds exact zeros to the quantised object sums.  ``cs``: the orthonormal factor of
 # an unscaled FFT (FFTW), multiplied in as FFTWStack does (``scaled``: done already).
 
+def _span_mask(spans, w: int) -> np.ndarray:
+    """0/1 float64 (H, W) mask of per-row spans ``(c0, c1)``."""
+    c0, c1 = spans
+    cols = np.arange(w)[None, :]
+    return ((cols >= np.asarray(c0)[:, None]) & (cols < np.asarray(c1)[:, None])).astype(np.float64)
+
+
 def probe_spans(probe):
     """Per row of ``probe`` (H, W): ``[c0, c1)``, the first and one past the last
     nonzero column (``c0 = c1 = 0`` for a zero row); int64 arrays."""
@@ -334,9 +348,10 @@ def _gather_mul_spans(obj, probe, c0, c1, pos, out):  # pragma: no cover - compi
 
 @_jit
 def _scatter_chunk(buf, m, cs, scaled, cpr, cpi, pw, c0, c1, pos, scale, s_den, are, aim,
-                   den, col, store, kept):  # pragma: no cover - compiled
-    # buf[:m] *= cs (unless scaled); store: kept[:m] <- buf[:m]; then _scatter_object
-    # on the probe's row spans
+                   den, col, store, kept, k0, k1):  # pragma: no cover - compiled
+    # buf[:m] *= cs (unless scaled); store: kept[:m] <- buf[:m] on the row spans
+    # [k0, k1) (where the probe sums read them); then _scatter_object on the probe's
+    # row spans [c0, c1)
     h, w = buf.shape[1], buf.shape[2]
     for c in range(w):
         col[c] = 0.0
@@ -349,9 +364,11 @@ def _scatter_chunk(buf, m, cs, scaled, cpr, cpi, pw, c0, c1, pos, scale, s_den, 
                 for c in range(w):
                     prow[c] = prow[c] * cs
             if store:
-                krow = kept[j, r]
-                for c in range(w):
-                    krow[c] = prow[c]
+                b0 = k0[r]
+                krow = kept[j, r, b0:k1[r]]
+                brow = prow[b0:k1[r]]
+                for c in range(k1[r] - b0):
+                    krow[c] = brow[c]
             a0 = c0[r]
             a1 = c1[r]
             # row views from the span's start: loops from 0 (numba then vectorises them)
@@ -629,11 +646,17 @@ class NumpyOps:
             den += self._sparse_sum(np.ascontiguousarray(tiles)).reshape(den.shape)
         return top, top_d
 
-    def probe_sums(self, psi, obj, s_num: float, s_den: float, pnum, pden):
+    def probe_sums(self, psi, obj, s_num: float, s_den: float, pnum, pden, spans=None):
         """Quantised ``pnum += sum_j psi_j conj(O_j)`` (planes (2, H, W)) and
-        ``pden += sum_j |O_j|^2``; returns the largest ``|q|`` of each."""
+        ``pden += sum_j |O_j|^2``; returns the largest ``|q|`` of each.
+
+        ``spans``: ``(c0, c1)`` per row (:func:`probe_spans` of the probe support): the
+        numerator only there, zero elsewhere (the support zeroes the probe there, and
+        ``psi`` need not be set there)."""
         frames = self._window(obj).astype(np.complex128)
         c = psi.astype(np.complex128) * np.conj(frames)
+        if spans is not None:
+            c *= _span_mask(spans, psi.shape[2])
         c *= s_num
         np.rint(c.view(np.float64), out=c.view(np.float64))
         d = frames.real ** 2 + frames.imag ** 2
@@ -743,12 +766,14 @@ class FusedOps(NumpyOps):
                 den += dd
         return max(tops), top_d
 
-    def probe_sums(self, psi, obj, s_num: float, s_den: float, pnum, pden):
+    def probe_sums(self, psi, obj, s_num: float, s_den: float, pnum, pden, spans=None):
         # a bound on |O_j|^2 over the whole object: the same on every rank
         top_d = float(np.rint(float((obj.real ** 2 + obj.imag ** 2).max()) * s_den))
+        h, w = self.frame_shape
+        c0, c1 = spans if spans is not None else (np.zeros(h, np.int64), np.full(h, w, np.int64))
         if self._pool is None:
             return _probe_sums(psi, obj, self.pos, float(s_num), float(s_den), pnum[0], pnum[1],
-                               pden, self._cols[0]), top_d
+                               pden, self._cols[0], c0, c1), top_d
         extra = self._extras([pnum.shape, pden.shape])
 
         def one(i, s):
@@ -757,7 +782,7 @@ class FusedOps(NumpyOps):
                 dn.fill(0.0)
                 dd.fill(0.0)
             return _probe_sums(psi[s], obj, self.pos[s], float(s_num), float(s_den), dn[0],
-                               dn[1], dd, self._cols[i])
+                               dn[1], dd, self._cols[i], c0, c1)
 
         tops = self._map(one)
         for dn, dd in extra:
@@ -771,11 +796,12 @@ class FusedOps(NumpyOps):
         return range(s.start, s.stop, CHUNK)
 
     def inverse_scatter(self, kind: str, Psi, a, beta: float, transforms, probe, scale: float,
-                        acc, s_den: float = 0.0, den=None, store=None):
+                        acc, s_den: float = 0.0, den=None, store=None, store_spans=None):
         """Per chunk of frames: the real-space waves of this step (``kind="dm"``: ``psi =
         F^-1 Psi``; ``"raar"``: ``F^-1 (2 Pi_F Psi - Psi)``), scatter-added as
         :meth:`scatter_object` does; ``store``: also kept there (the probe update
-        reads them).  ``Psi`` is not changed, so a second call gives the same sums.
+        reads them), on the rows' ``store_spans`` ``(c0, c1)`` only (None: all).
+        ``Psi`` is not changed, so a second call gives the same sums.
         ``transforms``: one chunk FFT per thread (:mod:`sparkmpi.ptycho._fft`)."""
         p = probe.astype(np.complex128)
         cpr = np.ascontiguousarray(p.real)
@@ -791,6 +817,9 @@ class FusedOps(NumpyOps):
         c0, c1 = probe_spans(probe)
         storing = store is not None
         kept = store if storing else Psi
+        h, w = self.frame_shape
+        k0, k1 = (store_spans if store_spans is not None
+                  else (np.zeros(h, np.int64), np.full(h, w, np.int64)))
 
         def one(i, sl):
             da, dd = (acc, den) if i == 0 else extra[i - 1]
@@ -811,7 +840,7 @@ class FusedOps(NumpyOps):
                 fft.inverse()
                 top = max(top, _scatter_chunk(buf, m, cs, scaled, cpr, cpi, pw, c0, c1,
                                               self.pos[j0:j1], scale, s_den, da[0], da[1], dd,
-                                              self._cols[i], storing, kept[j0:j1]))
+                                              self._cols[i], storing, kept[j0:j1], k0, k1))
             return top
 
         tops = self._map(one)
