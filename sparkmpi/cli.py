@@ -82,7 +82,12 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    try:
+        args = parser.parse_args(argv)
+    except UsageError as exc:   # an argument's own type check (argparse turns only ValueError into usage)
+        parser.print_usage(sys.stderr)
+        print(f"sparkmpi: error: {exc}", file=sys.stderr)
+        return 2
     verbose = args.verbose or setting("verbose")
     _console.setup(args.noun, verbose=verbose, quiet=args.quiet, path=args.log_file)
     try:

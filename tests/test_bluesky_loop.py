@@ -109,6 +109,33 @@ def test_scan_stops_early_and_results_land_in_tiled(spark, broker, world, tiled_
     # the viewer's loader opens the scan from Tiled
     loaded = load_tiled_scan(tiled_server.uri, uid, api_key=tiled_server.api_key)
     assert loaded.object.shape == out["object"].shape and loaded.summary["frames"] == out["points_used"]
+    check_refusals_are_set_aside(tiled_server)
+
+
+def check_refusals_are_set_aside(server):
+    """Writes the server refuses for good (here a name Tiled cannot store, and a wrong API
+    key) fail naming the answer, are set aside, and do not hold back the writes after them
+    (the first test's server, running already: a server takes about 10 s to start)."""
+    from sparkmpi.bluesky.tiled import TiledRefused, TiledResults
+
+    results = TiledResults(server.uri, server.api_key)
+    try:
+        with pytest.raises(TiledRefused, match=r"snapshot of scan bad/uid .* refused: 404"):
+            results.write_snapshot("bad/uid", 0, np.zeros((4, 4)), {"n": 0})
+        results.write_snapshot("good-uid", 0, np.ones((4, 4)), {"n": 0})
+        assert results.written == 1 and not results.pending
+        assert [(op[0], op[1]) for op, _ in results.refused] == [("snapshot", "bad/uid")]
+    finally:
+        results.close()
+    stranger = TiledResults(server.uri, "not-the-key")
+    with pytest.raises(TiledRefused, match="did not accept the API key"):
+        stranger.write_snapshot("good-uid", 1, np.ones((4, 4)), {"n": 1})
+    assert not stranger.pending and len(stranger.refused) == 1
+    client = server.client()
+    try:
+        assert list(client["good-uid"]["snapshots"]) == ["0000"] and "bad" not in client
+    finally:
+        client.context.close()
 
 
 def check_tiled(client, uid, out):

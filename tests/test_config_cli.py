@@ -55,6 +55,13 @@ def test_usage_error_exits_two_with_one_line(capsys):
     assert "--ranks must be in 1.." in err and "Traceback" not in err
 
 
+def test_an_argument_refused_by_its_own_type_check_is_a_usage_error(capsys, tmp_path):
+    assert main(["ptycho", "simulate", "--photons", "-1", str(tmp_path / "scan.npz")]) == 2
+    err = capsys.readouterr().err
+    assert "--photons must be > 0 or 'none', got '-1'" in err and "Traceback" not in err
+    assert not (tmp_path / "scan.npz").exists()
+
+
 def test_unknown_command_exits_two(capsys):
     with pytest.raises(SystemExit) as info:
         main(["frobnicate"])

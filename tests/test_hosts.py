@@ -89,6 +89,22 @@ def test_distributed_ptychography_across_hosts_equals_one_process(hosts_driver, 
     assert out["object_rel_diff"] < 1e-4, out
 
 
+def test_a_compiled_program_under_run_program_spans_the_hosts(hosts_driver, testbed, tmp_path):
+    """``sparkmpi exec``'s path (run_program) with a C program: one MPI_COMM_WORLD over three hosts,
+    shared memory only within a host, an Allreduce over the network between them."""
+    tmp_path.chmod(0o755)
+    out = hosts_driver.ok("program", ranks=len(CORES), folder=str(tmp_path))
+    assert out["returncode"] == 0 and out["exit_codes"] == [0] * len(CORES), out
+    expected = sum((r + 1.0) for r in range(len(CORES))) * sum(range(200_000))
+    rows = [line.split() for text in out["stdout"] for line in text.splitlines()]
+    assert [int(row[1]) for row in rows] == list(range(len(CORES))), out["stdout"]
+    hosts = [row[5] for row in rows]
+    assert set(hosts) <= {h.hostname for h in testbed.hosts} and len(set(hosts)) >= 2, hosts
+    for row in rows:
+        assert row[3] == str(len(CORES)) and float(row[9]) == expected, row
+        assert int(row[7]) == hosts.count(row[5]), rows    # the shared-memory group is the host
+
+
 def test_a_kafka_stream_whose_batches_span_hosts_exactly_once(hosts_driver, testbed, bridge_broker, tmp_path):
     """The micro-batch driver's own world (mode="world") with its two ranks on two hosts, reading
     their offset ranges from the broker on the bridge: every frame once, each result as one process

@@ -194,6 +194,25 @@ def test_a_missing_program_fails_with_its_name(spark):
     assert "No such file or directory" in result.message
 
 
+def test_network_interface_reaches_the_programs_environment_unless_the_user_chose():
+    from sparkmpi.config import Settings
+    from sparkmpi.launch.program_task import ProgramSpec, program_environment
+
+    def spec(env):
+        return ProgramSpec("h", 1, "kvs", "t", 2, "h", 2, ("prog",), settings=Settings(network_interface="eth0"),
+                           env=env)
+
+    env = program_environment(spec({}), 0, 5, ["a", "b"], environ={"PATH": "/bin"})
+    assert env["UCX_NET_DEVICES"] == env["FI_TCP_IFACE"] == "eth0"
+    assert program_environment(spec({"UCX_NET_DEVICES": "ib0"}), 0, 5, ["a", "b"], environ={})["UCX_NET_DEVICES"] == "ib0"
+
+
+def test_a_network_interface_the_host_lacks_fails_the_program_naming_it(spark, programs):
+    result = sparkmpi.run_program(spark, [programs["stats"]], ranks=1, timeout=60, network_interface="ib7")
+    assert result.returncode != 0
+    assert "network_interface 'ib7' does not exist on host" in result.message, result.message
+
+
 def test_pipe_failure_raises_with_rank_and_stderr(sc):
     with pytest.raises(JobFailed, match=r"rank 0 \(on .*exited with code 1[\s\S]*bad input"):
         sparkmpi.pipe(sc.parallelize(range(2), 2),

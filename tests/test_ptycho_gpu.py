@@ -67,6 +67,22 @@ def test_cupy_partition_equals_serial(algorithm):
         assert rel_in_mask(o.probe, serial.probe, np.ones(o.probe.shape, bool)) < 1e-5
 
 
+@gpu
+def test_cupy_probe_modes_match_numpy():
+    """Two incoherent probe modes on CuPy run the same generic array code as NumPy
+    (``kernels="generic"``): the same object and modes to float32 round-off.
+    Not yet run on a GPU (none lent when it was written)."""
+    data = ptycho.simulate(frames=96, frame_size=32, seed=1, mode_powers=(0.7, 0.3))
+    run = dict(iterations=30, probe=ptycho.model_probe(data), probe_modes=2)
+    cpu = ptycho.reconstruct(data, **run)
+    gpu_res = ptycho.reconstruct(data, backend="cupy", **run)
+    mask = ptycho.illuminated_mask(data)
+    assert gpu_res.state.backend == "cupy" and gpu_res.probe_modes.shape == (2, 32, 32)
+    assert rel_in_mask(gpu_res.object, cpu.object, mask) < 1e-3
+    np.testing.assert_allclose(gpu_res.mode_powers, cpu.mode_powers, atol=1e-3)
+    np.testing.assert_allclose(gpu_res.errors[:10], cpu.errors[:10], rtol=1e-3)
+
+
 def profile_steps(data, probe, reps=10):
     """Milliseconds per call of each step of an iteration (CuPy, synchronised)."""
     from sparkmpi.backend import get_backend

@@ -129,3 +129,19 @@ def test_spark_position_refinement_equals_serial(spark, scan):
     np.testing.assert_array_equal(out.probe, serial.probe)
     assert out.positions_moved == serial.positions_moved and sum(out.positions_moved) > 0
     assert position_error(out.positions, data.positions) < position_error(noisy, data.positions)
+
+
+@pytest.mark.slow
+def test_spark_with_probe_modes_equals_serial(spark):
+    """Mixed-state probe (2 modes) over 2 Spark-MPI ranks: the generic engine's sums,
+    combined by MPI_Allreduce, give one process's object and modes to 1e-6."""
+    data = ptycho.simulate(frames=64, frame_size=32, seed=2, mode_powers=(0.7, 0.3))
+    probe = ptycho.model_probe(data)
+    opts = dict(iterations=15, probe=probe, probe_update_start=3, probe_modes=2)
+    out = reconstruct_mpi(spark, data, ranks=2, timeout=240, **opts)
+    serial = ptycho.reconstruct(data, **opts)
+    mask = ptycho.illuminated_mask(data)
+    assert out.probe_modes.shape == (2, 32, 32) and out.kernels == "generic"
+    assert _rel(out.object, serial.object, mask) < 1e-6
+    assert _rel(out.probe_modes, serial.probe_modes, np.ones((2, 32, 32), bool)) < 1e-6
+    np.testing.assert_allclose(out.errors, serial.errors, rtol=1e-6)

@@ -155,6 +155,17 @@ def test_a_delivered_partition_goes_to_an_idle_rank_only():
     assert "a partition was delivered while" in _failure(state.handle(PartitionDelivered(data)))
 
 
+def test_a_greeted_delivery_tells_the_driver_its_task_runs_only_while_idle():
+    from sparkmpi.launch.relay import DeliveryGreeted, ToDriver
+
+    state = _started()
+    (action,) = state.handle(DeliveryGreeted())
+    assert isinstance(action, ToDriver) and action.kind == channel.DELIVERING
+    assert channel.decode(action.segments) == state.rank
+    state.handle(DriverFrame(channel.CALL, []))
+    assert state.handle(DeliveryGreeted()) == []
+
+
 def test_a_rank_that_calls_mpi_abort_is_stopped_before_it_can_return_a_result():
     # MPICH's MPI_Abort sends cmd=abort and returns: the relay must not let the rank go on.
     state = _started()

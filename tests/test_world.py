@@ -296,6 +296,18 @@ def test_a_relay_silent_during_a_delivery_fails_the_world_within_host_timeout(sp
         assert "map_partitions delivery" in str(info.value) and world.closed
 
 
+def test_a_delivery_slower_than_start_timeout_is_not_cancelled_once_its_task_runs(spark):
+    """start_timeout bounds the wait for a task slot; a partition that takes longer to
+    compute than that, once its task runs, is delivered (not cancelled as 'no task slot')."""
+    def slow(x):
+        time.sleep(0.5)
+        return x
+
+    with sparkmpi.World(spark, ranks=1, start_timeout=2.5) as world:
+        rdd = spark.sparkContext.parallelize(range(8), 1).map(slow)    # 4 s to compute
+        assert world.map_partitions(rdd, lambda comm, state, records: sum(records), timeout=30) == [28]
+
+
 def test_map_partitions_without_a_free_slot_says_so_instead_of_hanging(spark):
     with sparkmpi.World(spark, ranks=2) as world:
         with pytest.raises(ValueError, match=r"has 2 task slots and open worlds hold 2.*local\[3\]"):

@@ -26,6 +26,17 @@ and adds ``nrmse_exact_positions`` (= ``nrmse``), ``nrmse_noisy_positions``
 distance to the true positions after removing the mean offset),
 ``seconds_per_iteration_1rank_refined`` and, through Spark,
 ``seconds_per_iteration_refined`` with ``refined_vs_plain_seconds_ratio``.
+
+``--probe-modes M`` (2-4) simulates a partially coherent beam (``--mode-powers``,
+default 0.7,0.3), runs every reconstruction above with ``M`` incoherent probe
+modes (the generic engine), and adds the one-mode runs on the same data side
+by side: ``nrmse_1mode`` / ``fourier_error_1mode`` /
+``seconds_per_iteration_1mode`` (the default engine) and
+``seconds_per_iteration_1mode_generic`` (the engine the modes run),
+``nrmse_modes`` (= ``nrmse``), ``fourier_error_modes``,
+``seconds_per_iteration_modes``, ``modes_vs_1mode_generic_seconds_ratio``,
+``mode_powers`` (reconstructed), ``mode_powers_true`` and ``probe_nrmse``
+(the main mode, registered).
 """
 
 from __future__ import annotations
@@ -60,6 +71,11 @@ def add_arguments(parser) -> None:
                         help="inject random position errors up to PX pixels and refine them")
     parser.add_argument("--position-refine-interval", type=int, default=None,
                         help="refine positions every K iterations (default: the Options default)")
+    parser.add_argument("--probe-modes", type=int, choices=(1, 2, 3, 4), default=1,
+                        help="simulate a partially coherent beam and reconstruct with this many "
+                             "incoherent probe modes, side by side with one mode")
+    parser.add_argument("--mode-powers", default="0.7,0.3",
+                        help="power fractions of the simulated modes (with --probe-modes > 1)")
     parser.add_argument("--master", default=None, help="Spark master (default local[RANKS])")
     parser.add_argument("--no-spark", action="store_true",
                         help="skip the Spark-distributed run (seconds_per_iteration)")
@@ -74,7 +90,7 @@ def _distributed_mpiexec(path: Path, args, out: Path) -> dict:
            sys.executable, "-m", "sparkmpi.ptycho.mpi_job", str(path), "--out", str(out),
            "--algorithm", args.algorithm, "--iterations", str(args.iterations),
            "--probe-update-start", str(args.probe_update_start), "--backend", args.backend,
-           "--kernels", args.kernels]
+           "--kernels", args.kernels, "--probe-modes", str(args.probe_modes)]
     t0 = time.perf_counter()
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
     if proc.returncode != 0:
@@ -97,7 +113,8 @@ def _distributed_spark(path, args, probe, **settings) -> dict:
         out = reconstruct_mpi(spark, path, ranks=args.ranks, algorithm=args.algorithm,
                               iterations=args.iterations,
                               probe_update_start=_probe_start(args), probe=probe,
-                              backend=args.backend, kernels=args.kernels, **settings)
+                              backend=args.backend, kernels=args.kernels,
+                              probe_modes=args.probe_modes, **settings)
     finally:
         spark.stop()
     return {"seconds_per_iteration": out.seconds_per_iteration, "job_s": out.job_seconds,
@@ -122,15 +139,21 @@ def run(args) -> dict:
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, "
                              f"got {getattr(args, name)}")
+    mode_powers = None
+    if args.probe_modes > 1:
+        from sparkmpi.ptycho.cli import _mode_powers
+
+        mode_powers = _mode_powers(args.mode_powers)
     print(f"simulating {args.frames} frames of {args.frame_size}^2 ...", file=sys.stderr)
-    data = ptycho.simulate(args.frames, args.frame_size, seed=args.seed)
+    data = ptycho.simulate(args.frames, args.frame_size, seed=args.seed, mode_powers=mode_powers)
     mask = ptycho.illuminated_mask(data)
     probe = ptycho.model_probe(data)
     print(f"reconstructing in one process ({args.algorithm}, {args.iterations} iterations) ...",
           file=sys.stderr)
     result = ptycho.reconstruct(data, algorithm=args.algorithm, iterations=args.iterations,
                                 probe_update_start=_probe_start(args), probe=probe,
-                                backend=args.backend, kernels=args.kernels)
+                                backend=args.backend, kernels=args.kernels,
+                                probe_modes=args.probe_modes)
     quality = ptycho.object_quality(result.object, data, mask=mask)
     report = {
         "frames": args.frames, "frame_size": args.frame_size, "iterations": args.iterations,
@@ -139,8 +162,10 @@ def run(args) -> dict:
         "nrmse": quality.nrmse, "shift_px": list(quality.shift_px),
         "nrmse_unregistered": quality.nrmse_unregistered,
         "fourier_error": result.fourier_error, "cpu_count": os.cpu_count(),
-        "ranks": args.ranks,
+        "ranks": args.ranks, "probe_modes": args.probe_modes,
     }
+    if args.probe_modes > 1:
+        report.update(_mode_runs(data, probe, args, result, report))
     report.update(_fft_timing(args, result.state.backend))
     with tempfile.TemporaryDirectory(prefix="sparkmpi-bench-ptycho-") as tmp:
         path = data.save(Path(tmp) / "scan.npz")
@@ -240,4 +265,29 @@ def _position_runs(data, probe, args, report) -> dict:
         if "seconds_per_iteration" in report:
             out["refined_vs_plain_seconds_ratio"] = (dist["seconds_per_iteration"]
                                                      / report["seconds_per_iteration"])
+    return out
+
+
+def _mode_runs(data, probe, args, result, report) -> dict:
+    """One mode on the same partially coherent data, side by side with the modes' run."""
+    from sparkmpi import ptycho
+
+    common = dict(algorithm=args.algorithm, iterations=args.iterations,
+                  probe_update_start=_probe_start(args), probe=probe, backend=args.backend)
+    probe_q = ptycho.probe_quality(result.probe_modes, data.probe_modes_true)
+    out = {"nrmse_modes": report["nrmse"], "fourier_error_modes": result.fourier_error,
+           "seconds_per_iteration_modes": result.seconds_per_iteration,
+           "mode_powers": list(result.mode_powers),
+           "mode_powers_true": list(ptycho.mode_powers(data.probe_modes_true)),
+           "probe_nrmse": probe_q.nrmse}
+    for name, kernels in (("", args.kernels), ("_generic", "generic")):
+        print(f"reconstructing with one mode (kernels={kernels}) ...", file=sys.stderr)
+        one = ptycho.reconstruct(data, kernels=kernels, **common)
+        out[f"seconds_per_iteration_1mode{name}"] = one.seconds_per_iteration
+        if not name:
+            out["nrmse_1mode"] = ptycho.object_quality(one.object, data).nrmse
+            out["fourier_error_1mode"] = one.fourier_error
+            out["probe_nrmse_1mode"] = ptycho.probe_quality(one.probe, data.probe_true).nrmse
+    out["modes_vs_1mode_generic_seconds_ratio"] = (
+        result.seconds_per_iteration / out["seconds_per_iteration_1mode_generic"])
     return out

@@ -27,6 +27,12 @@ that fails.  A write while the server is down thus costs at most about
 ``retry_window`` plus one backoff sleep of Tiled's client (the first) and a
 few milliseconds after that.  Replaying a kept write is idempotent (a snapshot
 or final array already there is overwritten, not refused).
+
+A write the server refuses for good (a 4xx answer other than 408 and 429: an
+API key it does not accept, a name it cannot store, a conflict) raises
+:class:`TiledRefused` naming the answer, and is set aside in
+:attr:`TiledResults.refused` with the reason rather than kept for retry:
+retrying it would fail the same way and hold back every write after it.
 """
 
 from __future__ import annotations
@@ -45,7 +51,7 @@ from .._proc import free_port, stop_process, with_parent_death
 from .._retry import retry
 from ..errors import InvalidArgument, RetryTimeout, SparkMPIError
 
-__all__ = ["LocalTiled", "TiledResults", "TiledUnavailable", "TiledError"]
+__all__ = ["LocalTiled", "TiledResults", "TiledUnavailable", "TiledRefused", "TiledError"]
 
 log = logging.getLogger("sparkmpi.bluesky.tiled")
 
@@ -55,7 +61,31 @@ class TiledError(SparkMPIError):
 
 
 class TiledUnavailable(SparkMPIError):
-    """A write to Tiled failed (server down or refusing); the write is kept for later."""
+    """A write to Tiled failed (server down or not answering); the write is kept for later."""
+
+
+class TiledRefused(SparkMPIError):
+    """The Tiled server refused a write for good (4xx); the write is set aside, not retried."""
+
+
+class _Refusal(Exception):
+    """The server answered, and refused: retrying cannot help."""
+
+
+def _refusal(exc: BaseException) -> str | None:
+    """The server's refusal in ``exc`` (or what caused it), or None when the server did not answer."""
+    import httpx
+
+    seen = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, _Refusal):
+            return str(exc)
+        if isinstance(exc, httpx.HTTPStatusError):
+            code = exc.response.status_code
+            return str(exc) if 400 <= code < 500 and code not in (408, 429) else None
+        exc = exc.__cause__ or exc.__context__
+    return None
 
 
 def _tiled_executable() -> str:
@@ -188,6 +218,8 @@ class TiledResults:
         self._client = None
         self._deadline: float | None = None   # the current write's end of retries (monotonic), moved by answers
         self.pending: list[tuple] = []
+        #: Writes the server refused for good, each ``(write, reason)``, oldest first.
+        self.refused: list[tuple] = []
         self.written = 0
 
     def _check_window(self, request) -> None:
@@ -200,10 +232,17 @@ class TiledResults:
             self._deadline = time.monotonic() + self.retry_window
 
     def _probe(self) -> None:
-        """One plain GET, no retries: fails in milliseconds when the server refuses connections."""
+        """One plain GET of the root's metadata with the key, no retries: fails in milliseconds
+        when the server refuses connections, and says so when it refuses the key (Tiled's
+        client would raise from inside ``from_uri`` and leave its connection open)."""
         import httpx
 
-        httpx.get(f"{self.uri}/api/v1/", timeout=self.probe_timeout).raise_for_status()
+        response = httpx.get(f"{self.uri}/api/v1/metadata/", timeout=self.probe_timeout,
+                             headers={"Authorization": f"Apikey {self.api_key}"})
+        if response.status_code in (401, 403):
+            raise _Refusal(f"the server did not accept the API key ({response.status_code}: "
+                           f"{response.text[:100]})")
+        response.raise_for_status()
 
     def _root(self):
         if self._client is None:
@@ -237,8 +276,11 @@ class TiledResults:
             self.written += 1
         except Exception as exc:  # httpx errors, tiled's ClientError, the window: the server is down or refused
             self.close()
-            raise TiledUnavailable(f"writing the {kind} of scan {args[0]} to Tiled at {self.uri} failed: "
-                                   f"{type(exc).__name__}: {exc}"[:400]) from exc
+            what = f"writing the {kind} of scan {args[0]} to Tiled at {self.uri}"
+            reason = _refusal(exc)
+            if reason is not None:
+                raise TiledRefused(f"{what} was refused: {reason}"[:400]) from exc
+            raise TiledUnavailable(f"{what} failed: {type(exc).__name__}: {exc}"[:400]) from exc
         finally:
             self._deadline = None
 
@@ -268,11 +310,25 @@ class TiledResults:
         except TiledUnavailable:
             self.pending.append(op)
             raise
+        except TiledRefused as exc:
+            self._set_aside(op, exc)
+            raise
+
+    def _set_aside(self, op, exc: TiledRefused) -> None:
+        self.refused.append((op, str(exc)))
+        log.error("%s; set aside (TiledResults.refused), not retried", exc)
 
     def flush_pending(self) -> None:
-        """Send the writes kept while the server was down (oldest first); TiledUnavailable if it still is."""
+        """Send the writes kept while the server was down (oldest first); TiledUnavailable if it still is.
+
+        A kept write that the server now refuses for good is set aside (:attr:`refused`) and
+        the next one is sent."""
         while self.pending:
-            self._attempt(self.pending[0])
+            op = self.pending[0]
+            try:
+                self._attempt(op)
+            except TiledRefused as exc:
+                self._set_aside(op, exc)
             self.pending.pop(0)
 
     def close(self) -> None:

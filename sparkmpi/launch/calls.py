@@ -75,6 +75,8 @@ class WorldCore:
                              settings=settings, env=dict(env or {}), preload=preload,
                              deliver_partition=deliver_partition)
         self.tag = f"sparkmpi-{self.kvsname}"
+        #: Called with the rank while a map_partitions delivery greets its relay (watch_relays).
+        self._on_delivering: Callable[[int], None] | None = None
         self.stage_done = threading.Event()
         self.stage_error: BaseException | None = None
         self.output = LineEcho(prefix_rank=True)
@@ -165,6 +167,10 @@ class WorldCore:
                     watch.contact(rank, time.monotonic())
                     if kind == channel.PONG:
                         continue
+                    if kind == channel.DELIVERING:   # may also arrive after its delivery ended
+                        if self._on_delivering is not None:
+                            self._on_delivering(rank)
+                        continue
                     if kind == channel.OUTPUT:
                         message = channel.decode(segments)
                         self.output.write(rank, message["stream"], message["data"])
@@ -214,14 +220,20 @@ class WorldCore:
             self.job.abort(cause, rank=rank)
             self._raise_failure(what)
 
-    def watch_relays(self, until: Callable[[], bool], what: str) -> None:
+    def watch_relays(self, until: Callable[[], bool], what: str,
+                     on_delivering: Callable[[int], None] | None = None) -> None:
         """Read the relays until ``until()`` while Spark work beside the world runs (a
         map_partitions delivery): their output is kept and the heartbeat goes on, so a host
-        that goes silent meanwhile fails the world within ``host_timeout``."""
+        that goes silent meanwhile fails the world within ``host_timeout``.
+        ``on_delivering(rank)``: a delivery's task greeted that rank's relay."""
         def on_frame(rank, kind, segments):
             raise self._protocol_error(rank, kind, what)
 
-        self._wait(until, None, on_frame, what, lambda: f"{what} timed out")
+        self._on_delivering = on_delivering
+        try:
+            self._wait(until, None, on_frame, what, lambda: f"{what} timed out")
+        finally:
+            self._on_delivering = None
 
     def wait_started(self, deadline: float | None) -> None:
         endpoint = self.endpoint

@@ -34,9 +34,12 @@ PING, PONG = 14, 15
 # OUTPUT and one EXITED (its program's exit status); the driver sends rank 0
 # its STDIN (empty data: end of input).
 EXITED, STDIN = 16, 17
+# A map_partitions delivery greeted a relay (its task runs; the partition is being computed).
+DELIVERING = 18
 KIND_NAMES = {JOB: "job", DATA: "data", RESULT: "result", ERROR: "error", READY: "ready", FORK: "fork",
               FORKED: "forked", STARTED: "started", CALL: "call", CLOSE: "close", CLOSED: "closed",
-              OUTPUT: "output", HELLO: "hello", PING: "ping", PONG: "pong", EXITED: "exited", STDIN: "stdin"}
+              OUTPUT: "output", HELLO: "hello", PING: "ping", PONG: "pong", EXITED: "exited", STDIN: "stdin",
+              DELIVERING: "delivering"}
 
 
 @dataclass(frozen=True)

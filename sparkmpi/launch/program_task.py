@@ -30,7 +30,7 @@ from .._proc import stop_process, with_parent_death
 from ..config import Settings
 from ..errors import InvalidArgument, InvalidArgumentType
 from ..pmi import control
-from . import channel, program_relay as pr, shm
+from . import channel, interfaces, program_relay as pr, shm
 from .relay_adapter import STDERR_TAIL, RankError, RelayAdapter, barrier_rank, connect_with_retry, send_quietly
 from .task import NETMOD_VARIABLE, _task_hosts
 
@@ -92,7 +92,8 @@ def encode_records(records, binary: bool):
 
 def program_environment(spec: ProgramSpec, rank: int, pmi_fd: int, task_hosts, environ=None) -> dict:
     """The program's environment: the worker's, the job's ``env``, the PMI wiring,
-    the venv's ``bin`` first on PATH, and the single-host netmod (as for Python ranks)."""
+    the venv's ``bin`` first on PATH, the single-host netmod and the ``network_interface``
+    variables (as for Python ranks)."""
     environ = dict(os.environ if environ is None else environ)
     env = {**environ, **spec.env}
     bin_dir = os.path.dirname(sys.executable)
@@ -100,6 +101,7 @@ def program_environment(spec: ProgramSpec, rank: int, pmi_fd: int, task_hosts, e
     netmod = spec.settings.single_host_netmod
     if netmod and len(set(task_hosts)) == 1 and NETMOD_VARIABLE not in env:
         env[NETMOD_VARIABLE] = netmod
+    env.update(interfaces.interface_environment(spec.settings.network_interface, spec.env, environ))
     env.update({"PMI_FD": str(pmi_fd), "PMI_RANK": str(rank), "PMI_SIZE": str(spec.size)})
     for name in ("PMI_PORT", "PMI_ID", "PMI_SPAWNED"):
         env.pop(name, None)
@@ -335,6 +337,11 @@ def run_program_task(spec: ProgramSpec, iterator):
     try:
         relay.connect()
         try:
+            problem = interfaces.missing_interface(spec.settings.network_interface,
+                                                   [name for _, name in socket.if_nameindex()],
+                                                   socket.gethostname())
+            if problem is not None:   # before MPI starts, as for Python ranks
+                raise _StartFailed(problem)
             relay.start(program_environment(spec, rank, -1, _task_hosts(context)), records)
         except _StartFailed as exc:
             # Reported like an exit: the job fails with the reason, the task ends normally.

@@ -84,6 +84,12 @@ class DriverFrame:
 
 
 @dataclass(frozen=True)
+class DeliveryGreeted:
+    """A Spark task's delivery connected to the inbox with the world's token (its task runs;
+    the partition follows once computed)."""
+
+
+@dataclass(frozen=True)
 class PartitionDelivered:
     """A Spark task delivered a partition (a DATA frame) to the relay's inbox."""
     segments: list
@@ -305,6 +311,12 @@ class RelayState(RelayDecisions):
             return [ToRank(kind, event.segments)]
         name = channel.KIND_NAMES.get(kind, kind)
         return self._fail(f"the driver sent {name} while {self.where} was {self.phase.value}", report=True)
+
+    def _on_DeliveryGreeted(self, event: DeliveryGreeted) -> list:
+        # the driver then knows the delivery's task got a slot (start_timeout no longer applies)
+        if self.phase is Phase.IDLE:
+            return [ToDriver(channel.DELIVERING, channel.encode(self.rank))]
+        return []   # its DATA will fail the relay, as any delivery outside IDLE does
 
     def _on_PartitionDelivered(self, event: PartitionDelivered) -> list:
         if self.phase is Phase.IDLE:

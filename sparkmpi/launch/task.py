@@ -178,6 +178,7 @@ class _Relay(RelayAdapter):
                 self._end_delivery(delivery)   # not one of this world's deliveries: the sender fails
                 return
             delivery.greeted = True
+            self.execute(self.state.handle(relay.DeliveryGreeted()))
             return
         if kind == channel.DATA:
             self.execute(self.state.handle(relay.PartitionDelivered(segments)))
@@ -363,12 +364,15 @@ def run_rank_task(spec: TaskSpec, iterator):
 
 
 def deliver_partition(index: int, iterator, *, inboxes: list, token: str, key: str):
-    """Spark task body of ``World.map_partitions``: send partition ``index`` to its rank's inbox."""
-    records = list(iterator)
+    """Spark task body of ``World.map_partitions``: send partition ``index`` to its rank's inbox.
+
+    The greeting goes first, before the partition is computed: the driver then knows this
+    task has its slot, however long the computation takes."""
     host, port = inboxes[index]
     with connect_with_retry(host, port, what=f"inbox of rank {index}") as sock:
         sock.settimeout(None)
         channel.send_message(sock, channel.HELLO, {"token": token, "rank": index})
+        records = list(iterator)
         channel.send_message(sock, channel.DATA, {"key": key, "records": records})
         sock.settimeout(CONNECT_TIMEOUT)
         try:

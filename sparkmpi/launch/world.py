@@ -212,10 +212,15 @@ class World:
         core = self._core
         tag = f"{core.tag}-partitions" if core else "sparkmpi-partitions"
         no_slot = threading.Event()
+        greeted = threading.Event()
 
         def give_up():
-            no_slot.set()
-            sc.cancelJobsWithTag(tag)
+            # start_timeout bounds the wait for a task slot, not the delivery: once a task
+            # greeted its relay (a slow partition, a large transfer), the heartbeat and the
+            # call's timeout are what bound it
+            if not greeted.is_set():
+                no_slot.set()
+                sc.cancelJobsWithTag(tag)
 
         timer = threading.Timer(self.settings.start_timeout, give_up)
         done = threading.Event()
@@ -235,7 +240,7 @@ class World:
         timer.start()
         delivery.start()
         try:
-            core.watch_relays(done.is_set, "map_partitions delivery")
+            core.watch_relays(done.is_set, "map_partitions delivery", lambda rank: greeted.set())
         except BaseException as exc:
             sc.cancelJobsWithTag(tag)
             delivery.join(self.settings.kill_grace + 10.0)

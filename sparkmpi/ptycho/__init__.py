@@ -51,6 +51,7 @@ from .metrics import (
     registered_nrmse,
 )
 from .files import read_scan, write_cxi
+from .modes import initial_modes, mode_powers, orthogonalize_modes
 from .options import Options
 from .output import write_outputs
 from .simulate import (
@@ -59,6 +60,7 @@ from .simulate import (
     load,
     make_object,
     make_probe,
+    make_probe_modes,
     model_probe,
     simulate,
 )
@@ -83,6 +85,10 @@ __all__ = [
     "load",
     "make_object",
     "make_probe",
+    "make_probe_modes",
+    "initial_modes",
+    "mode_powers",
+    "orthogonalize_modes",
     "reconstruct",
     "reconstruct_frames",
     "reconstruct_rank",

@@ -20,7 +20,9 @@ import numpy as np
 
 from ..backend import Backend
 from ._fused import make_ops, probe_spans
-from ._kernels import ExactSums, Fourier, Geometry, allreduce_sums
+from ._kernels import ExactSums, Fourier, Geometry, ModalFourier, allreduce_sums
+from .errors import PtychoInputError
+from .modes import mix_waves, orthogonalize_modes
 
 __all__ = ["Engine", "ExactEngine", "GenericEngine", "make_engine"]
 
@@ -69,6 +71,12 @@ class Engine:
                                 else np.asarray(positions_start, dtype=np.float64).copy())
         self.fourier = Fourier(bk, self.a, workers=threads, fft=fft)
         self.P = xp.asarray(probe, dtype=xp.complex64)
+        # incoherent probe modes: P (M, H, W) and the waves (N, M, H, W) when M > 1
+        self.modes = int(self.P.shape[0]) if self.P.ndim == 3 else 1
+        self.wave_shape = tuple(self.a.shape)
+        if self.modes > 1:
+            self.wave_shape = (self.a.shape[0], self.modes) + frame_shape
+            self.fourier = ModalFourier(self.fourier)
         self.O = xp.asarray(obj, dtype=xp.complex64)
         self._den = None
         self.pin_ramp = pin_ramp
@@ -86,10 +94,10 @@ class Engine:
             frame_power = np.asarray(intensities, dtype=np.float64).sum(axis=(1, 2)).max()
             self._power_target = float(allreduce_max(comm, [float(frame_power)])[0])
         self._setup(probe, obj, frame_shape, tuple(object_shape), threads)
-        self.work = xp.empty(self.a.shape, dtype=xp.complex64)
-        self.tmp = xp.empty(self.a.shape, dtype=xp.complex64)
+        self.work = xp.empty(self.wave_shape, dtype=xp.complex64)
+        self.tmp = xp.empty(self.wave_shape, dtype=xp.complex64)
         if exit_waves is None:
-            self.Psi = xp.empty(self.a.shape, dtype=xp.complex64)
+            self.Psi = xp.empty(self.wave_shape, dtype=xp.complex64)
             self.gather_multiply(self.O, self.P, self.Psi)
         else:
             self.Psi = xp.array(exit_waves, dtype=xp.complex64, copy=True)
@@ -266,9 +274,9 @@ class Engine:
         frame.
         """
         xp = self.xp
-        self.P = xp.roll(self.P, (-dy, -dx), axis=(0, 1))
+        self.P = xp.roll(self.P, (-dy, -dx), axis=(-2, -1))
         self.O = xp.roll(self.O, (-dy, -dx), axis=(0, 1))
-        h, w = self.P.shape
+        h, w = self.P.shape[-2:]
         ramp = (np.exp(2j * np.pi * np.fft.fftfreq(h) * dy)[:, None]
                 * np.exp(2j * np.pi * np.fft.fftfreq(w) * dx)[None, :]).astype(np.complex64)
         self._apply_wave_ramp(xp.asarray(ramp))
@@ -282,11 +290,13 @@ class Engine:
         self.Psi[self.xp.asarray(index)] = waves
 
     def _spectrum_centroid(self, probe):
-        """Circular centroid (rows, cols) of ``|F P|^2``, in frequency pixels."""
+        """Circular centroid (rows, cols) of ``|F P|^2`` (summed over modes), frequency pixels."""
         xp = self.xp
         power = xp.abs(xp.fft.fft2(probe)) ** 2
+        if power.ndim == 3:
+            power = power.sum(axis=0)
         out = []
-        for axis, n in ((0, probe.shape[0]), (1, probe.shape[1])):
+        for axis, n in ((0, probe.shape[-2]), (1, probe.shape[-1])):
             profile = power.sum(axis=1 - axis)
             phase = xp.exp(2j * np.pi * xp.arange(n) / n)
             out.append(float(xp.angle(xp.sum(profile * phase))) * n / (2 * np.pi))
@@ -307,9 +317,9 @@ class Engine:
         """
         xp = self.xp
         cy, cx = self._spectrum_centroid(self.P)
-        dy = (cy - self._centroid0[0] + self.P.shape[0] / 2) % self.P.shape[0] - self.P.shape[0] / 2
-        dx = (cx - self._centroid0[1] + self.P.shape[1] / 2) % self.P.shape[1] - self.P.shape[1] / 2
-        h, w = self.P.shape
+        h, w = self.P.shape[-2:]
+        dy = (cy - self._centroid0[0] + h / 2) % h - h / 2
+        dx = (cx - self._centroid0[1] + w / 2) % w - w / 2
         qy, qx = 2 * np.pi * dy / h, 2 * np.pi * dx / w
 
         def ramp(shape, sign):   # e^{sign i (qy y + qx x)} as an outer product of 1-D factors
@@ -317,7 +327,7 @@ class Engine:
             ex = xp.exp(sign * 1j * qx * xp.arange(shape[1])).astype(xp.complex64)
             return ey[:, None] * ex[None, :]
 
-        self.P = self.P * ramp(self.P.shape, -1)
+        self.P = self.P * ramp((h, w), -1)
         # The same gauge change for the object and the exit waves, so the state stays
         # consistent: P(r) e^{-iqr} O(r + r_j) e^{iq(r + r_j)} = P O_j e^{i q r_j}.
         self.O = self.O * ramp(self.O.shape, 1)
@@ -534,21 +544,38 @@ class GenericEngine(Engine):
     phi_after_step = False   # the steps reuse tmp
 
     def _setup(self, probe, obj, frame_shape, object_shape, threads) -> None:
+        if self.modes > 1:   # the first exit waves are made from these modes
+            self.P = orthogonalize_modes(self.P, self.xp)[0]
         self._conjP = self.xp.conj(self.P)
 
     def _probe_changed(self) -> None:
+        if self.modes > 1:
+            # The modes and each frame's waves get the same unitary mixing: the modelled
+            # intensities, and so the iterate's fit to the data, do not change.
+            self.P, mixing = orthogonalize_modes(self.P, self.xp)
+            mix_waves(self.Psi, mixing, self.xp)
         self._conjP = self.xp.conj(self.P)
 
     def gather_multiply(self, obj, probe, out):
+        if self.modes > 1:   # out[j, m] = P_m O_j
+            frames = self.geom.gather(obj)
+            self.xp.multiply(frames[:, None], probe[None], out=out)
+            return out
         return self.geom.gather_multiply(obj, probe, out=out)
 
     def object_update(self, src, scratch) -> None:
         xp = self.xp
         if self._den is None:   # global comb: the same on every rank, no Allreduce
-            self._den = self.geom.scatter_probe_power(self.P)
+            self._den = self.geom.scatter_probe_power(self.P)   # sum_m |P_m|^2 with modes
         den = self._den
         d = float(self.reg * float(den.max()))
-        if self.bk.name == "cupy":   # fused product and scatter
+        if self.modes > 1:   # sum_m psi_jm conj(P_m) per frame, then the scatter
+            frames = src[:, 0] * self._conjP[0]
+            for m in range(1, self.modes):
+                frames += src[:, m] * self._conjP[m]
+            num = self.geom.scatter(frames)
+            del frames
+        elif self.bk.name == "cupy":   # fused product and scatter
             num = self.geom.scatter_conj_mul(src, self.P)
         else:
             xp.multiply(src, self._conjP, out=scratch)
@@ -562,16 +589,22 @@ class GenericEngine(Engine):
         xp = self.xp
         frames = self.geom.gather(self.O)
         xp.conj(frames, out=frames)
-        xp.multiply(src, frames, out=scratch)
-        # float64 accumulation: partial sums over ranks then match one process closely
-        pnum = scratch.sum(axis=0, dtype=xp.complex128)
+        if self.modes > 1:   # each mode from its own exit waves, one denominator
+            pnum = xp.empty((self.modes,) + self.frame_shape, dtype=xp.complex128)
+            for m in range(self.modes):
+                xp.multiply(src[:, m], frames, out=scratch[:, m])
+                pnum[m] = scratch[:, m].sum(axis=0, dtype=xp.complex128)
+        else:
+            xp.multiply(src, frames, out=scratch)
+            # float64 accumulation: partial sums over ranks then match one process closely
+            pnum = scratch.sum(axis=0, dtype=xp.complex128)
         pden = (frames.real ** 2 + frames.imag ** 2).sum(axis=0, dtype=xp.float64)
         del frames
         allreduce_sums(self.comm, [pnum, pden], self.bk)
         self._set_probe(pnum, pden)
 
     def _apply_frame_phase(self, phase) -> None:
-        self.Psi *= self.xp.asarray(phase)[:, None, None]
+        self.Psi *= self.xp.asarray(phase).reshape((-1,) + (1,) * (self.Psi.ndim - 1))
 
     def dm_step(self, beta: float, update_probe: bool):
         Psi, work = self.Psi, self.work
@@ -618,22 +651,31 @@ def probe_support_mask(frame_shape, fraction: float) -> np.ndarray:
 
 
 def probe_offset(probe, xp=np) -> tuple:
-    """Intensity centroid of ``probe`` minus the frame centre ``(H // 2, W // 2)``, pixels."""
+    """Intensity centroid of ``probe`` (summed over modes when (M, H, W)) minus the frame
+    centre ``(H // 2, W // 2)``, pixels."""
     power = probe.real.astype(xp.float64) ** 2 + probe.imag.astype(xp.float64) ** 2
+    if power.ndim == 3:
+        power = power.sum(axis=0)
     total = float(power.sum())
     if total <= 0:
         return (0.0, 0.0)
-    h, w = probe.shape
+    h, w = power.shape
     cy = float((power.sum(axis=1) * xp.arange(h)).sum()) / total
     cx = float((power.sum(axis=0) * xp.arange(w)).sum()) / total
     return (cy - h // 2, cx - w // 2)
 
 
 def make_engine(bk: Backend, *args, kernels: str = "auto", **kwargs) -> Engine:
-    """:class:`ExactEngine` on NumPy unless ``kernels="generic"``, else :class:`GenericEngine`.
+    """:class:`ExactEngine` on NumPy unless ``kernels="generic"`` or the probe has modes
+    (M, H, W) with ``kernels="auto"``, else :class:`GenericEngine`.
 
     ``args`` and ``kwargs`` as for :class:`Engine` (after ``bk``).
     """
-    if bk.name == "numpy" and kernels != "generic":
+    probe = args[3] if len(args) > 3 else kwargs.get("probe")
+    modes = int(np.shape(probe)[0]) if np.ndim(probe) == 3 else 1
+    if modes > 1 and kernels in ("numba", "numpy"):
+        raise PtychoInputError(f"a probe with {modes} modes needs kernels='auto' or 'generic' "
+                               f"(the fused exact kernels, kernels={kernels!r}, are single-mode)")
+    if bk.name == "numpy" and kernels != "generic" and modes == 1:
         return ExactEngine(bk, *args, kernels=kernels, **kwargs)
     return GenericEngine(bk, *args, **kwargs)

@@ -359,13 +359,18 @@ class Geometry:
         return acc
 
     def scatter_probe_power(self, probe):
-        """``sum_j shift(|P|^2, r_j)``: float32 object-shaped array, via FFT convolution."""
+        """``sum_j shift(|P|^2, r_j)``: float32 object-shaped array, via FFT convolution.
+
+        ``probe`` (M, H, W): ``sum_j shift(sum_m |P_m|^2, r_j)``."""
         xp, fft = self.xp, self.backend.fft
         oh, ow = self.object_shape
         h, w = self.frame_shape
         # float64: the per-rank partial sums then agree with one process to ~1e-15
         power = xp.zeros((oh, ow), dtype=xp.float64)
-        power[:h, :w] = probe.real.astype(xp.float64) ** 2 + probe.imag.astype(xp.float64) ** 2
+        frame_power = probe.real.astype(xp.float64) ** 2 + probe.imag.astype(xp.float64) ** 2
+        if frame_power.ndim == 3:   # incoherent modes (M, H, W): their powers add
+            frame_power = frame_power.sum(axis=0)
+        power[:h, :w] = frame_power
         if self._comb_spectrum is None:
             self._comb_spectrum = fft.rfft2(xp.asarray(self._comb, dtype=xp.float64))
         conv = fft.irfft2(self._comb_spectrum * fft.rfft2(power), s=(oh, ow))
@@ -532,4 +537,80 @@ class Fourier:
         if scale != 1.0:
             m *= np.float32(scale)
         np.multiply(spec, m, out=spec)
+        return spec
+
+
+class ModalFourier:
+    """:class:`Fourier` for exit waves with incoherent modes, shape (N, M, H, W).
+
+    The transforms run on the (N * M, H, W) view of the stack.  A frame's
+    modes share its measured modulus: ``Pi_F`` scales every mode's wave by
+    ``a / sqrt(sum_m |X_m|^2)`` and the misfit is ``sum (sqrt(sum_m |X_m|^2) - a)^2``
+    (Thibault & Menzel 2013).
+
+    Parameters
+    ----------
+    fourier : Fourier
+        The single-mode one, for the FFTs and the amplitudes ``a`` (N, H, W).
+    """
+
+    def __init__(self, fourier: Fourier):
+        self.single = fourier
+        self.backend = fourier.backend
+        self.xp = fourier.xp
+        self.a = fourier.a
+        self._square = None
+
+    @property
+    def fft_name(self) -> str:
+        return self.single.fft_name
+
+    @staticmethod
+    def _frames(x):
+        return x.reshape((-1,) + tuple(x.shape[-2:]))
+
+    def forward(self, x):
+        """In-place orthonormal 2-D FFT of each frame and mode of ``x`` (N, M, H, W)."""
+        self.single.forward(self._frames(x))
+        return x
+
+    def inverse(self, x):
+        self.single.inverse(self._frames(x))
+        return x
+
+    def close(self) -> None:
+        self.single.close()
+
+    def modulus(self, spec):
+        """``sqrt(sum_m |X_m|^2)``, float32 (N, H, W), in a scratch buffer (valid until the
+        next call)."""
+        xp = self.xp
+        total = self.single.m   # stack-sized float32 scratch, as the single-mode steps use
+        if self._square is None:
+            self._square = xp.empty(self.a.shape, dtype=xp.float32)
+        square = self._square
+        xp.abs(spec[:, 0], out=total)   # into buffers: no stack-sized temporaries
+        total *= total
+        for m in range(1, spec.shape[1]):
+            xp.abs(spec[:, m], out=square)
+            square *= square
+            total += square
+        return xp.sqrt(total, out=total)
+
+    def misfit(self, spec):
+        """``sum (sqrt(sum_m |X_m|^2) - a)^2`` over all frames."""
+        diff = self.modulus(spec)
+        diff -= self.a
+        total = (diff * diff).sum(dtype=self.xp.float64)
+        return float(total) if self.backend.name == "numpy" else total
+
+    def project(self, spec, scale: float = 1.0):
+        """In place: ``X_m <- scale * a * X_m / sqrt(sum_k |X_k|^2)`` for every mode."""
+        xp = self.xp
+        factor = self.modulus(spec)
+        factor += np.float32(1e-12)
+        xp.divide(self.a, factor, out=factor)
+        if scale != 1.0:
+            factor *= np.float32(scale)
+        spec *= factor[:, None]
         return spec

@@ -129,3 +129,17 @@ def check_frames(intensities, positions, object_shape, probe=None, *,
     if probe is not None:
         check_complex_image(probe, frame_shape, names[3])
     return arr, pos, object_shape
+
+
+def check_probe(probe, frame_shape, modes: int = 1, name: str = "probe") -> np.ndarray:
+    """Check a probe for ``modes`` incoherent modes; returns complex64 (H, W) for one
+    mode, else (modes, H, W) (a 2-D guess gets the deterministic extra modes of
+    :func:`sparkmpi.ptycho.modes.initial_modes`)."""
+    arr = np.asarray(probe)
+    if arr.ndim == 3:
+        arr = check_complex_image(arr, (arr.shape[0],) + tuple(frame_shape), name)
+    else:
+        arr = check_complex_image(arr, frame_shape, name)
+    from .modes import modes_of
+
+    return modes_of(arr, int(modes), name).astype(np.complex64, copy=False)

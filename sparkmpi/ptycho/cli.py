@@ -26,6 +26,17 @@ def _photons(value: str):
     return out
 
 
+def _mode_powers(value: str):
+    try:
+        out = tuple(float(v) for v in value.split(","))
+    except ValueError:
+        raise UsageError(f"--mode-powers must be comma-separated numbers, got {value!r}") from None
+    if not 2 <= len(out) <= 4 or min(out) <= 0 or any(b > a for a, b in zip(out, out[1:])):
+        raise UsageError(f"--mode-powers must be 2 to 4 positive, decreasing fractions, "
+                         f"got {value!r}")
+    return out
+
+
 def register(subparsers) -> None:
     parser = subparsers.add_parser("ptycho", help="ptychography: simulate scans, reconstruct them")
     verbs = parser.add_subparsers(dest="verb", metavar="VERB")
@@ -43,6 +54,9 @@ def register(subparsers) -> None:
     sim.add_argument("--scan", choices=("spiral", "raster"), default="spiral", help="scan pattern")
     sim.add_argument("--propagation-distance", type=float, default=0.0,
                      help="Fresnel propagation of the probe, metres")
+    sim.add_argument("--mode-powers", default=None,
+                     help="partially coherent beam: comma-separated power fractions of 2-4 "
+                          "incoherent probe modes, decreasing (e.g. 0.7,0.3)")
     sim.add_argument("--out", required=True, help="output NPZ file")
     sim.set_defaults(func=_simulate)
 
@@ -66,6 +80,9 @@ def register(subparsers) -> None:
     rec.add_argument("--refine-positions", action="store_true",
                      help="refine the scan positions (written with the result)")
     rec.add_argument("--position-refine-start", type=int, default=10)
+    rec.add_argument("--probe-modes", type=int, choices=(1, 2, 3, 4), default=1,
+                     help="incoherent probe modes (mixed state); more than 1 runs the "
+                          "generic engine")
     rec.add_argument("--translation-sign", type=float, default=1.0,
                      help="CXI files: +1 sample translation, -1 beam translation")
     rec.add_argument("--out", required=True, help="output directory")
@@ -80,7 +97,9 @@ def _simulate(args) -> int:
           file=sys.stderr)
     data = simulate(args.frames, args.frame_size, overlap=args.overlap, photons=args.photons,
                     seed=args.seed, probe=args.probe, scan=args.scan,
-                    propagation_distance=args.propagation_distance)
+                    propagation_distance=args.propagation_distance,
+                    mode_powers=None if args.mode_powers is None
+                    else _mode_powers(args.mode_powers))
     path = data.save(args.out)
     summary = {"file": str(path), "frames": data.n_frames, "frame_shape": list(data.frame_shape),
                "object_shape": list(data.object_shape), "seconds": time.perf_counter() - t0}
@@ -113,11 +132,13 @@ def _reconstruct(args) -> int:
                          probe_support=args.probe_support if args.probe_support > 0 else None,
                          probe_center=not args.no_probe_center, probe_power=args.probe_power,
                          refine_positions=args.refine_positions,
-                         position_refine_start=args.position_refine_start)
+                         position_refine_start=args.position_refine_start,
+                         probe_modes=args.probe_modes)
     summary = {"file": args.file, "algorithm": args.algorithm, "iterations": args.iterations,
                "backend": result.state.backend, "seconds": result.seconds,
                "seconds_per_iteration": result.seconds_per_iteration,
-               "fourier_error": result.fourier_error, "frames": data.n_frames}
+               "fourier_error": result.fourier_error, "frames": data.n_frames,
+               "probe_modes": args.probe_modes}
     mask = None
     if data.probe_true is not None:
         mask = illuminated_mask(data)
@@ -125,10 +146,13 @@ def _reconstruct(args) -> int:
         # registered: a drifted probe translates the object without making it worse
         summary.update(object_quality(result.object, data, mask=mask).as_dict())
     if data.probe_true is not None:
-        summary.update(probe_quality(result.probe, data.probe_true).as_dict("probe_"))
+        summary.update(probe_quality(result.probe_modes if args.probe_modes > 1 else result.probe,
+                                     data.probe_true).as_dict("probe_"))
+    if args.probe_modes > 1:   # known without ground truth
+        summary["mode_powers"] = list(result.mode_powers)
     if args.refine_positions:
         summary["positions_moved"] = int(sum(result.positions_moved))
-    summary["files"] = write_outputs(args.out, result.object, result.probe, result.errors,
+    summary["files"] = write_outputs(args.out, result.object, result.probe_modes, result.errors,
                                      mask=mask, summary=summary, positions=result.positions)
     print(f"wrote {args.out}: {result.seconds_per_iteration:.3f} s/iteration"
           + (f", NRMSE {summary['nrmse']:.4f}" if "nrmse" in summary else ""), file=sys.stderr)

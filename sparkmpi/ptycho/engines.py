@@ -61,7 +61,8 @@ import numpy as np
 from ..backend import get_backend
 from ._engine import make_engine
 from ._kernels import allreduce_max, allreduce_sums
-from ._validate import check_complex_image, check_frames, check_intensities, shape2
+from ._validate import (check_complex_image, check_frames, check_intensities, check_probe,
+                        shape2)
 from .errors import FrameMismatchError, PtychoInputError
 from .options import ALGORITHMS, Options
 
@@ -91,8 +92,8 @@ class ReconstructionState:
     iteration : int
         Iterations done so far (the next one has this number).
     object : array, complex64, shape (Hy, Wx)
-    probe : array, complex64, shape (H, W)
-    exit_waves : array, complex64, shape (N, H, W)
+    probe : array, complex64, shape (H, W), or (M, H, W) with ``probe_modes`` M > 1
+    exit_waves : array, complex64, shape (N, H, W), or (N, M, H, W) with modes
     errors : list of float
         Fourier-modulus error after each iteration so far.
     backend : str
@@ -129,6 +130,7 @@ class Result:
     ----------
     object : ndarray, complex64, shape (Hy, Wx)
     probe : ndarray, complex64, shape (H, W)
+        The probe; with ``probe_modes`` > 1 its main (most powerful) mode.
     errors : ndarray, float64, shape (iterations so far,)
         Relative Fourier-modulus error ``sqrt(sum (|F psi| - sqrt I)^2 / sum I)``
         per iteration (summed over all ranks).
@@ -145,6 +147,9 @@ class Result:
     positions_moved : list of int
         Per position-refinement step, the frames (all ranks) whose whole-pixel
         position changed.
+    probe_modes : ndarray, complex64, shape (M, H, W)
+        Every probe mode, orthogonal, by decreasing power (``M = 1``: the
+        probe alone).
     """
 
     object: np.ndarray
@@ -155,6 +160,18 @@ class Result:
     iterations: int
     positions: np.ndarray | None = None
     positions_moved: list = field(default_factory=list)
+    probe_modes: np.ndarray | None = None
+
+    def __post_init__(self):
+        if self.probe_modes is None:
+            self.probe_modes = np.asarray(self.probe)[None]
+
+    @property
+    def mode_powers(self) -> tuple:
+        """Each probe mode's share of the total probe power."""
+        from .modes import mode_powers
+
+        return mode_powers(self.probe_modes)
 
     @property
     def seconds_per_iteration(self) -> float:
@@ -239,7 +256,9 @@ def reconstruct_frames(intensities, positions, object_shape, options: Options, *
     if callback is not None and not callable(callback):
         raise PtychoInputError(f"callback must be callable, got {type(callback).__name__}")
     algorithm = options.algorithm
-    arr, pos, object_shape = check_frames(intensities, positions, object_shape, probe)
+    modes = int(options.probe_modes)
+    arr, pos, object_shape = check_frames(intensities, positions, object_shape,
+                                          probe if np.ndim(probe) != 3 else None)
     frame_shape = arr.shape[1:]
     exit_waves = None
     errors: list = []
@@ -256,10 +275,12 @@ def reconstruct_frames(intensities, positions, object_shape, options: Options, *
         probe = _to_numpy_state_array(state.backend, state.probe)
         object_init = _to_numpy_state_array(state.backend, state.object)
         exit_waves = state.exit_waves
-        if tuple(exit_waves.shape) != tuple(arr.shape):
+        wave_shape = arr.shape if modes == 1 else (arr.shape[0], modes) + frame_shape
+        if tuple(exit_waves.shape) != tuple(wave_shape):
             raise FrameMismatchError(f"state.exit_waves has shape {tuple(exit_waves.shape)} "
-                                     f"but intensities has shape {arr.shape}; resume with the "
-                                     f"same frames")
+                                     f"but intensities {arr.shape} with probe_modes={modes} "
+                                     f"need {wave_shape}; resume with the same frames and "
+                                     f"modes")
         if state.backend != options.backend:
             exit_waves = _to_numpy_state_array(state.backend, exit_waves)
         errors = list(state.errors)
@@ -275,7 +296,7 @@ def reconstruct_frames(intensities, positions, object_shape, options: Options, *
             pos = np.asarray(state.positions_whole, dtype=np.int64)
     if probe is None:
         probe = initial_probe(arr, comm)
-    probe = check_complex_image(probe, frame_shape, "probe")
+    probe = check_probe(probe, frame_shape, modes)
     if object_init is None:
         object_init = np.ones(object_shape, dtype=np.complex64)
     object_init = check_complex_image(object_init, object_shape, "object_init")
@@ -328,9 +349,11 @@ def reconstruct_frames(intensities, positions, object_shape, options: Options, *
                                     tuple(eng._centroid0) if eng._centroid0 else None,
                                     eng.positions.copy(), eng.positions_start.copy(),
                                     eng.geom.positions.copy())
-    return Result(np.asarray(bk.asnumpy(eng.O)), np.asarray(bk.asnumpy(eng.P)),
+    probe_out = np.asarray(bk.asnumpy(eng.P))
+    all_modes = probe_out if probe_out.ndim == 3 else probe_out[None]
+    return Result(np.asarray(bk.asnumpy(eng.O)), all_modes[0],
                   np.asarray(errors, dtype=np.float64), new_state, seconds, iterations,
-                  eng.positions.copy(), moved)
+                  eng.positions.copy(), moved, all_modes)
 
 
 def reconstruct(data, *, probe=None, object_init=None, state: ReconstructionState | None = None,
@@ -344,8 +367,10 @@ def reconstruct(data, *, probe=None, object_init=None, state: ReconstructionStat
         Needs ``intensities`` (float32, (N, H, W), zero frequency at the frame
         centre), ``positions`` (int, (N, 2), top-left offsets in pixels) and
         ``object_shape``.  Under MPI, this rank's frames only.
-    probe : array (H, W), optional
-        Initial probe; default :func:`initial_probe` of the data.
+    probe : array (H, W) or (M, H, W), optional
+        Initial probe; default :func:`initial_probe` of the data.  With
+        ``probe_modes`` M > 1 a 2-D probe gets the extra modes of
+        :func:`~sparkmpi.ptycho.modes.initial_modes`; (M, H, W) gives them all.
     object_init : array (Hy, Wx), optional
         Initial object; default all ones.
     state : ReconstructionState, optional

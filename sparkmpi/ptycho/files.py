@@ -28,7 +28,8 @@ is the positions' extent plus one frame.  Every missing dataset or
 inconsistent shape raises before anything is reconstructed, naming it.
 
 :func:`write_result_hdf5` writes a reconstruction (``/object``, ``/probe``,
-``/errors``, ``/positions`` when known, the summary as JSON in the
+``/errors``, ``/positions`` when known, ``/probe_modes`` (M, H, W) of a
+mixed-state reconstruction, the summary as JSON in the
 ``summary`` attribute); :func:`write_cxi` writes a scan as a CXI file
 (the test files, and a way to hand simulated scans to other codes).
 
@@ -206,9 +207,11 @@ def write_cxi(path, data, *, energy_j: float, distance_m: float, detector_pixel_
     return path
 
 
-def write_result_hdf5(path, obj, probe, errors, *, positions=None, summary: dict | None = None) -> Path:
+def write_result_hdf5(path, obj, probe, errors, *, positions=None, summary: dict | None = None,
+                      probe_modes=None) -> Path:
     """Write a reconstruction to HDF5: ``/object``, ``/probe``, ``/errors``, ``/positions``
-    (refined, (N, 2) top-left pixels, when given), ``summary`` attribute (JSON)."""
+    (refined, (N, 2) top-left pixels, when given), ``/probe_modes`` ((M, H, W), every
+    incoherent mode, when given), ``summary`` attribute (JSON)."""
     h5py = _h5py()
     path = Path(path)
     tmp = path.with_name(path.name + ".part")
@@ -218,6 +221,8 @@ def write_result_hdf5(path, obj, probe, errors, *, positions=None, summary: dict
         f.create_dataset("errors", data=np.asarray(errors, dtype=np.float64))
         if positions is not None:
             f.create_dataset("positions", data=np.asarray(positions, dtype=np.float64))
+        if probe_modes is not None:
+            f.create_dataset("probe_modes", data=np.asarray(probe_modes, dtype=np.complex64))
         f.attrs["summary"] = json.dumps(summary or {}, sort_keys=True, default=str)
     tmp.replace(path)
     return path

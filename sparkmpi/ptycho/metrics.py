@@ -41,16 +41,19 @@ from .errors import FrameMismatchError, PtychoInputError
 
 
 def illumination(probe, positions, object_shape) -> np.ndarray:
-    """Summed probe intensity ``sum_j |P(r - r_j)|^2`` over the object, float32."""
+    """Summed probe intensity ``sum_j |P(r - r_j)|^2`` over the object, float32.
+
+    ``probe`` (M, H, W): incoherent modes, their intensities summed."""
     from ..backend import get_backend
     from ._kernels import Geometry
 
     object_shape = shape2(object_shape, "object_shape")
     probe = np.asarray(probe)
-    if probe.ndim != 2:
-        raise PtychoInputError(f"probe must be 2-D, got shape {probe.shape}")
-    pos = check_positions(positions, len(positions), probe.shape, object_shape)
-    geom = Geometry(get_backend("numpy"), pos, probe.shape, object_shape)
+    if probe.ndim not in (2, 3):
+        raise PtychoInputError(f"probe must be (H, W) or modes (M, H, W), got shape {probe.shape}")
+    frame_shape = probe.shape[-2:]
+    pos = check_positions(positions, len(positions), frame_shape, object_shape)
+    geom = Geometry(get_backend("numpy"), pos, frame_shape, object_shape)
     return geom.scatter_probe_power(probe.astype(np.complex64))
 
 
@@ -62,8 +65,9 @@ def illuminated_mask(data, probe=None, threshold: float = 0.1) -> np.ndarray:
     data : PtychoData
         Needs ``positions`` and ``object_shape``, and ``probe_true`` unless
         ``probe`` is given.
-    probe : ndarray (H, W), optional
-        Probe to use (default ``data.probe_true``).
+    probe : ndarray (H, W) or (M, H, W), optional
+        Probe to use (default ``data.probe_modes_true`` where the data has
+        it, the incoherent sum of the true modes, else ``data.probe_true``).
     threshold : float
         Fraction of the maximum summed intensity, in (0, 1).
 
@@ -73,7 +77,10 @@ def illuminated_mask(data, probe=None, threshold: float = 0.1) -> np.ndarray:
     """
     if not 0 < threshold < 1:
         raise PtychoInputError(f"threshold must be in (0, 1), got {threshold!r}")
-    probe = data.probe_true if probe is None else probe
+    if probe is None:
+        probe = getattr(data, "probe_modes_true", None)
+        if probe is None:
+            probe = data.probe_true
     if probe is None:
         raise PtychoInputError("illuminated_mask needs a probe: data has no probe_true and "
                                "no probe= was given")
@@ -140,6 +147,9 @@ class Registration:
         ``gamma``, the factor applied to the registered estimate.
     nrmse_unregistered : float
         :func:`nrmse` (complex factor only), for comparison.
+    mode_powers : tuple of float
+        :func:`probe_quality` of a probe with incoherent modes: each mode's
+        share of the power (the NRMSE is then the main mode's); else empty.
     """
 
     nrmse: float
@@ -147,12 +157,16 @@ class Registration:
     ramp: tuple
     scale: complex
     nrmse_unregistered: float
+    mode_powers: tuple = ()
 
     def as_dict(self, prefix: str = "") -> dict:
         """JSON-ready fields (``nrmse``, ``shift_px``, ``ramp_rad_per_px``, ...), names prefixed."""
-        return {f"{prefix}nrmse": self.nrmse, f"{prefix}shift_px": list(self.shift_px),
-                f"{prefix}ramp_rad_per_px": list(self.ramp),
-                f"{prefix}nrmse_unregistered": self.nrmse_unregistered}
+        out = {f"{prefix}nrmse": self.nrmse, f"{prefix}shift_px": list(self.shift_px),
+               f"{prefix}ramp_rad_per_px": list(self.ramp),
+               f"{prefix}nrmse_unregistered": self.nrmse_unregistered}
+        if self.mode_powers:
+            out[f"{prefix}mode_powers"] = list(self.mode_powers)
+        return out
 
 
 def _ramp(shape, qy: float, qx: float) -> np.ndarray:
@@ -317,12 +331,30 @@ def object_quality(obj, data, threshold: float = 0.1, mask=None) -> Registration
 
 def probe_quality(probe, probe_true, threshold: float = 0.01) -> Registration:
     """:func:`register` of ``probe`` against ``probe_true`` where ``|P_true|^2`` exceeds
-    ``threshold`` of its maximum (its shift is the object's, negated)."""
+    ``threshold`` of its maximum (its shift is the object's, negated).
+
+    Incoherent modes, ``probe`` (M, H, W) by decreasing power: the main
+    modes are compared (``probe_true`` (H, W) or its own modes (K, H, W)),
+    and :attr:`Registration.mode_powers` holds each mode's share of the power.
+    """
+    from dataclasses import replace
+
+    from .modes import mode_powers
+
     if not 0 < threshold < 1:
         raise PtychoInputError(f"threshold must be in (0, 1), got {threshold!r}")
     tru = np.asarray(probe_true)
+    if tru.ndim == 3:
+        tru = tru[0]
     power = np.abs(tru) ** 2
     if tru.ndim != 2 or not power.any():
-        raise PtychoInputError(f"probe_true must be a non-zero 2-D array, got shape {tru.shape}")
-    probe = check_complex_image(probe, tru.shape, "probe")
-    return register(probe, tru, power > threshold * float(power.max()))
+        raise PtychoInputError(f"probe_true must be a non-zero 2-D array (or modes (M, H, W)), "
+                               f"got shape {np.shape(probe_true)}")
+    est = np.asarray(probe)
+    modes = est.ndim == 3
+    if modes:
+        check_complex_image(est, (est.shape[0],) + tru.shape, "probe")
+        powers, est = mode_powers(est), est[0]
+    est = check_complex_image(est, tru.shape, "probe")
+    out = register(est, tru, power > threshold * float(power.max()))
+    return replace(out, mode_powers=powers) if modes else out

@@ -91,6 +91,8 @@ def main(argv=None) -> int:
     parser.add_argument("--backend", default="numpy")
     parser.add_argument("--kernels", choices=("auto", "numba", "numpy"), default="auto",
                         help="CPU kernels: fused numba (auto when installed) or NumPy")
+    parser.add_argument("--probe-modes", type=int, default=1,
+                        help="incoherent probe modes, 1-4 (more than 1: the generic engine)")
     parser.add_argument("--threads", type=int, default=None,
                         help="threads per rank (default: cores / ranks on the node)")
     args = parser.parse_args(argv)
@@ -111,11 +113,12 @@ def main(argv=None) -> int:
                                                       else args.probe_update_start),
                                   probe=_probe_init(data, args.probe_init),
                                   backend=args.backend, kernels=args.kernels,
-                                  threads=args.threads)
+                                  threads=args.threads, probe_modes=args.probe_modes)
         if comm.rank == 0:
             tmp = args.out + ".part"
             with open(tmp, "wb") as fh:
                 np.savez(fh, object=result.object, probe=result.probe, errors=result.errors,
+                         probe_modes=result.probe_modes,
                          seconds=np.float64(result.seconds), ranks=np.int64(comm.size),
                          frames_per_rank=np.asarray(comm.gather(share.stop - share.start)))
             os.replace(tmp, args.out)

@@ -15,12 +15,14 @@ from ..backend import BACKENDS
 from ._fft import FFT_CHOICES
 from .errors import PtychoInputError
 
-__all__ = ["ALGORITHMS", "DEFAULT_BETA", "KERNELS", "Options"]
+__all__ = ["ALGORITHMS", "DEFAULT_BETA", "KERNELS", "MAX_PROBE_MODES", "Options"]
 
 ALGORITHMS = ("dm", "raar")
 DEFAULT_BETA = {"dm": 1.0, "raar": 0.75}
 #: "generic" runs the backend-generic array code (what CuPy runs) on NumPy.
 KERNELS = ("auto", "numba", "numpy", "generic")
+#: The most incoherent probe modes a reconstruction may use.
+MAX_PROBE_MODES = 4
 
 
 def _whole(value, least: int) -> bool:
@@ -117,6 +119,13 @@ class Options:
         Pixels per axis a frame may move in one step (1.0).
     position_max_shift : float
         Pixels per axis a frame may move from its given position (8.0).
+    probe_modes : int
+        Mixed-state (incoherent) probe modes, 1 to 4 (Thibault & Menzel
+        2013): each frame's intensity is the sum of the intensities of the
+        modes (:mod:`sparkmpi.ptycho.modes`).  More than one runs the
+        backend-generic engine (``kernels="auto"`` picks it; the fused exact
+        kernels, ``"numba"`` and ``"numpy"``, are single-mode) and cannot yet
+        be combined with ``refine_positions``.
 
     Raises
     ------
@@ -144,6 +153,7 @@ class Options:
     position_refine_stop: int | None = None
     position_max_step: float = 1.0
     position_max_shift: float = 8.0
+    probe_modes: int = 1
 
     def __post_init__(self):
         if self.algorithm not in ALGORITHMS:
@@ -197,6 +207,16 @@ class Options:
         if not _between(self.position_max_shift, 0, 4096):
             raise PtychoInputError(f"position_max_shift must be pixels in (0, 4096], "
                                    f"got {self.position_max_shift!r}")
+        if not _whole(self.probe_modes, 1) or self.probe_modes > MAX_PROBE_MODES:
+            raise PtychoInputError(f"probe_modes must be an integer from 1 to {MAX_PROBE_MODES}, "
+                                   f"got {self.probe_modes!r}")
+        if self.probe_modes > 1 and self.kernels in ("numba", "numpy"):
+            raise PtychoInputError(f"probe_modes={self.probe_modes} needs kernels='auto' or "
+                                   f"'generic' (the fused exact kernels, kernels="
+                                   f"{self.kernels!r}, are single-mode)")
+        if self.probe_modes > 1 and self.refine_positions:
+            raise PtychoInputError(f"refine_positions cannot yet be combined with probe_modes="
+                                   f"{self.probe_modes}; use probe_modes=1 to refine positions")
 
     @classmethod
     def of(cls, options: Options | None = None, **settings) -> Options:

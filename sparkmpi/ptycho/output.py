@@ -3,12 +3,15 @@
 :func:`write_outputs` writes into a directory
 
 ``reconstruction.npz``  ``object`` complex64 (Hy, Wx), ``probe`` complex64
-                        (H, W), ``errors`` float64 (iterations,), and
-                        ``summary`` (JSON string).
+                        (H, W) (the main mode of a mixed state), ``errors``
+                        float64 (iterations,), ``summary`` (JSON string), and
+                        ``probe_modes`` complex64 (M, H, W) when M > 1.
 ``object_phase.png``    phase of the object, -pi..pi mapped to black..white
                         (or the illuminated region's range with ``mask``).
 ``object_amplitude.png`` amplitude, min..max mapped to black..white.
-``probe_amplitude.png`` probe amplitude.
+``probe_amplitude.png`` probe amplitude (main mode).
+``probe_modes_amplitude.png`` every mode's amplitude side by side, each on
+                        its own scale (M > 1 only).
 ``errors.png``          Fourier-modulus error against iteration, log scale.
 ``reconstruction.h5``   the same arrays in HDF5, with ``positions`` (the
                         refined scan positions, when given)
@@ -102,7 +105,8 @@ def write_outputs(directory, obj, probe, errors, *, mask=None, summary: dict | N
     directory : path
         Created if missing.
     obj : ndarray, complex, (Hy, Wx)
-    probe : ndarray, complex, (H, W)
+    probe : ndarray, complex, (H, W) or (M, H, W)
+        The probe, or its incoherent modes (main mode first).
     errors : sequence of float
         Fourier-modulus error per iteration.
     mask : ndarray of bool (Hy, Wx), optional
@@ -123,6 +127,9 @@ def write_outputs(directory, obj, probe, errors, *, mask=None, summary: dict | N
     out.mkdir(parents=True, exist_ok=True)
     obj = np.asarray(obj)
     probe = np.asarray(probe)
+    modes = None
+    if probe.ndim == 3:
+        modes, probe = (probe if probe.shape[0] > 1 else None), probe[0]
     if obj.ndim != 2 or probe.ndim != 2:
         raise PtychoInputError(f"obj and probe must be 2-D, got shapes {obj.shape} and {probe.shape}")
     if mask is not None and np.shape(mask) != obj.shape:
@@ -131,6 +138,8 @@ def write_outputs(directory, obj, probe, errors, *, mask=None, summary: dict | N
     npz = out / "reconstruction.npz"
     tmp = out / "reconstruction.npz.part"
     extra = {} if positions is None else {"positions": np.asarray(positions, dtype=np.float64)}
+    if modes is not None:
+        extra["probe_modes"] = modes.astype(np.complex64)
     with open(tmp, "wb") as fh:
         np.savez(fh, object=obj.astype(np.complex64), probe=probe.astype(np.complex64),
                  errors=np.asarray(errors, dtype=np.float64),
@@ -141,7 +150,8 @@ def write_outputs(directory, obj, probe, errors, *, mask=None, summary: dict | N
         from .files import write_result_hdf5
 
         files["hdf5"] = str(write_result_hdf5(out / "reconstruction.h5", obj, probe, errors,
-                                              positions=positions, summary=summary))
+                                              positions=positions, summary=summary,
+                                              probe_modes=modes))
     phase = np.angle(obj)
     if mask is not None and np.any(mask):
         # remove the global phase so the picture does not wrap needlessly
@@ -150,5 +160,8 @@ def write_outputs(directory, obj, probe, errors, *, mask=None, summary: dict | N
     files["object_amplitude"] = str(save_png(to_grey(np.abs(obj), mask=mask),
                                              out / "object_amplitude.png"))
     files["probe_amplitude"] = str(save_png(to_grey(np.abs(probe)), out / "probe_amplitude.png"))
+    if modes is not None:
+        tiles = np.concatenate([to_grey(np.abs(m)) for m in modes], axis=1)
+        files["probe_modes_amplitude"] = str(save_png(tiles, out / "probe_modes_amplitude.png"))
     files["errors"] = str(error_curve_png(errors, out / "errors.png"))
     return files

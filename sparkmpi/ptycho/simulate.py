@@ -13,7 +13,10 @@ The simulator builds
   step is ``probe_diameter * (1 - overlap)``;
 * far-field **intensities** ``I_j = |F(P * O_j)|^2`` with an orthonormal 2-D
   FFT, zero frequency at the frame centre (``fftshift`` convention), and
-  optional Poisson noise at a given number of photons per frame.
+  optional Poisson noise at a given number of photons per frame;
+* optionally a **partially coherent** beam: ``M`` mutually incoherent probe
+  modes with given power fractions (:func:`make_probe_modes`), whose
+  intensities add, ``I_j = sum_m |F(P_m * O_j)|^2`` (Thibault & Menzel 2013).
 
 File format (NPZ, written by :meth:`PtychoData.save`)
 -----------------------------------------------------
@@ -23,7 +26,10 @@ File format (NPZ, written by :meth:`PtychoData.save`)
                  frame in the object array.
 ``object_shape`` int64 ``(2,)``: shape of the object array.
 ``object_true``  complex64 ``(Hy, Wx)``: ground-truth object (optional).
-``probe_true``   complex64 ``(H, W)``: ground-truth probe (optional).
+``probe_true``   complex64 ``(H, W)``: ground-truth probe (optional); of a
+                 partially coherent simulation, its main mode.
+``probe_modes_true`` complex64 ``(M, H, W)``: every true probe mode, orthogonal,
+                 by decreasing power (partially coherent simulations only).
 ``metadata``     0-d unicode array holding a JSON object: ``format``
                  (``"sparkmpi-ptycho"``), ``version`` (1) and the simulation
                  parameters.
@@ -71,8 +77,12 @@ class PtychoData:
     object_shape : tuple of int
         Shape ``(Hy, Wx)`` of the object array.
     object_true, probe_true : ndarray, complex64, or None
-        Ground truth (simulations only).
+        Ground truth (simulations only); ``probe_true`` is the main mode of a
+        partially coherent one.
     metadata : dict
+        JSON-serialisable parameters.
+    probe_modes_true : ndarray, complex64, shape (M, H, W), or None
+        Every true probe mode of a partially coherent simulation.
         JSON-serialisable parameters.
     """
 
@@ -82,6 +92,7 @@ class PtychoData:
     object_true: np.ndarray | None = None
     probe_true: np.ndarray | None = None
     metadata: dict = field(default_factory=dict)
+    probe_modes_true: np.ndarray | None = None
 
     def __post_init__(self):
         self.intensities, self.positions, self.object_shape = check_frames(
@@ -90,6 +101,13 @@ class PtychoData:
         if self.object_true is not None:
             self.object_true = check_complex_image(self.object_true, self.object_shape,
                                                    "object_true")
+        if self.probe_modes_true is not None:
+            modes = np.asarray(self.probe_modes_true)
+            if modes.ndim != 3:
+                raise DataFormatError(f"probe_modes_true must be (M, H, W), got shape "
+                                      f"{modes.shape}")
+            self.probe_modes_true = check_complex_image(
+                modes, (modes.shape[0],) + self.frame_shape, "probe_modes_true")
 
     @property
     def n_frames(self) -> int:
@@ -102,7 +120,8 @@ class PtychoData:
     def subset(self, index) -> "PtychoData":
         """The frames selected by ``index`` (slice, int array or bool mask)."""
         return PtychoData(self.intensities[index], self.positions[index], self.object_shape,
-                          self.object_true, self.probe_true, dict(self.metadata))
+                          self.object_true, self.probe_true, dict(self.metadata),
+                          self.probe_modes_true)
 
     def save(self, path) -> Path:
         """Write the NPZ file described in the module docstring; returns its path.
@@ -124,6 +143,8 @@ class PtychoData:
             arrays["object_true"] = self.object_true.astype(np.complex64, copy=False)
         if self.probe_true is not None:
             arrays["probe_true"] = self.probe_true.astype(np.complex64, copy=False)
+        if self.probe_modes_true is not None:
+            arrays["probe_modes_true"] = self.probe_modes_true.astype(np.complex64, copy=False)
         tmp = path.with_name(path.name + ".part")
         with open(tmp, "wb") as fh:
             np.savez(fh, **arrays)
@@ -159,6 +180,8 @@ class PtychoData:
                 object_true=npz["object_true"] if "object_true" in npz.files else None,
                 probe_true=npz["probe_true"] if "probe_true" in npz.files else None,
                 metadata=meta,
+                probe_modes_true=(npz["probe_modes_true"] if "probe_modes_true" in npz.files
+                                  else None),
             )
 
 
@@ -316,6 +339,64 @@ def make_probe(shape, *, kind: str = "aperture", diameter: float | None = None,
     return probe.astype(np.complex64)
 
 
+def make_probe_modes(probe, powers, *, angle: float = 0.5) -> np.ndarray:
+    """Orthogonal incoherent probe modes with the given power fractions.
+
+    Mode 0 has the shape of ``probe``; mode ``k`` that of ``probe`` times a
+    low-order Hermite-like factor (``u``, ``v``, ``u v``, with ``u, v`` the
+    pixel coordinates about the probe's intensity centroid turned by
+    ``angle`` radians, in units of its rms radius), made orthogonal to the
+    ones before it (Gram-Schmidt, in order).  Mode ``k`` then gets
+    ``powers[k]`` of the power of ``probe``.
+
+    Parameters
+    ----------
+    probe : ndarray, complex, shape (H, W)
+    powers : sequence of float
+        2 to 4 fractions, decreasing, > 0; scaled to sum to 1.
+    angle : float
+        Radians: the extra modes' axes relative to the frame's.
+
+    Returns
+    -------
+    ndarray, complex64, shape (len(powers), H, W)
+    """
+    from .options import MAX_PROBE_MODES
+
+    main = np.asarray(probe, dtype=np.complex128)
+    if main.ndim != 2 or not np.any(main):
+        raise PtychoInputError(f"probe must be a non-zero 2-D array, got shape {main.shape}")
+    try:
+        fractions = np.asarray([float(p) for p in powers], dtype=np.float64)
+    except (TypeError, ValueError):
+        raise PtychoInputError(f"mode_powers must be a sequence of numbers, got {powers!r}") from None
+    if not 2 <= len(fractions) <= MAX_PROBE_MODES:
+        raise PtychoInputError(f"mode_powers must hold 2 to {MAX_PROBE_MODES} fractions, "
+                               f"got {len(fractions)}")
+    if not np.all(np.isfinite(fractions)) or np.any(fractions <= 0) \
+            or np.any(np.diff(fractions) > 0):
+        raise PtychoInputError(f"mode_powers must be positive and decreasing, got {list(powers)}")
+    fractions = fractions / fractions.sum()
+    power = np.abs(main) ** 2
+    total = float(power.sum())
+    h, w = main.shape
+    y = np.arange(h, dtype=np.float64)[:, None]
+    x = np.arange(w, dtype=np.float64)[None, :]
+    cy = float((power * y).sum()) / total
+    cx = float((power * x).sum()) / total
+    radius = max(np.sqrt(float((power * ((y - cy) ** 2 + (x - cx) ** 2)).sum()) / total), 1.0)
+    c, s = math.cos(angle), math.sin(angle)
+    u = (c * (x - cx) + s * (y - cy)) / radius
+    v = (-s * (x - cx) + c * (y - cy)) / radius
+    shapes = [main, main * u, main * v, main * u * v][:len(fractions)]
+    basis = []
+    for shape in shapes:
+        for b in basis:
+            shape = shape - np.vdot(b, shape) * b
+        basis.append(shape / np.sqrt(float(np.vdot(shape, shape).real)))
+    return np.stack([b * np.sqrt(f * total) for b, f in zip(basis, fractions)]).astype(np.complex64)
+
+
 # --------------------------------------------------------------------------- scan
 def scan_positions(n: int, step: float, *, pattern: str = "spiral", jitter: float = 0.0,
                    rng: np.random.Generator | None = None) -> np.ndarray:
@@ -394,7 +475,8 @@ def far_field(probe: np.ndarray, obj: np.ndarray, positions: np.ndarray) -> np.n
 def simulate(frames: int = 512, frame_size: int = 128, *, overlap: float = 0.7,
              photons: float | None = None, seed: int = 0, probe: str = "aperture",
              probe_diameter: float | None = None, scan: str = "spiral",
-             propagation_distance: float = 0.0, jitter: float | None = None) -> PtychoData:
+             propagation_distance: float = 0.0, jitter: float | None = None,
+             mode_powers=None) -> PtychoData:
     """Simulate a far-field ptychographic scan with ground truth.
 
     Parameters
@@ -421,6 +503,11 @@ def simulate(frames: int = 512, frame_size: int = 128, *, overlap: float = 0.7,
         Metres, Fresnel propagation of the probe (0: in focus).
     jitter : float, optional
         Position jitter in pixels (default 0 for spirals, 1 for rasters).
+    mode_powers : sequence of float, optional
+        A partially coherent beam: 2 to 4 incoherent probe modes with these
+        power fractions (decreasing; :func:`make_probe_modes`), e.g.
+        ``(0.7, 0.3)``; the intensities are the sums of the modes'.  The
+        modes are stored as ``probe_modes_true``, the first as ``probe_true``.
 
     Returns
     -------
@@ -449,7 +536,15 @@ def simulate(frames: int = 512, frame_size: int = 128, *, overlap: float = 0.7,
     prb = make_probe((frame_size, frame_size), kind=probe, diameter=diameter, power=power,
                      propagation_distance=propagation_distance)
     obj = make_object(object_shape)
-    intensities = far_field(prb, obj, pos)
+    modes = None
+    if mode_powers is not None:
+        modes = make_probe_modes(prb, mode_powers)
+        intensities = far_field(modes[0], obj, pos)
+        for mode in modes[1:]:
+            intensities += far_field(mode, obj, pos)
+        prb = modes[0]
+    else:
+        intensities = far_field(prb, obj, pos)
     if photons is not None:
         intensities = rng.poisson(intensities).astype(np.float32)
     meta = {
@@ -460,7 +555,12 @@ def simulate(frames: int = 512, frame_size: int = 128, *, overlap: float = 0.7,
         "object_phase": "skimage.data.astronaut grey -> [-pi/3, pi/3] rad",
         "intensity_convention": "|fftshift(fft2(P*O_j, norm='ortho'))|^2",
     }
-    return PtychoData(intensities, pos, object_shape, obj, prb, meta)
+    if modes is not None:
+        meta["probe_modes"] = int(len(modes))
+        meta["mode_powers"] = [float(v) for v in np.asarray(mode_powers, float)
+                               / float(np.sum(mode_powers))]
+        meta["intensity_convention"] = "sum_m |fftshift(fft2(P_m*O_j, norm='ortho'))|^2"
+    return PtychoData(intensities, pos, object_shape, obj, prb, meta, modes)
 
 
 def model_probe(data: PtychoData) -> np.ndarray:

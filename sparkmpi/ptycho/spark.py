@@ -54,6 +54,7 @@ class SparkResult:
     ----------
     object : ndarray, complex64, shape (Hy, Wx)
     probe : ndarray, complex64, shape (H, W)
+        The probe; with ``probe_modes`` > 1 its main mode.
     errors : ndarray, float64, shape (iterations,)
         Fourier-modulus error per iteration, over all frames.
     seconds : float
@@ -67,12 +68,16 @@ class SparkResult:
     threads_per_rank : int
         FFT / kernel threads each rank used.
     kernels : str
-        ``"numba"`` or ``"numpy"`` (CPU), or the backend's own (``"cupy"``).
+        ``"numba"`` or ``"numpy"`` (CPU, exact sums), ``"generic"`` (CPU, the
+        array code CuPy runs: ``kernels="generic"`` or probe modes), or the
+        backend's own (``"cupy"``).
     positions : ndarray (N, 2) float64 or None
         The scan positions at the end, in frame-index order (refined with
         ``refine_positions``), gathered from every rank.
     positions_moved : list of int
         Frames that changed whole pixel, per refinement step (all ranks).
+    probe_modes : ndarray, complex64, shape (M, H, W) or None
+        Every incoherent probe mode (:attr:`sparkmpi.ptycho.Result.probe_modes`).
     """
 
     object: np.ndarray
@@ -87,6 +92,7 @@ class SparkResult:
     kernels: str = ""
     positions: np.ndarray | None = None
     positions_moved: list = field(default_factory=list)
+    probe_modes: np.ndarray | None = None
 
     @property
     def seconds_per_iteration(self) -> float:
@@ -248,7 +254,8 @@ def _check_rank_frames(rank, index, frames, positions, object_shape, probe):
         raise FrameMismatchError(f"partition {rank} holds no frames; every rank needs at "
                                  f"least one (use fewer partitions)")
     try:
-        check_frames(frames, positions, object_shape, probe)
+        check_frames(frames, positions, object_shape,
+                     probe if probe is None or np.ndim(probe) == 2 else probe[0])
     except _errors.NonFiniteError:
         if frames.dtype.kind == "f" and not np.isfinite(frames).all():
             bad = ~np.isfinite(frames)
@@ -275,6 +282,8 @@ def _kernels_used(options: Options) -> str:
     if backend == "cupy" or (backend == "auto" and cupy_available()):
         return "cupy"
     kernels = options.kernels
+    if kernels == "generic" or options.probe_modes > 1:
+        return "generic"
     return "numba" if kernels == "numba" or (kernels == "auto" and HAVE_NUMBA) else "numpy"
 
 
@@ -302,6 +311,7 @@ def _records_rank(comm, records, *, object_shape, options: Options, probe, objec
            "positions": result.positions, "positions_moved": list(result.positions_moved)}
     if comm.rank == 0:
         out.update(object=result.object, probe=result.probe, errors=result.errors,
+                   probe_modes=result.probe_modes,
                    seconds=float(result.seconds), iterations=int(result.iterations))
     return [out]
 
@@ -407,7 +417,8 @@ def reconstruct_rdd(rdd, object_shape, *, timeout: float | None = None, env=None
                        job_seconds=job_seconds, ranks=len(outs),
                        frames_per_rank=[o["frames"] for o in outs],
                        threads_per_rank=root["threads"], kernels=root["kernels"],
-                       positions=positions, positions_moved=root.get("positions_moved", []))
+                       positions=positions, positions_moved=root.get("positions_moved", []),
+                       probe_modes=root.get("probe_modes"))
 
 
 def reconstruct_mpi(spark, source, *, ranks: int = 2, timeout: float | None = None,
@@ -431,6 +442,7 @@ def reconstruct_mpi(spark, source, *, ranks: int = 2, timeout: float | None = No
     """
     rdd, info = scan_rdd(spark, source, ranks)
     if probe is not None:
-        check_complex_image(probe, info["frame_shape"], "probe")
+        check_complex_image(probe, info["frame_shape"] if np.ndim(probe) != 3
+                            else (np.shape(probe)[0],) + tuple(info["frame_shape"]), "probe")
     return reconstruct_rdd(rdd, info["object_shape"], timeout=timeout, env=env, probe=probe,
                            object_init=object_init, options=options, **settings)

@@ -18,7 +18,7 @@ from typing import Callable, Iterable
 
 import numpy as np
 
-from ._validate import check_complex_image, check_frames, shape2
+from ._validate import check_frames, check_probe, shape2
 from .engines import ReconstructionState, Result, initial_probe, reconstruct_frames
 from .errors import FrameMismatchError, PtychoInputError
 from .options import Options
@@ -60,8 +60,8 @@ class StreamingReconstruction:
             raise PtychoInputError("iterations is given to iterate(), not to "
                                    "StreamingReconstruction()")
         self.options = Options.of(options, **settings)
-        if probe is not None:
-            probe = check_complex_image(probe, self.frame_shape, "probe")
+        if probe is not None:   # (H, W), or (M, H, W) incoherent modes
+            probe = check_probe(probe, self.frame_shape, self.options.probe_modes)
         self.comm = comm
         self._probe0 = probe
         self._intensities: list[np.ndarray] = []
@@ -97,11 +97,15 @@ class StreamingReconstruction:
             raise FrameMismatchError(f"intensities frames have shape {arr.shape[1:]}, expected "
                                      f"frame_shape {self.frame_shape}")
         if self._probe0 is None:
-            self._probe0 = initial_probe(arr, self.comm)
+            self._probe0 = check_probe(initial_probe(arr, self.comm), self.frame_shape,
+                                       self.options.probe_modes)
         probe, obj = self._current_probe_object()
         from numpy.lib.stride_tricks import sliding_window_view
 
-        waves = probe[None] * sliding_window_view(obj, self.frame_shape)[pos[:, 0], pos[:, 1]]
+        frames = sliding_window_view(obj, self.frame_shape)[pos[:, 0], pos[:, 1]]
+        if probe.ndim == 3:   # modes: one wave per frame and mode, (n, M, H, W)
+            frames = frames[:, None]
+        waves = probe[None] * frames
         self._intensities.append(np.array(arr, dtype=np.float32))
         self._positions.append(pos)
         self._pending.append(waves.astype(np.complex64))
@@ -110,7 +114,8 @@ class StreamingReconstruction:
     def _current_probe_object(self):
         if self._result is None:
             return self._probe0, np.ones(self.object_shape, np.complex64)
-        return self._result.probe, self._result.object
+        probe = self._result.probe_modes if self.options.probe_modes > 1 else self._result.probe
+        return probe, self._result.object
 
     # ------------------------------------------------------------------ iterations
     def iterate(self, iterations: int, callback: Callable[[int, float], object] | None = None

@@ -134,6 +134,50 @@ def stream(spark, bed, bootstrap, topic, out, ranks=2, max_frames=100):
 
 
 
+# Each rank: its host name, the size of its shared-memory group, and an Allreduce of a
+# 200,000-double array (past the eager limit: the network path between hosts) of (rank + 1) * i.
+HOSTS_PROGRAM_C = r"""
+#include <mpi.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <unistd.h>
+int main(int argc, char **argv) {
+    int rank, size, local_size;
+    char host[256];
+    MPI_Init(&argc, &argv);
+    MPI_Comm_rank(MPI_COMM_WORLD, &rank);
+    MPI_Comm_size(MPI_COMM_WORLD, &size);
+    MPI_Comm shared;
+    MPI_Comm_split_type(MPI_COMM_WORLD, MPI_COMM_TYPE_SHARED, 0, MPI_INFO_NULL, &shared);
+    MPI_Comm_size(shared, &local_size);
+    gethostname(host, sizeof host);
+    long n = 200000;
+    double *values = malloc(n * sizeof(double)), *sums = malloc(n * sizeof(double)), total = 0;
+    for (long i = 0; i < n; i++) values[i] = (rank + 1.0) * i;
+    MPI_Allreduce(values, sums, n, MPI_DOUBLE, MPI_SUM, MPI_COMM_WORLD);
+    for (long i = 0; i < n; i++) total += sums[i];
+    printf("rank %d of %d host %s shared %d total %.1f\n", rank, size, host, local_size, total);
+    MPI_Finalize();
+    return 0;
+}
+"""
+
+
+def program(spark, bed, ranks, folder):
+    """A compiled MPI program (the wheel's mpicc) under ``sparkmpi.run_program`` on the testbed."""
+    import subprocess
+    import sys
+
+    source, exe = os.path.join(folder, "hosts_program.c"), os.path.join(folder, "hosts_program")
+    with open(source, "w") as fh:
+        fh.write(HOSTS_PROGRAM_C)
+    subprocess.run([os.path.join(os.path.dirname(sys.executable), "mpicc"), "-O1", "-o", exe, source],
+                   check=True, timeout=120)
+    result = sparkmpi.run_program(spark, [exe], ranks=ranks, timeout=90, start_timeout=60)
+    return {"returncode": result.returncode, "exit_codes": list(result.exit_codes), "message": result.message,
+            "stdout": [result.stdout[r].decode() for r in range(ranks)]}
+
+
 def bench_allreduce(spark, bed, ranks=2, elements=200_000):
     """``sparkmpi bench allreduce --master <the testbed's master> --json`` in this driver (whose
     session on that master it reuses: Spark's getOrCreate); its exit code and JSON report."""
