@@ -29,6 +29,13 @@ and combined by ``MPI_Allreduce`` in whatever tree MPI picks, give bit-for-bit
 the same object and probe as one process.  The rounding step is about
 ``2**-40`` of the largest sum, far below float32 resolution.
 
+With the numba kernels the engine runs each DM/RAAR step as a chunked
+pipeline (:meth:`FusedOps.inverse_scatter`, :meth:`FusedOps.forward_update`):
+8 frames at a time (the FFT chunk) go through the inverse FFT and the object
+scatter, later through the gather, the forward FFT and the update, while they
+are in cache; the chunk kernels below repeat the whole-stack kernels'
+arithmetic, so the results are the same bits (docs/ptycho.md).
+
 The kernels are compiled with ``parallel=False`` (one thread each): ranks
 already share the cores, and :class:`FusedOps` runs chunks of frames in a
 thread pool (``nogil``) when a rank owns more than one core.  Without numba,
