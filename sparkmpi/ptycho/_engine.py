@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import Backend
-from ._fused import make_ops
+from ._fused import make_ops, probe_spans
 from ._kernels import ExactSums, Fourier, Geometry, ModalFourier, allreduce_sums
 from .errors import PtychoInputError
 from .modes import mix_waves, orthogonalize_modes
@@ -364,17 +364,36 @@ class ExactEngine(Engine):
     kernels : {"auto", "numba", "numpy"}
     """
 
-    phi_after_step = True
-
     def __init__(self, *args, kernels: str = "auto", **kwargs):
         self.kernels = kernels
         self.ops = None
         self._frame_phase = None   # per-frame phase of a pending gauge change of Psi
         self._work_is_psi = False   # True when work holds a copy of Psi (DM)
+        #: whether the next step stores ``F(P O_j)`` in ``tmp`` (the pipeline needs no
+        #: stack for it otherwise); the reconstruction loop sets it per iteration
+        self.keep_phi = True
+        self._phi_in_tmp = False
+        self._transforms = None
+        self._raar_pre_due = None   # in a pipelined RAAR step: beta, until raar_pre is done
+        #: False runs the whole-stack steps (the pipeline's reference in the tests)
+        self.pipeline = True
         super().__init__(*args, **kwargs)
+
+    @property
+    def phi_after_step(self) -> bool:
+        """Whether the last step left ``F(P O_j)`` in ``tmp``."""
+        return self._phi_in_tmp
+
+    @property
+    def pipelined(self) -> bool:
+        """Steps run chunk by chunk (:meth:`_pipeline_step`): with the numba kernels."""
+        return self.pipeline and self.ops is not None and self.ops.name == "numba"
 
     def _setup(self, probe, obj, frame_shape, object_shape, threads) -> None:
         self.ops = make_ops(self.kernels, self.geom.positions, frame_shape, object_shape, threads)
+        # the probe numerator is summed only where the support keeps the probe
+        self._numerator_spans = (None if self._support is None
+                                 else probe_spans(np.asarray(self._support)))
         pmax = float(np.abs(probe).max())
         omax = float(np.abs(obj).max())
         cover = self.geom.coverage()
@@ -403,11 +422,18 @@ class ExactEngine(Engine):
         return self.ops.gather_mul(obj, probe, out)
 
     def object_update(self, src, scratch) -> None:
+        self._update_object(lambda scale, acc, s_den, dacc: self.ops.scatter_object(
+            src, self.P, scale, acc, s_den, dacc))
+
+    def _update_object(self, scatter) -> None:
+        """The object from ``scatter(scale, acc, s_den, dacc)`` (quantised sums of this
+        rank's frames, as :meth:`FusedOps.scatter_object`); ``scatter`` may be called
+        twice (:meth:`ExactSums.reduce`)."""
         # numerator and (after a probe change) denominator in one pass and one Allreduce
         acc, dacc = self.obj_sums.views
         need_den = self._den is None
-        num, den = self.obj_sums.reduce(lambda sc: self.ops.scatter_object(
-            src, self.P, sc[0], acc, sc[1] if need_den else 0.0, dacc))
+        num, den = self.obj_sums.reduce(lambda sc: scatter(sc[0], acc,
+                                                           sc[1] if need_den else 0.0, dacc))
         if need_den:
             self._den = den
         den = self._den
@@ -419,13 +445,19 @@ class ExactEngine(Engine):
     def probe_update(self, src, scratch) -> None:
         views = self.probe_sums.views
         pnum, pden = self.probe_sums.reduce(
-            lambda sc: self.ops.probe_sums(src, self.O, sc[0], sc[1], views[0], views[1]))
+            lambda sc: self.ops.probe_sums(src, self.O, sc[0], sc[1], views[0], views[1],
+                                           self._numerator_spans))
         self._set_probe(pnum, pden)
 
     def _apply_frame_phase(self, phase) -> None:
         self._frame_phase = phase   # applied by the next fused pass over Psi
 
     def _apply_wave_ramp(self, ramp) -> None:
+        if self._raar_pre_due is not None:
+            # in a pipelined RAAR step: the whole-stack step ramps beta Psi + (1 - 2 beta)
+            # Pi_F Psi, so that part of the update is done first, here (tmp: scratch)
+            self.ops.raar_pre(self.Psi, self.a, self._raar_pre_due, self.tmp)
+            self._raar_pre_due = None
         super()._apply_wave_ramp(ramp)
         self._work_is_psi = False
 
@@ -442,6 +474,8 @@ class ExactEngine(Engine):
         return phase
 
     def dm_step(self, beta: float, update_probe: bool):
+        if self.pipelined:
+            return self._pipeline_step("dm", beta, update_probe)
         Psi, work = self.Psi, self.work
         if not self._work_is_psi:
             work[...] = Psi
@@ -450,16 +484,60 @@ class ExactEngine(Engine):
         # misfit, Psi += beta (Pi_F(2 Phi - Psi) - Phi), work <- Psi: one pass
         err = self.ops.dm_update(Psi, Phi, self.a, beta, work, self._take_phase())
         self._work_is_psi = True
+        self._phi_in_tmp = True
         return err
 
     def raar_step(self, beta: float, update_probe: bool):
+        if self.pipelined:
+            return self._pipeline_step("raar", beta, update_probe)
         Psi, work = self.Psi, self.work
         self._work_is_psi = False
         self.ops.raar_pre(Psi, self.a, beta, work)              # work = 2 Pi_F Psi - Psi, ...
         self.fourier.inverse(work)                               # z
         Phi = self._overlap(work, update_probe)                  # F Pi_O z
+        self._phi_in_tmp = True
         return self.ops.raar_post(Psi, Phi, self.a, beta,        # misfit; Psi += beta Phi
                                   self._take_phase())
+
+    def _pipeline_step(self, kind: str, beta: float, update_probe: bool):
+        """One DM or RAAR step in two passes over the frames, chunk by chunk.
+
+        The same arithmetic as the whole-stack steps (the same bits), with the
+        stack-sized intermediates (the real-space waves, ``F(P O_j)``) kept to a
+        chunk of :data:`~sparkmpi.ptycho._fft.CHUNK` frames in the core's cache:
+
+        1. per chunk: the real-space waves (``F^-1 Psi``, or RAAR's
+           ``F^-1 (2 Pi_F Psi - Psi)``), scatter-added into the object sums (and
+           written to ``work`` only when the probe is updated: its sums need them
+           with the new object); ``Psi`` is read only, so the exact sums' rare
+           second call recomputes them; then the Allreduce and the object;
+        2. the probe from ``work``, when updated;
+        3. per chunk: ``F(P O_j)`` with the new object and probe, and the step's
+           update of ``Psi`` with the misfit (``F(P O_j)`` copied to ``tmp`` only
+           when :attr:`keep_phi`).
+        """
+        if self._transforms is None:
+            self._transforms = self.fourier.chunk_transforms(self.threads)
+        self._work_is_psi = False
+        store = self.work if update_probe else None
+        self._update_object(lambda scale, acc, s_den, dacc: self.ops.inverse_scatter(
+            kind, self.Psi, self.a, beta, self._transforms, self.P, scale, acc, s_den, dacc,
+            store, self._numerator_spans))
+        if update_probe:
+            if kind == "raar":   # a probe move ramps Psi: see _apply_wave_ramp
+                self._raar_pre_due = beta
+            try:
+                self.probe_update(self.work, self.tmp)
+            finally:
+                pre = self._raar_pre_due is not None or kind == "dm"
+                self._raar_pre_due = None
+        else:
+            pre = True
+        keep = self.tmp if self.keep_phi else None
+        err = self.ops.forward_update(kind, self.O, self.P, self.Psi, self.a, beta,
+                                      self._transforms, self._take_phase(), keep, pre)
+        self._phi_in_tmp = keep is not None
+        return err
 
 
 class GenericEngine(Engine):

@@ -88,8 +88,66 @@ class ScipyStack:
             x[...] = back
         return x
 
+    def chunk_transforms(self, count: int, frame_shape) -> list:
+        """``count`` :class:`ScipyChunk` (one per thread), for the engines' chunked pipeline."""
+        return [ScipyChunk(self.fft, self.kw, frame_shape) for _ in range(count)]
+
     def close(self) -> None:
         pass
+
+
+class ScipyChunk:
+    """A :data:`CHUNK`-frame buffer and its orthonormal in-place FFTs through scipy.fft
+    (one worker: the pipeline runs chunks in threads of its own).
+
+    ``scale`` is None: pocketfft applies the orthonormal factor itself.
+    """
+
+    scale = None
+
+    def __init__(self, fft_module, kwargs: dict, frame_shape):
+        self.fft = fft_module
+        self.kw = dict(kwargs)
+        if "workers" in self.kw:
+            self.kw["workers"] = 1
+        self.buffer = np.zeros((CHUNK,) + tuple(frame_shape), dtype=np.complex64)
+
+    def forward(self) -> None:
+        spec = self.fft.fft2(self.buffer, **self.kw)
+        if spec is not self.buffer:
+            self.buffer[...] = spec
+
+    def inverse(self) -> None:
+        back = self.fft.ifft2(self.buffer, **self.kw)
+        if back is not self.buffer:
+            self.buffer[...] = back
+
+
+class FFTWChunk:
+    """A :data:`CHUNK`-frame aligned buffer with its own FFTW plans, the same plans
+    (``FFTW_ESTIMATE``, same problem) as :class:`FFTWStack`'s, so the same bits per frame.
+
+    The transforms are unscaled: ``scale`` (complex64 ``1 / sqrt(H W)``) is for the
+    caller to apply while the chunk is in cache (:mod:`sparkmpi.ptycho._fused`).
+    """
+
+    def __init__(self, frame_shape):
+        import pyfftw
+
+        self.buffer = pyfftw.empty_aligned((CHUNK,) + tuple(frame_shape), dtype=np.complex64)
+        self.buffer[...] = 0
+        flags = ("FFTW_ESTIMATE", "FFTW_DESTROY_INPUT")
+        self._fwd = pyfftw.FFTW(self.buffer, self.buffer, axes=(1, 2), direction="FFTW_FORWARD",
+                                flags=flags, threads=1)
+        self._bwd = pyfftw.FFTW(self.buffer, self.buffer, axes=(1, 2),
+                                direction="FFTW_BACKWARD", flags=flags, threads=1)
+        self.scale = np.complex64(1.0 / np.sqrt(float(frame_shape[0] * frame_shape[1])))
+
+    def forward(self) -> None:
+        self._fwd.execute()
+
+    def inverse(self) -> None:
+        self._bwd.execute()
 
 
 class FFTWStack:
@@ -168,6 +226,10 @@ class FFTWStack:
     def inverse(self, x):
         """In-place orthonormal inverse FFT of each frame of ``x``."""
         return self._run(x, False)
+
+    def chunk_transforms(self, count: int, frame_shape=None) -> list:
+        """``count`` :class:`FFTWChunk` (one per thread), for the engines' chunked pipeline."""
+        return [FFTWChunk(self.frame_shape) for _ in range(count)]
 
     def close(self) -> None:
         if self._pool is not None:

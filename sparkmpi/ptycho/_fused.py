@@ -29,6 +29,13 @@ and combined by ``MPI_Allreduce`` in whatever tree MPI picks, give bit-for-bit
 the same object and probe as one process.  The rounding step is about
 ``2**-40`` of the largest sum, far below float32 resolution.
 
+With the numba kernels the engine runs each DM/RAAR step as a chunked
+pipeline (:meth:`FusedOps.inverse_scatter`, :meth:`FusedOps.forward_update`):
+8 frames at a time (the FFT chunk) go through the inverse FFT and the object
+scatter, later through the gather, the forward FFT and the update, while they
+are in cache; the chunk kernels below repeat the whole-stack kernels'
+arithmetic, so the results are the same bits (docs/ptycho.md).
+
 The kernels are compiled with ``parallel=False`` (one thread each): ranks
 already share the cores, and :class:`FusedOps` runs chunks of frames in a
 thread pool (``nogil``) when a rank owns more than one core.  Without numba,
@@ -43,6 +50,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 
 from ..errors import InvalidArgument
+from ._fft import CHUNK
 from .options import KERNELS
 
 try:  # numba is optional: the NumPy forms below do the same work
@@ -206,9 +214,11 @@ def _scatter_object(psi, cpr, cpi, pw, pos, scale, s_den, are, aim, den, col):  
 
 
 @_jit
-def _probe_sums(psi, obj, pos, s_num, s_den, pre, pim, pden, col):  # pragma: no cover
-    # pre/pim += rint(psi_j conj(O_j) s_num); pden += rint(|O_j|^2 s_den); returns the
-    # numerator's max |q| (the denominator's is bounded by rint(max |O|^2 s_den))
+def _probe_sums(psi, obj, pos, s_num, s_den, pre, pim, pden, col, c0, c1):  # pragma: no cover
+    # pre/pim += rint(psi_j conj(O_j) s_num) on each row's span [c0, c1) (the probe
+    # support's: the numerator is zero outside it); pden += rint(|O_j|^2 s_den) on the
+    # whole frame; returns the numerator's max |q| (the denominator's is bounded by
+    # rint(max |O|^2 s_den))
     n, h, w = psi.shape
     for c in range(2 * w):
         col[c] = 0.0
@@ -216,12 +226,15 @@ def _probe_sums(psi, obj, pos, s_num, s_den, pre, pim, pden, col):  # pragma: no
         y0 = pos[j, 0]
         x0 = pos[j, 1]
         for r in range(h):
-            prow = psi[j, r]
-            orow = obj[y0 + r, x0:x0 + w]
-            rre = pre[r]
-            rim = pim[r]
-            drow = pden[r]
-            for c in range(w):
+            a0 = c0[r]
+            a1 = c1[r]
+            # row views from the span's start: loops from 0 (numba then vectorises them)
+            prow = psi[j, r, a0:a1]
+            orow = obj[y0 + r, x0 + a0:x0 + a1]
+            rre = pre[r, a0:a1]
+            rim = pim[r, a0:a1]
+            cmax = col[a0:a1]
+            for c in range(a1 - a0):
                 v = prow[c]
                 o = orow[c]
                 vr = np.float64(v.real)
@@ -232,9 +245,11 @@ def _probe_sums(psi, obj, pos, s_num, s_den, pre, pim, pden, col):  # pragma: no
                 qi = np.rint((vi * o_r - vr * o_i) * s_num)
                 rre[c] += qr
                 rim[c] += qi
-                col[c] = max(col[c], max(abs(qr), abs(qi)))
+                cmax[c] = max(cmax[c], max(abs(qr), abs(qi)))
+            drow = pden[r]
+            ofull = obj[y0 + r, x0:x0 + w]
             for c in range(w):   # a separate loop vectorises better
-                o = orow[c]
+                o = ofull[c]
                 o_r = np.float64(o.real)
                 o_i = np.float64(o.imag)
                 drow[c] += np.rint((o_r * o_r + o_i * o_i) * s_den)
@@ -296,6 +311,217 @@ def _position_sums(chi, probe, gy, gx, den, pos, out):  # pragma: no cover - com
         out[j, 2] = sab
         out[j, 3] = sac
         out[j, 4] = sbc
+
+
+# --------------------------------------------------------------------------- chunk kernels
+# The chunked pipeline (FusedOps.inverse_scatter / forward_update) works on CHUNK
+# frames at a time in a buffer that stays in the core's cache; these are its steps.
+# Their arithmetic is that of the whole-stack kernels above, operation for operation,
+# so the pipeline gives the same bits.  Two things are skipped that add nothing:
+# where the probe is zero (outside each row's span [c0, c1) of nonzero probe pixels,
+# e.g. outside the probe support), the exit waves P O_j are zero and psi_j conj(P)
+# adds exact zeros to the quantised object sums.  ``cs``: the orthonormal factor of
+# an unscaled FFT (FFTW), multiplied in as FFTWStack does (``scaled``: done already).
+
+def _span_mask(spans, w: int) -> np.ndarray:
+    """0/1 float64 (H, W) mask of per-row spans ``(c0, c1)``."""
+    c0, c1 = spans
+    cols = np.arange(w)[None, :]
+    return ((cols >= np.asarray(c0)[:, None]) & (cols < np.asarray(c1)[:, None])).astype(np.float64)
+
+
+def probe_spans(probe):
+    """Per row of ``probe`` (H, W): ``[c0, c1)``, the first and one past the last
+    nonzero column (``c0 = c1 = 0`` for a zero row); int64 arrays."""
+    nz = np.asarray(probe) != 0
+    w = nz.shape[1]
+    any_ = nz.any(axis=1)
+    c0 = np.where(any_, nz.argmax(axis=1), 0).astype(np.int64)
+    c1 = np.where(any_, w - nz[:, ::-1].argmax(axis=1), 0).astype(np.int64)
+    return c0, c1
+
+
+@_jit
+def _gather_mul_spans(obj, probe, c0, c1, pos, out):  # pragma: no cover - compiled
+    # _gather_mul, with zeros outside the probe's row spans
+    n, h, w = out.shape
+    zero = np.complex64(0)
+    for j in range(n):
+        y0 = pos[j, 0]
+        x0 = pos[j, 1]
+        for r in range(h):
+            a0 = c0[r]
+            a1 = c1[r]
+            drow = out[j, r]
+            # row views from the span's start: loops from 0 (numba then vectorises them)
+            orow = obj[y0 + r, x0 + a0:x0 + a1]
+            prow = probe[r, a0:a1]
+            dspan = drow[a0:a1]
+            tail = drow[a1:]
+            for c in range(a0):
+                drow[c] = zero
+            for c in range(a1 - a0):
+                dspan[c] = orow[c] * prow[c]
+            for c in range(w - a1):
+                tail[c] = zero
+
+
+@_jit
+def _scatter_chunk(buf, m, cs, scaled, cpr, cpi, pw, c0, c1, pos, scale, s_den, are, aim,
+                   den, col, store, kept, k0, k1):  # pragma: no cover - compiled
+    # buf[:m] *= cs (unless scaled); store: kept[:m] <- buf[:m] on the row spans
+    # [k0, k1) (where the probe sums read them); then _scatter_object on the probe's
+    # row spans [c0, c1)
+    h, w = buf.shape[1], buf.shape[2]
+    for c in range(w):
+        col[c] = 0.0
+    for j in range(m):
+        y0 = pos[j, 0]
+        x0 = pos[j, 1]
+        for r in range(h):
+            prow = buf[j, r]
+            if not scaled:
+                for c in range(w):
+                    prow[c] = prow[c] * cs
+            if store:
+                b0 = k0[r]
+                krow = kept[j, r, b0:k1[r]]
+                brow = prow[b0:k1[r]]
+                for c in range(k1[r] - b0):
+                    krow[c] = brow[c]
+            a0 = c0[r]
+            a1 = c1[r]
+            # row views from the span's start: loops from 0 (numba then vectorises them)
+            vrow = prow[a0:a1]
+            rre = are[y0 + r, x0 + a0:x0 + a1]
+            rim = aim[y0 + r, x0 + a0:x0 + a1]
+            rr = cpr[r, a0:a1]
+            ri = cpi[r, a0:a1]
+            cmax = col[a0:a1]
+            for c in range(a1 - a0):
+                v = vrow[c]
+                vr = np.float64(v.real)
+                vi = np.float64(v.imag)
+                qr = np.rint((vr * rr[c] - vi * ri[c]) * scale)
+                qi = np.rint((vr * ri[c] + vi * rr[c]) * scale)
+                rre[c] += qr
+                rim[c] += qi
+                cmax[c] = max(cmax[c], max(abs(qr), abs(qi)))
+            if s_den > 0:
+                drow = den[y0 + r, x0 + a0:x0 + a1]
+                wrow = pw[r, a0:a1]
+                for c in range(a1 - a0):
+                    drow[c] += np.rint(wrow[c] * s_den)
+    top = 0.0
+    for c in range(w):
+        top = max(top, col[c])
+    return top
+
+
+@_jit
+def _raar_z(Psi, a, buf):  # pragma: no cover - compiled
+    # buf[:n] = 2 Pi_F Psi - Psi (raar_pre's work), Psi unchanged
+    n, h, w = Psi.shape
+    two = np.float32(2.0)
+    for j in range(n):
+        for r in range(h):
+            srow = Psi[j, r]
+            arow = a[j, r]
+            brow = buf[j, r]
+            for c in range(w):
+                s = srow[c]
+                k = arow[c] / (np.sqrt(s.real * s.real + s.imag * s.imag) + _EPS)
+                yr = k * s.real
+                yi = k * s.imag
+                brow[c] = complex(two * yr - s.real, two * yi - s.imag)
+
+
+@_jit
+def _dm_chunk(Psi, Phi, cs, scaled, a, beta, col, phase, rotate, keep,
+              kept):  # pragma: no cover - compiled
+    # _dm_update on n frames of Phi * cs (unless scaled), without its work copy and
+    # without zeroing col (the caller sums col over a thread's chunks in order);
+    # keep: kept[:n] <- Phi * cs
+    n, h, w = Psi.shape
+    two = np.float32(2.0)
+    for j in range(n):
+        ph = phase[j]
+        for r in range(h):
+            srow = Psi[j, r]
+            frow = Phi[j, r]
+            arow = a[j, r]
+            if not scaled:
+                for c in range(w):
+                    frow[c] = frow[c] * cs
+            if keep:
+                krow = kept[j, r]
+                for c in range(w):
+                    krow[c] = frow[c]
+            for c in range(w):
+                f = frow[c]
+                s = srow[c]
+                if rotate:
+                    s = s * ph
+                fa = np.sqrt(f.real * f.real + f.imag * f.imag)
+                m = fa - arow[c]
+                col[c] += np.float64(m * m)
+                zr = two * f.real - s.real
+                zi = two * f.imag - s.imag
+                k = arow[c] / (np.sqrt(zr * zr + zi * zi) + _EPS)
+                nr = s.real + beta * (k * zr - f.real)
+                ni = s.imag + beta * (k * zi - f.imag)
+                srow[c] = complex(nr, ni)
+
+
+@_jit
+def _raar_chunk(Psi, Phi, cs, scaled, a, beta, col, phase, rotate, keep, kept,
+                pre):  # pragma: no cover - compiled
+    # (pre: raar_pre's Psi part, beta Psi + (1 - 2 beta) Pi_F Psi), then raar_post,
+    # on n frames; Phi, cs, col, keep as in _dm_chunk
+    n, h, w = Psi.shape
+    two = np.float32(2.0)
+    g = np.float32(1.0) - two * beta
+    for j in range(n):
+        pr = phase[j].real
+        pi = phase[j].imag
+        for r in range(h):
+            srow = Psi[j, r]
+            frow = Phi[j, r]
+            arow = a[j, r]
+            if not scaled:
+                for c in range(w):
+                    frow[c] = frow[c] * cs
+            if keep:
+                krow = kept[j, r]
+                for c in range(w):
+                    krow[c] = frow[c]
+            for c in range(w):
+                s = srow[c]
+                tr = s.real
+                ti = s.imag
+                if pre:
+                    k = arow[c] / (np.sqrt(s.real * s.real + s.imag * s.imag) + _EPS)
+                    yr = k * s.real
+                    yi = k * s.imag
+                    tr = beta * s.real + g * yr
+                    ti = beta * s.imag + g * yi
+                if rotate:   # complex64 product, as numba's complex multiply
+                    ur = tr * pr - ti * pi
+                    ti = tr * pi + ti * pr
+                    tr = ur
+                f = frow[c]
+                fa = np.sqrt(f.real * f.real + f.imag * f.imag)
+                m = fa - arow[c]
+                col[c] += np.float64(m * m)
+                srow[c] = complex(tr + beta * f.real, ti + beta * f.imag)
+
+
+@_jit
+def _col_total(col, w):  # pragma: no cover - compiled
+    total = 0.0
+    for c in range(w):
+        total += col[c]
+    return total
 
 
 # --------------------------------------------------------------------------- drivers
@@ -443,11 +669,17 @@ class NumpyOps:
             den += self._sparse_sum(np.ascontiguousarray(tiles)).reshape(den.shape)
         return top, top_d
 
-    def probe_sums(self, psi, obj, s_num: float, s_den: float, pnum, pden):
+    def probe_sums(self, psi, obj, s_num: float, s_den: float, pnum, pden, spans=None):
         """Quantised ``pnum += sum_j psi_j conj(O_j)`` (planes (2, H, W)) and
-        ``pden += sum_j |O_j|^2``; returns the largest ``|q|`` of each."""
+        ``pden += sum_j |O_j|^2``; returns the largest ``|q|`` of each.
+
+        ``spans``: ``(c0, c1)`` per row (:func:`probe_spans` of the probe support): the
+        numerator only there, zero elsewhere (the support zeroes the probe there, and
+        ``psi`` need not be set there)."""
         frames = self._window(obj).astype(np.complex128)
         c = psi.astype(np.complex128) * np.conj(frames)
+        if spans is not None:
+            c *= _span_mask(spans, psi.shape[2])
         c *= s_num
         np.rint(c.view(np.float64), out=c.view(np.float64))
         d = frames.real ** 2 + frames.imag ** 2
@@ -558,12 +790,14 @@ class FusedOps(NumpyOps):
                 den += dd
         return max(tops), top_d
 
-    def probe_sums(self, psi, obj, s_num: float, s_den: float, pnum, pden):
+    def probe_sums(self, psi, obj, s_num: float, s_den: float, pnum, pden, spans=None):
         # a bound on |O_j|^2 over the whole object: the same on every rank
         top_d = float(np.rint(float((obj.real ** 2 + obj.imag ** 2).max()) * s_den))
+        h, w = self.frame_shape
+        c0, c1 = spans if spans is not None else (np.zeros(h, np.int64), np.full(h, w, np.int64))
         if self._pool is None:
             return _probe_sums(psi, obj, self.pos, float(s_num), float(s_den), pnum[0], pnum[1],
-                               pden, self._cols[0]), top_d
+                               pden, self._cols[0], c0, c1), top_d
         extra = self._extras([pnum.shape, pden.shape])
 
         def one(i, s):
@@ -572,13 +806,111 @@ class FusedOps(NumpyOps):
                 dn.fill(0.0)
                 dd.fill(0.0)
             return _probe_sums(psi[s], obj, self.pos[s], float(s_num), float(s_den), dn[0],
-                               dn[1], dd, self._cols[i])
+                               dn[1], dd, self._cols[i], c0, c1)
 
         tops = self._map(one)
         for dn, dd in extra:
             pnum += dn
             pden += dd
         return max(tops), top_d
+
+
+    # ---- the chunked pipeline: CHUNK frames through several steps while in cache
+    def _chunk_starts(self, s):
+        return range(s.start, s.stop, CHUNK)
+
+    def inverse_scatter(self, kind: str, Psi, a, beta: float, transforms, probe, scale: float,
+                        acc, s_den: float = 0.0, den=None, store=None, store_spans=None):
+        """Per chunk of frames: the real-space waves of this step (``kind="dm"``: ``psi =
+        F^-1 Psi``; ``"raar"``: ``F^-1 (2 Pi_F Psi - Psi)``), scatter-added as
+        :meth:`scatter_object` does; ``store``: also kept there (the probe update
+        reads them), on the rows' ``store_spans`` ``(c0, c1)`` only (None: all).
+        ``Psi`` is not changed, so a second call gives the same sums.
+        ``transforms``: one chunk FFT per thread (:mod:`sparkmpi.ptycho._fft`)."""
+        p = probe.astype(np.complex128)
+        cpr = np.ascontiguousarray(p.real)
+        cpi = np.ascontiguousarray(-p.imag)
+        pw = cpr * cpr + cpi * cpi
+        s_den = float(s_den)
+        if den is None:
+            den = np.zeros(acc.shape[1:], np.float64)
+            s_den = 0.0
+        top_d = float(np.rint(pw.max() * s_den))
+        extra = self._extras([acc.shape, den.shape]) if self._pool is not None else []
+        scale = float(scale)
+        c0, c1 = probe_spans(probe)
+        storing = store is not None
+        kept = store if storing else Psi
+        h, w = self.frame_shape
+        k0, k1 = (store_spans if store_spans is not None
+                  else (np.zeros(h, np.int64), np.full(h, w, np.int64)))
+
+        def one(i, sl):
+            da, dd = (acc, den) if i == 0 else extra[i - 1]
+            if i:
+                da.fill(0.0)
+                dd.fill(0.0)
+            fft = transforms[i]
+            buf = fft.buffer
+            cs, scaled = (np.complex64(1), True) if fft.scale is None else (fft.scale, False)
+            top = 0.0
+            for j0 in self._chunk_starts(sl):
+                j1 = min(j0 + CHUNK, sl.stop)
+                m = j1 - j0
+                if kind == "dm":
+                    buf[:m] = Psi[j0:j1]
+                else:
+                    _raar_z(Psi[j0:j1], a[j0:j1], buf)
+                fft.inverse()
+                top = max(top, _scatter_chunk(buf, m, cs, scaled, cpr, cpi, pw, c0, c1,
+                                              self.pos[j0:j1], scale, s_den, da[0], da[1], dd,
+                                              self._cols[i], storing, kept[j0:j1], k0, k1))
+            return top
+
+        tops = self._map(one)
+        for da, dd in extra:
+            acc += da   # integer-valued: exact in any order
+            if s_den > 0:
+                den += dd
+        return max(tops), top_d
+
+    def forward_update(self, kind: str, obj, probe, Psi, a, beta: float, transforms,
+                       phase=None, keep=None, pre: bool = True) -> float:
+        """Per chunk of frames: ``Phi = F(P O_j)``, then the step's update of ``Psi``
+        (``kind="dm"``: as :meth:`dm_update`, less its copy; ``"raar"``: :meth:`raar_pre`'s
+        part on ``Psi`` unless ``pre`` is False (done already), then :meth:`raar_post`'s);
+        ``keep``: ``Phi`` also stored there.  Returns the misfit, summed as the
+        whole-stack kernels sum it."""
+        b = np.float32(beta)
+        ph, rotate = self._phase(phase)
+        w = self.frame_shape[1]
+        keeping = keep is not None
+        kept = keep if keeping else Psi
+        if kind == "dm":
+            kernel = _dm_chunk
+        else:
+            def kernel(*args):
+                return _raar_chunk(*args, bool(pre))
+
+        c0, c1 = probe_spans(probe)
+
+        def one(i, sl):
+            fft = transforms[i]
+            buf = fft.buffer
+            cs, scaled = (np.complex64(1), True) if fft.scale is None else (fft.scale, False)
+            col = self._cols[i]
+            col[:w] = 0.0
+            for j0 in self._chunk_starts(sl):
+                j1 = min(j0 + CHUNK, sl.stop)
+                m = j1 - j0
+                phi = buf[:m]
+                _gather_mul_spans(obj, probe, c0, c1, self.pos[j0:j1], phi)
+                fft.forward()
+                kernel(Psi[j0:j1], phi, cs, scaled, a[j0:j1], b, col, ph[j0:j1], rotate,
+                       keeping, kept[j0:j1])
+            return _col_total(col, w)
+
+        return sum(self._map(one))
 
 
 def make_ops(kernels: str, positions, frame_shape, object_shape, threads: int = 1):

@@ -173,7 +173,9 @@ class ExactSums:
                 self.exponents[i] = min(self._exponent(i, peak[i]), self.exponents[i] - 1)
         out = []
         for i, view in enumerate(self.views):
-            peak = float(np.abs(view).max()) / scales[i] if view.size else 0.0
+            # max |x| as max(max x, -min x): the same number, no temporary array
+            peak = (float(np.maximum(view.max(), -view.min())) / scales[i]
+                    if view.size else 0.0)
             if peak > 0:   # a part left empty this time keeps its scale
                 self.exponents[i] = self._exponent(i, peak)
             inv = 1.0 / scales[i]   # a power of two: exact
@@ -502,6 +504,11 @@ class Fourier:
     def inverse(self, x):
         """In-place orthonormal inverse 2-D FFT of each frame of ``x``."""
         return self.stack_fft.inverse(x)
+
+    def chunk_transforms(self, count: int) -> list:
+        """``count`` chunk FFTs (buffer of ``CHUNK`` frames, own plans; one per thread) with
+        the stack FFT's per-frame bits, for the CPU engine's pipeline (:mod:`._fft`)."""
+        return self.stack_fft.chunk_transforms(count, tuple(self.a.shape[1:]))
 
     def close(self) -> None:
         self.stack_fft.close()

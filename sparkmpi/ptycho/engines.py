@@ -323,8 +323,10 @@ def reconstruct_frames(intensities, positions, object_shape, options: Options, *
         t0 = time.perf_counter()
         for k in range(iterations):
             it = start_iteration + k
+            refine = options.refines_positions(it)
+            eng.keep_phi = refine   # the refinement reuses the step's F(P O_j)
             err = step(beta, options.updates_probe(it))
-            if options.refines_positions(it):
+            if refine:
                 moved.append(eng.refine_positions(options.position_max_step,
                                                   options.position_max_shift,
                                                   have_phi=eng.phi_after_step))
