@@ -127,3 +127,34 @@ def test_chunked_pipeline_gives_the_whole_stack_bits(algorithm, fft, threads):
     finally:
         for eng in engines:
             eng.close()
+
+
+@pytest.mark.parametrize("fft, threads", [("fftw", 1), ("scipy", 2)])
+def test_pipelined_refinement_sums_equal_the_whole_stack_sums(fft, threads):
+    """Position refinement's five sums per frame, chunk by chunk from the step's F(P O_j)
+    (chi and the object's gradient made where they are summed), against the whole-stack
+    array code, with the probe support on and a frame at the object's edge."""
+    from sparkmpi.backend import get_backend
+    from sparkmpi.ptycho import _fused
+    from sparkmpi.ptycho._engine import make_engine
+
+    if not _fused.HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    data = ptycho.simulate(29, 32, seed=4)
+    sums = []
+    for pipeline in (True, False):
+        eng = make_engine(get_backend("numpy"), data.intensities, data.positions, data.object_shape,
+                          ptycho.model_probe(data), np.ones(data.object_shape, np.complex64), None, None,
+                          1e-4, threads, probe_support=0.8, fft=fft)
+        eng.pipeline = pipeline
+        try:
+            for it in range(5):
+                eng.keep_phi = True
+                eng.step("dm")(1.0, it >= 2)
+            assert eng.phi_after_step
+            sums.append(eng._refinement_sums(True))
+        finally:
+            eng.close()
+    fast, ref = sums
+    assert fast.shape == (29, 5) and np.abs(ref[:, 3:]).max() > 0
+    np.testing.assert_allclose(fast, ref, rtol=2e-4, atol=1e-6 * np.abs(ref).max())

@@ -137,24 +137,7 @@ class Engine:
         from .positions import GAIN, HYSTERESIS, clamp_positions, quantise, solve_steps
 
         xp = self.xp
-        tmp = self.tmp
-        frames = xp.ascontiguousarray(self.geom.gather(self.O))
-        if not have_phi:
-            xp.multiply(frames, self.P, out=tmp)
-            self.fourier.forward(tmp)
-        self.fourier.project(tmp)          # Pi_F(F P O_j)
-        self.fourier.inverse(tmp)
-        frames *= self.P
-        tmp -= frames                      # chi_j = Pi_F(P O_j) - P O_j
-        del frames
-        obj = self.O
-        grad_y = 0.5 * (xp.roll(obj, -1, axis=0) - xp.roll(obj, 1, axis=0))
-        grad_x = 0.5 * (xp.roll(obj, -1, axis=1) - xp.roll(obj, 1, axis=1))
-        # the object denominator sum_k shift(|P|^2) from the global comb: the same on every
-        # rank, so each frame's overlap weight is too
-        den = self.geom.scatter_probe_power(self.P)
-        steps = solve_steps(self._position_sums(tmp, grad_y, grad_x, den))
-        del grad_y, grad_x, den
+        steps = solve_steps(self._refinement_sums(have_phi))
         move = quantise(np.clip(GAIN * steps, -max_step, max_step))
         # the mean move over every frame of every rank is a translation of the object: off
         total = np.concatenate([move.sum(axis=0), [float(len(move))]])
@@ -180,6 +163,29 @@ class Engine:
                 self._reset_waves(moved, waves)
             self.set_positions(whole)
         return int(changed[0])
+
+    def _refinement_sums(self, have_phi: bool) -> np.ndarray:
+        """This rank's (N, 5) sums of the refinement step's 2x2 systems
+        (:func:`sparkmpi.ptycho.positions.position_sums`): ``chi_j = Pi_F(P O_j) - P O_j``
+        and the object's gradient, whole-stack array code (the CPU engine pipelines it)."""
+        xp = self.xp
+        tmp = self.tmp
+        frames = xp.ascontiguousarray(self.geom.gather(self.O))
+        if not have_phi:
+            xp.multiply(frames, self.P, out=tmp)
+            self.fourier.forward(tmp)
+        self.fourier.project(tmp)          # Pi_F(F P O_j)
+        self.fourier.inverse(tmp)
+        frames *= self.P
+        tmp -= frames                      # chi_j = Pi_F(P O_j) - P O_j
+        del frames
+        obj = self.O
+        grad_y = 0.5 * (xp.roll(obj, -1, axis=0) - xp.roll(obj, 1, axis=0))
+        grad_x = 0.5 * (xp.roll(obj, -1, axis=1) - xp.roll(obj, 1, axis=1))
+        # the object denominator sum_k shift(|P|^2) from the global comb: the same on every
+        # rank, so each frame's overlap weight is too
+        den = self.geom.scatter_probe_power(self.P)
+        return self._position_sums(tmp, grad_y, grad_x, den)
 
     def _position_sums(self, chi, grad_y, grad_x, den) -> np.ndarray:
         """:func:`sparkmpi.ptycho.positions.position_sums` for this rank's frames, given
@@ -410,6 +416,14 @@ class ExactEngine(Engine):
 
     def _position_sums(self, chi, grad_y, grad_x, den) -> np.ndarray:
         return self.ops.position_sums(chi, self.P, grad_y, grad_x, den)
+
+    def _refinement_sums(self, have_phi: bool) -> np.ndarray:
+        if not (self.pipelined and have_phi):
+            return super()._refinement_sums(have_phi)
+        if self._transforms is None:
+            self._transforms = self.fourier.chunk_transforms(self.threads)
+        den = self.geom.scatter_probe_power(self.P)   # as in the whole-stack sums
+        return self.ops.refinement_sums(self.tmp, self.a, self._transforms, self.O, self.P, den)
 
     def _positions_changed(self) -> None:
         self.ops.close()

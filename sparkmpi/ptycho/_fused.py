@@ -367,6 +367,89 @@ def _gather_mul_spans(obj, probe, c0, c1, pos, out):  # pragma: no cover - compi
 
 
 @_jit
+def _project_chunk(buf, m, a):  # pragma: no cover - compiled
+    # buf[:m] <- a * buf / (|buf| + 1e-12): Fourier.project's modulus projection, on a chunk
+    h, w = buf.shape[1], buf.shape[2]
+    tiny = np.float32(1e-12)
+    for j in range(m):
+        for r in range(h):
+            brow = buf[j, r]
+            arow = a[j, r]
+            for c in range(w):
+                v = brow[c]
+                scale = arow[c] / (np.float32(np.sqrt(v.real * v.real + v.imag * v.imag)) + tiny)
+                brow[c] = v * scale
+
+
+@_jit
+def _refinement_chunk(buf, m, cs, scaled, obj, probe, den, c0, c1, pos, out):  # pragma: no cover
+    # per frame j of the chunk, with psi = buf[j] (* cs unless scaled: F^-1 Pi_F F(P O_j)),
+    # chi = psi - P O_j, the object's central differences gy, gx (circular, as np.roll),
+    # a = P gy, b = P gx and the overlap weight w = 1 - |P|^2 / den clipped to [0, 1]
+    # (0 where den is 0): out[j] = the five weighted sums of _position_sums, on the
+    # probe's row spans [c0, c1) (P is 0 elsewhere)
+    h = buf.shape[1]
+    ho, wo = obj.shape
+    half = np.float32(0.5)
+    for j in range(m):
+        y0 = pos[j, 0]
+        x0 = pos[j, 1]
+        saa = 0.0
+        sbb = 0.0
+        sab = 0.0
+        sac = 0.0
+        sbc = 0.0
+        for r in range(h):
+            a0 = c0[r]
+            a1 = c1[r]
+            if a1 <= a0:
+                continue
+            y = y0 + r
+            up = y + 1 if y + 1 < ho else 0
+            down = y - 1 if y >= 1 else ho - 1
+            orow = obj[y]
+            urow = obj[up]
+            drow = obj[down]
+            dens = den[y]
+            prow = probe[r]
+            brow = buf[j, r]
+            for c in range(a0, a1):
+                x = x0 + c
+                right = x + 1 if x + 1 < wo else 0
+                left = x - 1 if x >= 1 else wo - 1
+                d = dens[x]
+                p = prow[c]
+                pr = np.float64(p.real)
+                pi = np.float64(p.imag)
+                wt = 1.0 - (pr * pr + pi * pi) / d if d > 0.0 else 0.0
+                wt = min(max(wt, 0.0), 1.0)
+                v = brow[c]
+                if not scaled:
+                    v = v * cs
+                v = v - p * orow[x]
+                gy = half * (urow[x] - drow[x])
+                gx = half * (orow[right] - orow[left])
+                a = p * gy
+                b = p * gx
+                ar = np.float64(a.real)
+                ai = np.float64(a.imag)
+                br = np.float64(b.real)
+                bi = np.float64(b.imag)
+                vr = np.float64(v.real)
+                vi = np.float64(v.imag)
+                saa += wt * (ar * ar + ai * ai)
+                sbb += wt * (br * br + bi * bi)
+                sab += wt * (ar * br + ai * bi)
+                sac += wt * (ar * vr + ai * vi)
+                sbc += wt * (br * vr + bi * vi)
+        out[j, 0] = saa
+        out[j, 1] = sbb
+        out[j, 2] = sab
+        out[j, 3] = sac
+        out[j, 4] = sbc
+
+
+@_jit
 def _scatter_chunk(buf, m, cs, scaled, cpr, cpi, pw, c0, c1, pos, scale, s_den, are, aim,
                    den, col, store, kept, k0, k1):  # pragma: no cover - compiled
     # buf[:m] *= cs (unless scaled); store: kept[:m] <- buf[:m] on the row spans
@@ -818,6 +901,31 @@ class FusedOps(NumpyOps):
     # ---- the chunked pipeline: CHUNK frames through several steps while in cache
     def _chunk_starts(self, s):
         return range(s.start, s.stop, CHUNK)
+
+    def refinement_sums(self, phi, a, transforms, obj, probe, den) -> np.ndarray:
+        """Position refinement's (N, 5) sums (:meth:`position_sums`) per chunk of frames from
+        ``phi = F(P O_j)`` (read only): its modulus projection and inverse FFT in the chunk
+        buffer, then ``chi_j`` and the object's gradient computed where they are summed (no
+        stack-sized intermediate)."""
+        out = np.empty((len(self.pos), 5), dtype=np.float64)
+        c0, c1 = probe_spans(probe)
+        den = np.ascontiguousarray(den, dtype=np.float64)
+
+        def one(i, sl):
+            fft = transforms[i]
+            buf = fft.buffer
+            cs, scaled = (np.complex64(1), True) if fft.scale is None else (fft.scale, False)
+            for j0 in self._chunk_starts(sl):
+                j1 = min(j0 + CHUNK, sl.stop)
+                m = j1 - j0
+                buf[:m] = phi[j0:j1]
+                _project_chunk(buf, m, a[j0:j1])
+                fft.inverse()
+                _refinement_chunk(buf, m, cs, scaled, obj, probe, den, c0, c1, self.pos[j0:j1],
+                                  out[j0:j1])
+
+        self._map(one)
+        return out
 
     def inverse_scatter(self, kind: str, Psi, a, beta: float, transforms, probe, scale: float,
                         acc, s_den: float = 0.0, den=None, store=None, store_spans=None):

@@ -214,9 +214,7 @@ class Geometry:
         n = len(self.positions)
         h, w = self.frame_shape
         oh, ow = self.object_shape
-        base = (np.arange(h)[:, None] * ow + np.arange(w)[None, :]).astype(np.int64)
         start = self.positions[:, 0] * ow + self.positions[:, 1]
-        flat = (start[:, None, None] + base[None]).reshape(-1)
         self._comb = np.bincount(start, minlength=oh * ow).reshape(oh, ow).astype(np.float32)
         self._pool = None
         if backend.name == "cupy":
@@ -227,7 +225,8 @@ class Geometry:
             self._px = xp.asarray(self.positions[:, 1].astype(np.int32))
             self._k = _cupy_geometry_kernels()
         else:
-            self._flat = flat   # the sparse scatter matrix is built on first use
+            # the sparse scatter matrix (and its N x H x W index) is built on first use: the
+            # CPU engine's kernels never need it, and it is rebuilt when positions change
             self.threads = max(1, min(int(threads), n))
             self._csc = None
         self._rows = self.positions[:, 0]
@@ -237,9 +236,12 @@ class Geometry:
     def _build_scatter(self) -> None:
         import scipy.sparse
 
-        flat = self._flat
         n = len(self.positions)
         h, w = self.frame_shape
+        ow = self.object_shape[1]
+        base = (np.arange(h)[:, None] * ow + np.arange(w)[None, :]).astype(np.int64)
+        start = self.positions[:, 0] * ow + self.positions[:, 1]
+        flat = (start[:, None, None] + base[None]).reshape(-1)
         k = flat.size
         # CSC: column k (one frame pixel) has a single 1 in row flat[k].
         ones = np.ones(k, dtype=np.complex128)   # complex128 sums (module docstring)
