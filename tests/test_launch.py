@@ -592,9 +592,10 @@ def test_fork_server_preloads_only_modules_that_start_no_threads(tmp_path):
     assert "quiet_module_x" not in done.stderr
 
 
-@pytest.mark.xfail(strict=True, reason="in a process like the fork server, sparkmpi.ptycho.spark's warm-up leaves 3 "
-                   "threads (one is jemalloc_bg_thd), so the fork server does not preload it; the test that "
-                   "claimed it passed ran the check in the pytest process, where those threads already ran")
+@pytest.mark.xfail(strict=True, reason="in a process like the fork server, sparkmpi.ptycho.spark's warm-up leaves a "
+                   "thread (jemalloc_bg_thd: numba's first compile loads the installed packages' numba "
+                   "extensions, awkward's among them, which imports pyarrow), so the fork server does not "
+                   "preload it; the test that claimed it passed ran the check in the pytest process")
 def test_sparkmpi_ptycho_warm_up_passes_the_fork_servers_check():
     script = ("from sparkmpi.launch import fork_server, rank\nrank.load_modules()\n"
               # the real time limit: the warm-up (numba kernels, a tiny reconstruction) needs about a

@@ -22,6 +22,7 @@ the rest.
 
 from __future__ import annotations
 
+import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -36,10 +37,33 @@ CHUNK = 8
 FFT_CHOICES = ("auto", "fftw", "scipy")
 
 
+def import_pyfftw():
+    """The ``pyfftw`` module, imported without its dask interface.
+
+    ``import pyfftw`` imports ``pyfftw.interfaces``, which imports dask when it
+    is installed (tiled brings it), and dask brings pandas and pyarrow: over a
+    second of every rank's first import, and pyarrow's jemalloc thread, which
+    keeps the rank fork server from preloading the engines.  The engines use
+    only the ``FFTW`` class; a dask imported before or after is not affected.
+    Raises ImportError when pyFFTW is not installed.
+    """
+    if "pyfftw" in sys.modules:
+        return sys.modules["pyfftw"]
+    block = "dask" not in sys.modules
+    if block:
+        sys.modules["dask"] = None   # pyfftw.interfaces then takes dask as absent
+    try:
+        import pyfftw
+    finally:
+        if block and sys.modules.get("dask", 0) is None:
+            del sys.modules["dask"]
+    return pyfftw
+
+
 def fftw_available() -> bool:
     """Whether pyFFTW can be imported."""
     try:
-        import pyfftw  # noqa: F401
+        import_pyfftw()
     except ImportError:
         return False
     return True
@@ -132,7 +156,7 @@ class FFTWChunk:
     """
 
     def __init__(self, frame_shape):
-        import pyfftw
+        pyfftw = import_pyfftw()
 
         self.buffer = pyfftw.empty_aligned((CHUNK,) + tuple(frame_shape), dtype=np.complex64)
         self.buffer[...] = 0
@@ -163,7 +187,7 @@ class FFTWStack:
     name = "fftw"
 
     def __init__(self, frame_shape, threads: int = 1):
-        import pyfftw
+        pyfftw = import_pyfftw()
 
         self.frame_shape = (int(frame_shape[0]), int(frame_shape[1]))
         self.threads = max(1, int(threads))
