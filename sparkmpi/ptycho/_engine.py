@@ -156,13 +156,18 @@ class Engine:
         allreduce_sums(self.comm, [changed])
         if changed[0] > 0:
             if len(moved):   # a moved frame's iterate restarts from F(P O_j) at its new place
-                waves = xp.empty((len(moved),) + self.frame_shape, dtype=xp.complex64)
-                self.geom.gather_at(self.O, whole[moved], out=waves)
-                waves *= self.P
+                waves = self._exit_waves_at(whole[moved])
                 self.fourier.forward(waves)
                 self._reset_waves(moved, waves)
             self.set_positions(whole)
         return int(changed[0])
+
+    def _exit_waves_at(self, positions):
+        """``P O_j`` at other whole-pixel ``positions`` (M, 2): a new (M, H, W) array."""
+        waves = self.xp.empty((len(positions),) + self.frame_shape, dtype=self.xp.complex64)
+        self.geom.gather_at(self.O, positions, out=waves)
+        waves *= self.P
+        return waves
 
     def _refinement_sums(self, have_phi: bool) -> np.ndarray:
         """This rank's (N, 5) sums of the refinement step's 2x2 systems
@@ -416,6 +421,12 @@ class ExactEngine(Engine):
 
     def _position_sums(self, chi, grad_y, grad_x, den) -> np.ndarray:
         return self.ops.position_sums(chi, self.P, grad_y, grad_x, den)
+
+    def _exit_waves_at(self, positions):
+        if not self.pipelined:
+            return super()._exit_waves_at(positions)
+        waves = np.empty((len(positions),) + self.frame_shape, dtype=np.complex64)
+        return self.ops.gather_mul_at(self.O, self.P, positions, waves)
 
     def _refinement_sums(self, have_phi: bool) -> np.ndarray:
         if not (self.pipelined and have_phi):

@@ -382,12 +382,13 @@ def _project_chunk(buf, m, a):  # pragma: no cover - compiled
 
 
 @_jit
-def _refinement_chunk(buf, m, cs, scaled, obj, probe, den, c0, c1, pos, out):  # pragma: no cover
+def _refinement_chunk(buf, m, cs, scaled, obj, probe, pw, inv_den, c0, c1, pos, out):  # pragma: no cover
     # per frame j of the chunk, with psi = buf[j] (* cs unless scaled: F^-1 Pi_F F(P O_j)),
     # chi = psi - P O_j, the object's central differences gy, gx (circular, as np.roll),
     # a = P gy, b = P gx and the overlap weight w = 1 - |P|^2 / den clipped to [0, 1]
-    # (0 where den is 0): out[j] = the five weighted sums of _position_sums, on the
-    # probe's row spans [c0, c1) (P is 0 elsewhere)
+    # (pw = |P|^2, inv_den = 1 / den, 0 where den is 0: there P is 0 for every frame, so
+    # a and b are): out[j] = the five weighted sums of _position_sums, on the probe's row
+    # spans [c0, c1) (P is 0 elsewhere)
     h = buf.shape[1]
     ho, wo = obj.shape
     half = np.float32(0.5)
@@ -410,22 +411,24 @@ def _refinement_chunk(buf, m, cs, scaled, obj, probe, den, c0, c1, pos, out):  #
             orow = obj[y]
             urow = obj[up]
             drow = obj[down]
-            dens = den[y]
+            dens = inv_den[y]
+            wrow = pw[r]
             prow = probe[r]
             brow = buf[j, r]
+            # the row's columns x0 + a0 .. x0 + a1 - 1 and their neighbours: wrapped (as
+            # np.roll) only at the object's edge, where the slow path takes them
+            inner = x0 + a0 >= 1 and x0 + a1 < wo
             for c in range(a0, a1):
                 x = x0 + c
-                right = x + 1 if x + 1 < wo else 0
-                left = x - 1 if x >= 1 else wo - 1
-                d = dens[x]
+                if inner:
+                    right = x + 1
+                    left = x - 1
+                else:
+                    right = x + 1 if x + 1 < wo else 0
+                    left = x - 1 if x >= 1 else wo - 1
                 p = prow[c]
-                pr = np.float64(p.real)
-                pi = np.float64(p.imag)
-                wt = 1.0 - (pr * pr + pi * pi) / d if d > 0.0 else 0.0
-                wt = min(max(wt, 0.0), 1.0)
-                v = brow[c]
-                if not scaled:
-                    v = v * cs
+                wt = min(max(1.0 - wrow[c] * dens[x], 0.0), 1.0)
+                v = brow[c] * cs if not scaled else brow[c]
                 v = v - p * orow[x]
                 gy = half * (urow[x] - drow[x])
                 gx = half * (orow[right] - orow[left])
@@ -902,6 +905,11 @@ class FusedOps(NumpyOps):
     def _chunk_starts(self, s):
         return range(s.start, s.stop, CHUNK)
 
+    def gather_mul_at(self, obj, probe, positions, out):
+        """``out_j = P O_j`` at other whole-pixel ``positions`` (M, 2) (refined frames)."""
+        _gather_mul(obj, probe, np.ascontiguousarray(positions, dtype=np.int64), out)
+        return out
+
     def refinement_sums(self, phi, a, transforms, obj, probe, den) -> np.ndarray:
         """Position refinement's (N, 5) sums (:meth:`position_sums`) per chunk of frames from
         ``phi = F(P O_j)`` (read only): its modulus projection and inverse FFT in the chunk
@@ -909,7 +917,11 @@ class FusedOps(NumpyOps):
         stack-sized intermediate)."""
         out = np.empty((len(self.pos), 5), dtype=np.float64)
         c0, c1 = probe_spans(probe)
-        den = np.ascontiguousarray(den, dtype=np.float64)
+        den = np.asarray(den, dtype=np.float64)
+        inv_den = np.zeros(den.shape, np.float64)
+        np.divide(1.0, den, out=inv_den, where=den > 0)
+        p = probe.astype(np.complex128)
+        pw = np.ascontiguousarray(p.real * p.real + p.imag * p.imag)
 
         def one(i, sl):
             fft = transforms[i]
@@ -921,8 +933,8 @@ class FusedOps(NumpyOps):
                 buf[:m] = phi[j0:j1]
                 _project_chunk(buf, m, a[j0:j1])
                 fft.inverse()
-                _refinement_chunk(buf, m, cs, scaled, obj, probe, den, c0, c1, self.pos[j0:j1],
-                                  out[j0:j1])
+                _refinement_chunk(buf, m, cs, scaled, obj, probe, pw, inv_den, c0, c1,
+                                  self.pos[j0:j1], out[j0:j1])
 
         self._map(one)
         return out
