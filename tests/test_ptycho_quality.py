@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -391,6 +393,7 @@ def test_position_options_are_checked():
                               ("position_max_step", 0, "position_max_step must be"),
                               ("position_max_shift", -1, "position_max_shift must be"),
                               ("position_refine_stop", -2, "position_refine_stop must be"),
+                              ("position_refine_settle", 0, "position_refine_settle must be"),
                               ("refine_positions", 1, "refine_positions must be True or False")]:
         with pytest.raises(ptycho.PtychoInputError, match=words):
             ptycho.Options(**{field: bad})
@@ -398,6 +401,33 @@ def test_position_options_are_checked():
                        position_refine_stop=12)
     assert [i for i in range(20) if o.refines_positions(i)] == [4, 7, 10]
     assert not any(ptycho.Options().refines_positions(i) for i in range(50))
+    fixed = dataclasses.replace(o, position_refine_settle=None).refinement_schedule()
+    assert [i for i in range(20) if fixed.due(i)] == [4, 7, 10]
+
+
+def _steps(schedule, moves, iterations=100):
+    """The iterations a schedule refines at, each step moving ``moves(k)`` frames (k-th step)."""
+    done = []
+    for it in range(iterations):
+        if schedule.due(it):
+            schedule.record(it, moves(len(done)))
+            done.append(it)
+    return done
+
+
+def test_refinement_backs_off_once_no_frame_changes_pixel_and_comes_back_when_one_does():
+    from sparkmpi.ptycho.positions import RefinementSchedule
+
+    moves = [5, 3, 0, 1, 0, 0, 2, 0, 0, 0]   # 1 of 100 frames is still, 2 is not
+    steps = _steps(RefinementSchedule(10, 4, None, settle=2, frames=100),
+                   lambda k: moves[k] if k < len(moves) else 0)
+    # 2 still steps (18, 22), then 8, 16, 16 (at most 4 x 4); 2 moves at 62 put 4 back
+    assert steps[:10] == [10, 14, 18, 22, 30, 46, 62, 66, 70, 78], steps
+    assert _steps(RefinementSchedule(10, 4, 50, settle=None), lambda k: 0) == list(range(10, 50, 4))
+    assert _steps(RefinementSchedule(10, 4, None, settle=2, frames=100), lambda k: 2) == list(range(10, 100, 4))
+    assert _steps(RefinementSchedule(10, 4, None, settle=2, frames=1000), lambda k: 5)[:4] == [10, 14, 22, 38]
+    resumed = RefinementSchedule(10, 4, None, settle=2)
+    assert [i for i in range(37, 50) if resumed.due(i)][:1] == [38]   # the base grid in a resumed call
 
 
 def test_cli_reconstructs_a_cxi_file_and_reports_the_registered_metric(tmp_path, scan, capsys):

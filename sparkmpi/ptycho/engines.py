@@ -318,18 +318,20 @@ def reconstruct_frames(intensities, positions, object_shape, options: Options, *
     sync_each = comm is not None or callback is not None
     pending = []
     moved = []
+    schedule = options.refinement_schedule(eng.n_total)
     try:
         bk.synchronize()
         t0 = time.perf_counter()
         for k in range(iterations):
             it = start_iteration + k
-            refine = options.refines_positions(it)
+            refine = options.refine_positions and schedule.due(it)
             eng.keep_phi = refine   # the refinement reuses the step's F(P O_j)
             err = step(beta, options.updates_probe(it))
             if refine:
                 moved.append(eng.refine_positions(options.position_max_step,
                                                   options.position_max_shift,
                                                   have_phi=eng.phi_after_step))
+                schedule.record(it, moved[-1])
             if sync_each:
                 buf = np.array([float(err)], dtype=np.float64)
                 allreduce_sums(comm, [buf])

@@ -115,6 +115,12 @@ class Options:
         iteration measured worse and slower, BENCHMARKS.md).
     position_refine_stop : int or None
         No refinement from this iteration on (``None``: to the end).
+    position_refine_settle : int or None
+        Once this many refinement steps in a row changed the whole pixel of
+        at most 0.5 % of the frames (at least 1; 2 steps), the interval doubles with each further such step, up to 4
+        times ``position_refine_interval``, and is back at its value after a
+        step that moves more (:class:`sparkmpi.ptycho.positions.RefinementSchedule`);
+        ``None``: a fixed interval.
     position_max_step : float
         Pixels per axis a frame may move in one step (1.0).
     position_max_shift : float
@@ -151,6 +157,7 @@ class Options:
     position_refine_start: int = 10
     position_refine_interval: int = 4
     position_refine_stop: int | None = None
+    position_refine_settle: int | None = 2
     position_max_step: float = 1.0
     position_max_shift: float = 8.0
     probe_modes: int = 1
@@ -198,6 +205,9 @@ class Options:
         if self.position_refine_stop is not None and not _whole(self.position_refine_stop, 0):
             raise PtychoInputError(f"position_refine_stop must be an integer >= 0 or None, "
                                    f"got {self.position_refine_stop!r}")
+        if self.position_refine_settle is not None and not _whole(self.position_refine_settle, 1):
+            raise PtychoInputError(f"position_refine_settle must be an integer >= 1 or None, "
+                                   f"got {self.position_refine_settle!r}")
         if not _whole(self.position_refine_interval, 1):
             raise PtychoInputError(f"position_refine_interval must be an integer >= 1, "
                                    f"got {self.position_refine_interval!r}")
@@ -254,6 +264,14 @@ class Options:
             return False
         return bool(self.refine_positions and iteration >= self.position_refine_start
                     and (iteration - self.position_refine_start) % self.position_refine_interval == 0)
+
+    def refinement_schedule(self, frames: int = 0):
+        """A fresh :class:`~sparkmpi.ptycho.positions.RefinementSchedule` for these options
+        and a scan of ``frames`` frames (all ranks)."""
+        from .positions import RefinementSchedule
+
+        return RefinementSchedule(self.position_refine_start, self.position_refine_interval,
+                                  self.position_refine_stop, self.position_refine_settle, frames)
 
     def updates_probe(self, iteration: int) -> bool:
         """Whether iteration number ``iteration`` (counted over resumed calls) refines the probe."""

@@ -52,7 +52,7 @@ import numpy as np
 
 from .errors import FrameMismatchError, PtychoInputError
 
-__all__ = ["GAIN", "HYSTERESIS", "QUANTUM", "clamp_positions", "overlap_weight",
+__all__ = ["GAIN", "HYSTERESIS", "QUANTUM", "RefinementSchedule", "clamp_positions", "overlap_weight",
            "perturb_positions", "position_error", "position_sums", "quantise", "solve_steps"]
 
 #: Moves and positions are multiples of this (pixels): sums over ranks are exact.
@@ -175,3 +175,50 @@ def perturb_positions(positions, frame_shape, object_shape, *, random_px: float 
     moved += rng.uniform(-random_px, random_px, size=moved.shape)
     high = np.array([object_shape[0] - frame_shape[0], object_shape[1] - frame_shape[1]])
     return np.clip(np.rint(moved), 0, high).astype(np.int64)
+
+
+class RefinementSchedule:
+    """Which iterations end with a position-refinement step; pure.
+
+    Steps come every ``interval`` iterations from ``start`` (until ``stop``).
+    Once ``settle`` steps in a row changed the whole pixel of at most
+    :data:`STILL_FRACTION` of the ``frames`` (at least one frame may move;
+    the engine's picture then hardly changes with them, only the unobserved
+    fractions do), each further such step doubles the interval, up to
+    ``4 * interval``; a step that moves more puts it back.  ``moved`` is the
+    count over all ranks, so every rank keeps the same schedule.
+    ``settle=None``: fixed.
+    """
+
+    MAX_FACTOR = 4
+    STILL_FRACTION = 0.005
+
+    def __init__(self, start: int, interval: int, stop: int | None = None,
+                 settle: int | None = None, frames: int = 0):
+        self.start, self.base, self.stop, self.settle = int(start), int(interval), stop, settle
+        self.still_moves = max(1, int(self.STILL_FRACTION * int(frames)))
+        self.interval = self.base
+        self.still = 0          # steps in a row that moved no frame
+        self.next = self.start
+
+    def due(self, iteration: int) -> bool:
+        """Whether ``iteration`` ends with a refinement step."""
+        if self.stop is not None and iteration >= self.stop:
+            return False
+        if iteration < self.next:
+            return False
+        if iteration > self.next:   # a resumed call: the next step on the base grid
+            self.next = self.start + -(-(iteration - self.start) // self.base) * self.base
+            return iteration == self.next
+        return True
+
+    def record(self, iteration: int, moved: int) -> None:
+        """The step at ``iteration`` changed the whole pixel of ``moved`` frames (all ranks)."""
+        if moved > self.still_moves or self.settle is None:
+            self.still, self.interval = 0, self.base
+        else:
+            self.still += 1
+            if self.still >= self.settle:
+                self.interval = min(2 * self.interval, self.MAX_FACTOR * self.base)
+        self.next = iteration + self.interval
+
