@@ -260,6 +260,20 @@ def _probe_sums(psi, obj, pos, s_num, s_den, pre, pim, pden, col, c0, c1):  # pr
 
 
 @_jit
+def _position_terms(wt, a, b, v):  # pragma: no cover - compiled
+    # one pixel's weighted terms of the five position sums, float64: (w|a|^2, w|b|^2,
+    # w Re(a* b), w Re(a* v), w Re(b* v))
+    ar = np.float64(a.real)
+    ai = np.float64(a.imag)
+    br = np.float64(b.real)
+    bi = np.float64(b.imag)
+    vr = np.float64(v.real)
+    vi = np.float64(v.imag)
+    return (wt * (ar * ar + ai * ai), wt * (br * br + bi * bi), wt * (ar * br + ai * bi),
+            wt * (ar * vr + ai * vi), wt * (br * vr + bi * vi))
+
+
+@_jit
 def _position_sums(chi, probe, gy, gx, den, pos, out):  # pragma: no cover - compiled
     # per frame j, with a = P grad_y O_j, b = P grad_x O_j (the object's gradient planes
     # gathered here) and the overlap weight w = 1 - |P|^2 / D_j (D: the object
@@ -295,17 +309,12 @@ def _position_sums(chi, probe, gy, gx, den, pos, out):  # pragma: no cover - com
                 a = p * yrow[c]
                 b = p * xrow[c]
                 v = crow[c]
-                ar = np.float64(a.real)
-                ai = np.float64(a.imag)
-                br = np.float64(b.real)
-                bi = np.float64(b.imag)
-                vr = np.float64(v.real)
-                vi = np.float64(v.imag)
-                saa += wt * (ar * ar + ai * ai)
-                sbb += wt * (br * br + bi * bi)
-                sab += wt * (ar * br + ai * bi)
-                sac += wt * (ar * vr + ai * vi)
-                sbc += wt * (br * vr + bi * vi)
+                taa, tbb, tab, tac, tbc = _position_terms(wt, a, b, v)
+                saa += taa
+                sbb += tbb
+                sab += tab
+                sac += tac
+                sbc += tbc
         out[j, 0] = saa
         out[j, 1] = sbb
         out[j, 2] = sab
@@ -434,17 +443,12 @@ def _refinement_chunk(buf, m, cs, scaled, obj, probe, pw, inv_den, c0, c1, pos, 
                 gx = half * (orow[right] - orow[left])
                 a = p * gy
                 b = p * gx
-                ar = np.float64(a.real)
-                ai = np.float64(a.imag)
-                br = np.float64(b.real)
-                bi = np.float64(b.imag)
-                vr = np.float64(v.real)
-                vi = np.float64(v.imag)
-                saa += wt * (ar * ar + ai * ai)
-                sbb += wt * (br * br + bi * bi)
-                sab += wt * (ar * br + ai * bi)
-                sac += wt * (ar * vr + ai * vi)
-                sbc += wt * (br * vr + bi * vi)
+                taa, tbb, tab, tac, tbc = _position_terms(wt, a, b, v)
+                saa += taa
+                sbb += tbb
+                sab += tab
+                sac += tac
+                sbc += tbc
         out[j, 0] = saa
         out[j, 1] = sbb
         out[j, 2] = sab
