@@ -116,11 +116,12 @@ class Options:
     position_refine_stop : int or None
         No refinement from this iteration on (``None``: to the end).
     position_refine_settle : int or None
-        Once this many refinement steps in a row changed the whole pixel of
-        at most 0.5 % of the frames (at least 1; 2 steps), the interval doubles with each further such step, up to 4
-        times ``position_refine_interval``, and is back at its value after a
-        step that moves more (:class:`sparkmpi.ptycho.positions.RefinementSchedule`);
-        ``None``: a fixed interval.
+        Once this many refinement steps in a row (2) changed the whole pixel
+        of at most 0.5 % of the frames (at least one frame), the interval
+        doubles with each further such step, up to 4 times
+        ``position_refine_interval``, and is back at its value after a step
+        that moves more (:class:`sparkmpi.ptycho.positions.RefinementSchedule`);
+        ``None``: a fixed interval (:meth:`refines_positions`).
     position_max_step : float
         Pixels per axis a frame may move in one step (1.0).
     position_max_shift : float
