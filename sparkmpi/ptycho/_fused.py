@@ -527,6 +527,19 @@ def _raar_z(Psi, a, buf):  # pragma: no cover - compiled
 
 
 @_jit
+def _scale_and_keep_row(frow, cs, scaled, keep, kept, j, r):  # pragma: no cover - compiled
+    # a row of F(P O_j) from the chunk FFT: times cs (unless the FFT scaled it), and
+    # copied to kept[j, r] when the refinement keeps it
+    if not scaled:
+        for c in range(frow.shape[0]):
+            frow[c] = frow[c] * cs
+    if keep:
+        krow = kept[j, r]
+        for c in range(frow.shape[0]):
+            krow[c] = frow[c]
+
+
+@_jit
 def _dm_chunk(Psi, Phi, cs, scaled, a, beta, col, phase, rotate, keep,
               kept):  # pragma: no cover - compiled
     # _dm_update on n frames of Phi * cs (unless scaled), without its work copy and
@@ -540,13 +553,7 @@ def _dm_chunk(Psi, Phi, cs, scaled, a, beta, col, phase, rotate, keep,
             srow = Psi[j, r]
             frow = Phi[j, r]
             arow = a[j, r]
-            if not scaled:
-                for c in range(w):
-                    frow[c] = frow[c] * cs
-            if keep:
-                krow = kept[j, r]
-                for c in range(w):
-                    krow[c] = frow[c]
+            _scale_and_keep_row(frow, cs, scaled, keep, kept, j, r)
             for c in range(w):
                 f = frow[c]
                 s = srow[c]
@@ -578,13 +585,7 @@ def _raar_chunk(Psi, Phi, cs, scaled, a, beta, col, phase, rotate, keep, kept,
             srow = Psi[j, r]
             frow = Phi[j, r]
             arow = a[j, r]
-            if not scaled:
-                for c in range(w):
-                    frow[c] = frow[c] * cs
-            if keep:
-                krow = kept[j, r]
-                for c in range(w):
-                    krow[c] = frow[c]
+            _scale_and_keep_row(frow, cs, scaled, keep, kept, j, r)
             for c in range(w):
                 s = srow[c]
                 tr = s.real
