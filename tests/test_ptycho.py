@@ -404,6 +404,39 @@ def test_exact_sums_any_split_and_overflow_redo():
                                atol=1e-9 * np.abs(values).max())
 
 
+@pytest.mark.parametrize("object_shape", [(61, 53), (466, 466)])
+def test_geometry_coverage_and_probe_power_against_direct_sums(object_shape):
+    """The comb's coverage (summed-area table) and the object denominator
+    sum_j shift(|P|^2) (FFT convolution over a padded 2-3-5 plane) against sums taken
+    pixel by pixel, with frames at every edge; 466 = 2 x 233 is the bench scan's size."""
+    import scipy.fft
+
+    from sparkmpi.backend import get_backend
+    from sparkmpi.ptycho._kernels import Geometry, fast_fft_length
+
+    assert [fast_fft_length(n) for n in range(1, 2000)] == \
+        [scipy.fft.next_fast_len(n, real=True) for n in range(1, 2000)]
+    with pytest.raises(Exception, match="n must be a positive integer"):
+        fast_fft_length(0)
+    rng = np.random.default_rng(11)
+    h, w = 24, 20
+    oh, ow = object_shape
+    pos = np.stack([rng.integers(0, oh - h + 1, 40), rng.integers(0, ow - w + 1, 40)], axis=1)
+    pos[:4] = [[0, 0], [oh - h, ow - w], [0, ow - w], [oh - h, 0]]
+    pos[4:8] = pos[0]   # several frames on one offset
+    probe = (rng.standard_normal((h, w)) + 1j * rng.standard_normal((h, w))).astype(np.complex64)
+    count = np.zeros(object_shape)
+    power = np.zeros(object_shape)
+    for y, x in pos:
+        count[y:y + h, x:x + w] += 1
+        power[y:y + h, x:x + w] += np.abs(probe.astype(np.complex128)) ** 2
+    geom = Geometry(get_backend("numpy"), pos, (h, w), object_shape)
+    assert geom.coverage() == count.max() >= 5
+    got = geom.scatter_probe_power(probe)
+    assert got.shape == object_shape and got.dtype == np.float32
+    np.testing.assert_allclose(got, power, rtol=1e-6, atol=1e-6 * power.max())
+
+
 def test_split_frames():
     from sparkmpi.ptycho.mpi_job import split_frames
 

@@ -376,84 +376,96 @@ def _gather_mul_spans(obj, probe, c0, c1, pos, out):  # pragma: no cover - compi
 
 
 @_jit
-def _project_chunk(buf, m, a):  # pragma: no cover - compiled
-    # buf[:m] <- a * buf / (|buf| + 1e-12): Fourier.project's modulus projection, on a chunk
+def _project_chunk(src, buf, m, a):  # pragma: no cover - compiled
+    # buf[:m] <- a * src / (|src| + 1e-12): Fourier.project's modulus projection of src[:m]
+    # into the chunk buffer
     h, w = buf.shape[1], buf.shape[2]
     tiny = np.float32(1e-12)
     for j in range(m):
         for r in range(h):
+            srow = src[j, r]
             brow = buf[j, r]
             arow = a[j, r]
             for c in range(w):
-                v = brow[c]
+                v = srow[c]
                 scale = arow[c] / (np.float32(np.sqrt(v.real * v.real + v.imag * v.imag)) + tiny)
                 brow[c] = v * scale
 
 
 @_jit
-def _refinement_chunk(buf, m, cs, scaled, obj, probe, pw, inv_den, c0, c1, pos, out):  # pragma: no cover
+def _central_differences(obj, gy, gx):  # pragma: no cover - compiled
+    # gy = (O[y+1] - O[y-1]) / 2, gx = (O[:, x+1] - O[:, x-1]) / 2, circular (as np.roll)
+    ho, wo = obj.shape
+    half = np.float32(0.5)
+    for y in range(ho):
+        up = obj[y + 1 if y + 1 < ho else 0]
+        down = obj[y - 1 if y >= 1 else ho - 1]
+        orow = obj[y]
+        yrow = gy[y]
+        xrow = gx[y]
+        for x in range(wo):
+            yrow[x] = half * (up[x] - down[x])
+        for x in range(1, wo - 1):
+            xrow[x] = half * (orow[x + 1] - orow[x - 1])
+        xrow[0] = half * (orow[1 % wo] - orow[wo - 1])
+        xrow[wo - 1] = half * (orow[0] - orow[wo - 2 if wo > 1 else 0])
+
+
+@_jit
+def _refinement_chunk(buf, m, cs, scaled, obj, gy, gx, probe, pw, inv_den, c0, c1, pos, acc,
+                      out):  # pragma: no cover - compiled
     # per frame j of the chunk, with psi = buf[j] (* cs unless scaled: F^-1 Pi_F F(P O_j)),
-    # chi = psi - P O_j, the object's central differences gy, gx (circular, as np.roll),
+    # chi = psi - P O_j, the object's central differences gy, gx (_central_differences),
     # a = P gy, b = P gx and the overlap weight w = 1 - |P|^2 / den clipped to [0, 1]
     # (pw = |P|^2, inv_den = 1 / den, 0 where den is 0: there P is 0 for every frame, so
     # a and b are): out[j] = the five weighted sums of _position_sums, on the probe's row
-    # spans [c0, c1) (P is 0 elsewhere)
-    h = buf.shape[1]
-    ho, wo = obj.shape
-    half = np.float32(0.5)
+    # spans [c0, c1) (P is 0 elsewhere).  The sums run per column in acc (5, W) and the
+    # columns are added at the frame's end: each lane of the row loop is then
+    # independent, so it vectorises without reassociating any sum.
+    h, w = buf.shape[1], buf.shape[2]
     for j in range(m):
         y0 = pos[j, 0]
         x0 = pos[j, 1]
-        saa = 0.0
-        sbb = 0.0
-        sab = 0.0
-        sac = 0.0
-        sbc = 0.0
+        for k in range(5):
+            for c in range(w):
+                acc[k, c] = 0.0
         for r in range(h):
             a0 = c0[r]
             a1 = c1[r]
             if a1 <= a0:
                 continue
             y = y0 + r
-            up = y + 1 if y + 1 < ho else 0
-            down = y - 1 if y >= 1 else ho - 1
-            orow = obj[y]
-            urow = obj[up]
-            drow = obj[down]
-            dens = inv_den[y]
-            wrow = pw[r]
-            prow = probe[r]
-            brow = buf[j, r]
-            # the row's columns x0 + a0 .. x0 + a1 - 1 and their neighbours: wrapped (as
-            # np.roll) only at the object's edge, where the slow path takes them
-            inner = x0 + a0 >= 1 and x0 + a1 < wo
-            for c in range(a0, a1):
-                x = x0 + c
-                if inner:
-                    right = x + 1
-                    left = x - 1
-                else:
-                    right = x + 1 if x + 1 < wo else 0
-                    left = x - 1 if x >= 1 else wo - 1
+            # row views from the span's start: loops from 0 (numba then vectorises them)
+            brow = buf[j, r, a0:a1]
+            if not scaled:
+                for c in range(a1 - a0):
+                    brow[c] = brow[c] * cs
+            orow = obj[y, x0 + a0:x0 + a1]
+            yrow = gy[y, x0 + a0:x0 + a1]
+            xrow = gx[y, x0 + a0:x0 + a1]
+            dens = inv_den[y, x0 + a0:x0 + a1]
+            wrow = pw[r, a0:a1]
+            prow = probe[r, a0:a1]
+            s0 = acc[0, a0:a1]
+            s1 = acc[1, a0:a1]
+            s2 = acc[2, a0:a1]
+            s3 = acc[3, a0:a1]
+            s4 = acc[4, a0:a1]
+            for c in range(a1 - a0):
                 p = prow[c]
-                wt = min(max(1.0 - wrow[c] * dens[x], 0.0), 1.0)
-                v = brow[c] * cs if not scaled else brow[c]
-                v = v - p * orow[x]
-                gy = half * (urow[x] - drow[x])
-                gx = half * (orow[right] - orow[left])
-                a = p * gy
-                b = p * gx
-                taa, tbb, tab, tac, tbc = _position_terms(wt, a, b, v)
-                saa += taa
-                sbb += tbb
-                sab += tab
-                sac += tac
-                sbc += tbc
-        out[j, 0] = saa
-        out[j, 1] = sbb
-        out[j, 2] = sab
-        out[j, 3] = sac
-        out[j, 4] = sbc
+                wt = min(max(1.0 - wrow[c] * dens[c], 0.0), 1.0)
+                v = brow[c] - p * orow[c]
+                taa, tbb, tab, tac, tbc = _position_terms(wt, p * yrow[c], p * xrow[c], v)
+                s0[c] += taa
+                s1[c] += tbb
+                s2[c] += tab
+                s3[c] += tac
+                s4[c] += tbc
+        for k in range(5):
+            total = 0.0
+            for c in range(w):
+                total += acc[k, c]
+            out[j, k] = total
 
 
 @_jit
@@ -927,19 +939,22 @@ class FusedOps(NumpyOps):
         np.divide(1.0, den, out=inv_den, where=den > 0)
         p = probe.astype(np.complex128)
         pw = np.ascontiguousarray(p.real * p.real + p.imag * p.imag)
+        grad_y = np.empty_like(obj)
+        grad_x = np.empty_like(obj)
+        _central_differences(obj, grad_y, grad_x)
 
         def one(i, sl):
             fft = transforms[i]
             buf = fft.buffer
             cs, scaled = (np.complex64(1), True) if fft.scale is None else (fft.scale, False)
+            acc = np.empty((5, buf.shape[2]), np.float64)
             for j0 in self._chunk_starts(sl):
                 j1 = min(j0 + CHUNK, sl.stop)
                 m = j1 - j0
-                buf[:m] = phi[j0:j1]
-                _project_chunk(buf, m, a[j0:j1])
+                _project_chunk(phi[j0:j1], buf, m, a[j0:j1])
                 fft.inverse()
-                _refinement_chunk(buf, m, cs, scaled, obj, probe, pw, inv_den, c0, c1,
-                                  self.pos[j0:j1], out[j0:j1])
+                _refinement_chunk(buf, m, cs, scaled, obj, grad_y, grad_x, probe, pw, inv_den,
+                                  c0, c1, self.pos[j0:j1], acc, out[j0:j1])
 
         self._map(one)
         return out
