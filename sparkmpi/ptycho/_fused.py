@@ -177,10 +177,11 @@ def _raar_post(Psi, Phi, a, beta, col, phase, rotate):  # pragma: no cover - com
 
 
 @_jit
-def _scatter_object(psi, cpr, cpi, pw, pos, scale, s_den, are, aim, den, col):  # pragma: no cover
+def _scatter_object(psi, cpr, cpi, qpw, pos, scale, s_den, are, aim, den, col):  # pragma: no cover
     # are/aim[y0 + r, x0 + c] += rint(psi * conj(P) * scale) (real and imaginary planes);
-    # with s_den > 0 also den[...] += rint(|P|^2 * s_den).  Returns the max |q| of the
-    # numerator (the denominator's is rint(max |P|^2 * s_den), known without the frames).
+    # with s_den > 0 also den[...] += qpw = rint(|P|^2 * s_den) (the same for every frame:
+    # quantised once by the caller).  Returns the max |q| of the numerator (the
+    # denominator's is max qpw, known without the frames).
     n, h, w = psi.shape
     for c in range(2 * w):
         col[c] = 0.0
@@ -204,9 +205,9 @@ def _scatter_object(psi, cpr, cpi, pw, pos, scale, s_den, are, aim, den, col):  
                 col[c] = max(col[c], max(abs(qr), abs(qi)))
             if s_den > 0:
                 drow = den[y0 + r, x0:x0 + w]
-                wrow = pw[r]
+                qrow = qpw[r]
                 for c in range(w):
-                    drow[c] += np.rint(wrow[c] * s_den)
+                    drow[c] += qrow[c]
     top = 0.0
     for c in range(w):
         top = max(top, col[c])
@@ -469,7 +470,7 @@ def _refinement_chunk(buf, m, cs, scaled, obj, gy, gx, probe, pw, inv_den, c0, c
 
 
 @_jit
-def _scatter_chunk(buf, m, cs, scaled, cpr, cpi, pw, c0, c1, pos, scale, s_den, are, aim,
+def _scatter_chunk(buf, m, cs, scaled, cpr, cpi, qpw, c0, c1, pos, scale, s_den, are, aim,
                    den, col, store, kept, k0, k1):  # pragma: no cover - compiled
     # buf[:m] *= cs (unless scaled); store: kept[:m] <- buf[:m] on the row spans
     # [k0, k1) (where the probe sums read them); then _scatter_object on the probe's
@@ -511,9 +512,9 @@ def _scatter_chunk(buf, m, cs, scaled, cpr, cpi, pw, c0, c1, pos, scale, s_den, 
                 cmax[c] = max(cmax[c], max(abs(qr), abs(qi)))
             if s_den > 0:
                 drow = den[y0 + r, x0 + a0:x0 + a1]
-                wrow = pw[r, a0:a1]
+                qrow = qpw[r, a0:a1]
                 for c in range(a1 - a0):
-                    drow[c] += np.rint(wrow[c] * s_den)
+                    drow[c] += qrow[c]
     top = 0.0
     for c in range(w):
         top = max(top, col[c])
@@ -867,14 +868,14 @@ class FusedOps(NumpyOps):
         p = probe.astype(np.complex128)
         cpr = np.ascontiguousarray(p.real)
         cpi = np.ascontiguousarray(-p.imag)
-        pw = cpr * cpr + cpi * cpi
         s_den = float(s_den)
         if den is None:
             den = np.zeros(acc.shape[1:], np.float64)
             s_den = 0.0
-        top_d = float(np.rint(pw.max() * s_den))
+        qpw = np.rint((cpr * cpr + cpi * cpi) * s_den)   # each frame's denominator terms
+        top_d = float(qpw.max())
         if self._pool is None:
-            return _scatter_object(psi, cpr, cpi, pw, self.pos, float(scale), s_den, acc[0],
+            return _scatter_object(psi, cpr, cpi, qpw, self.pos, float(scale), s_den, acc[0],
                                    acc[1], den, self._cols[0]), top_d
         extra = self._extras([acc.shape, den.shape])
 
@@ -883,7 +884,7 @@ class FusedOps(NumpyOps):
             if i:
                 da.fill(0.0)
                 dd.fill(0.0)
-            return _scatter_object(psi[s], cpr, cpi, pw, self.pos[s], float(scale), s_den,
+            return _scatter_object(psi[s], cpr, cpi, qpw, self.pos[s], float(scale), s_den,
                                    da[0], da[1], dd, self._cols[i])
 
         tops = self._map(one)
@@ -970,12 +971,12 @@ class FusedOps(NumpyOps):
         p = probe.astype(np.complex128)
         cpr = np.ascontiguousarray(p.real)
         cpi = np.ascontiguousarray(-p.imag)
-        pw = cpr * cpr + cpi * cpi
         s_den = float(s_den)
         if den is None:
             den = np.zeros(acc.shape[1:], np.float64)
             s_den = 0.0
-        top_d = float(np.rint(pw.max() * s_den))
+        qpw = np.rint((cpr * cpr + cpi * cpi) * s_den)   # each frame's denominator terms
+        top_d = float(qpw.max())
         extra = self._extras([acc.shape, den.shape]) if self._pool is not None else []
         scale = float(scale)
         c0, c1 = probe_spans(probe)
@@ -1002,7 +1003,7 @@ class FusedOps(NumpyOps):
                 else:
                     _raar_z(Psi[j0:j1], a[j0:j1], buf)
                 fft.inverse()
-                top = max(top, _scatter_chunk(buf, m, cs, scaled, cpr, cpi, pw, c0, c1,
+                top = max(top, _scatter_chunk(buf, m, cs, scaled, cpr, cpi, qpw, c0, c1,
                                               self.pos[j0:j1], scale, s_den, da[0], da[1], dd,
                                               self._cols[i], storing, kept[j0:j1], k0, k1))
             return top
