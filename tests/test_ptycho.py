@@ -571,6 +571,8 @@ def test_bench_report_keys_one_process():
     assert report["fft_ms_per_rank_stack"] > 0 and report["fft_vs_scipy_ratio"] > 0
     with pytest.raises(UsageError, match="--frames must be a positive integer"):
         bench.run(parser.parse_args(["--frames", "0"]))
+    with pytest.raises(UsageError, match="--repeats must be a positive integer"):
+        bench.run(parser.parse_args(["--repeats", "0"]))
 
 
 @pytest.mark.parametrize("algorithm", ["dm", "raar"])

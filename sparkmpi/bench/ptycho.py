@@ -2,7 +2,9 @@
 
 Reports ``seconds_per_iteration`` (the reconstruction split over ``--ranks``
 MPI ranks inside Spark, ``sparkmpi.run`` on a ``local[RANKS]`` session made
-here; the iteration loop timed inside the ranks, slowest rank) with
+here; the iteration loop timed inside the ranks, slowest rank; the fastest of
+``--repeats`` runs, default 3, with ``seconds_per_iteration_runs`` and
+``_median``: on shared cores a run is slowed by other jobs, never sped up) with
 ``job_s`` (the whole Spark-MPI job on the driver: rank start-up, loading
 the frames from the NPZ on the executors, set-up, iterations, results),
 ``seconds_per_iteration_1rank`` (one process, all frames, all cores),
@@ -25,7 +27,10 @@ and adds ``nrmse_exact_positions`` (= ``nrmse``), ``nrmse_noisy_positions``
 ``refine_positions=True``), ``position_error_px_before`` / ``_after`` (RMS
 distance to the true positions after removing the mean offset),
 ``seconds_per_iteration_1rank_refined`` and, through Spark,
-``seconds_per_iteration_refined`` with ``refined_vs_plain_seconds_ratio``.
+``seconds_per_iteration_refined`` (fastest of ``--repeats``, each refined run
+right after a plain one in the same Spark session) with
+``refined_vs_plain_seconds_ratio`` (fastest against fastest) and
+``refined_vs_plain_seconds_ratio_runs`` (each round's pair).
 
 ``--probe-modes M`` (2-4) simulates a partially coherent beam (``--mode-powers``,
 default 0.7,0.3), runs every reconstruction above with ``M`` incoherent probe
@@ -76,6 +81,9 @@ def add_arguments(parser) -> None:
                              "incoherent probe modes, side by side with one mode")
     parser.add_argument("--mode-powers", default="0.7,0.3",
                         help="power fractions of the simulated modes (with --probe-modes > 1)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="Spark-MPI runs of each kind, interleaved (plain, refined, plain, "
+                             "...); the figures are the fastest run's, with every run listed")
     parser.add_argument("--master", default=None, help="Spark master (default local[RANKS])")
     parser.add_argument("--no-spark", action="store_true",
                         help="skip the Spark-distributed run (seconds_per_iteration)")
@@ -100,28 +108,55 @@ def _distributed_mpiexec(path: Path, args, out: Path) -> dict:
             "mpiexec_wall_seconds": time.perf_counter() - t0, "object": got["object"]}
 
 
-def _distributed_spark(path, args, probe, **settings) -> dict:
-    """The reconstruction over ``args.ranks`` Spark-MPI ranks (``sparkmpi.run``)."""
+def _spark_session(args):
     from sparkmpi.launch.session import spark_session   # also points Spark at this interpreter
-    from sparkmpi.ptycho.spark import reconstruct_mpi
 
     t0 = time.perf_counter()
     spark = spark_session(args.master or f"local[{args.ranks}]", "sparkmpi-bench-ptycho",
                           conf={"spark.ui.enabled": "false"})
-    spark_start_s = time.perf_counter() - t0
-    try:
-        out = reconstruct_mpi(spark, path, ranks=args.ranks, algorithm=args.algorithm,
-                              iterations=args.iterations,
-                              probe_update_start=_probe_start(args), probe=probe,
-                              backend=args.backend, kernels=args.kernels,
-                              probe_modes=args.probe_modes, **settings)
-    finally:
-        spark.stop()
+    return spark, time.perf_counter() - t0
+
+
+def _distributed_spark(spark, source, args, probe, **settings) -> dict:
+    """The reconstruction over ``args.ranks`` Spark-MPI ranks (``sparkmpi.run``)."""
+    from sparkmpi.ptycho.spark import reconstruct_mpi
+
+    out = reconstruct_mpi(spark, source, ranks=args.ranks, algorithm=args.algorithm,
+                          iterations=args.iterations, probe_update_start=_probe_start(args),
+                          probe=probe, backend=args.backend, kernels=args.kernels,
+                          probe_modes=args.probe_modes, **settings)
     return {"seconds_per_iteration": out.seconds_per_iteration, "job_s": out.job_seconds,
-            "spark_start_s": spark_start_s, "threads_per_rank": out.threads_per_rank,
+            "threads_per_rank": out.threads_per_rank,
             "frames_per_rank": out.frames_per_rank, "kernels": out.kernels,
             "fourier_error_spark": out.fourier_error, "object": out.object,
             "positions": out.positions}
+
+
+def _spark_runs(kinds: dict, args, probe) -> dict:
+    """Each kind's Spark-MPI run ``args.repeats`` times, interleaved in one Spark
+    session (so a slower moment of a shared machine falls on both kinds alike).
+
+    ``kinds``: name -> (source, settings).  Returns name -> the fastest run's figures
+    (:func:`_distributed_spark`) with ``runs`` (every run's seconds per iteration)."""
+    spark, start_s = _spark_session(args)
+    best: dict = {}
+    runs: dict = {name: [] for name in kinds}
+    try:
+        for _ in range(args.repeats):
+            for name, (source, settings) in kinds.items():
+                print(f"reconstructing over {args.ranks} Spark-MPI ranks ({name}) ...",
+                      file=sys.stderr)
+                got = _distributed_spark(spark, source, args, probe, **settings)
+                runs[name].append(got["seconds_per_iteration"])
+                if name not in best or got["seconds_per_iteration"] < best[name][
+                        "seconds_per_iteration"]:
+                    best[name] = got
+    finally:
+        spark.stop()
+    for name, got in best.items():
+        got["runs"] = runs[name]
+        got["spark_start_s"] = start_s
+    return best
 
 
 def _probe_start(args):
@@ -135,7 +170,7 @@ def _rel(a, b, mask) -> float:
 def run(args) -> dict:
     from sparkmpi import ptycho
 
-    for name in ("frames", "frame_size", "ranks"):
+    for name in ("frames", "frame_size", "ranks", "repeats"):
         if getattr(args, name) < 1:
             raise UsageError(f"--{name.replace('_', '-')} must be a positive integer, "
                              f"got {getattr(args, name)}")
@@ -167,14 +202,31 @@ def run(args) -> dict:
     if args.probe_modes > 1:
         report.update(_mode_runs(data, probe, args, result, report))
     report.update(_fft_timing(args, result.state.backend))
+    noisy = None
+    if args.position_error > 0:
+        from sparkmpi.ptycho.positions import perturb_positions
+
+        noisy = ptycho.PtychoData(
+            data.intensities, perturb_positions(data.positions, data.frame_shape,
+                                                data.object_shape, random_px=args.position_error,
+                                                seed=args.seed + 1),
+            data.object_shape, data.object_true, data.probe_true, dict(data.metadata))
+    spark_refined = None
     with tempfile.TemporaryDirectory(prefix="sparkmpi-bench-ptycho-") as tmp:
         path = data.save(Path(tmp) / "scan.npz")
         if not args.no_spark:
-            print(f"reconstructing over {args.ranks} Spark-MPI ranks ...", file=sys.stderr)
-            dist = _distributed_spark(path, args, probe)
+            kinds = {"plain": (path, {})}
+            if noisy is not None:
+                kinds["refined"] = (noisy, _refine_settings(args))
+            spark_runs = _spark_runs(kinds, args, probe)
+            dist = spark_runs["plain"]
+            spark_refined = spark_runs.get("refined")
             obj = dist.pop("object")
             dist.pop("positions")
-            report.update(dist)
+            dist["seconds_per_iteration_runs"] = dist.pop("runs")
+            dist["seconds_per_iteration_median"] = float(
+                np.median(dist["seconds_per_iteration_runs"]))
+            report.update(dist, repeats=args.repeats)
             report["nrmse_spark"] = ptycho.registered_nrmse(obj, data.object_true, mask)
             report["spark_vs_1rank_relative_difference"] = _rel(obj, result.object, mask)
         if not args.no_mpiexec and args.ranks > 1:
@@ -184,9 +236,16 @@ def run(args) -> dict:
             report.update(dist)
             report["nrmse_mpiexec"] = ptycho.registered_nrmse(obj, data.object_true, mask)
             report["mpiexec_vs_1rank_relative_difference"] = _rel(obj, result.object, mask)
-        if args.position_error > 0:
-            report.update(_position_runs(data, probe, args, report))
+        if noisy is not None:
+            report.update(_position_runs(data, noisy, probe, args, report, spark_refined))
     return report
+
+
+def _refine_settings(args) -> dict:
+    refine = {"refine_positions": True}
+    if args.position_refine_interval:
+        refine["position_refine_interval"] = args.position_refine_interval
+    return refine
 
 
 def _fft_timing(args, backend_name) -> dict:
@@ -224,28 +283,22 @@ def _fft_timing(args, backend_name) -> dict:
     return out
 
 
-def _position_runs(data, probe, args, report) -> dict:
-    """Noisy positions taken as exact, then refined (1 process, and through Spark)."""
+def _position_runs(data, scan, probe, args, report, spark_refined) -> dict:
+    """Noisy positions (``scan``) taken as exact, then refined in one process; the
+    refined Spark runs (``spark_refined``, from :func:`_spark_runs`) beside the plain."""
     from sparkmpi import ptycho
-    from sparkmpi.ptycho.positions import perturb_positions, position_error
+    from sparkmpi.ptycho.positions import position_error
 
-    noisy = perturb_positions(data.positions, data.frame_shape, data.object_shape,
-                              random_px=args.position_error, seed=args.seed + 1)
-    scan = ptycho.PtychoData(data.intensities, noisy, data.object_shape, data.object_true,
-                             data.probe_true, dict(data.metadata))
     common = dict(algorithm=args.algorithm, iterations=args.iterations,
                   probe_update_start=_probe_start(args), probe=probe, backend=args.backend,
                   kernels=args.kernels)
-    refine = {"refine_positions": True}
-    if args.position_refine_interval:
-        refine["position_refine_interval"] = args.position_refine_interval
     out = {"nrmse_exact_positions": report["nrmse"],
-           "position_error_px_before": position_error(noisy, data.positions)}
+           "position_error_px_before": position_error(scan.positions, data.positions)}
     print("reconstructing with the noisy positions as exact ...", file=sys.stderr)
     plain = ptycho.reconstruct(scan, **common)
     out["nrmse_noisy_positions"] = ptycho.object_quality(plain.object, data).nrmse
     print("reconstructing with position refinement ...", file=sys.stderr)
-    refined = ptycho.reconstruct(scan, **common, **refine)
+    refined = ptycho.reconstruct(scan, **common, **_refine_settings(args))
     quality = ptycho.object_quality(refined.object, data)
     out.update(nrmse_refined=quality.nrmse, shift_px_refined=list(quality.shift_px),
                position_error_px_after=position_error(refined.positions, data.positions),
@@ -254,17 +307,19 @@ def _position_runs(data, probe, args, report) -> dict:
                seconds_per_iteration_1rank_refined=refined.seconds_per_iteration,
                seconds_per_iteration_1rank_noisy=plain.seconds_per_iteration)
     out["nrmse_refined_vs_exact"] = out["nrmse_refined"] / max(report["nrmse"], 1e-300)
-    if not args.no_spark:
-        print(f"reconstructing with position refinement over {args.ranks} Spark-MPI ranks ...",
-              file=sys.stderr)
-        dist = _distributed_spark(scan, args, probe, **refine)
-        out["seconds_per_iteration_refined"] = dist["seconds_per_iteration"]
-        out["nrmse_refined_spark"] = ptycho.registered_nrmse(dist["object"], data.object_true,
-                                                             ptycho.illuminated_mask(data))
-        out["position_error_px_after_spark"] = position_error(dist["positions"], data.positions)
-        if "seconds_per_iteration" in report:
-            out["refined_vs_plain_seconds_ratio"] = (dist["seconds_per_iteration"]
-                                                     / report["seconds_per_iteration"])
+    if spark_refined is not None:
+        runs = spark_refined["runs"]
+        out["seconds_per_iteration_refined"] = spark_refined["seconds_per_iteration"]
+        out["seconds_per_iteration_refined_runs"] = runs
+        out["nrmse_refined_spark"] = ptycho.registered_nrmse(
+            spark_refined["object"], data.object_true, ptycho.illuminated_mask(data))
+        out["position_error_px_after_spark"] = position_error(spark_refined["positions"],
+                                                              data.positions)
+        plain_runs = report["seconds_per_iteration_runs"]
+        out["refined_vs_plain_seconds_ratio"] = (spark_refined["seconds_per_iteration"]
+                                                 / report["seconds_per_iteration"])
+        # each round's refined run against the plain run just before it
+        out["refined_vs_plain_seconds_ratio_runs"] = [r / p for r, p in zip(runs, plain_runs)]
     return out
 
 
