@@ -215,10 +215,11 @@ def _scatter_object(psi, cpr, cpi, qpw, pos, scale, s_den, are, aim, den, col): 
 
 
 @_jit
-def _probe_sums(psi, obj, pos, s_num, s_den, pre, pim, pden, col, c0, c1):  # pragma: no cover
+def _probe_sums(psi, obj, qobj, pos, s_num, pre, pim, pden, col, c0, c1):  # pragma: no cover
     # pre/pim += rint(psi_j conj(O_j) s_num) on each row's span [c0, c1) (the probe
-    # support's: the numerator is zero outside it); pden += rint(|O_j|^2 s_den) on the
-    # whole frame; returns the numerator's max |q| (the denominator's is bounded by
+    # support's: the numerator is zero outside it); pden += qobj_j on the whole frame,
+    # qobj = rint(|O|^2 s_den) quantised once by the caller (a frame's terms are its
+    # window of it); returns the numerator's max |q| (the denominator's is bounded by
     # rint(max |O|^2 s_den))
     n, h, w = psi.shape
     for c in range(2 * w):
@@ -248,12 +249,9 @@ def _probe_sums(psi, obj, pos, s_num, s_den, pre, pim, pden, col, c0, c1):  # pr
                 rim[c] += qi
                 cmax[c] = max(cmax[c], max(abs(qr), abs(qi)))
             drow = pden[r]
-            ofull = obj[y0 + r, x0:x0 + w]
-            for c in range(w):   # a separate loop vectorises better
-                o = ofull[c]
-                o_r = np.float64(o.real)
-                o_i = np.float64(o.imag)
-                drow[c] += np.rint((o_r * o_r + o_i * o_i) * s_den)
+            qrow = qobj[y0 + r, x0:x0 + w]
+            for c in range(w):
+                drow[c] += qrow[c]
     top = 0.0
     for c in range(w):
         top = max(top, col[c])
@@ -907,8 +905,10 @@ class FusedOps(NumpyOps):
         top_d = float(np.rint(float((obj.real ** 2 + obj.imag ** 2).max()) * s_den))
         h, w = self.frame_shape
         c0, c1 = spans if spans is not None else (np.zeros(h, np.int64), np.full(h, w, np.int64))
+        o = obj.astype(np.complex128)
+        qobj = np.rint((o.real * o.real + o.imag * o.imag) * float(s_den))
         if self._pool is None:
-            return _probe_sums(psi, obj, self.pos, float(s_num), float(s_den), pnum[0], pnum[1],
+            return _probe_sums(psi, obj, qobj, self.pos, float(s_num), pnum[0], pnum[1],
                                pden, self._cols[0], c0, c1), top_d
         extra = self._extras([pnum.shape, pden.shape])
 
@@ -917,7 +917,7 @@ class FusedOps(NumpyOps):
             if i:
                 dn.fill(0.0)
                 dd.fill(0.0)
-            return _probe_sums(psi[s], obj, self.pos[s], float(s_num), float(s_den), dn[0],
+            return _probe_sums(psi[s], obj, qobj, self.pos[s], float(s_num), dn[0],
                                dn[1], dd, self._cols[i], c0, c1)
 
         tops = self._map(one)
