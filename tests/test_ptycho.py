@@ -323,6 +323,29 @@ def test_fused_kernels_match_numpy_reference(threads):
     fast.close()
 
 
+def test_regularised_update_numba_and_numpy_give_the_same_bits():
+    """The object's finishing pass (num / scale + d O) / (den + d): one numba pass and
+    the NumPy form agree bit for bit, and with the plain complex formula to rounding."""
+    from sparkmpi.ptycho import _fused
+
+    if not _fused.HAVE_NUMBA:
+        pytest.skip("numba not installed")
+    rng = np.random.default_rng(3)
+    shape = (37, 53)
+    num = np.rint(rng.standard_normal((2,) + shape) * 2.0 ** 40)
+    den = np.abs(rng.standard_normal(shape)) * 1e3
+    den[0, :5] = num[:, 0, :5] = 0.0   # unlit pixels: only the regularisation holds them
+    obj = (rng.standard_normal(shape) + 1j * rng.standard_normal(shape)).astype(np.complex64)
+    inv, d = 2.0 ** -30, 1e-4 * float(den.max())
+    fast = _fused.finish_update(num[0], num[1], inv, den, d, obj, use_numba=True)
+    slow = _fused.finish_update(num[0], num[1], inv, den, d, obj, use_numba=False)
+    assert fast.dtype == slow.dtype == np.complex64
+    np.testing.assert_array_equal(fast.view(np.uint32), slow.view(np.uint32))
+    plain = ((num[0] + 1j * num[1]) * inv + d * obj.astype(np.complex128)) / (den + d)
+    np.testing.assert_allclose(fast, plain, rtol=1e-6, atol=1e-6 * np.abs(plain).max())
+    np.testing.assert_allclose(fast[0, :5], obj[0, :5], rtol=1e-6)
+
+
 @pytest.mark.parametrize("algorithm", ["dm", "raar"])
 def test_numba_engine_matches_numpy_engine(small, algorithm):
     """Whole reconstructions, fused kernels vs NumPy reference: float32 rounding only

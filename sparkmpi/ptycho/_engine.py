@@ -19,7 +19,7 @@ from __future__ import annotations
 import numpy as np
 
 from ..backend import Backend
-from ._fused import make_ops, probe_spans
+from ._fused import finish_update, make_ops, probe_spans
 from ._kernels import ExactSums, Fourier, Geometry, ModalFourier, allreduce_sums
 from .errors import PtychoInputError
 from .modes import mix_waves, orthogonalize_modes
@@ -457,15 +457,14 @@ class ExactEngine(Engine):
         # numerator and (after a probe change) denominator in one pass and one Allreduce
         acc, dacc = self.obj_sums.views
         need_den = self._den is None
-        num, den = self.obj_sums.reduce(lambda sc: scatter(sc[0], acc,
-                                                           sc[1] if need_den else 0.0, dacc))
+        inv_num, inv_den = self.obj_sums.reduce(
+            lambda sc: scatter(sc[0], acc, sc[1] if need_den else 0.0, dacc), totals=False)
         if need_den:
-            self._den = den
-        den = self._den
-        d = float(self.reg * float(den.max()))
-        num += d * self.O
-        num /= den + d
-        self.O = num.astype(np.complex64)
+            self._den = dacc * inv_den
+            self._den_max = float(self._den.max())
+        d = float(self.reg * self._den_max)
+        self.O = finish_update(acc[0], acc[1], inv_num, self._den, d, self.O,
+                               use_numba=self.ops.name == "numba")
 
     def probe_update(self, src, scratch) -> None:
         views = self.probe_sums.views

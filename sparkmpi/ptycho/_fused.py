@@ -321,6 +321,36 @@ def _position_sums(chi, probe, gy, gx, den, pos, out):  # pragma: no cover - com
         out[j, 4] = sbc
 
 
+@_jit
+def _finish_update_kernel(num_re, num_im, inv, den, d, obj, out):  # pragma: no cover
+    # out = (num * inv + d obj) / (den + d), float64 arithmetic, complex64 result
+    hh, ww = out.shape
+    for y in range(hh):
+        for x in range(ww):
+            o = obj[y, x]
+            scale = den[y, x] + d
+            re = (num_re[y, x] * inv + d * np.float64(o.real)) / scale
+            im = (num_im[y, x] * inv + d * np.float64(o.imag)) / scale
+            out[y, x] = complex(np.float32(re), np.float32(im))
+
+
+def finish_update(num_re, num_im, inv: float, den, d: float, obj, use_numba: bool = True):
+    """The regularised update ``(num + d obj) / (den + d)`` as complex64, from a
+    quantised numerator's planes ``num_re``, ``num_im`` times ``inv`` (float64) and the
+    denominator ``den`` (float64); ``obj`` complex64, the current estimate.  One pass
+    with numba; NumPy otherwise, with the same float64 operations (the same bits)."""
+    out = np.empty(obj.shape, dtype=np.complex64)
+    inv = float(inv)
+    d = float(d)
+    if use_numba and HAVE_NUMBA:
+        _finish_update_kernel(num_re, num_im, inv, den, d, obj, out)
+        return out
+    scale = den + d
+    out.real = (num_re * inv + d * obj.real.astype(np.float64)) / scale
+    out.imag = (num_im * inv + d * obj.imag.astype(np.float64)) / scale
+    return out
+
+
 # --------------------------------------------------------------------------- chunk kernels
 # The chunked pipeline (FusedOps.inverse_scatter / forward_update) works on CHUNK
 # frames at a time in a buffer that stays in the core's cache; these are its steps.

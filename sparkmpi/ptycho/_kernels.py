@@ -156,8 +156,10 @@ class ExactSums:
         e = math.floor(52 - self.margin - math.log2(self.covers[i] * magnitude))
         return int(min(max(e, -1000), 1000))
 
-    def reduce(self, fill) -> list:
-        """Run ``fill(scales)`` and sum over ranks; returns the sums (new float64 arrays)."""
+    def reduce(self, fill, totals: bool = True) -> list:
+        """Run ``fill(scales)`` and sum over ranks; returns the sums (new float64 arrays),
+        or with ``totals=False`` each part's ``1 / scale``: the sums are then
+        ``views[i] / scale`` (read them before the next call)."""
         while True:
             self.buf.fill(0.0)
             scales = [math.ldexp(1.0, e) for e in self.exponents]
@@ -179,6 +181,9 @@ class ExactSums:
             if peak > 0:   # a part left empty this time keeps its scale
                 self.exponents[i] = self._exponent(i, peak)
             inv = 1.0 / scales[i]   # a power of two: exact
+            if not totals:
+                out.append(inv)
+                continue
             if self.complex[i]:
                 total = np.empty(view.shape[1:], dtype=np.complex128)
                 np.multiply(view[0], inv, out=total.real)
