@@ -215,6 +215,20 @@ def _scatter_object(psi, cpr, cpi, qpw, pos, scale, s_den, are, aim, den, col): 
 
 
 @_jit
+def _quantised_power(obj, scale, out):  # pragma: no cover - compiled
+    # out = rint(|obj|^2 scale), float64 arithmetic
+    hh, ww = obj.shape
+    for y in range(hh):
+        orow = obj[y]
+        qrow = out[y]
+        for x in range(ww):
+            o = orow[x]
+            o_r = np.float64(o.real)
+            o_i = np.float64(o.imag)
+            qrow[x] = np.rint((o_r * o_r + o_i * o_i) * scale)
+
+
+@_jit
 def _probe_sums(psi, obj, qobj, pos, s_num, pre, pim, pden, col, c0, c1):  # pragma: no cover
     # pre/pim += rint(psi_j conj(O_j) s_num) on each row's span [c0, c1) (the probe
     # support's: the numerator is zero outside it); pden += qobj_j on the whole frame,
@@ -935,8 +949,8 @@ class FusedOps(NumpyOps):
         top_d = float(np.rint(float((obj.real ** 2 + obj.imag ** 2).max()) * s_den))
         h, w = self.frame_shape
         c0, c1 = spans if spans is not None else (np.zeros(h, np.int64), np.full(h, w, np.int64))
-        o = obj.astype(np.complex128)
-        qobj = np.rint((o.real * o.real + o.imag * o.imag) * float(s_den))
+        qobj = np.empty(obj.shape, np.float64)
+        _quantised_power(obj, float(s_den), qobj)
         if self._pool is None:
             return _probe_sums(psi, obj, qobj, self.pos, float(s_num), pnum[0], pnum[1],
                                pden, self._cols[0], c0, c1), top_d
