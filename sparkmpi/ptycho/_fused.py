@@ -91,10 +91,13 @@ def _dm_update(Psi, Phi, a, beta, work, col, phase, rotate):  # pragma: no cover
     # per element: (rotate: Psi <- Psi phase_j); m = |Phi| - a (misfit); z = 2 Phi - Psi;
     # Psi <- Psi + beta (a z / |z| - Phi); work <- Psi
     n, h, w = Psi.shape
+    c32 = np.empty(w, np.float32)   # one frame's misfit per column, then into col
     two = np.float32(2.0)
     for c in range(w):
         col[c] = 0.0
     for j in range(n):
+        for c in range(w):
+            c32[c] = 0.0
         if rotate:
             ph = phase[j]
             for r in range(h):
@@ -111,7 +114,7 @@ def _dm_update(Psi, Phi, a, beta, work, col, phase, rotate):  # pragma: no cover
                 s = srow[c]
                 fa = np.sqrt(f.real * f.real + f.imag * f.imag)
                 m = fa - arow[c]
-                col[c] += np.float64(m * m)
+                c32[c] += m * m
                 zr = two * f.real - s.real
                 zi = two * f.imag - s.imag
                 k = arow[c] / (np.sqrt(zr * zr + zi * zi) + _EPS)
@@ -120,6 +123,8 @@ def _dm_update(Psi, Phi, a, beta, work, col, phase, rotate):  # pragma: no cover
                 v = complex(nr, ni)
                 srow[c] = v
                 wrow[c] = v
+        for c in range(w):
+            col[c] += np.float64(c32[c])
     total = 0.0
     for c in range(w):
         total += col[c]
@@ -150,9 +155,12 @@ def _raar_pre(Psi, a, beta, work):  # pragma: no cover - compiled
 def _raar_post(Psi, Phi, a, beta, col, phase, rotate):  # pragma: no cover - compiled
     # misfit of Phi; (rotate: Psi <- Psi phase_j); Psi <- Psi + beta Phi
     n, h, w = Psi.shape
+    c32 = np.empty(w, np.float32)   # one frame's misfit per column, then into col
     for c in range(w):
         col[c] = 0.0
     for j in range(n):
+        for c in range(w):
+            c32[c] = 0.0
         if rotate:
             ph = phase[j]
             for r in range(h):
@@ -167,9 +175,11 @@ def _raar_post(Psi, Phi, a, beta, col, phase, rotate):  # pragma: no cover - com
                 f = frow[c]
                 fa = np.sqrt(f.real * f.real + f.imag * f.imag)
                 m = fa - arow[c]
-                col[c] += np.float64(m * m)
+                c32[c] += m * m
                 s = srow[c]
                 srow[c] = complex(s.real + beta * f.real, s.imag + beta * f.imag)
+        for c in range(w):
+            col[c] += np.float64(c32[c])
     total = 0.0
     for c in range(w):
         total += col[c]
@@ -605,10 +615,13 @@ def _dm_chunk(Psi, Phi, cs, scaled, a, beta, col, phase, rotate, keep,
     n, h, w = Psi.shape
     two = np.float32(2.0)
     sv = Psi.view(np.float32)
+    c32 = np.empty(w, np.float32)   # one frame's misfit per column, then into col
     fv = Phi.view(np.float32)
     for j in range(n):
         pr = phase[j].real
         pi = phase[j].imag
+        for c in range(w):
+            c32[c] = 0.0
         for r in range(h):
             _scale_and_keep_row(Phi[j, r], cs, scaled, keep, kept, j, r)
             srow = sv[j, r]
@@ -625,12 +638,14 @@ def _dm_chunk(Psi, Phi, cs, scaled, a, beta, col, phase, rotate, keep,
                     sr = ur
                 fa = np.sqrt(fr * fr + fi * fi)
                 m = fa - arow[c]
-                col[c] += np.float64(m * m)
+                c32[c] += m * m
                 zr = two * fr - sr
                 zi = two * fi - si
                 k = arow[c] / (np.sqrt(zr * zr + zi * zi) + _EPS)
                 srow[2 * c] = sr + beta * (k * zr - fr)
                 srow[2 * c + 1] = si + beta * (k * zi - fi)
+        for c in range(w):
+            col[c] += np.float64(c32[c])
 
 
 @_jit
@@ -641,9 +656,12 @@ def _raar_chunk(Psi, Phi, cs, scaled, a, beta, col, phase, rotate, keep, kept,
     n, h, w = Psi.shape
     two = np.float32(2.0)
     g = np.float32(1.0) - two * beta
+    c32 = np.empty(w, np.float32)   # one frame's misfit per column, then into col
     for j in range(n):
         pr = phase[j].real
         pi = phase[j].imag
+        for c in range(w):
+            c32[c] = 0.0
         for r in range(h):
             srow = Psi[j, r]
             frow = Phi[j, r]
@@ -666,8 +684,10 @@ def _raar_chunk(Psi, Phi, cs, scaled, a, beta, col, phase, rotate, keep, kept,
                 f = frow[c]
                 fa = np.sqrt(f.real * f.real + f.imag * f.imag)
                 m = fa - arow[c]
-                col[c] += np.float64(m * m)
+                c32[c] += m * m
                 srow[c] = complex(tr + beta * f.real, ti + beta * f.imag)
+        for c in range(w):
+            col[c] += np.float64(c32[c])
 
 
 @_jit
