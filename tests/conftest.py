@@ -14,6 +14,9 @@ import leaks  # noqa: E402  (tests/leaks.py, next to this file)
 os.environ.setdefault("PYSPARK_PYTHON", sys.executable)
 os.environ.setdefault("PYSPARK_DRIVER_PYTHON", sys.executable)
 from leaks import ALLOWANCES, LEAK_TAG, _no_leaks  # noqa: E402,F401  (the autouse leak check)
+# The Kafka broker is defined here once: a session fixture imported into each module that
+# uses it is a separate fixture there, and each module then started a broker of its own.
+from stream_fixtures import broker  # noqa: E402,F401  (session fixture)
 
 pytest_plugins = ["pytester"]
 

@@ -1,6 +1,7 @@
 """A real Kafka broker for the streaming driver's tests (session scope).
 
-Import the fixture into a test module with ``from stream_fixtures import broker``.
+``conftest.py`` imports the fixture, once for every module (a module importing it
+itself would get a broker of its own).
 """
 
 from __future__ import annotations

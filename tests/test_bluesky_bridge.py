@@ -8,7 +8,6 @@ import numpy as np
 import pytest
 
 from bluesky_fixtures import FRAME, RunDocs, publish
-from stream_fixtures import broker  # noqa: F401  (session fixture)
 from sparkmpi.stream.bluesky_bridge import DocumentBridge
 from sparkmpi.stream.frames import decode_message
 from sparkmpi.stream.offsets import read_offset_range, watermarks

@@ -10,7 +10,6 @@ import dask
 import numpy as np
 import pytest
 
-from stream_fixtures import broker  # noqa: F401  (session fixture)
 
 pytestmark = pytest.mark.slow
 

@@ -9,7 +9,6 @@ import cbor2
 import numpy as np
 import pytest
 
-from stream_fixtures import broker  # noqa: F401  (fixture)
 from sparkmpi._proc import free_port
 from sparkmpi.stream._output import read_outputs
 from sparkmpi.stream.detector import SyntheticScan

@@ -11,7 +11,6 @@ import cbor2
 import numpy as np
 import pytest
 
-from stream_fixtures import broker  # noqa: F401  (fixture)
 from sparkmpi.stream.eiger import simulator
 from sparkmpi.stream.eiger.rest import SimplonError
 from sparkmpi.stream.eiger.source import _start_for, decode_eiger_record

@@ -17,7 +17,6 @@ import time
 
 import numpy as np
 import pytest
-from stream_fixtures import broker  # noqa: F401  (fixture)
 
 from sparkmpi.cli import main as cli_main
 from sparkmpi.stream.kafka_client import ensure_topic

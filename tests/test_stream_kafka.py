@@ -20,7 +20,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from stream_fixtures import broker, java_processes_using  # noqa: F401  (broker is a fixture)
+from stream_fixtures import java_processes_using
 
 from sparkmpi.cli import main as cli_main
 from sparkmpi.stream.kafka_client import ensure_topic, topic_partitions
