@@ -461,8 +461,7 @@ class ExactEngine(Engine):
             lambda sc: scatter(sc[0], acc, sc[1] if need_den else 0.0, dacc), totals=False)
         if need_den:
             self._den = dacc * inv_den
-            self._den_max = float(self._den.max())
-        d = float(self.reg * self._den_max)
+        d = float(self.reg * float(self._den.max()))
         self.O = finish_update(acc[0], acc[1], inv_num, self._den, d, self.O,
                                use_numba=self.ops.name == "numba")
 

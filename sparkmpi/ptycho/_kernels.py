@@ -195,24 +195,6 @@ class ExactSums:
 
 
 # --------------------------------------------------------------------------- geometry
-def fast_fft_length(n: int) -> int:
-    """The smallest length >= ``n`` whose only prime factors are 2, 3 and 5."""
-    if n < 1:
-        raise InvalidArgument(f"n must be a positive integer, got {n!r}")
-    best = None
-    p5 = 1
-    while p5 < 2 * n:
-        p35 = p5
-        while p35 < 2 * n:
-            m = p35
-            while m < n:
-                m *= 2
-            best = m if best is None else min(best, m)
-            p35 *= 3
-        p5 *= 5
-    return best
-
-
 class Geometry:
     """Gathers frames out of, and scatter-adds frames into, an object array.
 
@@ -400,7 +382,9 @@ class Geometry:
         # A frame ends inside the object, so the circular convolution over any larger
         # zero-padded plane is the same; one of 2-3-5 size avoids a slow FFT length
         # (466 = 2 x 233, a prime, for the bench's scan).
-        size = (fast_fft_length(oh), fast_fft_length(ow))
+        from scipy.fft import next_fast_len
+
+        size = (next_fast_len(oh, real=True), next_fast_len(ow, real=True))
         if self._comb_spectrum is None:
             self._comb_spectrum = fft.rfft2(xp.asarray(self._comb, dtype=xp.float64), s=size)
         conv = fft.irfft2(self._comb_spectrum * fft.rfft2(power, s=size), s=size)[:oh, :ow]
